@@ -1,0 +1,228 @@
+"""Binary layout of a per-rank segment (format version 1). Pure: bytes in, records out.
+
+A segment is one file (normally on tmpfs, e.g. /dev/shm) written by one vLLM worker rank and read by the
+sidecar. Everything is little-endian. The header is fixed-size; the payload follows it:
+
+    header (HEADER_SIZE bytes)            see HEADER below
+    layer_ids        int32  [L]           model layer index of each counted row
+    layer_flags      uint8  [L]           LAYER_HOOKED | LAYER_UNOBSERVABLE, padded to 8 bytes
+    counts           int64  [L, E]        cumulative routed (token, expert) assignments, logical expert ids
+    token_bounds     int64  [TB]          upper bounds (inclusive) of tokens-per-step buckets; last = INT64_MAX
+    duration_bounds  float64[DB]          upper bounds (seconds) of step-duration buckets; last = +inf
+    step_hist        int64  [P, TB, DB]   cumulative step counts (non-cumulative over buckets)
+    step_seconds     float64[P, TB]       cumulative step duration
+    step_tokens      int64  [P, TB]       cumulative tokens computed in those steps
+
+Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
+payload, so a reader that copies the file while a write is under way detects it and retries.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"MOEMSEG\x00"
+VERSION = 1
+HEADER_SIZE = 512
+MODEL_NAME_BYTES = 192
+PHASES = ("prefill", "decode", "mixed")
+
+LAYER_HOOKED = 1  # the recorder is attached to this layer's router
+LAYER_UNOBSERVABLE = 2  # the layer routes inside a fused kernel that bypasses the router: counts stay 0
+
+# Offsets of the fields a writer updates in place at every snapshot.
+SEQ_OFFSET = 16
+
+HEADER = struct.Struct(
+    "<8s"  # magic
+    "I"  # version
+    "I"  # header_size
+    "Q"  # seq (seqlock)
+    "Q"  # generation: random per writer process, tells a restart from a wrap
+    "q"  # created_unix_ns
+    "q"  # updated_unix_ns (time of the last snapshot)
+    "I"  # pid
+    "I"  # num_layers (L)
+    "I"  # num_experts (E)
+    "I"  # top_k
+    "10i"  # global_rank, world_size, dp_rank, dp_size, tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size
+    "I"  # num_phases (P)
+    "I"  # num_token_buckets (TB)
+    "I"  # num_duration_buckets (DB)
+    "I"  # flags (reserved, 0)
+    "Q"  # payload_size
+    "I"  # payload_crc32
+    "I"  # reserved
+    "Q"  # publish_errors: snapshots the writer failed to publish since it started
+    f"{MODEL_NAME_BYTES}s"  # model name, utf-8, NUL padded
+)
+assert HEADER.size <= HEADER_SIZE
+RANK_FIELDS = ("global_rank", "world_size", "dp_rank", "dp_size", "tp_rank", "tp_size",
+               "pp_rank", "pp_size", "ep_rank", "ep_size")
+
+
+class SegmentError(Exception):
+    """A segment that cannot be used. `kind` is a short stable label used in metrics."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Ranks:
+    global_rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f) for f in RANK_FIELDS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_layers: int
+    num_experts: int
+    num_token_buckets: int
+    num_duration_buckets: int
+    num_phases: int = len(PHASES)
+
+    def sections(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        L, E, P = self.num_layers, self.num_experts, self.num_phases
+        TB, DB = self.num_token_buckets, self.num_duration_buckets
+        return [
+            ("layer_ids", np.dtype("<i4"), (L,)),
+            ("layer_flags", np.dtype("u1"), (_pad8(L),)),
+            ("counts", np.dtype("<i8"), (L, E)),
+            ("token_bounds", np.dtype("<i8"), (TB,)),
+            ("duration_bounds", np.dtype("<f8"), (DB,)),
+            ("step_hist", np.dtype("<i8"), (P, TB, DB)),
+            ("step_seconds", np.dtype("<f8"), (P, TB)),
+            ("step_tokens", np.dtype("<i8"), (P, TB)),
+        ]
+
+    @property
+    def payload_size(self) -> int:
+        return sum(dt.itemsize * int(np.prod(shape)) for _, dt, shape in self.sections())
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+@dataclass(frozen=True)
+class Header:
+    seq: int
+    generation: int
+    created_unix_ns: int
+    updated_unix_ns: int
+    pid: int
+    top_k: int
+    ranks: Ranks
+    shape: Shape
+    payload_size: int
+    payload_crc32: int
+    publish_errors: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent cumulative snapshot of a rank."""
+
+    header: Header
+    layer_ids: np.ndarray
+    layer_flags: np.ndarray
+    counts: np.ndarray
+    token_bounds: np.ndarray
+    duration_bounds: np.ndarray
+    step_hist: np.ndarray
+    step_seconds: np.ndarray
+    step_tokens: np.ndarray
+
+
+def pack_header(h: Header) -> bytes:
+    model = h.model.encode("utf-8")[:MODEL_NAME_BYTES]
+    s = h.shape
+    raw = HEADER.pack(
+        MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
+        s.num_layers, s.num_experts, h.top_k, *h.ranks.as_tuple(), s.num_phases, s.num_token_buckets,
+        s.num_duration_buckets, 0, h.payload_size, h.payload_crc32, 0, h.publish_errors, model,
+    )
+    return raw.ljust(HEADER_SIZE, b"\x00")
+
+
+def unpack_header(buf: bytes, max_payload: int) -> Header:
+    """Parse and validate a header. Raises SegmentError with kind truncated/magic/version/corrupt/oversized."""
+    if len(buf) < HEADER.size:
+        raise SegmentError("truncated", f"{len(buf)} bytes is shorter than the {HEADER.size}-byte header")
+    f = HEADER.unpack_from(buf)
+    magic, version, header_size = f[0], f[1], f[2]
+    if magic != MAGIC:
+        raise SegmentError("magic", f"not a moe-monitor segment (magic {magic!r})")
+    if version != VERSION:
+        raise SegmentError("version", f"segment format version {version}, this reader understands {VERSION}")
+    if header_size != HEADER_SIZE:
+        raise SegmentError("corrupt", f"header_size {header_size} != {HEADER_SIZE}")
+    seq, generation, created, updated, pid, L, E, top_k = f[3:11]
+    ranks = Ranks(*f[11:21])
+    P, TB, DB, _flags, payload_size, crc, _res, publish_errors, model = f[21:30]
+    if P != len(PHASES) or TB < 1 or DB < 1:
+        raise SegmentError("corrupt", f"bad histogram dimensions phases={P} token_buckets={TB} duration_buckets={DB}")
+    shape = Shape(L, E, TB, DB, P)
+    if payload_size > max_payload:
+        raise SegmentError("oversized", f"payload of {payload_size} bytes exceeds the limit of {max_payload}")
+    if payload_size != shape.payload_size:
+        raise SegmentError("corrupt", f"payload_size {payload_size} does not match {L} layers x {E} experts")
+    try:
+        name = model.rstrip(b"\x00").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SegmentError("corrupt", f"model name is not utf-8: {e}") from None
+    return Header(seq, generation, created, updated, pid, top_k, ranks, shape, payload_size, crc,
+                  publish_errors, name)
+
+
+def decode(buf: bytes, max_payload: int) -> Snapshot:
+    """Decode a full copy of a segment file. Raises SegmentError; never returns a torn snapshot."""
+    h = unpack_header(buf, max_payload)
+    if h.seq % 2:
+        raise SegmentError("torn", "writer is inside a snapshot (odd sequence number)")
+    end = HEADER_SIZE + h.payload_size
+    if len(buf) < end:
+        raise SegmentError("truncated", f"file has {len(buf)} bytes, header promises {end}")
+    payload = buf[HEADER_SIZE:end]
+    if zlib.crc32(payload) != h.payload_crc32:
+        raise SegmentError("torn", "payload checksum mismatch")
+    arrays = {}
+    off = 0
+    for name, dt, shape in h.shape.sections():
+        n = dt.itemsize * int(np.prod(shape))
+        arrays[name] = np.frombuffer(payload, dtype=dt, count=int(np.prod(shape)), offset=off).reshape(shape)
+        off += n
+    arrays["layer_flags"] = arrays["layer_flags"][: h.shape.num_layers]
+    return Snapshot(header=h, **arrays)
+
+
+def encode_payload(shape: Shape, arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise payload arrays (names as in Shape.sections) into bytes."""
+    parts = []
+    for name, dt, sec_shape in shape.sections():
+        a = np.asarray(arrays[name])
+        if name == "layer_flags":
+            a = np.pad(a.astype(dt), (0, sec_shape[0] - a.shape[0]))
+        a = np.ascontiguousarray(a, dtype=dt)
+        if a.shape != sec_shape:
+            raise ValueError(f"{name}: shape {a.shape} != {sec_shape}")
+        parts.append(a.tobytes())
+    return b"".join(parts)

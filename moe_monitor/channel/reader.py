@@ -1,0 +1,47 @@
+"""Segment reader: copy a segment file and decode it, retrying while a write is in progress."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .layout import HEADER_SIZE, SegmentError, Snapshot, decode
+
+DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024  # 256 MiB: far above 61 layers x 256 experts (125 KiB of counts)
+SUFFIX = ".moeseg"
+
+
+def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: int = 5,
+                 backoff_s: float = 0.001) -> Snapshot:
+    """Read one consistent snapshot. Raises SegmentError (kind: io/truncated/magic/version/corrupt/
+    oversized/torn) when the file cannot give one after `attempts` tries."""
+    last: SegmentError | None = None
+    for attempt in range(attempts):
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > HEADER_SIZE + max_payload:
+                    raise SegmentError("oversized", f"file of {size} bytes exceeds the limit")
+                buf = f.read(size)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise SegmentError("io", f"cannot read: {e}") from None
+        try:
+            return decode(buf, max_payload)
+        except SegmentError as e:
+            if e.kind != "torn":
+                raise
+            last = e
+            time.sleep(backoff_s * (attempt + 1))
+    assert last is not None
+    raise last
+
+
+def list_segments(directory: str) -> list[str]:
+    """Paths of the segment files in a directory, sorted; [] when the directory does not exist yet."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(directory, n) for n in names if n.endswith(SUFFIX))

@@ -1,0 +1,107 @@
+"""`moe-monitor` command line. click (rather than argparse) because it gives every flag an environment
+variable twin, shows it in --help, and reports a bad value with the flag and variable named."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import click
+
+from moe_monitor import __version__, env
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    segment_dir: str
+    host: str
+    port: int
+    stale_after_s: float
+    max_segment_bytes: int | None
+
+
+def _listen(ctx, param, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9464)")
+    return host or "0.0.0.0", int(port)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="moe-monitor")
+@click.option("--log-level", envvar=env.LOG_LEVEL, show_envvar=True, default="info",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """Expert-load and step-time monitoring for MoE models served with vLLM."""
+    _setup_logging(log_level)
+
+
+@main.command()
+@click.option("--segment-dir", envvar=env.SEGMENT_DIR, show_envvar=True, default=env.DEFAULT_SEGMENT_DIR,
+              help="Directory the vLLM plugin writes per-rank segments into (shared with the vLLM pod).")
+@click.option("--listen", envvar=env.LISTEN, show_envvar=True, default=env.DEFAULT_LISTEN, callback=_listen,
+              help="HOST:PORT for /metrics.")
+@click.option("--stale-after", envvar=env.STALE_AFTER, show_envvar=True, default=env.DEFAULT_STALE_AFTER,
+              type=click.FloatRange(min=0.1), help="Seconds without a snapshot before a rank counts as stale.")
+@click.option("--max-segment-bytes", envvar=env.MAX_SEGMENT_BYTES, show_envvar=True, default=None,
+              type=click.IntRange(min=4096), help="Refuse segments larger than this (default 256 MiB).")
+def serve(segment_dir: str, listen: tuple[str, int], stale_after: float, max_segment_bytes: int | None) -> None:
+    """Read every rank's segment and export Prometheus metrics."""
+    from moe_monitor.sidecar.collector import MoECollector
+    from moe_monitor.sidecar.server import serve as run_server
+
+    cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes)
+    collector = MoECollector(cfg.segment_dir, cfg.stale_after_s, cfg.max_segment_bytes)
+    try:
+        run_server(collector, cfg.host, cfg.port)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+
+
+@main.command("gen-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(["qwen3_moe", "mixtral", "qwen2_moe"]), default="qwen3_moe")
+@click.option("--layers", type=click.IntRange(min=1), default=2, help="Decoder layers (all MoE).")
+@click.option("--experts", type=click.IntRange(min=2), default=8)
+@click.option("--top-k", type=click.IntRange(min=1), default=2)
+@click.option("--hot-expert", type=click.IntRange(min=0), default=None,
+              help="Route the --hot-words tokens to this expert in every layer.")
+@click.option("--hot-words", default="hot,blaze", help="Comma-separated words made single tokens.")
+@click.option("--seed", type=int, default=0)
+def gen_model(out_dir, arch, layers, experts, top_k, hot_expert, hot_words, seed) -> None:
+    """Write a tiny random MoE checkpoint (config, safetensors, tokenizer) that vLLM CPU serves."""
+    try:
+        from moe_monitor.demo.tiny_model import generate
+    except ImportError as e:
+        raise click.ClickException(f"gen-model needs torch and transformers (pip install 'moe-monitor[vllm]'): {e}")
+    if top_k > experts:
+        raise click.BadParameter("--top-k cannot exceed --experts", param_hint="--top-k")
+    if hot_expert is not None and hot_expert >= experts:
+        raise click.BadParameter(f"--hot-expert must be < --experts ({experts})", param_hint="--hot-expert")
+    words = [w.strip() for w in hot_words.split(",") if w.strip()]
+    meta = generate(out_dir, arch, num_layers=layers, num_experts=experts, top_k=top_k, seed=seed,
+                    hot_expert=hot_expert, hot_words=words)
+    click.echo(f"wrote {arch} model to {out_dir}: {meta['num_layers']} MoE layers x {meta['num_experts']} "
+               f"experts, top-{meta['top_k']}, hot expert {meta['hot_expert']} for {meta['hot_words']}")
+
+
+@main.command()
+@click.option("--workdir", default=".moe-monitor-demo", type=click.Path(file_okay=False),
+              help="Where the demo keeps its model, segments and logs.")
+@click.option("--vllm-port", type=int, default=8000)
+@click.option("--sidecar-port", type=int, default=9464)
+@click.option("--keep-running/--exit", default=True, help="Keep vLLM and the sidecar up after the workload.")
+def demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool) -> None:
+    """Generated tiny MoE on vLLM (CPU) + plugin + sidecar, driven by a short mixed workload."""
+    from moe_monitor.demo.up import run_demo
+
+    sys.exit(run_demo(workdir, vllm_port, sidecar_port, keep_running))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Every environment variable moe-monitor reads, in one place (the OpenTelemetry convention).
+
+The plugin runs inside vLLM and must never raise there: `env_float`/`env_bool` log a bad value and fall back
+to the default. The sidecar's CLI flags have these same names as their environment twins (see cli.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Shared by plugin and sidecar.
+SEGMENT_DIR = "MOE_MONITOR_SEGMENT_DIR"
+DEFAULT_SEGMENT_DIR = "/dev/shm/moe-monitor"
+
+# Plugin (read inside every vLLM worker).
+ENABLED = "MOE_MONITOR_ENABLED"  # "0" turns the plugin into a no-op without uninstalling it
+PUBLISH_INTERVAL = "MOE_MONITOR_PUBLISH_INTERVAL"  # seconds between snapshots
+DEFAULT_PUBLISH_INTERVAL = 1.0
+
+# Sidecar (each also a `moe-monitor serve` flag).
+LISTEN = "MOE_MONITOR_LISTEN"
+DEFAULT_LISTEN = "0.0.0.0:9464"
+STALE_AFTER = "MOE_MONITOR_STALE_AFTER"
+DEFAULT_STALE_AFTER = 30.0
+MAX_SEGMENT_BYTES = "MOE_MONITOR_MAX_SEGMENT_BYTES"
+LOG_LEVEL = "MOE_MONITOR_LOG_LEVEL"
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:  # also rejects nan
+        log.warning("ignoring %s=%r: expected a number >= %s; using %s", name, raw, minimum, default)
+        return default
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    log.warning("ignoring %s=%r: expected 0/1/true/false; using %s", name, raw, default)
+    return default

@@ -1,0 +1,85 @@
+"""Publisher thread: copies the device counters to the host at a fixed cadence and writes the rank's segment.
+
+It never blocks a step (its own CUDA stream, its own thread) and never raises: a failure is logged once,
+counted in the next snapshot that does get through, and retried at the next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, SegmentWriter
+
+from .attach import Attachment
+from .recorder import Recorder
+from .steps import StepStats
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(self, writer: SegmentWriter, recorder: Recorder, steps: StepStats, attachment: Attachment,
+                 interval_s: float):
+        self.writer, self.recorder, self.steps, self.attachment = writer, recorder, steps, attachment
+        self.interval_s = interval_s
+        self.errors = 0
+        self._failing = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moe-monitor-publisher", daemon=True)
+        self._layer_ids = np.array([x.layer_id for x in attachment.layers], dtype=np.int32)
+        self._stream = self._host = None
+        if recorder.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=recorder.device)
+            self._host = torch.empty(recorder.num_layers, recorder.num_experts, dtype=torch.int64,
+                                     pin_memory=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self.publish_once()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.publish_once()
+
+    def layer_flags(self, stepped: bool) -> np.ndarray:
+        flags = np.zeros(len(self.attachment.layers), dtype=np.uint8)
+        for row, layer in enumerate(self.attachment.layers):
+            if not layer.observable:
+                flags[row] = LAYER_UNOBSERVABLE
+            elif stepped and row not in self.recorder.seen_rows:
+                flags[row] = LAYER_HOOKED | LAYER_UNOBSERVABLE  # tapped, but the router never ran: bypassed
+            else:
+                flags[row] = LAYER_HOOKED
+        return flags
+
+    def publish_once(self) -> bool:
+        try:
+            counts = self.recorder.host_counts(self._host, self._stream)
+            if self._stream is not None:
+                self._stream.synchronize()  # waits on our side stream only, on this thread
+            arrays = self.steps.snapshot()
+            arrays.update(layer_ids=self._layer_ids, counts=counts.numpy(),
+                          layer_flags=self.layer_flags(bool(arrays["step_hist"].any())))
+            self.writer.publish(arrays, publish_errors=self.errors)
+        except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise
+            self.errors += 1
+            if not self._failing:
+                log.error("moe-monitor cannot publish %s (will retry every %.1fs): %s",
+                          self.writer.path, self.interval_s, e)
+                self._failing = True
+            self.writer.reset()
+            return False
+        if self._failing:
+            log.warning("moe-monitor publishing to %s again after %d failed attempts", self.writer.path,
+                        self.errors)
+            self._failing = False
+        return True

@@ -1,0 +1,174 @@
+"""Hooks on vLLM's worker: attach after the model is loaded, gate counting and time every engine step.
+
+Each hook body is wrapped so that nothing moe-monitor does can raise into vLLM or stop a step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import time
+
+from moe_monitor import env
+from moe_monitor.channel import Ranks, SegmentWriter, Shape
+
+from .attach import find_moe_layers, patch_set_capture_fn, tap_layers
+from .publisher import Publisher
+from .recorder import Recorder
+from .steps import StepStats, phase_of
+
+log = logging.getLogger(__name__)
+
+
+class WorkerMonitor:
+    """Everything the plugin keeps for one worker process."""
+
+    def __init__(self, recorder: Recorder, publisher: Publisher, steps: StepStats):
+        self.recorder, self.publisher, self.steps = recorder, publisher, steps
+        self._pending: tuple[float, int, str] | None = None
+
+    def step_begin(self, scheduler_output, runner) -> None:
+        tokens = scheduler_output.total_num_scheduled_tokens
+        if tokens <= 0:
+            self._pending = None
+            return
+        self.recorder.set_valid_tokens(tokens)
+        prefill, decode = split_tokens(scheduler_output)
+        self._pending = (time.perf_counter(), tokens, phase_of(prefill, decode))
+
+    def forward_done(self) -> None:
+        self.recorder.set_valid_tokens(0)  # dummy runs between steps (DP idle ranks) count nothing
+
+    def step_end(self) -> None:
+        if self._pending is not None:
+            start, tokens, phase = self._pending
+            self._pending = None
+            self.steps.record(phase, tokens, time.perf_counter() - start)
+
+
+def split_tokens(scheduler_output) -> tuple[int, int]:
+    """(prefill tokens, decode tokens) of one scheduled step."""
+    scheduled = scheduler_output.num_scheduled_tokens
+    prefill = sum(scheduled.get(r.req_id, 0) for r in scheduler_output.scheduled_new_reqs)
+    cached = scheduler_output.scheduled_cached_reqs
+    resumed = getattr(cached, "resumed_req_ids", ()) or ()
+    for req_id, outputs in zip(cached.req_ids, cached.num_output_tokens):
+        if req_id in resumed or outputs == 0:
+            prefill += scheduled.get(req_id, 0)
+    return prefill, scheduler_output.total_num_scheduled_tokens - prefill
+
+
+def read_ranks(vllm_config) -> Ranks:
+    from vllm.distributed import parallel_state as ps
+
+    def group(getter):
+        try:
+            g = getter()
+            return g.rank_in_group, g.world_size
+        except Exception:  # noqa: BLE001 - group not initialised in this configuration
+            return 0, 1
+
+    tp, pp, ep = group(ps.get_tp_group), group(ps.get_pp_group), group(ps.get_ep_group)
+    pc = vllm_config.parallel_config
+    dp = (getattr(pc, "data_parallel_rank", 0), getattr(pc, "data_parallel_size", 1))
+    try:
+        import torch.distributed as dist
+        world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    except Exception:  # noqa: BLE001
+        world = (0, 1)
+    return Ranks(world[0], world[1], dp[0], dp[1], tp[0], tp[1], pp[0], pp[1], ep[0], ep[1])
+
+
+def model_name(vllm_config) -> str:
+    mc = vllm_config.model_config
+    served = getattr(mc, "served_model_name", None)
+    if isinstance(served, (list, tuple)):
+        served = served[0] if served else None
+    return str(served or mc.model)
+
+
+def build_monitor(worker) -> WorkerMonitor | None:
+    runner = worker.model_runner
+    attachment = find_moe_layers(runner.get_model())
+    if not attachment.layers:
+        log.info("moe-monitor: no MoE layers in this model; the plugin stays idle")
+        return None
+    vllm_config = worker.vllm_config
+    num_experts = max(x.num_experts for x in attachment.layers)
+    top_k = max(x.top_k for x in attachment.layers)
+    capacity = max(int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0), 8192)
+    recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity)
+    patch_set_capture_fn()
+    tap_layers(attachment, recorder)
+    steps = StepStats()
+    ranks = read_ranks(vllm_config)
+    shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds))
+    writer = SegmentWriter(env.env_str(env.SEGMENT_DIR, env.DEFAULT_SEGMENT_DIR), model_name(vllm_config), ranks,
+                           shape, top_k)
+    interval = env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01)
+    publisher = Publisher(writer, recorder, steps, attachment, interval)
+    publisher.publish_once()  # the segment exists (with zeros) as soon as the model is loaded
+    publisher.start()
+    atexit.register(publisher.stop)
+    log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s, %d unobservable; segment %s",
+             len(attachment.observable), num_experts, top_k, ranks, len(attachment.layers) -
+             len(attachment.observable), writer.path)
+    return WorkerMonitor(recorder, publisher, steps)
+
+
+_warned: set[str] = set()
+
+
+def _guarded(what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - never raise into vLLM
+        if what not in _warned:
+            _warned.add(what)
+            log.exception("moe-monitor %s failed; serving continues, this hook is skipped from now on", what)
+
+
+def patch_worker() -> bool:
+    """Wrap Worker.load_model / execute_model / sample_tokens. Idempotent."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if getattr(Worker, "_moe_monitor_patched", False):
+        return False
+    orig_load, orig_execute, orig_sample = Worker.load_model, Worker.execute_model, Worker.sample_tokens
+
+    @functools.wraps(orig_load)
+    def load_model(self, *args, **kwargs):
+        result = orig_load(self, *args, **kwargs)
+        self._moe_monitor = None
+
+        def build():
+            self._moe_monitor = build_monitor(self)
+        _guarded("attach", build)
+        return result
+
+    @functools.wraps(orig_execute)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        monitor = getattr(self, "_moe_monitor", None)
+        if monitor is None or "step" in _warned:
+            return orig_execute(self, scheduler_output, *args, **kwargs)
+        _guarded("step", monitor.step_begin, scheduler_output, self.model_runner)
+        try:
+            output = orig_execute(self, scheduler_output, *args, **kwargs)
+        finally:
+            _guarded("step", monitor.forward_done)
+        if output is not None:
+            _guarded("step", monitor.step_end)
+        return output
+
+    @functools.wraps(orig_sample)
+    def sample_tokens(self, *args, **kwargs):
+        output = orig_sample(self, *args, **kwargs)
+        monitor = getattr(self, "_moe_monitor", None)
+        if monitor is not None and "step" not in _warned:
+            _guarded("step", monitor.step_end)
+        return output
+
+    Worker.load_model, Worker.execute_model, Worker.sample_tokens = load_model, execute_model, sample_tokens
+    Worker._moe_monitor_patched = True
+    return True

@@ -1,0 +1,119 @@
+"""Fold every rank's cumulative snapshot into one set of monotonic totals.
+
+Rules (docs/architecture.md explains them):
+- TP ranks of one (dp, pp) group route identically: only the lowest TP rank present is counted.
+- Layers are keyed by model layer index, so PP stages (disjoint layers) and DP ranks (same layers,
+  different tokens) add up naturally.
+- A vLLM restart shows as a new `generation`; the old generation's last snapshot is retired into a
+  carried total, so exported counters never go backwards while the sidecar runs. A group whose segments
+  all disappear keeps its last values for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moe_monitor.channel import Snapshot
+
+GroupKey = tuple[int, int]  # (dp_rank, pp_rank)
+
+
+@dataclass
+class Totals:
+    """Cumulative figures of one group or of the whole instance."""
+
+    counts: dict[int, np.ndarray] = field(default_factory=dict)  # layer id -> int64 [E]
+    step_hist: np.ndarray | None = None  # [P, TB, DB]
+    step_seconds: np.ndarray | None = None  # [P, TB]
+    step_tokens: np.ndarray | None = None  # [P, TB]
+    token_bounds: np.ndarray | None = None
+    duration_bounds: np.ndarray | None = None
+
+    def add(self, other: "Totals") -> bool:
+        """Add `other` in place. Returns False (and adds nothing) when the shapes are incompatible."""
+        if self.step_hist is not None and other.step_hist is not None and (
+                self.step_hist.shape != other.step_hist.shape
+                or not np.array_equal(self.token_bounds, other.token_bounds)
+                or not np.array_equal(self.duration_bounds, other.duration_bounds)):
+            return False
+        for layer, c in other.counts.items():
+            if layer in self.counts and self.counts[layer].shape != c.shape:
+                return False
+        for layer, c in other.counts.items():
+            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c.copy()
+        if other.step_hist is not None:
+            if self.step_hist is None:
+                self.step_hist, self.step_seconds, self.step_tokens = (
+                    other.step_hist.copy(), other.step_seconds.copy(), other.step_tokens.copy())
+                self.token_bounds, self.duration_bounds = other.token_bounds, other.duration_bounds
+            else:
+                self.step_hist = self.step_hist + other.step_hist
+                self.step_seconds = self.step_seconds + other.step_seconds
+                self.step_tokens = self.step_tokens + other.step_tokens
+        return True
+
+
+def totals_of(snap: Snapshot) -> Totals:
+    E = snap.header.shape.num_experts
+    counts = {int(layer): snap.counts[row, :E].astype(np.int64) for row, layer in enumerate(snap.layer_ids)}
+    return Totals(counts, snap.step_hist, snap.step_seconds, snap.step_tokens, snap.token_bounds,
+                  snap.duration_bounds)
+
+
+@dataclass
+class Group:
+    counted_path: str
+    generation: int
+    last: Totals
+    last_updated_ns: int
+    carried: Totals = field(default_factory=Totals)
+    restarts: int = 0
+
+
+class Aggregator:
+    """Keeps per-group state between reads. Not thread-safe: the collector serialises calls."""
+
+    def __init__(self) -> None:
+        self.groups: dict[GroupKey, Group] = {}
+        self.incompatible_restarts = 0
+
+    def update(self, snapshots: dict[str, Snapshot]) -> dict[str, bool]:
+        """Fold in the latest good snapshot of every segment path. Returns path -> counted?"""
+        chosen: dict[GroupKey, tuple[str, Snapshot]] = {}
+        for path, snap in sorted(snapshots.items()):
+            r = snap.header.ranks
+            key = (r.dp_rank, r.pp_rank)
+            if key not in chosen or r.tp_rank < chosen[key][1].header.ranks.tp_rank:
+                chosen[key] = (path, snap)
+        for key, (path, snap) in chosen.items():
+            group = self.groups.get(key)
+            current = totals_of(snap)
+            if group is None:
+                self.groups[key] = Group(path, snap.header.generation, current, snap.header.updated_unix_ns)
+                continue
+            if snap.header.generation != group.generation and (
+                    path == group.counted_path or snap.header.created_unix_ns > group.last_updated_ns):
+                # The counted rank restarted (a sibling TP rank taking over was created with the old one and
+                # carries the same cumulative counts): carry what the old process had counted.
+                if not group.carried.add(group.last):
+                    self.incompatible_restarts += 1
+                    group.carried = Totals()
+                group.restarts += 1
+            group.counted_path, group.generation, group.last = path, snap.header.generation, current
+            group.last_updated_ns = snap.header.updated_unix_ns
+        counted_paths = {path for path, _ in chosen.values()}
+        return {path: path in counted_paths for path in snapshots}
+
+    def totals(self) -> Totals:
+        out = Totals()
+        for group in self.groups.values():
+            for part in (group.carried, group.last):
+                out.add(part)  # an incompatible part (another model in the same directory) is left out
+        return out
+
+    @property
+    def restarts(self) -> int:
+        return sum(g.restarts for g in self.groups.values())
+
