@@ -240,7 +240,7 @@ _model_names = st.text(max_size=80).filter(
     lambda s: len(s.encode("utf-8")) <= MODEL_NAME_BYTES and not s.endswith("\x00"))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     L=st.integers(1, 64), E=st.integers(1, 300), TB=st.integers(1, 16), DB=st.integers(1, 16),
     seed=st.integers(0, 2**32 - 1), model=_model_names, top_k=st.integers(0, 2**32 - 1),
@@ -287,10 +287,6 @@ def test_long_ascii_model_name_is_truncated_to_field_size(tmp_path):
     w.close()
 
 
-@pytest.mark.xfail(strict=True, raises=SegmentError,
-                   reason="BUG: layout.pack_header truncates the utf-8 model name at a byte boundary "
-                          "(model.encode()[:192]), splitting a multi-byte character; every read of the "
-                          "segment then fails with SegmentError('corrupt')")
 @pytest.mark.parametrize("name", ["a" * (MODEL_NAME_BYTES - 1) + "é", "x" + "模" * 70])
 def test_long_non_ascii_model_name_stays_readable(tmp_path, name):
     assert len(name.encode("utf-8")) > MODEL_NAME_BYTES
@@ -558,7 +554,7 @@ def test_directory_instead_of_file_is_io(tmp_path):
     assert read_kind(str(d)) == "io"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=6),
        cut=st.one_of(st.none(), st.integers(0, 10**6)), tail=st.binary(max_size=64))
 def test_fuzzed_file_gives_snapshot_or_segment_error(valid_segment, flips, cut, tail):
@@ -580,10 +576,6 @@ def test_fuzzed_file_gives_snapshot_or_segment_error(valid_segment, flips, cut, 
         assert snap.counts.shape == (snap.header.shape.num_layers, snap.header.shape.num_experts)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: layout.Shape.payload_size uses np.prod (int64), which silently wraps for "
-                          "huge header dimensions; a crafted header then passes the payload_size check and "
-                          "decode() raises ValueError from np.frombuffer instead of SegmentError")
 def test_dimension_overflow_in_header_is_a_segment_error(tmp_path):
     # L = E = 2**32-1: L*E wraps to a negative int64; TB is chosen so the wrapped total is 76 bytes.
     shape = Shape(num_layers=2**32 - 1, num_experts=2**32 - 1, num_token_buckets=590558004,
@@ -679,6 +671,8 @@ def test_replaced_file_is_taken_back_by_next_publish(tmp_path):
 
 
 def _publish_after_in_place_truncation(directory):  # runs in a child process: it may die of SIGBUS
+    import faulthandler
+    faulthandler.disable()  # keep the expected crash quiet
     shape = RACE_SHAPE  # payload spans many pages
     w = SegmentWriter(directory, "m", Ranks(), shape, top_k=2)
     w.publish(make_arrays(shape, fill=1))
@@ -692,10 +686,6 @@ def _publish_after_in_place_truncation(directory):  # runs in a child process: i
     assert (read_segment(w.path).counts == 3).all()
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: writer.SegmentWriter.publish writes through its mmap after the file was truncated "
-                          "in place (_replaced_under_us only compares inodes, not the size), so the writing "
-                          "process is killed by SIGBUS instead of getting OSError / recreating the file")
 def test_in_place_truncation_under_live_writer_does_not_kill_it(tmp_path):
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     proc = ctx.Process(target=_publish_after_in_place_truncation, args=(str(tmp_path),))
@@ -817,10 +807,6 @@ def test_shape_mismatch_raises_value_error(tmp_path, case):
     w.close()
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="BUG: layout.encode_payload pads layer_flags to the 8-byte boundary *before* the "
-                          "shape check, so a layer_flags array of any length 0..pad8(L) other than L is silently "
-                          "accepted (too long: the reader drops the extra entries; too short: zeros are added)")
 @pytest.mark.parametrize("length", [0, 4, 6, 8])
 def test_layer_flags_wrong_length_within_padding_raises_value_error(tmp_path, length):
     assert SMALL.num_layers == 5  # pad8 = 8

@@ -19,6 +19,7 @@ payload, so a reader that copies the file while a write is under way detects it 
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -114,7 +115,8 @@ class Shape:
 
     @property
     def payload_size(self) -> int:
-        return sum(dt.itemsize * int(np.prod(shape)) for _, dt, shape in self.sections())
+        # Python ints: a crafted header must not wrap around (numpy products overflow silently).
+        return sum(dt.itemsize * math.prod(shape) for _, dt, shape in self.sections())
 
 
 def _pad8(n: int) -> int:
@@ -153,7 +155,7 @@ class Snapshot:
 
 
 def pack_header(h: Header) -> bytes:
-    model = h.model.encode("utf-8")[:MODEL_NAME_BYTES]
+    model = truncate_utf8(h.model, MODEL_NAME_BYTES)
     s = h.shape
     raw = HEADER.pack(
         MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
@@ -161,6 +163,11 @@ def pack_header(h: Header) -> bytes:
         s.num_duration_buckets, 0, h.payload_size, h.payload_crc32, 0, h.publish_errors, model,
     )
     return raw.ljust(HEADER_SIZE, b"\x00")
+
+
+def truncate_utf8(text: str, limit: int) -> bytes:
+    """Encode and cut to `limit` bytes without splitting a multi-byte character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def unpack_header(buf: bytes, max_payload: int) -> Header:
@@ -207,8 +214,8 @@ def decode(buf: bytes, max_payload: int) -> Snapshot:
     arrays = {}
     off = 0
     for name, dt, shape in h.shape.sections():
-        n = dt.itemsize * int(np.prod(shape))
-        arrays[name] = np.frombuffer(payload, dtype=dt, count=int(np.prod(shape)), offset=off).reshape(shape)
+        n = dt.itemsize * math.prod(shape)
+        arrays[name] = np.frombuffer(payload, dtype=dt, count=math.prod(shape), offset=off).reshape(shape)
         off += n
     arrays["layer_flags"] = arrays["layer_flags"][: h.shape.num_layers]
     return Snapshot(header=h, **arrays)
@@ -220,6 +227,8 @@ def encode_payload(shape: Shape, arrays: dict[str, np.ndarray]) -> bytes:
     for name, dt, sec_shape in shape.sections():
         a = np.asarray(arrays[name])
         if name == "layer_flags":
+            if a.shape != (shape.num_layers,):
+                raise ValueError(f"layer_flags: shape {a.shape} != ({shape.num_layers},)")
             a = np.pad(a.astype(dt), (0, sec_shape[0] - a.shape[0]))
         a = np.ascontiguousarray(a, dtype=dt)
         if a.shape != sec_shape:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from .layout import HEADER_SIZE, SegmentError, Snapshot, decode
+from .layout import HEADER_SIZE, SEQ_OFFSET, SegmentError, Snapshot, decode
 
 DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024  # 256 MiB: far above 61 layers x 256 experts (125 KiB of counts)
 SUFFIX = ".moeseg"
@@ -23,12 +23,16 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
                 if size > HEADER_SIZE + max_payload:
                     raise SegmentError("oversized", f"file of {size} bytes exceeds the limit")
                 buf = f.read(size)
+                seq_after = os.pread(f.fileno(), 8, SEQ_OFFSET)  # seqlock: unchanged while we copied?
         except FileNotFoundError:
             raise
         except OSError as e:
             raise SegmentError("io", f"cannot read: {e}") from None
         try:
-            return decode(buf, max_payload)
+            snap = decode(buf, max_payload)
+            if seq_after != buf[SEQ_OFFSET:SEQ_OFFSET + 8]:
+                raise SegmentError("torn", "the writer published while we were reading")
+            return snap
         except SegmentError as e:
             if e.kind != "torn":
                 raise

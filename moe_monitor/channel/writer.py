@@ -1,12 +1,14 @@
 """Segment writer: one per rank, owned by the plugin's publisher thread.
 
-The file is created under a temporary name and renamed into place, so a reader never sees a half-made
-header. Each publish is a seqlock-protected in-place rewrite of the payload through mmap.
+The file is created under a temporary name, fully allocated, and renamed into place, so a reader never
+sees a half-made header. Each publish rewrites it in place with pwrite under a seqlock: `seq` goes odd,
+payload and header are written, `seq` goes even. pwrite rather than mmap because an I/O problem (a full
+tmpfs, a file truncated under us) then surfaces as OSError, which the publisher counts and retries,
+instead of SIGBUS, which would kill the vLLM worker.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import secrets
 import struct
@@ -35,75 +37,73 @@ class SegmentWriter:
             pid=os.getpid(), top_k=top_k, ranks=ranks, shape=shape, payload_size=shape.payload_size,
             payload_crc32=0, publish_errors=0, model=model,
         )
-        self._mm: mmap.mmap | None = None
         self._fd: int | None = None
 
     @property
     def generation(self) -> int:
         return self._header.generation
 
-    def _open(self, first_payload: bytes) -> None:
+    def _create(self, payload: bytes) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.tmp{os.getpid()}"
-        size = HEADER_SIZE + self._shape.payload_size
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-            mm[HEADER_SIZE:size] = first_payload
-            mm[0:HEADER_SIZE] = pack_header(self._header)
+            os.posix_fallocate(fd, 0, HEADER_SIZE + len(payload))  # ENOSPC now, not later
+            _pwrite_all(fd, payload, HEADER_SIZE)
+            _pwrite_all(fd, pack_header(self._header), 0)
             os.replace(tmp, self.path)
         except BaseException:
             os.close(fd)
             _unlink_quietly(tmp)
             raise
-        self._fd, self._mm = fd, mm
+        self._fd = fd
 
     def publish(self, arrays: dict[str, np.ndarray], publish_errors: int = 0) -> None:
         """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries."""
         payload = encode_payload(self._shape, arrays)
         h = replace(self._header, updated_unix_ns=time.time_ns(), payload_crc32=zlib.crc32(payload),
                     publish_errors=publish_errors)
-        if self._mm is None:
-            self._header = replace(h, seq=0)
-            self._open(payload)
-            return
-        if self._replaced_under_us():
+        if self._fd is not None and self._replaced_under_us():
             self.reset()
+        if self._fd is None:
             self._header = replace(h, seq=0)
-            self._open(payload)
+            self._create(payload)
             return
-        mm = self._mm
         seq = self._header.seq
-        mm[SEQ_OFFSET:SEQ_OFFSET + 8] = _SEQ.pack(seq + 1)  # odd: write in progress
-        mm[HEADER_SIZE:HEADER_SIZE + len(payload)] = payload
+        _pwrite_all(self._fd, _SEQ.pack(seq + 1), SEQ_OFFSET)  # odd: write in progress
+        _pwrite_all(self._fd, payload, HEADER_SIZE)
+        _pwrite_all(self._fd, pack_header(replace(h, seq=seq + 1)), 0)
+        _pwrite_all(self._fd, _SEQ.pack(seq + 2), SEQ_OFFSET)  # even: consistent
         self._header = replace(h, seq=seq + 2)
-        header = pack_header(replace(self._header, seq=seq + 1))
-        mm[0:SEQ_OFFSET] = header[0:SEQ_OFFSET]
-        mm[SEQ_OFFSET + 8:HEADER_SIZE] = header[SEQ_OFFSET + 8:HEADER_SIZE]
-        mm[SEQ_OFFSET:SEQ_OFFSET + 8] = _SEQ.pack(seq + 2)  # even: consistent
 
     def _replaced_under_us(self) -> bool:
-        """True when our file was deleted or replaced by someone else (then readers cannot see us)."""
+        """True when our file was deleted, replaced or truncated by someone else."""
         try:
-            return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+            st, ours = os.stat(self.path), os.fstat(self._fd)
         except FileNotFoundError:
             return True
+        return st.st_ino != ours.st_ino or ours.st_size < HEADER_SIZE + self._shape.payload_size
 
     def close(self, remove: bool = False) -> None:
-        if self._mm is not None:
-            self._mm.close()
+        if self._fd is not None:
             os.close(self._fd)
-            self._mm = self._fd = None
+            self._fd = None
         if remove:
             _unlink_quietly(self.path)
 
     def reset(self) -> None:
-        """Forget the mapping (after an I/O error): the next publish recreates the file."""
+        """Forget the file (after an I/O error): the next publish recreates it."""
         try:
             self.close()
         except OSError:
-            self._mm = self._fd = None
+            self._fd = None
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _unlink_quietly(path: str) -> None:

@@ -31,7 +31,7 @@ class Proc:
 
     def wait_ready(self, path: str, timeout_s: float) -> float:
         """Poll url+path until it answers 200. Returns seconds since start; raises with the log tail."""
-        deadline = self.started + timeout_s
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")

@@ -1,0 +1,104 @@
+"""End to end on real components: vLLM CPU OpenAI server with the plugin installed through its entry point,
+the sidecar as a separate process, requests over HTTP, assertions on the sidecar's /metrics.
+
+Tests in this module run in order against one server (counts are cumulative)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from conftest import free_port, samples, scrape
+
+pytestmark = pytest.mark.e2e
+vllm = pytest.importorskip("vllm")
+
+from moe_monitor.demo import launch, workload  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    model_dir, meta = tiny_model
+    work = tmp_path_factory.mktemp("stack")
+    segments = str(work / "segments")
+    env = launch.vllm_env(segments, publish_interval=0.2)
+    server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"), env, ["--enforce-eager"])
+    sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"))
+    try:
+        server.wait_ready("/health", 300)
+        sidecar.wait_ready("/healthz", 30)
+        yield server, sidecar, meta
+    finally:
+        sidecar.stop()
+        server.stop()
+
+
+def routed(metrics) -> np.ndarray:
+    """moe_expert_routed_tokens_total as an array [layer, expert]."""
+    s = samples(metrics, "moe_expert_routed_tokens_total")
+    layers = sorted({int(dict(k)["layer"]) for k in s})
+    experts = sorted({int(dict(k)["expert"]) for k in s})
+    out = np.zeros((len(layers), len(experts)), dtype=np.int64)
+    for labels, v in s.items():
+        d = dict(labels)
+        out[layers.index(int(d["layer"])), int(d["expert"])] = int(v)
+    return out
+
+
+def settled(url: str, expect_total: int, timeout: float = 10.0) -> dict:
+    """Scrape until the per-layer totals reach what was sent (the plugin publishes every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(url)
+        if routed(m).sum(axis=1).min() >= expect_total or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def test_counts_are_zero_before_the_first_request(stack):
+    _, sidecar, meta = stack
+    m = scrape(sidecar.url + "/metrics")
+    counts = routed(m)
+    assert counts.shape == (meta["num_layers"], meta["num_experts"])
+    assert counts.sum() == 0, "warm-up / profiling dummy runs must not be counted"
+    assert samples(m, "moe_monitor_segment_up") == {(("segment", "dp0-pp0-tp0"),): 1.0}
+    assert samples(m, "moe_monitor_unobservable_layers") == {(): 0.0}
+
+
+def test_counts_match_computed_tokens_and_transformers_replay(stack, tiny_model):
+    server, sidecar, meta = stack
+    texts = workload.prompts(12, seed=1)
+    done = workload.run(server.url, texts, max_tokens=6, concurrency=4)
+    sequences = [c.computed_token_ids for c in done]
+    computed = sum(len(s) for s in sequences)
+    m = settled(sidecar.url + "/metrics", computed * meta["top_k"])
+    counts = routed(m)
+    assert (counts.sum(axis=1) == computed * meta["top_k"]).all(), (counts.sum(axis=1), computed)
+
+    from moe_monitor.demo.tiny_model import replay_routing
+
+    reference = replay_routing(tiny_model[0], sequences)
+    np.testing.assert_array_equal(counts, reference)
+    assert sum(samples(m, "moe_step_tokens_total").values()) == computed
+    steps = sum(v for k, v in samples(m, "moe_step_duration_seconds_count").items())
+    assert steps >= max(len(s) for s in sequences) - 1  # at least one step per generated token
+
+
+def test_hot_expert_prompts_make_the_configured_expert_top(stack):
+    server, sidecar, meta = stack
+    before = routed(scrape(sidecar.url + "/metrics"))
+    done = workload.run(server.url, workload.prompts(8, meta["hot_words"], hot_share=0.6, seed=2), max_tokens=4)
+    computed = sum(len(c.computed_token_ids) for c in done)
+    after = routed(settled(sidecar.url + "/metrics", before.sum(axis=1).min() + computed * meta["top_k"]))
+    delta = after - before
+    assert (delta.sum(axis=1) == computed * meta["top_k"]).all()
+    assert (delta.argmax(axis=1) == meta["hot_expert"]).all(), delta
+
+
+def test_sidecar_reports_steps_by_phase(stack):
+    _, sidecar, _ = stack
+    m = scrape(sidecar.url + "/metrics")
+    phases = {dict(k)["phase"] for k, v in samples(m, "moe_step_duration_seconds_count").items() if v > 0}
+    assert {"prefill", "decode"} <= phases

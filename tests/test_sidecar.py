@@ -1,0 +1,143 @@
+"""Sidecar behaviour over real segment files: what /metrics shows for dedupe, DP sums, restarts, bad files."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
+from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, Ranks, SegmentWriter, Shape
+from moe_monitor.plugin.steps import StepStats
+from moe_monitor.sidecar.collector import MoECollector
+
+L, E = 2, 4
+
+
+def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps: StepStats | None = None,
+            writer: SegmentWriter | None = None) -> SegmentWriter:
+    steps = steps or StepStats()
+    shape = Shape(len(layer_ids), counts.shape[1], len(steps.token_bounds), len(steps.duration_bounds))
+    writer = writer or SegmentWriter(str(directory), "tiny-moe", ranks, shape, top_k=2)
+    arrays = steps.snapshot()
+    arrays.update(counts=np.asarray(counts, dtype=np.int64), layer_ids=np.asarray(layer_ids, dtype=np.int32),
+                  layer_flags=np.asarray(flags if flags is not None else [LAYER_HOOKED] * len(layer_ids)))
+    writer.publish(arrays)
+    return writer
+
+
+@pytest.fixture
+def scrape(tmp_path):
+    collector = MoECollector(str(tmp_path), stale_after_s=30)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {k: str(v) for k, v in labels.items()})
+    value.registry = registry
+    return value
+
+
+def tokens(scrape, layer, expert):
+    return scrape("moe_expert_routed_tokens_total", layer=layer, expert=expert)
+
+
+def test_empty_directory_exports_health_only(scrape):
+    assert scrape("moe_monitor_segments", state="fresh") == 0
+    assert tokens(scrape, 0, 0) is None
+
+
+def test_counts_per_layer_and_expert(tmp_path, scrape):
+    counts = np.arange(L * E).reshape(L, E)
+    publish(tmp_path, Ranks(), counts, layer_ids=(3, 7))
+    assert tokens(scrape, 3, 0) == 0
+    assert tokens(scrape, 7, 3) == 7
+    assert scrape("moe_monitor_segments", state="fresh") == 1
+    assert scrape("moe_monitor_segment_up", segment="dp0-pp0-tp0") == 1
+    assert scrape("moe_model_info", model="tiny-moe", moe_layers="2", experts=str(E), top_k="2") == 1
+
+
+def test_tp_duplicates_counted_once_dp_ranks_summed(tmp_path, scrape):
+    same = np.full((L, E), 5)
+    publish(tmp_path, Ranks(tp_rank=0, tp_size=2, dp_rank=0, dp_size=2), same)
+    publish(tmp_path, Ranks(tp_rank=1, tp_size=2, dp_rank=0, dp_size=2), same)
+    publish(tmp_path, Ranks(tp_rank=0, tp_size=2, dp_rank=1, dp_size=2), np.full((L, E), 2))
+    publish(tmp_path, Ranks(tp_rank=1, tp_size=2, dp_rank=1, dp_size=2), np.full((L, E), 2))
+    assert tokens(scrape, 1, 2) == 7  # 5 from DP rank 0 + 2 from DP rank 1, each TP pair counted once
+    assert scrape("moe_monitor_rank_info", segment="dp0-pp0-tp1", model="tiny-moe", dp_rank=0, pp_rank=0,
+                  tp_rank=1, ep_rank=0, counted="false") == 1
+
+
+def test_pp_stages_hold_disjoint_layers(tmp_path, scrape):
+    publish(tmp_path, Ranks(pp_rank=0, pp_size=2), np.full((1, E), 1), layer_ids=(0,))
+    publish(tmp_path, Ranks(pp_rank=1, pp_size=2), np.full((1, E), 9), layer_ids=(1,))
+    assert tokens(scrape, 0, 0) == 1 and tokens(scrape, 1, 0) == 9
+
+
+def test_restart_carries_counts_so_counters_never_decrease(tmp_path, scrape):
+    publish(tmp_path, Ranks(), np.full((L, E), 10))
+    assert tokens(scrape, 0, 0) == 10
+    publish(tmp_path, Ranks(), np.full((L, E), 3))  # a new process: new generation, counts from zero
+    assert tokens(scrape, 0, 0) == 13
+    assert scrape("moe_monitor_rank_restarts_total") == 1
+
+
+def test_removed_segment_keeps_its_counts(tmp_path, scrape):
+    w = publish(tmp_path, Ranks(), np.full((L, E), 4))
+    assert tokens(scrape, 0, 1) == 4
+    os.unlink(w.path)
+    assert tokens(scrape, 0, 1) == 4
+    assert scrape("moe_monitor_segments", state="fresh") == 0
+
+
+def test_unobservable_layers_reported(tmp_path, scrape):
+    publish(tmp_path, Ranks(), np.zeros((L, E)), flags=[LAYER_HOOKED, LAYER_UNOBSERVABLE])
+    assert scrape("moe_layer_observable", layer=0) == 1
+    assert scrape("moe_layer_observable", layer=1) == 0
+    assert scrape("moe_monitor_unobservable_layers") == 1
+
+
+def test_step_histogram_by_phase_and_tokens(tmp_path, scrape):
+    steps = StepStats()
+    steps.record("decode", 4, 0.003)
+    steps.record("decode", 4, 0.020)
+    steps.record("prefill", 300, 0.2)
+    publish(tmp_path, Ranks(), np.zeros((L, E)), steps=steps)
+    assert scrape("moe_step_duration_seconds_count", phase="decode", tokens_le=8) == 2
+    assert scrape("moe_step_duration_seconds_bucket", phase="decode", tokens_le=8, le="0.005") == 1
+    assert scrape("moe_step_duration_seconds_sum", phase="decode", tokens_le=8) == pytest.approx(0.023)
+    assert scrape("moe_step_duration_seconds_count", phase="prefill", tokens_le=512) == 1
+    assert scrape("moe_step_tokens_total", phase="decode") == 8
+    assert scrape("moe_step_tokens_total", phase="prefill") == 300
+
+
+@pytest.mark.parametrize("content, kind", [
+    (b"", "truncated"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 600, "magic"),
+    (b"MOEMSEG\x00" + (99).to_bytes(4, "little") + b"\x00" * 600, "version"),
+])
+def test_bad_files_counted_never_fail_the_scrape(tmp_path, scrape, content, kind):
+    publish(tmp_path, Ranks(), np.full((L, E), 1))
+    (tmp_path / "dp1-pp0-tp0.moeseg").write_bytes(content)
+    assert tokens(scrape, 0, 0) == 1  # the good rank is still exported
+    first = scrape("moe_monitor_segment_read_errors_total", kind=kind)  # one failed read per scrape
+    assert scrape("moe_monitor_segment_read_errors_total", kind=kind) == first + 1 >= 2
+    assert scrape("moe_monitor_segment_up", segment="dp1-pp0-tp0") == 0
+    assert scrape("moe_monitor_segments", state="unreadable") == 1
+    assert b"moe_expert_routed_tokens_total" in generate_latest(scrape.registry)
+
+
+def test_stale_segment(tmp_path):
+    now = [time.time()]
+    collector = MoECollector(str(tmp_path), stale_after_s=5, clock=lambda: now[0])
+    registry = CollectorRegistry()
+    registry.register(collector)
+    publish(tmp_path, Ranks(), np.zeros((L, E)))
+    assert registry.get_sample_value("moe_monitor_segment_up", {"segment": "dp0-pp0-tp0"}) == 1
+    now[0] += 60
+    assert registry.get_sample_value("moe_monitor_segment_up", {"segment": "dp0-pp0-tp0"}) == 0
+    assert registry.get_sample_value("moe_monitor_segments", {"state": "stale"}) == 1
+    assert registry.get_sample_value("moe_monitor_snapshot_age_seconds", {"segment": "dp0-pp0-tp0"}) >= 59
