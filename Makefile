@@ -1,0 +1,12 @@
+# The two commands of the README. Both create .venv first (scripts/setup-env) when it is missing or stale.
+.PHONY: demo test
+SHELL := /bin/bash
+
+.venv/.ready: pyproject.toml scripts/setup-env
+	scripts/setup-env
+
+demo: .venv/.ready  ## tiny MoE on vLLM CPU + plugin + sidecar + a short workload; stays up until Ctrl-C
+	.venv/bin/moe-monitor demo
+
+test: .venv/.ready  ## the whole test suite, real vLLM server included (CI runs exactly this)
+	.venv/bin/python -m pytest -q -p no:cacheprovider

@@ -1,0 +1,99 @@
+"""The README's main job: tiny MoE model → vLLM CPU with the plugin → sidecar → a short mixed workload."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import numpy as np
+
+from . import launch, workload
+
+
+def _routed(metrics_url: str) -> tuple[np.ndarray, dict[str, float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    counts: dict[tuple[int, int], float] = {}
+    health: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "moe_expert_routed_tokens_total":
+                counts[int(s.labels["layer"]), int(s.labels["expert"])] = s.value
+            elif s.name == "moe_monitor_segments":
+                health[s.labels["state"]] = s.value
+    layers = sorted({k[0] for k in counts})
+    experts = 1 + max((k[1] for k in counts), default=-1)
+    out = np.zeros((len(layers), experts), dtype=np.int64)
+    for (layer, expert), v in counts.items():
+        out[layers.index(layer), expert] = int(v)
+    return out, health
+
+
+def _show(title: str, counts: np.ndarray) -> None:
+    print(f"\n{title}")
+    for layer, row in enumerate(counts):
+        total = max(int(row.sum()), 1)
+        bar = " ".join(f"{int(v):5d}" for v in row)
+        print(f"  layer {layer}: {bar}   max/mean {row.max() / (total / len(row)):.2f}")
+
+
+def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool) -> int:
+    from .tiny_model import generate, load_meta
+
+    workdir = os.path.abspath(workdir)
+    model_dir = os.path.join(workdir, "model")
+    segments = os.path.join(workdir, "segments")
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"generating a tiny Qwen3-MoE (2 layers x 8 experts, top-2, expert 3 hot) in {model_dir}")
+        generate(model_dir, "qwen3_moe", hot_expert=3, hot_words=["hot", "blaze"])
+    meta = load_meta(model_dir)
+    print("starting vLLM (CPU) with the moe-monitor plugin; the first start takes about a minute ...")
+    server = launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"),
+                               launch.vllm_env(segments), ["--enforce-eager"])
+    sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"))
+    metrics_url = f"{sidecar.url}/metrics"
+    try:
+        print(f"vLLM ready after {server.wait_ready('/health', 600):.0f}s at {server.url}")
+        sidecar.wait_ready("/healthz", 60)
+        zero, health = _routed(metrics_url)
+        print(f"sidecar ready at {metrics_url}: segments {health}, routed tokens before any request: "
+              f"{int(zero.sum())}")
+
+        print("\nworkload 1/2: 16 balanced prompts, 4 concurrent (prefill, decode and mixed steps)")
+        workload.run(server.url, workload.prompts(16, seed=1), max_tokens=12)
+        time.sleep(2.5)  # one publish interval (1 s) plus margin
+        balanced, _ = _routed(metrics_url)
+        _show("routed tokens per expert after balanced traffic (moe_expert_routed_tokens_total):", balanced)
+
+        print(f"\nworkload 2/2: 16 prompts full of {meta['hot_words']} (the model routes them to expert "
+              f"{meta['hot_expert']})")
+        workload.run(server.url, workload.prompts(16, meta["hot_words"], hot_share=0.6, seed=2), max_tokens=12)
+        time.sleep(2.5)
+        hot, _ = _routed(metrics_url)
+        _show(f"routed tokens added by the hot prompts (expert {meta['hot_expert']} should dominate):",
+              hot - balanced)
+
+        print(f"""
+Look at:
+  {metrics_url}
+    moe_expert_routed_tokens_total{{layer,expert}}   tokens routed per layer x expert (rate() it)
+    moe_step_duration_seconds{{phase,tokens_le}}     engine step time histogram
+    moe_monitor_segment_up / moe_monitor_segments   health of the plugin -> sidecar channel
+  {server.url}/v1/completions                      send your own prompts (model name "{launch.SERVED_NAME}")
+  logs: {workdir}/vllm.log, {workdir}/sidecar.log""")
+        if keep_running:
+            print("\nvLLM and the sidecar keep running; Ctrl-C stops both.")
+            while server.popen.poll() is None and sidecar.popen.poll() is None:
+                time.sleep(1)
+            print("a process exited; see the logs above")
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sidecar.stop()
+        server.stop()
