@@ -18,13 +18,18 @@ vllm = pytest.importorskip("vllm")
 from moe_monitor.demo import launch, workload  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def stack(request, tiny_model, tmp_path_factory):
+    """eager: --enforce-eager. compiled: vLLM's default torch.compile on CPU, the tap traced into the graph
+    (the compile cache key does not see the plugin, so the cache is off, as docs/install.md says)."""
     model_dir, meta = tiny_model
-    work = tmp_path_factory.mktemp("stack")
+    work = tmp_path_factory.mktemp(f"stack-{request.param}")
     segments = str(work / "segments")
     env = launch.vllm_env(segments, publish_interval=0.2)
-    server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"), env, ["--enforce-eager"])
+    args = ["--enforce-eager"] if request.param == "eager" else []
+    if request.param == "compiled":
+        env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"), env, args)
     sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"))
     try:
         server.wait_ready("/health", 300)
@@ -102,3 +107,21 @@ def test_sidecar_reports_steps_by_phase(stack):
     m = scrape(sidecar.url + "/metrics")
     phases = {dict(k)["phase"] for k, v in samples(m, "moe_step_duration_seconds_count").items() if v > 0}
     assert {"prefill", "decode"} <= phases
+
+
+def test_vllm_keeps_serving_when_the_segment_directory_is_unwritable(tiny_model, tmp_path):
+    model_dir, _ = tiny_model
+    blocker = tmp_path / "segments-volume"
+    blocker.write_text("a regular file where the segment directory should be: every publish fails")
+    env = launch.vllm_env(str(blocker / "moe"), publish_interval=0.2)
+    server = launch.start_vllm(model_dir, free_port(), str(tmp_path / "vllm.log"), env, ["--enforce-eager"])
+    try:
+        server.wait_ready("/health", 300)
+        done = workload.run(server.url, workload.prompts(4, seed=3), max_tokens=3)
+        assert [len(c.output_token_ids) for c in done] == [3, 4, 5, 6]
+        time.sleep(0.5)
+        log = server.log_tail(400)
+        assert log.count("moe-monitor cannot publish") == 1, "logged once, not at every retry"
+        assert "Traceback" not in log
+    finally:
+        server.stop()

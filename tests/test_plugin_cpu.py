@@ -1,0 +1,143 @@
+"""The plugin's pieces on CPU torch: recorder gating, torch.compile, chaining with vLLM's router slot,
+and the publisher surviving an unwritable segment directory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, read_segment  # noqa: E402
+from moe_monitor.plugin.recorder import Recorder  # noqa: E402
+
+
+def reference(ids: torch.Tensor, valid: int, num_experts: int) -> np.ndarray:
+    out = np.zeros(num_experts, dtype=np.int64)
+    for e in ids[:valid].reshape(-1).tolist():
+        if 0 <= e < num_experts:
+            out[e] += 1
+    return out
+
+
+def test_counts_nothing_until_tokens_are_declared_valid():
+    rec = Recorder(2, 8, 2, "cpu", capacity=16)
+    rec.record(0, torch.randint(0, 8, (512, 2), dtype=torch.int32))  # a warm-up dummy run
+    assert rec.host_counts().sum() == 0  # all 1024 assignments went to the sink column
+
+
+def test_padded_rows_and_invalid_ids_are_not_counted():
+    rec = Recorder(2, 8, 2, "cpu", capacity=4)  # grows past its initial capacity
+    gen = torch.Generator().manual_seed(0)
+    total = np.zeros((2, 8), dtype=np.int64)
+    for valid, padded in [(3, 8), (17, 32), (1, 1), (100, 128)]:
+        ids = torch.randint(0, 8, (padded, 2), generator=gen, dtype=torch.int32)
+        ids[0, 0] = -1  # masked routing (e.g. EP-local ids) must not be counted
+        rec.set_valid_tokens(valid)
+        for row in (0, 1):
+            rec.record(row, ids)
+            total[row] += reference(ids, valid, 8)
+    np.testing.assert_array_equal(rec.host_counts().numpy(), total)
+
+
+def test_same_counts_under_torch_compile():
+    eager, compiled = Recorder(1, 16, 4, "cpu"), Recorder(1, 16, 4, "cpu")
+
+    def layer(rec, logits):  # a router: softmax + top-k, then the tap
+        ids = torch.topk(torch.softmax(logits, dim=-1), 4, dim=-1).indices
+        rec.record(0, ids)
+        return ids
+
+    fn = torch.compile(lambda logits: layer(compiled, logits), dynamic=True)
+    gen = torch.Generator().manual_seed(1)
+    for valid, tokens in [(5, 8), (30, 32), (64, 64)]:
+        logits = torch.randn(tokens, 16, generator=gen)
+        for rec in (eager, compiled):
+            rec.set_valid_tokens(valid)
+        layer(eager, logits)
+        fn(logits)
+    assert eager.host_counts().sum() == (5 + 30 + 64) * 4
+    assert torch.equal(eager.counts, compiled.counts)
+
+
+vllm_router = pytest.importorskip("vllm.model_executor.layers.fused_moe.router.base_router")
+
+
+class TopKRouter(vllm_router.BaseRouter):
+    """The smallest concrete vLLM router: top-k over the logits."""
+
+    @property
+    def routing_method_type(self):
+        from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+
+        return RoutingMethodType.TopK
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        weights, ids = torch.topk(router_logits, self.top_k, dim=-1)
+        return weights, ids.to(torch.int32)
+
+
+class FakeRunner:  # what attach.tap_layers needs of a MoERunner: its router
+    def __init__(self, router):
+        self.router = router
+
+
+@pytest.mark.parametrize("theirs_first", [True, False])
+def test_tap_chains_an_existing_capture_fn_in_either_order(theirs_first):
+    from moe_monitor.plugin.attach import Attachment, MoELayer, patch_set_capture_fn, tap_layers
+
+    router = TopKRouter(top_k=2, global_num_experts=8)
+    seen = []
+    theirs = seen.append  # e.g. --enable-return-routed-experts' capturer
+    if theirs_first:
+        router.set_capture_fn(theirs)
+    rec = Recorder(1, 8, 2, "cpu")
+    patch_set_capture_fn()
+    tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, FakeRunner(router), True)]), rec)
+    if not theirs_first:
+        router.set_capture_fn(theirs)  # binding later must not evict the tap
+    rec.set_valid_tokens(4)
+    logits = torch.randn(4, 8)
+    _, ids = router._select_experts(torch.zeros(4, 16), logits)
+    assert len(seen) == 1 and torch.equal(seen[0], ids)
+    np.testing.assert_array_equal(rec.host_counts().numpy()[0], reference(ids, 4, 8))
+
+
+def test_publisher_survives_unwritable_directory_and_recovers(tmp_path):
+    from moe_monitor.channel import Ranks, SegmentWriter, Shape
+    from moe_monitor.plugin.attach import Attachment, MoELayer
+    from moe_monitor.plugin.publisher import Publisher
+    from moe_monitor.plugin.steps import StepStats
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the segment directory should be")
+    rec, steps = Recorder(2, 8, 2, "cpu"), StepStats()
+    layers = Attachment([MoELayer(0, "a", 8, 2, None, True), MoELayer(1, "b", 8, 2, None, False)])
+    shape = Shape(2, 8, len(steps.token_bounds), len(steps.duration_bounds))
+    writer = SegmentWriter(str(blocker / "segments"), "m", Ranks(), shape, 2)
+    pub = Publisher(writer, rec, steps, layers, interval_s=60)
+    assert pub.publish_once() is False and pub.publish_once() is False
+    assert pub.errors == 2
+    blocker.unlink()  # the operator fixes the volume: the next tick publishes, errors included
+    rec.set_valid_tokens(1)
+    rec.record(0, torch.tensor([[1, 2]]))
+    steps.record("prefill", 1, 0.01)
+    assert pub.publish_once() is True
+    snap = read_segment(writer.path)
+    assert snap.header.publish_errors == 2
+    assert snap.counts[0].tolist() == [0, 1, 1, 0, 0, 0, 0, 0]
+    assert snap.layer_flags.tolist() == [LAYER_HOOKED, LAYER_UNOBSERVABLE]
+
+
+def test_hooked_layer_whose_router_never_ran_is_flagged_after_the_first_step(tmp_path):
+    from moe_monitor.channel import Ranks, SegmentWriter, Shape
+    from moe_monitor.plugin.attach import Attachment, MoELayer
+    from moe_monitor.plugin.publisher import Publisher
+    from moe_monitor.plugin.steps import StepStats
+
+    rec, steps = Recorder(2, 8, 2, "cpu"), StepStats()
+    layers = Attachment([MoELayer(0, "a", 8, 2, None, True), MoELayer(1, "b", 8, 2, None, True)])
+    pub = Publisher(SegmentWriter(str(tmp_path), "m", Ranks(), Shape(2, 8, 8, 16), 2), rec, steps, layers, 60)
+    rec.record(0, torch.tensor([[1, 2]]))  # layer 1's router is bypassed by a fused kernel
+    assert pub.layer_flags(stepped=False).tolist() == [LAYER_HOOKED, LAYER_HOOKED]
+    assert pub.layer_flags(stepped=True).tolist() == [LAYER_HOOKED, LAYER_HOOKED | LAYER_UNOBSERVABLE]
