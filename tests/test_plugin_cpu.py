@@ -141,3 +141,21 @@ def test_hooked_layer_whose_router_never_ran_is_flagged_after_the_first_step(tmp
     rec.record(0, torch.tensor([[1, 2]]))  # layer 1's router is bypassed by a fused kernel
     assert pub.layer_flags(stepped=False).tolist() == [LAYER_HOOKED, LAYER_HOOKED]
     assert pub.layer_flags(stepped=True).tolist() == [LAYER_HOOKED, LAYER_HOOKED | LAYER_UNOBSERVABLE]
+
+
+def test_deferred_mode_counts_like_per_layer_and_survives_a_missing_last_layer():
+    """The GPU strategy's torch-op flush, on CPU: same counts as the per-layer strategy."""
+    gen = torch.Generator().manual_seed(3)
+    per_layer, deferred = Recorder(4, 16, 2, "cpu", mode="per_layer"), Recorder(4, 16, 2, "cpu", mode="deferred")
+    deferred.set_rows([0, 1, 2, 3])
+    for step, (valid, padded) in enumerate([(5, 8), (16, 16), (0, 32), (9, 12)]):
+        for rec in (per_layer, deferred):
+            rec.set_valid_tokens(valid)
+        rows = [0, 1, 2] if step == 1 else [0, 1, 2, 3]  # step 1 never reaches the last layer
+        for row in rows:
+            ids = torch.randint(-1, 17, (padded, 2), generator=gen, dtype=torch.int32)  # incl. out-of-range
+            per_layer.record(row, ids)
+            deferred.record(row, ids)
+    deferred.flush()
+    assert per_layer.host_counts().sum() > 0
+    assert torch.equal(per_layer.host_counts(), deferred.host_counts())

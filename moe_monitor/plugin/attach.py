@@ -66,6 +66,9 @@ def find_moe_layers(model: torch.nn.Module) -> Attachment:
 
 def tap_layers(attachment: Attachment, recorder: Recorder) -> None:
     """Install a Tap on every observable layer; row i of the recorder is attachment.layers[i]."""
+    rows = [row for row, layer in enumerate(attachment.layers) if layer.observable]
+    if rows:
+        recorder.set_rows(rows)
     for row, layer in enumerate(attachment.layers):
         if not layer.observable:
             log.warning("moe-monitor cannot observe MoE layer %d (%s): %s; it is reported as unobservable",

@@ -1,52 +1,133 @@
 """Device-side routing counter: counts (token, expert) assignments per MoE layer into one persistent buffer.
 
-Graph-safe by construction: every tensor the hot path touches is allocated once (grown only outside the
-steady state), the number of real tokens is a device scalar written before each step, and nothing reads a
-device value back on the host. Under CUDA-graph capture the Python below runs once and the kernels it
-enqueues are replayed; under torch.compile on CPU it is traced into the graph.
+Graph-safe by construction: the number of real tokens is a device scalar written before each step, nothing
+reads a device value back on the host, and every kernel reads and writes tensors whose addresses are stable
+across CUDA-graph replays. Padded rows (CUDA-graph / DP padding, always at the end of the token dimension),
+ids outside [0, E) and every dummy run (warm-up, memory profiling, graph capture: `valid_tokens` is 0
+then) land in a sink column that is never exported.
 
-Padded rows (CUDA-graph / DP padding, always at the end of the token dimension) and every dummy run
-(warm-up, memory profiling, graph capture: `valid_tokens` is 0 then) land in a sink column that is never
-exported.
+Three strategies, same counts (tests/test_plugin_cpu.py, benchmarks/recorder_gpu.py):
+
+- `per_layer`: each layer's tap masks its ids and does one `index_add_` (about four small kernels per layer).
+  Used on CPU, where it is traced by torch.compile.
+- `deferred`: each layer's tap only keeps a reference to its `topk_ids`; the last MoE layer's tap stacks
+  the step's ids and counts them all with a handful of torch ops: a constant number of kernels per step,
+  none per layer. Under CUDA-graph capture the references are kept for the graph's lifetime, so the
+  captured tensors are never reused by the allocator and every replay's flush reads that replay's ids.
+- `fused`: like `deferred`, but the flush is one Triton kernel (block histograms + atomics). CUDA only.
 """
 
 from __future__ import annotations
 
 import torch
 
+MODES = ("per_layer", "deferred", "fused")
+
+
+def default_mode(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "per_layer"
+    try:
+        from . import triton_flush  # noqa: F401
+    except Exception:  # noqa: BLE001 - no triton: the torch-op flush is still one fixed cost per step
+        return "deferred"
+    return "fused"
+
 
 class Recorder:
     def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device | str,
-                 capacity: int = 8192):
+                 capacity: int = 8192, mode: str | None = None):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.device = torch.device(device)
-        # Column num_experts is the sink for padded rows and ids outside [0, E) (e.g. -1 from masked routing).
+        self.mode = mode or default_mode(self.device)
+        if self.mode not in MODES:
+            raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
+        # Column num_experts is the sink for padded rows and ids outside [0, E).
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sink = torch.tensor(num_experts, dtype=torch.int64, device=self.device)
+        self._row_base = torch.arange(num_layers, dtype=torch.int64, device=self.device) * (num_experts + 1)
+        self._one = torch.ones(1, dtype=torch.int64, device=self.device)
         self._capacity = 0
         self._grow(capacity)
+        self._row_tensors: dict[tuple[int, ...], torch.Tensor] = {}
         self.seen_rows: set[int] = set()  # rows whose hook ran at least once (at trace/capture time on GPU)
+        self.last_row = num_layers - 1  # the deferred flush runs after this row's tap
+        self._pending: dict[int, torch.Tensor] = {}
+        self._captured: list[dict[int, torch.Tensor]] = []  # ids referenced by captured CUDA graphs
 
     def _grow(self, tokens: int) -> None:
+        if self._capacity:  # graphs captured earlier still read the old buffer: keep it allocated
+            self._retired_positions.append(self._positions)
+        else:
+            self._retired_positions: list[torch.Tensor] = []
         self._capacity = max(tokens, 2 * self._capacity)
         self._positions = torch.arange(self._capacity, dtype=torch.int64, device=self.device)
-        self._ones = torch.ones(self._capacity * self.top_k, dtype=torch.int64, device=self.device)
 
     def set_valid_tokens(self, n: int) -> None:
-        """Called by the step hook before the forward pass (0 after it). One tiny fill, no sync."""
+        """Called by the step hook before the forward pass (0 after it). One tiny fill, no sync.
+        A step boundary: ids still pending (a step that never reached the last row) are counted first,
+        with the valid count of their own step."""
+        if self._pending:
+            self.flush()
         self.valid_tokens.fill_(n)
 
     def record(self, row: int, topk_ids: torch.Tensor) -> None:
-        """Add one layer's routing decisions. topk_ids: [T, k] logical expert ids (int32 or int64)."""
+        """One layer's routing decisions. topk_ids: [T, k] logical expert ids (int32 or int64)."""
         self.seen_rows.add(row)
-        tokens, k = topk_ids.shape
-        if tokens * k > self._ones.numel():
-            self._grow(tokens * k // self.top_k + 1)
-        ids = topk_ids.to(torch.int64)
-        keep = (self._positions[:tokens] < self.valid_tokens).unsqueeze(1) & (ids >= 0) & (ids < self.num_experts)
-        ids = torch.where(keep, ids, self._sink)
-        self.counts[row].index_add_(0, ids.reshape(-1), self._ones[: tokens * k])
+        if topk_ids.shape[0] > self._capacity:
+            self._grow(topk_ids.shape[0])
+        if self.mode == "per_layer":
+            self._count([row], topk_ids.unsqueeze(0))
+            return
+        if row in self._pending:  # the previous step never reached the last row: count what it had
+            self.flush()
+        self._pending[row] = topk_ids
+        if row == self.last_row:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count every pending layer of this step (deferred/fused modes)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._captured.append(pending)  # replays read these exact buffers: keep them allocated
+        by_shape: dict[tuple, list[int]] = {}
+        for row, ids in pending.items():
+            by_shape.setdefault((tuple(ids.shape), ids.dtype), []).append(row)
+        for rows in by_shape.values():  # one group in practice: every layer of a step sees the same tokens
+            stacked = torch.stack([pending[r] for r in rows])
+            if self.mode == "fused":
+                from .triton_flush import count_stacked
+
+                count_stacked(self.counts, stacked, self._row_index(rows), self.valid_tokens, self.num_experts)
+            else:
+                self._count(rows, stacked)
+
+    def set_rows(self, rows: list[int]) -> None:
+        """The rows whose taps are installed (attach calls this before any forward pass): the deferred
+        flush runs after the last of them, and its row index is built now, not inside a graph capture."""
+        self.last_row = max(rows)
+        self._row_index(sorted(rows))
+
+    def _row_index(self, rows: list[int]) -> torch.Tensor:
+        key = tuple(rows)
+        if key not in self._row_tensors:
+            self._row_tensors[key] = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self._row_tensors[key]
+
+    def _count(self, rows: list[int], ids: torch.Tensor) -> None:
+        """ids: [R, T, k] for the given rows. Masks and adds with torch ops (~5 kernels, any R)."""
+        R, T, k = ids.shape
+        ids = ids.to(torch.int64)
+        keep = (self._positions[:T] < self.valid_tokens).view(1, T, 1) & (ids >= 0) & (ids < self.num_experts)
+        flat = torch.where(keep, ids, self._sink)
+        if R == 1:
+            self.counts[rows[0]].index_add_(0, flat.reshape(-1), self._one.expand(T * k))
+            return
+        flat = flat + self._row_base[self._row_index(rows)].view(R, 1, 1)
+        self.counts.view(-1).index_add_(0, flat.reshape(-1), self._one.expand(R * T * k))
 
     def host_counts(self, out: torch.Tensor | None = None, stream=None) -> torch.Tensor:
         """Copy counts to host without touching the compute stream (the caller waits on its own thread)."""
