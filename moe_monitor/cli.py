@@ -5,20 +5,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
-
 import click
 
 from moe_monitor import __version__, env
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    segment_dir: str
-    host: str
-    port: int
-    stale_after_s: float
-    max_segment_bytes: int | None
 
 
 def _listen(ctx, param, value: str) -> tuple[str, int]:
@@ -46,19 +35,49 @@ def main(log_level: str) -> None:
               help="Directory the vLLM plugin writes per-rank segments into (shared with the vLLM pod).")
 @click.option("--listen", envvar=env.LISTEN, show_envvar=True, default=env.DEFAULT_LISTEN, callback=_listen,
               help="HOST:PORT for /metrics.")
+@click.option("--window", "window_s", envvar=env.WINDOW, show_envvar=True, default=5.0,
+              type=click.FloatRange(min=0.1), help="Window length in seconds; the exposition is rebuilt once per "
+              "window, at wall-clock multiples of it.")
 @click.option("--stale-after", envvar=env.STALE_AFTER, show_envvar=True, default=env.DEFAULT_STALE_AFTER,
               type=click.FloatRange(min=0.1), help="Seconds without a snapshot before a rank counts as stale.")
+@click.option("--rank-series/--no-rank-series", envvar=env.RANK_SERIES, show_envvar=True, default=True,
+              help="T1: per layer x EP-rank token counters.")
+@click.option("--load-histogram/--no-load-histogram", envvar=env.LOAD_HISTOGRAM, show_envvar=True, default=True,
+              help="T1: per-window expert-load histogram per layer.")
+@click.option("--expert-series", envvar=env.EXPERT_SERIES, show_envvar=True, default="none",
+              type=click.Choice(["none", "all", "top"]), help="T2: per layer x expert counters (all) or the "
+              "top-K hot experts per layer (top).")
+@click.option("--top-experts", envvar=env.TOP_EXPERTS, show_envvar=True, default=5, type=click.IntRange(min=1),
+              help="K for --expert-series top.")
+@click.option("--hot-multiple", envvar=env.HOT_MULTIPLE, show_envvar=True, default=2.0,
+              type=click.FloatRange(min=1.0), help="An expert is hot when its window load exceeds this multiple of "
+              "the layer's mean.")
+@click.option("--min-window-assignments", envvar=env.MIN_WINDOW_ASSIGNMENTS, show_envvar=True, default=100,
+              type=click.IntRange(min=1), help="Below this many assignments in a window a layer's statistics are NaN.")
+@click.option("--placement", "placement_file", envvar=env.PLACEMENT, show_envvar=True, default=None,
+              type=click.Path(dir_okay=False), help="JSON logical->physical expert map (EPLB); default: experts "
+              "split contiguously over the EP ranks.")
+@click.option("--max-series", envvar=env.MAX_SERIES, show_envvar=True, default=20000, type=click.IntRange(min=100),
+              help="Series budget: T2, then T1 are dropped beyond it (moe_monitor_series_truncated says so).")
 @click.option("--max-segment-bytes", envvar=env.MAX_SEGMENT_BYTES, show_envvar=True, default=None,
               type=click.IntRange(min=4096), help="Refuse segments larger than this (default 256 MiB).")
-def serve(segment_dir: str, listen: tuple[str, int], stale_after: float, max_segment_bytes: int | None) -> None:
+def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogram, expert_series, top_experts,
+          hot_multiple, min_window_assignments, placement_file, max_series, max_segment_bytes) -> None:
     """Read every rank's segment and export Prometheus metrics."""
-    from moe_monitor.sidecar.collector import MoECollector
+    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.sidecar.exporter import Exporter
     from moe_monitor.sidecar.server import serve as run_server
+    from moe_monitor.stats.placement import PlacementError
 
-    cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes)
-    collector = MoECollector(cfg.segment_dir, cfg.stale_after_s, cfg.max_segment_bytes)
+    cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,
+                        load_histogram, expert_series, top_experts, hot_multiple, min_window_assignments,
+                        placement_file, max_series)
     try:
-        run_server(collector, cfg.host, cfg.port)
+        exporter = Exporter(cfg)
+    except PlacementError as e:
+        raise click.BadParameter(str(e), param_hint="--placement") from None
+    try:
+        run_server(exporter)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
 

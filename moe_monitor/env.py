@@ -19,10 +19,20 @@ DEFAULT_SEGMENT_DIR = "/dev/shm/moe-monitor"
 ENABLED = "MOE_MONITOR_ENABLED"  # "0" turns the plugin into a no-op without uninstalling it
 PUBLISH_INTERVAL = "MOE_MONITOR_PUBLISH_INTERVAL"  # seconds between snapshots
 DEFAULT_PUBLISH_INTERVAL = 1.0
+RECORDER = "MOE_MONITOR_RECORDER"  # per_layer | deferred | fused; default: fused on CUDA, per_layer on CPU
 
 # Sidecar (each also a `moe-monitor serve` flag).
 LISTEN = "MOE_MONITOR_LISTEN"
 DEFAULT_LISTEN = "0.0.0.0:9464"
+WINDOW = "MOE_MONITOR_WINDOW"
+RANK_SERIES = "MOE_MONITOR_RANK_SERIES"
+LOAD_HISTOGRAM = "MOE_MONITOR_LOAD_HISTOGRAM"
+EXPERT_SERIES = "MOE_MONITOR_EXPERT_SERIES"
+TOP_EXPERTS = "MOE_MONITOR_TOP_EXPERTS"
+HOT_MULTIPLE = "MOE_MONITOR_HOT_MULTIPLE"
+MIN_WINDOW_ASSIGNMENTS = "MOE_MONITOR_MIN_WINDOW_ASSIGNMENTS"
+PLACEMENT = "MOE_MONITOR_PLACEMENT"
+MAX_SERIES = "MOE_MONITOR_MAX_SERIES"
 STALE_AFTER = "MOE_MONITOR_STALE_AFTER"
 DEFAULT_STALE_AFTER = 30.0
 MAX_SEGMENT_BYTES = "MOE_MONITOR_MAX_SEGMENT_BYTES"
@@ -46,6 +56,17 @@ def env_float(name: str, default: float, minimum: float = 0.0) -> float:
         log.warning("ignoring %s=%r: expected a number >= %s; using %s", name, raw, minimum, default)
         return default
     return value
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str | None:
+    """The variable's value when it is one of `choices`; None (and a warning) otherwise."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in choices:
+        log.warning("ignoring %s=%r: expected one of %s; using the default", name, raw, ", ".join(choices))
+        return None
+    return raw
 
 
 def env_bool(name: str, default: bool) -> bool:

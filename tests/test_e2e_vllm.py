@@ -30,7 +30,8 @@ def stack(request, tiny_model, tmp_path_factory):
     if request.param == "compiled":
         env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"), env, args)
-    sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"))
+    sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"),
+                                   ["--window", "1", "--expert-series", "all", "--min-window-assignments", "20"])
     try:
         server.wait_ready("/health", 300)
         sidecar.wait_ready("/healthz", 30)

@@ -159,3 +159,10 @@ def test_deferred_mode_counts_like_per_layer_and_survives_a_missing_last_layer()
     deferred.flush()
     assert per_layer.host_counts().sum() > 0
     assert torch.equal(per_layer.host_counts(), deferred.host_counts())
+
+
+def test_fused_recorder_is_refused_on_cpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        Recorder(2, 8, 2, "cpu", mode="fused")
+    with pytest.raises(ValueError, match="not one of"):
+        Recorder(2, 8, 2, "cpu", mode="fast")

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, Ranks, SegmentWriter, Shape
 from moe_monitor.plugin.steps import StepStats
-from moe_monitor.sidecar.collector import MoECollector
+from moe_monitor.sidecar.config import SidecarConfig
+from moe_monitor.sidecar.exporter import Exporter
 
 L, E = 2, 4
 
@@ -29,16 +29,29 @@ def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps
     return writer
 
 
+def parse(body: bytes) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+class Scraper:
+    """Each call rebuilds the exposition (one window tick) and looks a sample up, like a scrape would."""
+
+    def __init__(self, exporter: Exporter):
+        self.exporter = exporter
+        self.body = b""
+
+    def __call__(self, name, **labels):
+        self.body = self.exporter.tick().body
+        return parse(self.body).get((name, frozenset((k, str(v)) for k, v in labels.items())))
+
+
 @pytest.fixture
 def scrape(tmp_path):
-    collector = MoECollector(str(tmp_path), stale_after_s=30)
-    registry = CollectorRegistry()
-    registry.register(collector)
-
-    def value(name, **labels):
-        return registry.get_sample_value(name, {k: str(v) for k, v in labels.items()})
-    value.registry = registry
-    return value
+    return Scraper(Exporter(SidecarConfig(segment_dir=str(tmp_path), expert_series="all")))
 
 
 def tokens(scrape, layer, expert):
@@ -127,17 +140,15 @@ def test_bad_files_counted_never_fail_the_scrape(tmp_path, scrape, content, kind
     assert scrape("moe_monitor_segment_read_errors_total", kind=kind) == first + 1 >= 2
     assert scrape("moe_monitor_segment_up", segment="dp1-pp0-tp0") == 0
     assert scrape("moe_monitor_segments", state="unreadable") == 1
-    assert b"moe_expert_routed_tokens_total" in generate_latest(scrape.registry)
+    assert b"moe_expert_routed_tokens_total" in scrape.body
 
 
 def test_stale_segment(tmp_path):
     now = [time.time()]
-    collector = MoECollector(str(tmp_path), stale_after_s=5, clock=lambda: now[0])
-    registry = CollectorRegistry()
-    registry.register(collector)
+    scrape = Scraper(Exporter(SidecarConfig(segment_dir=str(tmp_path), stale_after_s=5), clock=lambda: now[0]))
     publish(tmp_path, Ranks(), np.zeros((L, E)))
-    assert registry.get_sample_value("moe_monitor_segment_up", {"segment": "dp0-pp0-tp0"}) == 1
+    assert scrape("moe_monitor_segment_up", segment="dp0-pp0-tp0") == 1
     now[0] += 60
-    assert registry.get_sample_value("moe_monitor_segment_up", {"segment": "dp0-pp0-tp0"}) == 0
-    assert registry.get_sample_value("moe_monitor_segments", {"state": "stale"}) == 1
-    assert registry.get_sample_value("moe_monitor_snapshot_age_seconds", {"segment": "dp0-pp0-tp0"}) >= 59
+    assert scrape("moe_monitor_segment_up", segment="dp0-pp0-tp0") == 0
+    assert scrape("moe_monitor_segments", state="stale") == 1
+    assert scrape("moe_monitor_snapshot_age_seconds", segment="dp0-pp0-tp0") >= 59

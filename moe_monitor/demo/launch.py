@@ -82,7 +82,7 @@ def start_vllm(model_dir: str, port: int, log_path: str, env: dict[str, str], ex
     return _spawn("vllm", cmd, env, log_path, f"http://127.0.0.1:{port}")
 
 
-def start_sidecar(segment_dir: str, port: int, log_path: str, stale_after: float = 30.0) -> Proc:
+def start_sidecar(segment_dir: str, port: int, log_path: str, extra_args: list[str] = ()) -> Proc:
     cmd = [sys.executable, "-m", "moe_monitor.cli", "serve", "--segment-dir", segment_dir,
-           "--listen", f"127.0.0.1:{port}", "--stale-after", str(stale_after)]
+           "--listen", f"127.0.0.1:{port}", *extra_args]
     return _spawn("sidecar", cmd, dict(os.environ), log_path, f"http://127.0.0.1:{port}")

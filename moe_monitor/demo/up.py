@@ -54,7 +54,8 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
     print("starting vLLM (CPU) with the moe-monitor plugin; the first start takes about a minute ...")
     server = launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"),
                                launch.vllm_env(segments), ["--enforce-eager"])
-    sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"))
+    sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"),
+                                   ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20"])
     metrics_url = f"{sidecar.url}/metrics"
     try:
         print(f"vLLM ready after {server.wait_ready('/health', 600):.0f}s at {server.url}")

@@ -42,6 +42,8 @@ class Recorder:
         self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
+        if self.mode == "fused" and default_mode(self.device) != "fused":
+            raise ValueError("the fused recorder needs a CUDA device and triton")
         # Column num_experts is the sink for padded rows and ids outside [0, E).
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=self.device)

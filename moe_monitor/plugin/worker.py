@@ -15,7 +15,7 @@ from moe_monitor.channel import Ranks, SegmentWriter, Shape
 
 from .attach import find_moe_layers, patch_set_capture_fn, tap_layers
 from .publisher import Publisher
-from .recorder import Recorder
+from .recorder import MODES, Recorder
 from .steps import StepStats, phase_of
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,12 @@ def build_monitor(worker) -> WorkerMonitor | None:
     num_experts = max(x.num_experts for x in attachment.layers)
     top_k = max(x.top_k for x in attachment.layers)
     capacity = max(int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0), 8192)
-    recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity)
+    mode = env.env_choice(env.RECORDER, MODES)  # default: fused on CUDA (benchmarks/results), per_layer on CPU
+    try:
+        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity, mode=mode)
+    except ValueError as e:
+        log.warning("moe-monitor: %s=%s is not usable here (%s); using the default recorder", env.RECORDER, mode, e)
+        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity)
     patch_set_capture_fn()
     tap_layers(attachment, recorder)
     steps = StepStats()
@@ -111,9 +116,9 @@ def build_monitor(worker) -> WorkerMonitor | None:
     publisher.publish_once()  # the segment exists (with zeros) as soon as the model is loaded
     publisher.start()
     atexit.register(publisher.stop)
-    log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s, %d unobservable; segment %s",
-             len(attachment.observable), num_experts, top_k, ranks, len(attachment.layers) -
-             len(attachment.observable), writer.path)
+    log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s with the %s recorder, "
+             "%d unobservable; segment %s", len(attachment.observable), num_experts, top_k, ranks, recorder.mode,
+             len(attachment.layers) - len(attachment.observable), writer.path)
     return WorkerMonitor(recorder, publisher, steps)
 
 

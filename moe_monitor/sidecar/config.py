@@ -1,0 +1,31 @@
+"""The sidecar's one configuration object, built once by the CLI from flags and MOE_MONITOR_* variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXPERT_SERIES = ("none", "all", "top")
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    segment_dir: str = "/dev/shm/moe-monitor"
+    host: str = "0.0.0.0"
+    port: int = 9464
+    stale_after_s: float = 30.0
+    max_segment_bytes: int | None = None
+    window_s: float = 5.0  # window length; the exposition is rebuilt once per window
+    rank_series: bool = True  # T1: per layer x EP-rank token counters
+    load_histogram: bool = True  # T1: per-window expert-load histogram per layer
+    expert_series: str = "none"  # T2: none | all (layer x expert counters) | top (top-K hot experts)
+    top_experts: int = 5  # K for expert_series=top
+    hot_multiple: float = 2.0  # an expert is hot when its window load exceeds this multiple of the mean
+    min_window_assignments: int = 100  # below this a layer's window statistics are NaN
+    placement_file: str | None = None  # logical->physical expert map (EPLB); default: contiguous over EP ranks
+    max_series: int = 20000  # hard budget; T2 then T1 are dropped first, and truncation is reported
+
+    def __post_init__(self) -> None:
+        if self.expert_series not in EXPERT_SERIES:
+            raise ValueError(f"expert_series must be one of {EXPERT_SERIES}, got {self.expert_series!r}")
+        if not self.window_s > 0:
+            raise ValueError("window_s must be > 0")

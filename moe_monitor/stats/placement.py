@@ -1,0 +1,96 @@
+"""Expert placement: which EP rank serves each logical expert, and the physical (per-rank) load it implies.
+
+Physical slots are dealt to EP ranks contiguously (slots_per_rank each), as vLLM does. A logical expert with
+several replicas (EPLB's redundant experts) has its tokens split evenly over them, which is what vLLM's
+replica selection does on average.
+
+Map file (JSON), the shape of vLLM EPLB's `physical_to_logical_map`:
+
+    {"num_ranks": 16, "physical_to_logical": [[0, 1, ..., 255, 17, 42, ...], ...]}
+
+one list per MoE layer (in layer order), or one list used for every layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class PlacementError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Placement:
+    num_ranks: int
+    physical_to_logical: np.ndarray  # [layers, physical slots] (or [1, slots] for every layer)
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.physical_to_logical.shape[1] // self.num_ranks
+
+    def rank_load(self, counts: np.ndarray) -> np.ndarray:
+        """Load per EP rank, float64 [layers, ranks], from logical counts [layers, experts]."""
+        c = np.asarray(counts, dtype=np.float64)
+        L, E = c.shape
+        if self.physical_to_logical.shape[0] not in (1, L):
+            raise PlacementError(f"placement has {self.physical_to_logical.shape[0]} layers, the model has {L} "
+                                 "MoE layers")
+        p2l = np.broadcast_to(self.physical_to_logical, (L, self.physical_to_logical.shape[1]))
+        if p2l.max(initial=-1) >= E:
+            raise PlacementError(f"placement names logical expert {int(p2l.max())}, the model has {E}")
+        replicas = np.zeros((L, E))
+        np.add.at(replicas, (np.arange(L)[:, None], p2l), 1)
+        if (replicas == 0).any():
+            missing = int(np.argwhere(replicas == 0)[0][1])
+            raise PlacementError(f"logical expert {missing} has no physical slot: its tokens would be lost")
+        rows = np.arange(L)[:, None]
+        per_slot = c[rows, p2l] / replicas[rows, p2l]
+        return per_slot.reshape(L, self.num_ranks, self.slots_per_rank).sum(axis=2)
+
+
+def contiguous(num_experts: int, num_ranks: int) -> Placement:
+    """vLLM's default: rank r serves experts [r * E/R, (r+1) * E/R)."""
+    if num_ranks < 1 or num_experts % num_ranks:
+        raise PlacementError(f"{num_experts} experts do not split evenly over {num_ranks} EP ranks")
+    return Placement(num_ranks, np.arange(num_experts, dtype=np.int64)[None, :])
+
+
+def parse_placement(doc: object, num_layers: int | None = None) -> Placement:
+    """Validate a placement document; num_layers None accepts any layer count (checked against the model
+    when loads are computed)."""
+    if not isinstance(doc, dict) or "num_ranks" not in doc or "physical_to_logical" not in doc:
+        raise PlacementError('expected {"num_ranks": R, "physical_to_logical": [...]}')
+    ranks = doc["num_ranks"]
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise PlacementError(f"num_ranks must be a positive integer, got {ranks!r}")
+    raw = doc["physical_to_logical"]
+    try:
+        p2l = np.asarray(raw, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise PlacementError("physical_to_logical must be a list of integers, or one such list per layer") from None
+    if p2l.ndim == 1:
+        p2l = p2l[None, :]
+    if p2l.ndim != 2 or p2l.shape[1] == 0:
+        raise PlacementError("physical_to_logical must be a list of integers, or one such list per layer")
+    if num_layers is not None and p2l.shape[0] not in (1, num_layers):
+        raise PlacementError(f"physical_to_logical has {p2l.shape[0]} layers, the model has {num_layers} MoE layers")
+    if p2l.shape[1] % ranks:
+        raise PlacementError(f"{p2l.shape[1]} physical slots do not split evenly over {ranks} ranks")
+    if p2l.min() < 0:
+        raise PlacementError("logical expert ids must be >= 0")
+    return Placement(ranks, p2l)
+
+
+def load_placement(path: str, num_layers: int | None = None) -> Placement:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise PlacementError(f"cannot read placement file {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise PlacementError(f"placement file {path} is not JSON: {e}") from None
+    return parse_placement(doc, num_layers)
