@@ -71,7 +71,7 @@ class Exposition:
 
 
 class Exporter:
-    def __init__(self, config: SidecarConfig, clock=time.time):
+    def __init__(self, config: SidecarConfig, clock=time.time, process_metrics: bool = True):
         self.config = config
         self.source = SegmentSource(config.segment_dir, config.max_segment_bytes)
         self.windower = Windower(config.window_s)
@@ -81,8 +81,9 @@ class Exporter:
         self._placement_file = load_placement(config.placement_file) if config.placement_file else None
         self.window: Window | None = None
         self._stats = None
-        self._process = CollectorRegistry(auto_describe=False)
-        ProcessCollector(namespace="moe_monitor", registry=self._process)
+        self._process = CollectorRegistry(auto_describe=False)  # the sidecar's own CPU, memory, fds
+        if process_metrics:
+            ProcessCollector(namespace="moe_monitor", registry=self._process)
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
         self._stop = threading.Event()

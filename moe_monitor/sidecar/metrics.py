@@ -203,12 +203,13 @@ def model_info(statuses: list[SegmentStatus], totals: Totals) -> list[Family]:
     counted = [s.snapshot for s in statuses if s.counted]
     observable = Family("moe_layer_observable", "gauge", "1 when moe-monitor sees this MoE layer's routing; 0 "
                         "when a fused kernel routes internally and its counts stay zero.")
-    unobservable = set()
+    layers: dict[int, bool] = {}  # a layer is unobservable if any counted rank cannot see it
     for snap in counted:
         for layer, flags in zip(snap.layer_ids, snap.layer_flags):
-            observable.add(0 if flags & LAYER_UNOBSERVABLE else 1, [("layer", int(layer))])
-            if flags & LAYER_UNOBSERVABLE:
-                unobservable.add(int(layer))
+            layers[int(layer)] = layers.get(int(layer), True) and not flags & LAYER_UNOBSERVABLE
+    for layer in sorted(layers):
+        observable.add(1 if layers[layer] else 0, [("layer", layer)])
+    unobservable = [layer for layer, seen in layers.items() if not seen]
     n = Family("moe_monitor_unobservable_layers", "gauge", "MoE layers whose routing moe-monitor cannot see.")
     n.add(len(unobservable))
     out = [observable, n]
