@@ -159,7 +159,8 @@ def test_placement_file_errors(tmp_path):
 
 
 def totals(counts: dict[int, list[int]]) -> Totals:
-    return Totals({k: np.asarray(v, dtype=np.int64) for k, v in counts.items()})
+    layers = tuple(sorted(counts))
+    return Totals(layers, np.array([counts[k] for k in layers], dtype=np.int64))
 
 
 def test_windows_are_aligned_and_start_with_a_baseline():

@@ -24,25 +24,39 @@ GroupKey = tuple[int, int]  # (dp_rank, pp_rank)
 class Totals:
     """Cumulative figures of one group or of the whole instance."""
 
-    counts: dict[int, np.ndarray] = field(default_factory=dict)  # layer id -> int64 [E]
+    layer_ids: tuple[int, ...] = ()  # ascending model layer indices, one per row of counts
+    counts: np.ndarray | None = None  # int64 [L, E]
     step_hist: np.ndarray | None = None  # [P, TB, DB]
     step_seconds: np.ndarray | None = None  # [P, TB]
     step_tokens: np.ndarray | None = None  # [P, TB]
     token_bounds: np.ndarray | None = None
     duration_bounds: np.ndarray | None = None
 
-    def add(self, other: "Totals") -> bool:
-        """Add `other` in place. Returns False (and adds nothing) when the shapes are incompatible."""
+    def compatible(self, other: "Totals") -> bool:
+        if self.counts is not None and other.counts is not None and self.counts.shape[1] != other.counts.shape[1]:
+            return False
         if self.step_hist is not None and other.step_hist is not None and (
                 self.step_hist.shape != other.step_hist.shape
                 or not np.array_equal(self.token_bounds, other.token_bounds)
                 or not np.array_equal(self.duration_bounds, other.duration_bounds)):
             return False
-        for layer, c in other.counts.items():
-            if layer in self.counts and self.counts[layer].shape != c.shape:
-                return False
-        for layer, c in other.counts.items():
-            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c.copy()
+        return True
+
+    def add(self, other: "Totals") -> bool:
+        """Add `other` in place. Returns False (and adds nothing) when the shapes are incompatible."""
+        if not self.compatible(other):
+            return False
+        if other.counts is not None:
+            if self.counts is None:
+                self.layer_ids, self.counts = other.layer_ids, other.counts.copy()
+            elif self.layer_ids == other.layer_ids:
+                self.counts = self.counts + other.counts
+            else:  # other layers (another PP stage): merge rows by layer id
+                union = tuple(sorted(set(self.layer_ids) | set(other.layer_ids)))
+                merged = np.zeros((len(union), self.counts.shape[1]), dtype=np.int64)
+                merged[[union.index(x) for x in self.layer_ids]] += self.counts
+                merged[[union.index(x) for x in other.layer_ids]] += other.counts
+                self.layer_ids, self.counts = union, merged
         if other.step_hist is not None:
             if self.step_hist is None:
                 self.step_hist, self.step_seconds, self.step_tokens = (
@@ -56,10 +70,10 @@ class Totals:
 
 
 def totals_of(snap: Snapshot) -> Totals:
-    E = snap.header.shape.num_experts
-    counts = {int(layer): snap.counts[row, :E].astype(np.int64) for row, layer in enumerate(snap.layer_ids)}
-    return Totals(counts, snap.step_hist, snap.step_seconds, snap.step_tokens, snap.token_bounds,
-                  snap.duration_bounds)
+    order = np.argsort(snap.layer_ids, kind="stable")
+    counts = snap.counts[order, : snap.header.shape.num_experts].astype(np.int64)
+    return Totals(tuple(int(x) for x in snap.layer_ids[order]), counts, snap.step_hist, snap.step_seconds,
+                  snap.step_tokens, snap.token_bounds, snap.duration_bounds)
 
 
 @dataclass

@@ -153,16 +153,16 @@ class Exporter:
     def _families(self, statuses, totals: Totals, now: float) -> list[Family]:
         cfg = self.config
         window, stats = self.window, self._stats
-        layers = sorted(totals.counts)
+        layers = totals.layer_ids
         placement = None
-        if layers:
-            placement = self.placement(statuses, len(totals.counts[layers[0]]))
+        if totals.counts is not None:
+            placement = self.placement(statuses, totals.counts.shape[1])
         window_rank_load = cumulative_rank_load = None
         if placement is not None:
             try:
                 if window is not None:
                     window_rank_load = placement.rank_load(window.counts)
-                cumulative_rank_load = placement.rank_load(np.stack([totals.counts[x] for x in layers]))
+                cumulative_rank_load = placement.rank_load(totals.counts)
             except PlacementError as e:
                 log.warning("expert placement does not fit the model (%s): no EP-rank metrics", e)
         families = m.model_info(statuses, totals)

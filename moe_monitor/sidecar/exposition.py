@@ -37,9 +37,12 @@ def fmt(value: float) -> str:
 
 
 def fmt_array(values: np.ndarray) -> list[str]:
-    if values.dtype.kind in "iu":
-        return list(map(str, values.tolist()))
-    return [fmt(v) for v in values.tolist()]
+    if values.dtype.kind in "iub":
+        return list(map(str, values.astype(np.int64).tolist()))
+    out = list(map(repr, values.astype(np.float64).tolist()))  # repr is the shortest exact float form
+    for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        out[i] = fmt(values[i])
+    return out
 
 
 @dataclass

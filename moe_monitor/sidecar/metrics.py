@@ -3,6 +3,7 @@ Every name, label and formula here is documented in docs/metrics.md."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,20 +56,30 @@ class LoadHistogram:
         self.sums[ok] += ratio.sum(axis=1)
 
 
+_DENSE = DenseLabels()  # label strings of per-layer families: rendered once per set of layers
+
+
+def _layers(layer_ids) -> tuple[str, ...]:
+    return _layer_strings(tuple(int(x) for x in layer_ids))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_strings(layer_ids: tuple[int, ...]) -> tuple[str, ...]:
+    return tuple(map(str, layer_ids))
+
+
 def _layer_family(name: str, help_text: str, layer_ids, values, kind: str = "gauge") -> Family:
     f = Family(name, kind, help_text)
-    for layer, v in zip(layer_ids, values):
-        f.add(v, [("layer", int(layer))])
+    f.add_dense(_DENSE.get(name, ("layer",), (_layers(layer_ids),)), np.asarray(values))
     return f
 
 
 def routing_t2_all(totals: Totals, dense: DenseLabels) -> list[Family]:
     f = Family("moe_expert_routed_tokens_total", "counter", "Tokens routed to a logical expert (one per token "
                "per top-k slot; computed tokens only). Summed over DP ranks, TP duplicates counted once.", tier="t2")
-    for layer in sorted(totals.counts):
-        c = totals.counts[layer]
-        prefixes = dense.get(f.name, ("layer", "expert"), ((str(layer),), tuple(map(str, range(len(c))))))
-        f.add_dense(prefixes, c)
+    if totals.counts is not None:
+        experts = tuple(map(str, range(totals.counts.shape[1])))
+        f.add_dense(dense.get(f.name, ("layer", "expert"), (_layers(totals.layer_ids), experts)), totals.counts)
     return [f]
 
 
@@ -168,13 +179,13 @@ def load_histogram_t1(h: LoadHistogram) -> list[Family]:
                "observation per expert per closed window (the expert-load heatmap).", tier="t1")
     if h.buckets is None:
         return [f]
-    les = [floatToGoString(b) for b in LOAD_RATIO_BUCKETS]
+    les = tuple(floatToGoString(b) for b in LOAD_RATIO_BUCKETS)
     cumulative = np.cumsum(h.buckets, axis=1)
-    for row, layer in enumerate(h.layer_ids):
-        for le, c in zip(les, cumulative[row]):
-            f.add(int(c), [("layer", layer), ("le", le)], suffix="_bucket")
-        f.add(float(h.sums[row]), [("layer", layer)], suffix="_sum")
-        f.add(int(cumulative[row, -1]), [("layer", layer)], suffix="_count")
+    layers = _layers(h.layer_ids)
+    # Grouped by suffix rather than by layer: the text format allows it, and each group is one dense block.
+    f.add_dense(_DENSE.get(f.name + "_bucket", ("layer", "le"), (layers, les)), cumulative)
+    f.add_dense(_DENSE.get(f.name + "_sum", ("layer",), (layers,)), h.sums)
+    f.add_dense(_DENSE.get(f.name + "_count", ("layer",), (layers,)), cumulative[:, -1])
     return [f]
 
 
@@ -203,20 +214,22 @@ def model_info(statuses: list[SegmentStatus], totals: Totals) -> list[Family]:
     counted = [s.snapshot for s in statuses if s.counted]
     observable = Family("moe_layer_observable", "gauge", "1 when moe-monitor sees this MoE layer's routing; 0 "
                         "when a fused kernel routes internally and its counts stay zero.")
-    layers: dict[int, bool] = {}  # a layer is unobservable if any counted rank cannot see it
-    for snap in counted:
-        for layer, flags in zip(snap.layer_ids, snap.layer_flags):
-            layers[int(layer)] = layers.get(int(layer), True) and not flags & LAYER_UNOBSERVABLE
-    for layer in sorted(layers):
-        observable.add(1 if layers[layer] else 0, [("layer", layer)])
-    unobservable = [layer for layer, seen in layers.items() if not seen]
+    unobservable: list[int] = []
+    if counted:  # a layer is unobservable if any counted rank cannot see it
+        ids = np.concatenate([s.layer_ids for s in counted])
+        blind = np.concatenate([(s.layer_flags & LAYER_UNOBSERVABLE) != 0 for s in counted])
+        layers, inverse = np.unique(ids, return_inverse=True)
+        hidden = np.zeros(len(layers), dtype=bool)
+        np.logical_or.at(hidden, inverse, blind)
+        observable.add_dense(_DENSE.get(observable.name, ("layer",), (_layers(layers),)), (~hidden).astype(np.int64))
+        unobservable = layers[hidden].tolist()
     n = Family("moe_monitor_unobservable_layers", "gauge", "MoE layers whose routing moe-monitor cannot see.")
     n.add(len(unobservable))
     out = [observable, n]
     if counted:
         h = counted[0].header
         info = Family("moe_model_info", "gauge", "The served MoE model, as the plugin saw it.")
-        info.add(1, [("model", h.model), ("moe_layers", len(totals.counts)), ("experts", h.shape.num_experts),
+        info.add(1, [("model", h.model), ("moe_layers", len(totals.layer_ids)), ("experts", h.shape.num_experts),
                      ("top_k", h.top_k)])
         out.append(info)
     return out

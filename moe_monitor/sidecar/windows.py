@@ -39,11 +39,10 @@ class Windower:
     def close(self, boundary: float, totals: Totals) -> Window | None:
         """Close the window ending at `boundary` given the cumulative totals read there. None while there
         is no baseline yet (first boundary, or the model changed)."""
-        layers = tuple(sorted(totals.counts))
-        if not layers:
+        layers, counts = totals.layer_ids, totals.counts
+        if counts is None or not layers:
             self._base = None
             return None
-        counts = np.stack([totals.counts[layer] for layer in layers])
         base, self._base = self._base, (boundary, layers, counts)
         if base is None or base[1] != layers or base[2].shape != counts.shape:
             return None

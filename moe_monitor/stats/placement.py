@@ -42,8 +42,8 @@ class Placement:
         p2l = np.broadcast_to(self.physical_to_logical, (L, self.physical_to_logical.shape[1]))
         if p2l.max(initial=-1) >= E:
             raise PlacementError(f"placement names logical expert {int(p2l.max())}, the model has {E}")
-        replicas = np.zeros((L, E))
-        np.add.at(replicas, (np.arange(L)[:, None], p2l), 1)
+        replicas = np.stack([np.bincount(row, minlength=E) for row in self.physical_to_logical]).astype(np.float64)
+        replicas = np.broadcast_to(replicas, (L, E))
         if (replicas == 0).any():
             missing = int(np.argwhere(replicas == 0)[0][1])
             raise PlacementError(f"logical expert {missing} has no physical slot: its tokens would be lost")
