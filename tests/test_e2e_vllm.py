@@ -5,6 +5,7 @@ Tests in this module run in order against one server (counts are cumulative)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -101,6 +102,52 @@ def test_hot_expert_prompts_make_the_configured_expert_top(stack):
     delta = after - before
     assert (delta.sum(axis=1) == computed * meta["top_k"]).all()
     assert (delta.argmax(axis=1) == meta["hot_expert"]).all(), delta
+
+
+def window_figures_while(sidecar_url: str, work, window_s: float = 1.0) -> list[dict]:
+    """Run `work` in a thread; collect the per-layer figures of every window closed inside its run."""
+    done = threading.Event()
+    began = time.time()
+    thread = threading.Thread(target=lambda: (work(), done.set()), daemon=True)
+    thread.start()
+    windows, finished = {}, None
+    while finished is None or max(windows, default=0) < finished + window_s:
+        if finished is None and done.is_set():
+            finished = time.time()
+        m = scrape(sidecar_url + "/metrics")
+        end = samples(m, "moe_window_end_timestamp_seconds").get(())
+        if end is not None and end - window_s >= began:
+            windows[end] = {name: {int(dict(k)["layer"]): v for k, v in samples(m, name).items()}
+                            for name in ("moe_layer_imbalance_ratio", "moe_layer_top1_share")}
+        time.sleep(0.2)
+    thread.join()
+    return [w for end, w in windows.items() if end <= finished + window_s
+            and not any(np.isnan(v) for v in w["moe_layer_top1_share"].values())]
+
+
+def test_hot_prompts_move_imbalance_and_balanced_traffic_brings_it_back(stack):
+    server, sidecar, meta = stack
+
+    def phase(hot: bool, seed: int):
+        def work():  # at least 4 s of traffic: several closed 1 s windows
+            deadline, i = time.monotonic() + 4, 0
+            while time.monotonic() < deadline:
+                texts = workload.prompts(8, meta["hot_words"] if hot else (), hot_share=0.9, seed=seed + i,
+                                         words_per_prompt=(30, 60))
+                workload.run(server.url, texts, max_tokens=2)
+                i += 1
+        return window_figures_while(sidecar.url, work)
+
+    def median(windows, name, layer):
+        return float(np.median([w[name][layer] for w in windows]))
+
+    balanced, hot, back = phase(False, 100), phase(True, 200), phase(False, 300)
+    assert len(balanced) >= 2 and len(hot) >= 2 and len(back) >= 2, (len(balanced), len(hot), len(back))
+    for layer in range(meta["num_layers"]):
+        b, h, r = (median(w, "moe_layer_top1_share", layer) for w in (balanced, hot, back))
+        assert h > b + 0.1 and h > r + 0.1, ("top1 share", layer, b, h, r)
+        b, h, r = (median(w, "moe_layer_imbalance_ratio", layer) for w in (balanced, hot, back))
+        assert h > 1.3 * b and h > 1.3 * r, ("imbalance ratio", layer, b, h, r)
 
 
 def test_sidecar_reports_steps_by_phase(stack):

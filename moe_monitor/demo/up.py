@@ -81,6 +81,8 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
         print(f"""
 Look at:
   {metrics_url}
+    moe_layer_imbalance_ratio{{layer}}               max/mean expert load in the last 2 s window
+    moe_layer_top1_share{{layer}}                    share of the window's load on the busiest expert
     moe_expert_routed_tokens_total{{layer,expert}}   tokens routed per layer x expert (rate() it)
     moe_step_duration_seconds{{phase,tokens_le}}     engine step time histogram
     moe_monitor_segment_up / moe_monitor_segments   health of the plugin -> sidecar channel

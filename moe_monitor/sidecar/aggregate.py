@@ -87,7 +87,7 @@ class Group:
 
 
 class Aggregator:
-    """Keeps per-group state between reads. Not thread-safe: the collector serialises calls."""
+    """Keeps per-group state between reads. Not thread-safe: the exporter loop is its only caller."""
 
     def __init__(self) -> None:
         self.groups: dict[GroupKey, Group] = {}
