@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--mode", default="fused")
     ap.add_argument("--hold-refs", choices=["yes", "no"], default="yes",
                     help="no: deferred/fused taps whose captured ids are not kept alive (timing experiment only)")
+    ap.add_argument("--tap", choices=["recorder", "refs-only", "alloc-only"], default="recorder",
+                    help="refs-only: a tap that only keeps the ids alive (no kernels); alloc-only: a tap that "
+                         "keeps a fresh 512-byte tensor alive per layer (no kernels on the ids)")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     stack = MoEStack(shape)
@@ -51,14 +54,17 @@ def main() -> None:
     rec = Recorder(shape.layers, shape.experts, shape.top_k, "cuda", capacity=args.tokens, mode=args.mode)
     rec.set_rows(list(range(shape.layers)))
     rec.set_valid_tokens(0)
-    graph, _ = capture(lambda x: stack.step(x, tap=rec.record), x)
+    kept = []
+    taps = {"recorder": rec.record, "refs-only": lambda row, ids: kept.append(ids),
+            "alloc-only": lambda row, ids: kept.append(torch.empty(128, device="cuda", dtype=torch.int32))}
+    graph, _ = capture(lambda x: stack.step(x, tap=taps[args.tap]), x)
     if args.hold_refs == "no":
         rec._captured.clear()
     rec.set_valid_tokens(args.tokens)
     a, b = kernel_times(base, 10), kernel_times(graph, 10)
     names = set(a) | set(b)
     diffs = sorted(names, key=lambda n: -abs(b.get(n, 0) - a.get(n, 0)))
-    print(f"{shape.name} T={args.tokens} mode={args.mode}: kernel time per step without {sum(a.values()):.1f} us, "
+    print(f"{shape.name} T={args.tokens} mode={args.mode} tap={args.tap}: kernel time per step without {sum(a.values()):.1f} us, "
           f"with {sum(b.values()):.1f} us")
     for n in diffs[:12]:
         print(f"  {b.get(n, 0) - a.get(n, 0):+9.1f} us  (without {a.get(n, 0):8.1f}, with {b.get(n, 0):8.1f})  {n}")
