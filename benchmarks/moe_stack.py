@@ -10,6 +10,7 @@ exceed L2), so the per-layer cost is realistic. Attention is not modelled, so "%
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ class MoEStack:
         weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), self.shape.top_k, dim=-1)
         return weights, ids.to(torch.int32)
 
-    def layer(self, x: torch.Tensor, row: int, tap=None) -> torch.Tensor:
+    def layer(self, x: torch.Tensor, row: int, tap=None, annotate: bool = False) -> torch.Tensor:
         s = self.shape
         h = F.rms_norm(x, (s.hidden,), self.norm)
         weights, ids = self.route(h)
@@ -67,9 +68,12 @@ class MoEStack:
         offs = torch.searchsorted(sorted_key, self.expert_ends).to(torch.int32)
         token = order // s.top_k
         xs = h[token]
-        y = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
-        a = F.silu(y[:, : s.intermediate]) * y[:, s.intermediate:]
-        y2 = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
+        # vLLM's Triton path annotates its expert GEMMs `fused_moe_* MxNxK E=<n> top_k=<k>`: optional here.
+        label = f"fused_moe_grouped_mm {xs.shape[0]}x{2 * s.intermediate}x{s.hidden} E={s.local_experts} top_k={s.top_k}"
+        with torch.profiler.record_function(label) if annotate else contextlib.nullcontext():
+            y = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
+            a = F.silu(y[:, : s.intermediate]) * y[:, s.intermediate:]
+            y2 = torch._grouped_mm(a, self.w2.transpose(-2, -1), offs=offs)
         keep = (sorted_key < s.local_experts).unsqueeze(1)
         y2 = torch.where(keep, y2 * weights.reshape(-1)[order].unsqueeze(1).to(y2.dtype), 0)
         # Deterministic un-permute (no float atomics, so replays route exactly like the reference):
