@@ -82,6 +82,28 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
         raise click.ClickException(f"cannot listen on {cfg.host}:{cfg.port}: {e}") from None
 
 
+@main.command()
+@click.argument("traces", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the whole breakdown).")
+@click.option("--top", type=click.IntRange(min=1), default=15, help="Rows of the top-kernels table.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Classification patterns (default: the packaged categories.toml).")
+def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
+    """Break torch.profiler traces down into gate / experts / align-permute / attention / all-to-all / other."""
+    import json
+
+    from moe_monitor.breakdown.analyze import analyze as run, load_rules
+    from moe_monitor.breakdown.report import render_table
+    from moe_monitor.breakdown.trace import TraceError, read_trace
+
+    try:
+        loaded = [read_trace(t) for t in traces]
+        result = run(loaded, load_rules(rules), top=max(top, 50) if as_json else top)
+    except (TraceError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
+
+
 @main.command("gen-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--arch", type=click.Choice(["qwen3_moe", "mixtral", "qwen2_moe"]), default="qwen3_moe")
