@@ -59,10 +59,13 @@ def main(log_level: str) -> None:
               "split contiguously over the EP ranks.")
 @click.option("--max-series", envvar=env.MAX_SERIES, show_envvar=True, default=20000, type=click.IntRange(min=100),
               help="Series budget: T2, then T1 are dropped beyond it (moe_monitor_series_truncated says so).")
+@click.option("--profile-dir", envvar=env.PROFILE_DIR, show_envvar=True, default=None,
+              type=click.Path(file_okay=False), help="vLLM's torch_profiler_dir (--profiler-config): the newest "
+              "capture there is analysed and its kernel breakdown exported (moe_capture_*).")
 @click.option("--max-segment-bytes", envvar=env.MAX_SEGMENT_BYTES, show_envvar=True, default=None,
               type=click.IntRange(min=4096), help="Refuse segments larger than this (default 256 MiB).")
 def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogram, expert_series, top_experts,
-          hot_multiple, min_window_assignments, placement_file, max_series, max_segment_bytes) -> None:
+          hot_multiple, min_window_assignments, placement_file, max_series, profile_dir, max_segment_bytes) -> None:
     """Read every rank's segment and export Prometheus metrics."""
     from moe_monitor.sidecar.config import SidecarConfig
     from moe_monitor.sidecar.exporter import Exporter
@@ -71,7 +74,7 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
 
     cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,
                         load_histogram, expert_series, top_experts, hot_multiple, min_window_assignments,
-                        placement_file, max_series)
+                        placement_file, max_series, profile_dir)
     try:
         exporter = Exporter(cfg)
     except PlacementError as e:

@@ -193,3 +193,34 @@ def test_hta_side_by_side_every_difference_is_its_rounding(tmp_path):
         assert theirs[name] == pytest.approx(hta_rounded[name], abs=1e-6), name
     lost = sum(raw[n] for n in theirs) - sum(theirs.values())
     assert lost > 0  # what HTA drops on this trace (reported in docs/breakdown.md)
+
+
+def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
+    """vLLM's profiler dir → the sidecar analyses the newest complete capture and exports its rows."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.sidecar.exporter import Exporter
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    old = profiles / "capture-old_dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+    shutil.copy(EAGER, old)
+    os.utime(old, (1000, 1000))
+    shutil.copy(GRAPH, profiles / "capture-new_dp0_pp0_tp0_dcp0_ep0_rank0.2.pt.trace.json.gz")
+    (profiles / "host_1.async_llm.3.pt.trace.json.gz").write_bytes(b"not even gzip")  # API server: ignored
+    exporter = Exporter(SidecarConfig(segment_dir=str(tmp_path / "segments"), profile_dir=str(profiles)),
+                        clock=lambda: 4e9, process_metrics=False)
+    exporter.captures.poll(background=False)
+    values = {}
+    for fam in text_string_to_metric_families(exporter.tick().body.decode()):
+        for s in fam.samples:
+            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    expected = analyze([read_trace(GRAPH)])
+    assert values[("moe_capture_info", (("capture", "capture-new"), ("ranks", "1")))] == 1
+    assert values[("moe_capture_share", (("category", "experts"),))] == pytest.approx(
+        expected["categories"]["experts"]["share"])
+    assert values[("moe_capture_device_seconds", (("category", "gate"),))] == pytest.approx(
+        expected["categories"]["gate"]["us"] / 1e6)
+    assert values[("moe_capture_moe_preamble_seconds", ())] > 0
+    assert values[("moe_capture_analysis_errors_total", ())] == 0

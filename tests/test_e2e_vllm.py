@@ -5,8 +5,10 @@ Tests in this module run in order against one server (counts are cumulative)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -27,12 +29,15 @@ def stack(request, tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"stack-{request.param}")
     segments = str(work / "segments")
     env = launch.vllm_env(segments, publish_interval=0.2)
-    args = ["--enforce-eager"] if request.param == "eager" else []
+    profiles = str(work / "profiles")
+    profiler = {"profiler": "torch", "torch_profiler_dir": profiles, "torch_profiler_with_stack": False}
+    args = ["--profiler-config", json.dumps(profiler)] + (["--enforce-eager"] if request.param == "eager" else [])
     if request.param == "compiled":
         env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"), env, args)
     sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"),
-                                   ["--window", "1", "--expert-series", "all", "--min-window-assignments", "20"])
+                                   ["--window", "1", "--expert-series", "all", "--min-window-assignments", "20",
+                                    "--profile-dir", profiles])
     try:
         server.wait_ready("/health", 300)
         sidecar.wait_ready("/healthz", 30)
@@ -148,6 +153,26 @@ def test_hot_prompts_move_imbalance_and_balanced_traffic_brings_it_back(stack):
         assert h > b + 0.1 and h > r + 0.1, ("top1 share", layer, b, h, r)
         b, h, r = (median(w, "moe_layer_imbalance_ratio", layer) for w in (balanced, hot, back))
         assert h > 1.3 * b and h > 1.3 * r, ("imbalance ratio", layer, b, h, r)
+
+
+def test_profiler_capture_breakdown_reaches_the_sidecar(stack):
+    """POST /start_profile on vLLM → rank traces in the profiler dir → the sidecar's moe_capture_* gauges."""
+    server, sidecar, _ = stack
+    body = json.dumps({"profile_prefix": "e2e_", "max_iterations": 4}).encode()
+    req = urllib.request.Request(server.url + "/start_profile", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    assert urllib.request.urlopen(req, timeout=60).status == 200
+    workload.run(server.url, workload.prompts(4, seed=7), max_tokens=4)
+    deadline, m = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        m = scrape(sidecar.url + "/metrics")
+        if samples(m, "moe_capture_info"):
+            break
+        time.sleep(1)
+    assert samples(m, "moe_capture_info") == {(("capture", "e2e"), ("ranks", "1")): 1.0}
+    shares = {dict(k)["category"]: v for k, v in samples(m, "moe_capture_share").items()}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["experts"] > 0 and shares["gate"] > 0 and shares["attention"] > 0
 
 
 def test_sidecar_reports_steps_by_phase(stack):

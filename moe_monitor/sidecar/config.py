@@ -23,6 +23,7 @@ class SidecarConfig:
     min_window_assignments: int = 100  # below this a layer's window statistics are NaN
     placement_file: str | None = None  # logical->physical expert map (EPLB); default: contiguous over EP ranks
     max_series: int = 20000  # hard budget; T2 then T1 are dropped first, and truncation is reported
+    profile_dir: str | None = None  # vLLM's torch_profiler_dir: the newest capture's breakdown is exported
 
     def __post_init__(self) -> None:
         if self.expert_series not in EXPERT_SERIES:

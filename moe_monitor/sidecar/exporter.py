@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
+from moe_monitor.breakdown.latest import LatestBreakdown
 from moe_monitor.channel import SegmentError, list_segments, read_segment
 from moe_monitor.stats.imbalance import layer_stats
 from moe_monitor.stats.placement import Placement, PlacementError, contiguous, load_placement
@@ -86,6 +87,7 @@ class Exporter:
             ProcessCollector(namespace="moe_monitor", registry=self._process)
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
+        self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
         self._stop = threading.Event()
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -103,6 +105,8 @@ class Exporter:
                                           min_assignments=self.config.min_window_assignments)
                 if self.config.load_histogram:
                     self.load_histogram.observe(window, self._stats)
+        if self.captures is not None:
+            self.captures.poll()
         families = self._families(statuses, totals, now)
         kept, series, truncated = apply_budget(families, self.config.max_series)
         kept += self._self_metrics(series, truncated, time.perf_counter() - start)
@@ -177,6 +181,8 @@ class Exporter:
             families += m.routing_t2_all(totals, self.dense)
         elif cfg.expert_series == "top":
             families += m.routing_t2_top(window, cfg.top_experts)
+        if self.captures is not None:
+            families += m.capture_t0(self.captures)
         families += m.health(statuses, now, cfg.stale_after_s, self.source.read_errors,
                              self.source.aggregator.restarts)
         return families

@@ -272,3 +272,36 @@ def health(statuses: list[SegmentStatus], now: float, stale_after_s: float, read
     build = Family("moe_monitor_build_info", "gauge", "moe-monitor version.")
     build.add(1, [("version", __version__)])
     return [up, age, info, publish_errors, segments, errors, restarts_f, build]
+
+
+def capture_t0(latest) -> list[Family]:
+    """Gauges of the newest analysed profiler capture (docs/breakdown.md has the rows)."""
+    errors = Family("moe_capture_analysis_errors_total", "counter", "Profiler captures that could not be analysed.")
+    errors.add(latest.errors)
+    out = [errors]
+    result, capture = latest.result, latest.capture
+    if result is None or capture is None:
+        return out
+    info = Family("moe_capture_info", "gauge", "The newest analysed profiler capture: its file prefix and ranks.")
+    info.add(1, [("capture", capture.prefix.rstrip("_") or "unnamed"), ("ranks", len(result["ranks"]))])
+    end = Family("moe_capture_end_timestamp_seconds", "gauge", "When the newest analysed capture's last file was "
+                 "written (unix time).")
+    end.add(capture.end)
+    seconds = Family("moe_capture_device_seconds", "gauge", "Device time of the capture by category (all ranks).")
+    share = Family("moe_capture_share", "gauge", "Share of the capture's device time by category.")
+    for category, row in result["categories"].items():
+        seconds.add(row["us"] / 1e6, [("category", category)])
+        share.add(row["share"], [("category", category)])
+    idle = Family("moe_capture_idle_seconds", "gauge", "Device idle time between kernels inside engine steps.")
+    idle.add(result["idle_us"] / 1e6)
+    out += [info, end, seconds, share, idle]
+    blocks = result["moe_blocks"]
+    if blocks["count"]:
+        pre = Family("moe_capture_moe_preamble_seconds", "gauge", "Per MoE layer (mean): device time from the "
+                     "layer's input norm to the first expert GEMM.")
+        pre.add(blocks["preamble_us"] / 1e6)
+        first = Family("moe_capture_first_expert_gemm_seconds", "gauge", "Per MoE layer (mean): the first expert "
+                       "GEMM kernel.")
+        first.add(blocks["first_expert_us"] / 1e6)
+        out += [pre, first]
+    return out

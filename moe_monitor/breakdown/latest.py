@@ -1,0 +1,86 @@
+"""The breakdown of the newest profiler capture in vLLM's torch_profiler_dir, for the sidecar's gauges.
+
+vLLM's workers write `<prefix>dp0_pp0_tp0_dcp0_ep0_rank0.<ns>.pt.trace.json.gz` (one per rank); the API
+server's `*.async_llm.*` trace has no model kernels and is ignored. A capture is the set of rank files with
+the same prefix written within a minute of the newest; it is analysed once its files have stopped changing
+(`settle_s`), in a background thread so the window loop never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from .analyze import analyze
+from .trace import TraceError, read_trace
+
+log = logging.getLogger(__name__)
+RANK_FILE = re.compile(r"^(?P<prefix>.*?)dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
+
+
+@dataclass(frozen=True)
+class Capture:
+    prefix: str
+    files: tuple[str, ...]
+    end: float  # mtime of the newest file
+
+
+def newest_capture(directory: str, now: float, settle_s: float = 2.0, span_s: float = 60.0) -> Capture | None:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return None
+    files = []
+    for name in names:
+        m = RANK_FILE.match(name)
+        if m and ".async_llm." not in name:
+            path = os.path.join(directory, name)
+            try:
+                files.append((os.path.getmtime(path), m.group("prefix"), path))
+            except FileNotFoundError:
+                continue
+    if not files:
+        return None
+    end, prefix, _ = max(files)
+    if now - end < settle_s:
+        return None  # still being written
+    group = sorted(p for t, pre, p in files if pre == prefix and end - t <= span_s)
+    return Capture(prefix, tuple(group), end)
+
+
+class LatestBreakdown:
+    def __init__(self, directory: str, settle_s: float = 2.0, clock=time.time):
+        self.directory, self.settle_s, self._clock = directory, settle_s, clock
+        self.capture: Capture | None = None
+        self.result: dict | None = None
+        self.errors = 0
+        self._busy = threading.Lock()
+
+    def poll(self, background: bool = True) -> None:
+        """Start analysing a new capture if there is one (at most one analysis at a time)."""
+        capture = newest_capture(self.directory, self._clock(), self.settle_s)
+        if capture is None or (self.capture is not None and capture.files == self.capture.files
+                               and capture.end == self.capture.end):
+            return
+        if not self._busy.acquire(blocking=False):
+            return
+        if background:
+            threading.Thread(target=self._analyze, args=(capture,), name="moe-monitor-breakdown", daemon=True).start()
+        else:
+            self._analyze(capture)
+
+    def _analyze(self, capture: Capture) -> None:
+        try:
+            result = analyze([read_trace(p) for p in capture.files])
+            self.capture, self.result = capture, result
+            log.info("analysed capture %r (%d rank files)", capture.prefix, len(capture.files))
+        except (TraceError, ValueError, OSError) as e:
+            self.errors += 1
+            self.capture = capture  # do not retry the same broken files every window
+            log.warning("cannot analyse capture %r: %s", capture.prefix, e)
+        finally:
+            self._busy.release()
