@@ -23,6 +23,9 @@ class Window:
     end: float
     layer_ids: np.ndarray  # [L] model layer index of each row
     counts: np.ndarray  # [L, E] assignments routed in the window
+    step_count: np.ndarray | None = None  # [phase, tokens bucket] engine steps in the window
+    step_seconds: np.ndarray | None = None  # [phase, tokens bucket] their summed duration
+    token_bounds: np.ndarray | None = None
 
 
 def next_boundary(now: float, length_s: float) -> float:
@@ -34,7 +37,7 @@ class Windower:
         if not length_s > 0:
             raise ValueError("window length must be > 0")
         self.length_s = length_s
-        self._base: tuple[float, tuple[int, ...], np.ndarray] | None = None
+        self._base: tuple | None = None
 
     def close(self, boundary: float, totals: Totals) -> Window | None:
         """Close the window ending at `boundary` given the cumulative totals read there. None while there
@@ -43,11 +46,16 @@ class Windower:
         if counts is None or not layers:
             self._base = None
             return None
-        base, self._base = self._base, (boundary, layers, counts)
+        steps = (totals.step_hist.sum(axis=2), totals.step_seconds) if totals.step_hist is not None else None
+        base, self._base = self._base, (boundary, layers, counts, steps)
         if base is None or base[1] != layers or base[2].shape != counts.shape:
             return None
-        start, _, previous = base
+        start, _, previous, previous_steps = base
         delta = counts - previous
         if (delta < 0).any():  # cannot happen with monotonic totals; never report negative load
             return None
-        return Window(start, boundary, np.asarray(layers, dtype=np.int64), delta)
+        step_count = step_seconds = None
+        if steps is not None and previous_steps is not None and steps[0].shape == previous_steps[0].shape:
+            step_count, step_seconds = steps[0] - previous_steps[0], steps[1] - previous_steps[1]
+        return Window(start, boundary, np.asarray(layers, dtype=np.int64), delta, step_count, step_seconds,
+                      totals.token_bounds)

@@ -1,0 +1,142 @@
+"""Regression detector: closed windows in, capture decisions (with their evidence) out. Pure, no I/O.
+
+Step time is compared like with like: the mean step duration of each (phase, tokens-per-step bucket) in the
+window against the median of that same key over the recent history, so a shift in the batch mix (more
+prefill, bigger batches) is not a regression. Imbalance is compared with an absolute threshold and with
+its own recent median. A signal fires after `consecutive` windows in a row exceed, each with enough samples;
+idle windows neither count nor break a streak. Nothing fires during warm-up, in cooldown after a capture,
+or beyond the hourly budget (manual captures count against the budget too).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    horizon_windows: int = 60  # history the baselines are medians over
+    warmup_windows: int = 10  # active windows before anything may fire
+    consecutive: int = 3  # windows in a row over the threshold
+    step_margin: float = 0.30  # step time regression: current > baseline x (1 + margin)
+    min_steps: int = 10  # steps of a (phase, bucket) in a window for it to count
+    imbalance_abs: float = 4.0  # worst-layer max/mean at or above this is a regression on its own
+    imbalance_rise: float = 1.5  # ... or this multiple of its recent median
+    cooldown_s: float = 600.0
+    max_per_hour: int = 4
+
+
+@dataclass(frozen=True)
+class WindowSignals:
+    end: float  # unix time of the window's end
+    step_means: dict[tuple[str, str], tuple[float, int]]  # (phase, tokens_le) -> (mean seconds, steps)
+    worst_imbalance: float | None  # worst layer's max/mean, None when the window was too small
+    worst_layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: str  # step_time | imbalance | manual
+    signal: str  # e.g. "step_time{phase=decode,tokens_le=8}" or "worst_layer_imbalance_ratio"
+    current: float
+    baseline: float | None
+    threshold: float
+    windows: tuple[float, ...]  # ends of the windows that exceeded
+    detail: dict = field(default_factory=dict)
+
+    def evidence(self) -> dict:
+        return {"reason": self.reason, "signal": self.signal, "current": self.current, "baseline": self.baseline,
+                "threshold": self.threshold, "windows": list(self.windows), **self.detail}
+
+
+class Detector:
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        self.config = config
+        self.active_windows = 0
+        self._step_history: dict[tuple, deque] = defaultdict(lambda: deque(maxlen=config.horizon_windows))
+        self._imbalance_history: deque = deque(maxlen=config.horizon_windows)
+        self._streaks: dict[str, list[float]] = defaultdict(list)
+        self._captures: deque[float] = deque()
+        self.last_capture: float | None = None
+        self.baselines: dict[str, float] = {}  # for the detector-state metrics
+        self.currents: dict[str, float] = {}
+
+    # -- state ------------------------------------------------------------------------------------
+    def state(self, now: float) -> str:
+        if self.active_windows < self.config.warmup_windows:
+            return "warmup"
+        if self.last_capture is not None and now - self.last_capture < self.config.cooldown_s:
+            return "cooldown"
+        if self._budget_left(now) <= 0:
+            return "budget_exhausted"
+        return "armed"
+
+    def _budget_left(self, now: float) -> int:
+        while self._captures and now - self._captures[0] > 3600:
+            self._captures.popleft()
+        return self.config.max_per_hour - len(self._captures)
+
+    def allow_manual(self, now: float) -> bool:
+        return self._budget_left(now) > 0
+
+    def record_capture(self, now: float) -> None:
+        """A capture was started (automatic or manual): cooldown and budget start counting."""
+        self._captures.append(now)
+        self.last_capture = now
+        self._streaks.clear()
+
+    # -- windows ----------------------------------------------------------------------------------
+    def observe(self, w: WindowSignals) -> Decision | None:
+        cfg = self.config
+        active = bool(w.step_means) or w.worst_imbalance is not None
+        if not active:
+            return None  # idle: nothing learned, streaks kept
+        self.active_windows += 1
+        candidates = []
+        for key, (mean, steps) in sorted(w.step_means.items()):
+            if steps < cfg.min_steps:
+                continue
+            name = f"step_time{{phase={key[0]},tokens_le={key[1]}}}"
+            history = self._step_history[key]
+            baseline = statistics.median(history) if len(history) >= cfg.warmup_windows else None
+            self.currents[name] = mean
+            if baseline is not None:
+                self.baselines[name] = baseline
+                threshold = baseline * (1 + cfg.step_margin)
+                if mean > threshold:
+                    candidates.append(self._streak("step_time", name, w.end, mean, baseline, threshold,
+                                                   {"phase": key[0], "tokens_le": key[1], "steps": steps}))
+                else:
+                    self._streaks.pop(name, None)
+                    history.append(mean)
+            else:
+                history.append(mean)
+        if w.worst_imbalance is not None:
+            name = "worst_layer_imbalance_ratio"
+            history = self._imbalance_history
+            baseline = statistics.median(history) if len(history) >= cfg.warmup_windows else None
+            self.currents[name] = w.worst_imbalance
+            threshold = cfg.imbalance_abs if baseline is None else min(cfg.imbalance_abs, baseline * cfg.imbalance_rise)
+            if baseline is not None:
+                self.baselines[name] = baseline
+            if w.worst_imbalance >= threshold and (baseline is not None or w.worst_imbalance >= cfg.imbalance_abs):
+                candidates.append(self._streak("imbalance", name, w.end, w.worst_imbalance, baseline, threshold,
+                                               {"layer": w.worst_layer}))
+            else:
+                self._streaks.pop(name, None)
+                history.append(w.worst_imbalance)
+        fired = [c for c in candidates if c is not None]
+        if not fired or self.state(w.end) != "armed":
+            return None
+        decision = max(fired, key=lambda d: d.current / d.threshold)
+        self.record_capture(w.end)
+        return decision
+
+    def _streak(self, reason, name, end, current, baseline, threshold, detail) -> Decision | None:
+        streak = self._streaks[name]
+        streak.append(end)
+        if len(streak) < self.config.consecutive:
+            return None
+        return Decision(reason, name, current, baseline, threshold, tuple(streak[-self.config.consecutive:]), detail)

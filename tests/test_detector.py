@@ -1,0 +1,74 @@
+"""The regression detector on synthetic window sequences."""
+
+from __future__ import annotations
+
+import random
+
+from moe_monitor.detect.detector import Detector, DetectorConfig, WindowSignals
+
+CFG = DetectorConfig(horizon_windows=30, warmup_windows=5, consecutive=3, step_margin=0.3, min_steps=10,
+                     imbalance_abs=4.0, imbalance_rise=1.5, cooldown_s=100, max_per_hour=2)
+
+
+def window(t, decode=0.020, prefill=None, steps=50, imbalance=1.3):
+    means = {("decode", "8"): (decode, steps)}
+    if prefill is not None:
+        means[("prefill", "512")] = (prefill, steps)
+    return WindowSignals(float(t), means, imbalance, 3)
+
+
+def run(detector, windows):
+    return [(w.end, d) for w in windows if (d := detector.observe(w)) is not None]
+
+
+def test_step_change_fires_after_consecutive_windows_with_evidence():
+    d = Detector(CFG)
+    fired = run(d, [window(t) for t in range(10)] + [window(10 + t, decode=0.030) for t in range(5)])
+    assert [t for t, _ in fired] == [12.0]  # third regressed window; then cooldown
+    decision = fired[0][1]
+    assert decision.reason == "step_time" and decision.signal == "step_time{phase=decode,tokens_le=8}"
+    assert decision.baseline == 0.020 and decision.current == 0.030 and decision.windows == (10.0, 11.0, 12.0)
+    assert decision.evidence()["phase"] == "decode"
+
+
+def test_noise_and_slow_drift_do_not_fire():
+    rng = random.Random(0)
+    d = Detector(CFG)
+    noisy = [window(t, decode=0.020 * rng.uniform(0.9, 1.1)) for t in range(100)]
+    drift = [window(100 + t, decode=0.020 * 1.01 ** t) for t in range(100)]  # +1 %/window, ~2.7x overall
+    assert run(d, noisy + drift) == []
+
+
+def test_batch_mix_shift_is_not_a_regression():
+    d = Detector(CFG)
+    decode_only = [window(t) for t in range(10)]
+    mixed = [window(10 + t, prefill=0.200) for t in range(20)]  # slow prefill steps appear: another key
+    assert run(d, decode_only + mixed) == []
+
+
+def test_too_few_steps_and_idle_windows_neither_count_nor_break():
+    d = Detector(CFG)
+    base = [window(t) for t in range(10)]
+    seq = [window(10, decode=0.03), WindowSignals(11.0, {}, None), window(12, decode=0.03, steps=3),
+           window(13, decode=0.03), window(14, decode=0.03)]
+    fired = run(d, base + seq)
+    assert [t for t, _ in fired] == [14.0]  # windows 10, 13, 14 (idle and 3-step windows skipped)
+
+
+def test_imbalance_absolute_and_relative():
+    d = Detector(CFG)
+    fired = run(d, [window(t, imbalance=1.5) for t in range(10)] + [window(10 + t, imbalance=2.4) for t in range(3)])
+    assert fired and fired[0][1].reason == "imbalance" and fired[0][1].threshold == 1.5 * 1.5
+    assert fired[0][1].detail["layer"] == 3
+
+
+def test_warmup_cooldown_and_hourly_budget():
+    d = Detector(CFG)
+    assert run(d, [window(t, imbalance=9.0) for t in range(4)]) == []  # warm-up: the streak builds, no capture
+    assert d.state(4) == "warmup"
+    bad = [window(t, imbalance=9.0) for t in range(4, 1000, 10)]
+    fired = [t for t, _ in run(d, bad)]
+    assert fired[:2] == [4.0, 104.0]  # first armed window; then 100 s of cooldown
+    assert len(fired) == 2 and d.state(500) == "budget_exhausted"  # 2 per hour
+    assert not d.allow_manual(500)
+    assert d.state(24 + 3601) in ("armed", "cooldown")
