@@ -62,23 +62,68 @@ def main(log_level: str) -> None:
 @click.option("--profile-dir", envvar=env.PROFILE_DIR, show_envvar=True, default=None,
               type=click.Path(file_okay=False), help="vLLM's torch_profiler_dir (--profiler-config): the newest "
               "capture there is analysed and its kernel breakdown exported (moe_capture_*).")
+@click.option("--vllm-url", envvar=env.VLLM_URL, show_envvar=True, default=None,
+              help="vLLM's OpenAI server URL; with --profile-dir turns on captures through /start_profile.")
+@click.option("--vllm-api-key", envvar=env.VLLM_API_KEY, show_envvar=True, default=None,
+              help="Bearer key for a vLLM started with --api-key.")
+@click.option("--capture-dir", envvar=env.CAPTURE_DIR, show_envvar=True, default="/var/lib/moe-monitor/captures", type=click.Path(file_okay=False),
+              help="Trace catalog directory.")
+@click.option("--capture-iterations", envvar=env.CAPTURE_ITERATIONS, show_envvar=True, default=5, type=click.IntRange(min=1),
+              help="Engine steps per capture (max_iterations).")
+@click.option("--capture-timeout", envvar=env.CAPTURE_TIMEOUT, show_envvar=True, default=120.0, type=click.FloatRange(min=1),
+              help="Seconds to wait for every rank's trace before /stop_profile.")
+@click.option("--max-captures", envvar=env.MAX_CAPTURES, show_envvar=True, default=20, type=click.IntRange(min=1),
+              help="Retention: captures kept.")
+@click.option("--max-capture-bytes", envvar=env.MAX_CAPTURE_BYTES, show_envvar=True, default=2 * 1024**3, type=click.IntRange(min=1),
+              help="Retention: disk quota of the catalog, never exceeded.")
+@click.option("--max-capture-age", envvar=env.MAX_CAPTURE_AGE, show_envvar=True, default=7 * 24 * 3600.0, type=click.FloatRange(min=60),
+              help="Retention: seconds a capture is kept.")
+@click.option("--api-token", envvar=env.API_TOKEN, show_envvar=True, default=None,
+              help="Bearer token required to download traces and trigger captures.")
+@click.option("--step-margin", envvar=env.STEP_MARGIN, show_envvar=True, default=0.30, type=click.FloatRange(min=0.01),
+              help="Step-time regression: mean step time above baseline x (1 + margin).")
+@click.option("--consecutive-windows", envvar=env.CONSECUTIVE_WINDOWS, show_envvar=True, default=3, type=click.IntRange(min=1),
+              help="Windows in a row over a threshold before a capture.")
+@click.option("--warmup-windows", envvar=env.WARMUP_WINDOWS, show_envvar=True, default=10, type=click.IntRange(min=1),
+              help="Active windows learned before anything fires.")
+@click.option("--baseline-windows", envvar=env.BASELINE_WINDOWS, show_envvar=True, default=60, type=click.IntRange(min=2),
+              help="History the baselines are medians over.")
+@click.option("--imbalance-threshold", envvar=env.IMBALANCE_THRESHOLD, show_envvar=True, default=4.0, type=click.FloatRange(min=1),
+              help="Worst-layer max/mean that is a regression on its own.")
+@click.option("--imbalance-rise", envvar=env.IMBALANCE_RISE, show_envvar=True, default=1.5, type=click.FloatRange(min=1),
+              help="... or this multiple of its recent median.")
+@click.option("--capture-cooldown", envvar=env.CAPTURE_COOLDOWN, show_envvar=True, default=600.0, type=click.FloatRange(min=0),
+              help="Seconds after a capture before the detector may fire again.")
+@click.option("--max-captures-per-hour", envvar=env.MAX_CAPTURES_PER_HOUR, show_envvar=True, default=4, type=click.IntRange(min=0),
+              help="Budget of captures per hour, manual ones included.")
 @click.option("--max-segment-bytes", envvar=env.MAX_SEGMENT_BYTES, show_envvar=True, default=None,
               type=click.IntRange(min=4096), help="Refuse segments larger than this (default 256 MiB).")
 def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogram, expert_series, top_experts,
-          hot_multiple, min_window_assignments, placement_file, max_series, profile_dir, max_segment_bytes) -> None:
+          hot_multiple, min_window_assignments, placement_file, max_series, profile_dir, max_segment_bytes,
+          **capture) -> None:
     """Read every rank's segment and export Prometheus metrics."""
+    from moe_monitor.detect.detector import DetectorConfig
     from moe_monitor.sidecar.config import SidecarConfig
     from moe_monitor.sidecar.exporter import Exporter
     from moe_monitor.sidecar.server import serve as run_server
     from moe_monitor.stats.placement import PlacementError
 
+    detector = DetectorConfig(capture.pop("baseline_windows"), capture.pop("warmup_windows"),
+                              capture.pop("consecutive_windows"), capture.pop("step_margin"), 10,
+                              capture.pop("imbalance_threshold"), capture.pop("imbalance_rise"),
+                              capture.pop("capture_cooldown"), capture.pop("max_captures_per_hour"))
     cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,
                         load_histogram, expert_series, top_experts, hot_multiple, min_window_assignments,
-                        placement_file, max_series, profile_dir)
+                        placement_file, max_series, profile_dir, capture["vllm_url"], capture["vllm_api_key"],
+                        capture["capture_dir"], capture["capture_iterations"], capture["capture_timeout"],
+                        capture["max_captures"], capture["max_capture_bytes"], capture["max_capture_age"],
+                        capture["api_token"], detector)
     try:
         exporter = Exporter(cfg)
     except PlacementError as e:
         raise click.BadParameter(str(e), param_hint="--placement") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot use the capture directory {cfg.capture_dir}: {e}") from None
     try:
         run_server(exporter)
     except OSError as e:
@@ -105,6 +150,97 @@ def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
     except (TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
+
+
+@main.group()
+@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
+              help="The sidecar's base URL.")
+@click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
+              help="Bearer token (download and trigger, when the sidecar requires one).")
+@click.pass_context
+def traces(ctx, url: str, token: str | None) -> None:
+    """List, show, pull and trigger the profiler traces the sidecar captured."""
+    ctx.obj = {"url": url.rstrip("/"), "token": token}
+
+
+def _api(ctx, method: str, path: str, body: dict | None = None):
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if ctx.obj["token"]:
+        headers["Authorization"] = f"Bearer {ctx.obj['token']}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(ctx.obj["url"] + path, data=data, method=method, headers=headers)
+    try:
+        return urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise click.ClickException(f"{method} {path}: {e.code} {message}") from None
+    except urllib.error.URLError as e:
+        raise click.ClickException(f"cannot reach the sidecar at {ctx.obj['url']}: {e.reason}") from None
+
+
+@traces.command("list")
+@click.pass_context
+def traces_list(ctx) -> None:
+    """Captures, newest first: id, time, reason, outcome, size."""
+    import json
+    import time as _time
+
+    captures = json.load(_api(ctx, "GET", "/api/captures"))["captures"]
+    if not captures:
+        click.echo("no captures")
+    for c in captures:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(c["created"]))
+        signal = c["evidence"].get("signal", c["evidence"].get("note", ""))
+        click.echo(f"{c['id']}  {when}  {c['reason']:10s} {c['outcome']:8s} {len(c['files'])} files "
+                   f"{c['total_bytes'] / 1e6:.1f} MB  {signal}")
+
+
+@traces.command("show")
+@click.argument("capture_id")
+@click.pass_context
+def traces_show(ctx, capture_id: str) -> None:
+    """One capture's metadata (reason, evidence, window statistics, files, breakdown) as JSON."""
+    click.echo(_api(ctx, "GET", f"/api/captures/{capture_id}").read().decode())
+
+
+@traces.command("pull")
+@click.argument("capture_id")
+@click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), help="Directory to write into.")
+@click.pass_context
+def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
+    """Download every file of a capture into OUT/<id>/."""
+    import json
+    import os
+    import shutil
+    import urllib.parse
+
+    meta = json.load(_api(ctx, "GET", f"/api/captures/{urllib.parse.quote(capture_id)}"))
+    target = os.path.join(out_dir, meta["id"])
+    os.makedirs(target, exist_ok=True)
+    for f in meta["files"]:
+        with _api(ctx, "GET", f"/api/captures/{meta['id']}/files/{urllib.parse.quote(f['name'])}") as resp, \
+                open(os.path.join(target, os.path.basename(f["name"])), "wb") as out:
+            shutil.copyfileobj(resp, out)
+    with open(os.path.join(target, "metadata.json"), "w") as out:
+        json.dump(meta, out, indent=1)
+    click.echo(f"pulled {len(meta['files'])} files into {target}")
+
+
+@traces.command("trigger")
+@click.option("--reason", required=True, help="Why (stored with the capture).")
+@click.pass_context
+def traces_trigger(ctx, reason: str) -> None:
+    """Ask the sidecar for a capture now (same budget as automatic ones)."""
+    import json
+
+    click.echo(json.load(_api(ctx, "POST", "/api/captures", {"reason": reason}))["id"])
 
 
 @main.command("gen-model")

@@ -60,8 +60,9 @@ class Detector:
         self._streaks: dict[str, list[float]] = defaultdict(list)
         self._captures: deque[float] = deque()
         self.last_capture: float | None = None
-        self.baselines: dict[str, float] = {}  # for the detector-state metrics
-        self.currents: dict[str, float] = {}
+        # for the detector metrics: (signal, phase, tokens_le) -> value; phase/tokens_le "" for imbalance
+        self.baselines: dict[tuple[str, str, str], float] = {}
+        self.currents: dict[tuple[str, str, str], float] = {}
 
     # -- state ------------------------------------------------------------------------------------
     def state(self, now: float) -> str:
@@ -101,9 +102,9 @@ class Detector:
             name = f"step_time{{phase={key[0]},tokens_le={key[1]}}}"
             history = self._step_history[key]
             baseline = statistics.median(history) if len(history) >= cfg.warmup_windows else None
-            self.currents[name] = mean
+            self.currents[("step_time", *key)] = mean
             if baseline is not None:
-                self.baselines[name] = baseline
+                self.baselines[("step_time", *key)] = baseline
                 threshold = baseline * (1 + cfg.step_margin)
                 if mean > threshold:
                     candidates.append(self._streak("step_time", name, w.end, mean, baseline, threshold,
@@ -117,10 +118,10 @@ class Detector:
             name = "worst_layer_imbalance_ratio"
             history = self._imbalance_history
             baseline = statistics.median(history) if len(history) >= cfg.warmup_windows else None
-            self.currents[name] = w.worst_imbalance
+            self.currents[(name, "", "")] = w.worst_imbalance
             threshold = cfg.imbalance_abs if baseline is None else min(cfg.imbalance_abs, baseline * cfg.imbalance_rise)
             if baseline is not None:
-                self.baselines[name] = baseline
+                self.baselines[(name, "", "")] = baseline
             if w.worst_imbalance >= threshold and (baseline is not None or w.worst_imbalance >= cfg.imbalance_abs):
                 candidates.append(self._streak("imbalance", name, w.end, w.worst_imbalance, baseline, threshold,
                                                {"layer": w.worst_layer}))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from moe_monitor.detect.detector import DetectorConfig
 
 EXPERT_SERIES = ("none", "all", "top")
 
@@ -24,6 +26,17 @@ class SidecarConfig:
     placement_file: str | None = None  # logical->physical expert map (EPLB); default: contiguous over EP ranks
     max_series: int = 20000  # hard budget; T2 then T1 are dropped first, and truncation is reported
     profile_dir: str | None = None  # vLLM's torch_profiler_dir: the newest capture's breakdown is exported
+    # Captures (on when vllm_url and profile_dir are set)
+    vllm_url: str | None = None
+    vllm_api_key: str | None = None
+    capture_dir: str = "/var/lib/moe-monitor/captures"
+    capture_iterations: int = 5
+    capture_timeout_s: float = 120.0
+    max_captures: int = 20
+    max_capture_bytes: int = 2 * 1024**3
+    max_capture_age_s: float = 7 * 24 * 3600
+    api_token: str | None = None  # bearer token required to download traces and trigger captures
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self) -> None:
         if self.expert_series not in EXPERT_SERIES:

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from moe_monitor.breakdown.latest import LatestBreakdown
+from moe_monitor.breakdown.latest import Capture, LatestBreakdown
+from moe_monitor.capture.capturer import CaptureConfig, Capturer
+from moe_monitor.capture.catalog import Catalog, Retention
+from moe_monitor.detect.detector import Detector
+from moe_monitor.detect.signals import signals_of
 from moe_monitor.channel import SegmentError, list_segments, read_segment
 from moe_monitor.stats.imbalance import layer_stats
 from moe_monitor.stats.placement import Placement, PlacementError, contiguous, load_placement
@@ -87,7 +91,18 @@ class Exporter:
             ProcessCollector(namespace="moe_monitor", registry=self._process)
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
-        self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
+        self.detector = Detector(config.detector)
+        self.capturer = self.catalog = None
+        if config.vllm_url and config.profile_dir:
+            self.catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
+                                                                 config.max_capture_age_s))
+            self.capturer = Capturer(CaptureConfig(config.vllm_url, config.profile_dir, config.vllm_api_key,
+                                                   config.capture_iterations, config.capture_timeout_s),
+                                     self.catalog, expected_ranks=self._expected_ranks, clock=clock)
+            self.captures = CatalogLatest(self.catalog)
+        else:
+            self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
+        self._ranks = 1
         self._stop = threading.Event()
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -105,6 +120,7 @@ class Exporter:
                                           min_assignments=self.config.min_window_assignments)
                 if self.config.load_histogram:
                     self.load_histogram.observe(window, self._stats)
+                self._detect(window, statuses)
         if self.captures is not None:
             self.captures.poll()
         families = self._families(statuses, totals, now)
@@ -139,6 +155,42 @@ class Exporter:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- detection and captures -------------------------------------------------------------------
+    def _expected_ranks(self) -> int:
+        return self._ranks
+
+    def _detect(self, window: Window, statuses) -> None:
+        self._ranks = max(1, sum(1 for s in statuses if s.snapshot is not None))
+        decision = self.detector.observe(signals_of(window, self._stats))
+        if decision is None:
+            return
+        log.warning("regression detected: %s", decision.evidence())
+        if self.capturer is not None:
+            self.capturer.trigger(decision.reason, decision.evidence(), self._context(window))
+
+    def _context(self, window: Window | None) -> dict:
+        ctx = {"vllm_url": self.config.vllm_url}
+        if window is not None and self._stats is not None:
+            ctx["window"] = {"start": window.start, "end": window.end,
+                             "layers": [int(x) for x in window.layer_ids],
+                             "imbalance_ratio": [None if np.isnan(x) else float(x) for x in self._stats.imbalance_ratio],
+                             "top1_share": [None if np.isnan(x) else float(x) for x in self._stats.top1_share],
+                             "routed_tokens": [int(x) for x in self._stats.tokens]}
+        return ctx
+
+    def trigger_manual(self, reason: str) -> tuple[int, dict]:
+        """(HTTP status, body) of a manual capture request; manual captures obey the same budget."""
+        now = self._clock()
+        if self.capturer is None:
+            return 503, {"error": "captures are not configured: start the sidecar with --vllm-url and --profile-dir"}
+        if not self.detector.allow_manual(now):
+            return 429, {"error": "capture budget exhausted (--max-captures-per-hour)"}
+        capture_id = self.capturer.trigger("manual", {"reason": "manual", "note": reason}, self._context(self.window))
+        if capture_id is None:
+            return 409, {"error": "a capture is already running"}
+        self.detector.record_capture(now)
+        return 202, {"id": capture_id}
 
     # -- pieces -----------------------------------------------------------------------------------
     def _top_k(self, statuses) -> int:
@@ -183,6 +235,9 @@ class Exporter:
             families += m.routing_t2_top(window, cfg.top_experts)
         if self.captures is not None:
             families += m.capture_t0(self.captures)
+        families += m.detector_t0(self.detector, self._clock())
+        if self.capturer is not None:
+            families += m.capturer_t0(self.capturer, self.catalog)
         families += m.health(statuses, now, cfg.stale_after_s, self.source.read_errors,
                              self.source.aggregator.restarts)
         return families
@@ -213,3 +268,25 @@ def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family],
         dropped.add(tier)
         total -= series[tier]
     return [f for f in families if f.tier not in dropped], dict(series), bool(dropped)
+
+
+class CatalogLatest:
+    """The newest catalogued capture with a breakdown, in LatestBreakdown's shape (for capture_t0)."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog, self.errors = catalog, 0
+        self.capture: Capture | None = None
+        self.result: dict | None = None
+
+    def poll(self, background: bool = True) -> None:
+        import json
+
+        for meta in self.catalog.list():
+            path = self.catalog.file_path(meta["id"], "breakdown.json")
+            if path is None:
+                continue
+            if self.capture is None or self.capture.prefix != meta["id"]:
+                with open(path) as f:
+                    self.result = json.load(f)
+                self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]), meta["created"])
+            return

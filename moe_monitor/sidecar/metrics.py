@@ -305,3 +305,45 @@ def capture_t0(latest) -> list[Family]:
         first.add(blocks["first_expert_us"] / 1e6)
         out += [pre, first]
     return out
+
+
+def detector_t0(detector, now: float) -> list[Family]:
+    state = Family("moe_detector_state", "gauge", "Regression detector state (1 for the current one).")
+    current = detector.state(now)
+    for name in ("warmup", "armed", "cooldown", "budget_exhausted"):
+        state.add(1 if name == current else 0, [("state", name)])
+    baseline = Family("moe_detector_baseline", "gauge", "Baseline of each detector signal (median of recent "
+                      "windows): step time in seconds per phase/tokens bucket, worst-layer imbalance ratio.")
+    for (signal, phase, tokens), value in sorted(detector.baselines.items()):
+        baseline.add(value, [("signal", signal), ("phase", phase), ("tokens_le", tokens)])
+    cur = Family("moe_detector_current", "gauge", "The last closed window's value of each detector signal.")
+    for (signal, phase, tokens), value in sorted(detector.currents.items()):
+        cur.add(value, [("signal", signal), ("phase", phase), ("tokens_le", tokens)])
+    return [state, baseline, cur]
+
+
+def capturer_t0(capturer, catalog) -> list[Family]:
+    total = Family("moe_captures_total", "counter", "Profiler captures by reason (step_time, imbalance, manual) "
+                   "and outcome (ok, partial, no_trace, profiler_disabled, start_failed, over_quota, skipped_busy).")
+    for (reason, outcome), n in sorted(capturer.outcomes.items()):
+        total.add(n, [("reason", reason), ("outcome", outcome)])
+    running = Family("moe_capture_in_progress", "gauge", "1 while a capture is running.")
+    running.add(1 if capturer.busy else 0)
+    out = [total, running]
+    if capturer.profiler_enabled is not None:
+        enabled = Family("moe_capture_profiler_enabled", "gauge", "0 when vLLM answered /start_profile with 404 "
+                         "(started without --profiler-config).")
+        enabled.add(1 if capturer.profiler_enabled else 0)
+        out.append(enabled)
+    if capturer.last_end is not None:
+        d = Family("moe_capture_last_duration_seconds", "gauge", "Duration of the last capture, start to stored.")
+        d.add(capturer.last_duration_s)
+        e = Family("moe_capture_last_end_timestamp_seconds", "gauge", "When the last capture ended (unix time).")
+        e.add(capturer.last_end)
+        out += [d, e]
+    stored = catalog.list()
+    n = Family("moe_capture_catalog_captures", "gauge", "Captures in the trace catalog.")
+    n.add(len(stored))
+    b = Family("moe_capture_catalog_bytes", "gauge", "Bytes in the trace catalog (never above --max-capture-bytes).")
+    b.add(sum(x.get("total_bytes", 0) for x in stored))
+    return out + [n, b]

@@ -7,6 +7,8 @@ catalog streams files) and aiohttp gives routing, streaming and a production-gra
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 
 from aiohttp import web
@@ -18,7 +20,8 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LANDING = """<html><head><title>moe-monitor</title></head><body>
 <h1>moe-monitor sidecar</h1><p>Segments: {segment_dir}; window {window}s</p>
-<ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li></ul></body></html>"""
+<ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
+<li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li></ul></body></html>"""
 
 
 def build_app(exporter: Exporter) -> web.Application:
@@ -39,7 +42,59 @@ def build_app(exporter: Exporter) -> web.Application:
         return web.Response(text=LANDING.format(segment_dir=cfg.segment_dir, window=cfg.window_s),
                             content_type="text/html")
 
-    app = web.Application()
+    def authorized(request: web.Request) -> bool:
+        token = exporter.config.api_token
+        if not token:
+            return True
+        header = request.headers.get("Authorization", "")
+        return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode())
+
+    def unauthorized() -> web.Response:
+        return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+
+    def catalog_or_503():
+        if exporter.catalog is None:
+            raise web.HTTPServiceUnavailable(text=json.dumps({"error": "captures are not configured"}),
+                                             content_type="application/json")
+        return exporter.catalog
+
+    async def list_captures(request: web.Request) -> web.Response:
+        return web.json_response({"captures": catalog_or_503().list()})
+
+    async def show_capture(request: web.Request) -> web.Response:
+        meta = catalog_or_503().get(request.match_info["id"])
+        if meta is None:
+            return web.json_response({"error": "no such capture"}, status=404)
+        return web.json_response(meta)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        catalog = catalog_or_503()
+        if not authorized(request):
+            return unauthorized()
+        path = catalog.file_path(request.match_info["id"], request.match_info["name"])
+        if path is None:
+            return web.json_response({"error": "no such capture file"}, status=404)
+        return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{request.match_info["name"]}"'})
+
+    async def trigger(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except json.JSONDecodeError:
+            return web.json_response({"error": "body must be JSON: {\"reason\": \"...\"}"}, status=400)
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+            return web.json_response({"error": "a reason (1-500 characters) is required"}, status=400)
+        status, payload = exporter.trigger_manual(reason.strip())
+        return web.json_response(payload, status=status)
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_get("/api/captures", list_captures)
+    app.router.add_post("/api/captures", trigger)
+    app.router.add_get("/api/captures/{id}", show_capture)
+    app.router.add_get("/api/captures/{id}/files/{name}", download)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", landing)

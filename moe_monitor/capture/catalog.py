@@ -1,0 +1,121 @@
+"""Trace catalog: one directory per capture (its rank traces, metadata.json, breakdown.json), with retention
+by count, bytes and age, and a byte quota that is never exceeded (a capture that cannot fit is refused).
+
+Ids and file names are validated against strict patterns and against the capture's own file list, so
+nothing outside the store can be named through the API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+
+ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+METADATA = "metadata.json"
+
+
+class QuotaError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Retention:
+    max_count: int = 20
+    max_bytes: int = 2 * 1024**3
+    max_age_s: float = 7 * 24 * 3600
+
+
+def new_capture_id(reason: str, now: float) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{stamp}-{re.sub('[^a-z_]', '_', reason.lower())[:32] or 'manual'}-{secrets.token_hex(3)}"
+
+
+class Catalog:
+    def __init__(self, root: str, retention: Retention = Retention()):
+        self.root, self.retention = root, retention
+        os.makedirs(root, exist_ok=True)
+
+    def _dir(self, capture_id: str) -> str | None:
+        if not isinstance(capture_id, str) or not ID_RE.match(capture_id):
+            return None
+        path = os.path.join(self.root, capture_id)
+        return path if os.path.isfile(os.path.join(path, METADATA)) else None
+
+    def get(self, capture_id: str) -> dict | None:
+        d = self._dir(capture_id)
+        if d is None:
+            return None
+        try:
+            with open(os.path.join(d, METADATA)) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def list(self) -> list[dict]:
+        out = []
+        for name in sorted(os.listdir(self.root), reverse=True):
+            meta = self.get(name)
+            if meta is not None:
+                out.append(meta)
+        return out
+
+    def file_path(self, capture_id: str, name: str) -> str | None:
+        """Path of one of the capture's own files, or None (unknown id, unknown or unsafe name)."""
+        meta = self.get(capture_id)
+        if meta is None or not NAME_RE.match(name or "") or name not in {f["name"] for f in meta["files"]}:
+            return None
+        path = os.path.join(self.root, capture_id, name)
+        return path if os.path.isfile(path) else None
+
+    def used_bytes(self) -> int:
+        return sum(m.get("total_bytes", 0) for m in self.list())
+
+    def store(self, capture_id: str, files: list[str], metadata: dict, extra: dict[str, bytes] = {}) -> dict:
+        """Move `files` into the store with their metadata. Evicts the oldest captures to make room; raises
+        QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota."""
+        if not ID_RE.match(capture_id):
+            raise ValueError(f"bad capture id {capture_id!r}")
+        sizes = {os.path.basename(p): os.path.getsize(p) for p in files}
+        total = sum(sizes.values()) + sum(len(b) for b in extra.values())
+        if total > self.retention.max_bytes:
+            raise QuotaError(f"capture of {total} bytes exceeds the {self.retention.max_bytes}-byte quota")
+        self.enforce(time.time(), incoming_bytes=total)
+        target = os.path.join(self.root, capture_id)
+        os.makedirs(target)
+        for p in files:
+            shutil.move(p, os.path.join(target, os.path.basename(p)))
+        for name, data in extra.items():
+            with open(os.path.join(target, name), "wb") as f:
+                f.write(data)
+        meta = dict(metadata, id=capture_id, total_bytes=total,
+                    files=[{"name": n, "bytes": b} for n, b in sorted(sizes.items())]
+                    + [{"name": n, "bytes": len(b)} for n, b in extra.items()])
+        tmp = os.path.join(target, METADATA + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(target, METADATA))
+        return meta
+
+    def enforce(self, now: float, incoming_bytes: int = 0) -> list[str]:
+        """Drop captures over age, then the oldest until count and bytes leave room for the incoming one."""
+        removed = []
+        captures = sorted(self.list(), key=lambda m: m.get("created", 0))
+        r = self.retention
+        used = sum(m.get("total_bytes", 0) for m in captures)
+        for m in list(captures):
+            too_old = now - m.get("created", now) > r.max_age_s
+            too_many = len(captures) + (1 if incoming_bytes else 0) > r.max_count
+            too_big = used + incoming_bytes > r.max_bytes
+            if not (too_old or too_many or too_big):
+                continue
+            shutil.rmtree(os.path.join(self.root, m["id"]), ignore_errors=True)
+            captures.remove(m)
+            used -= m.get("total_bytes", 0)
+            removed.append(m["id"])
+        return removed
