@@ -88,6 +88,9 @@ def main(log_level: str) -> None:
               help="Active windows learned before anything fires.")
 @click.option("--baseline-windows", envvar=env.BASELINE_WINDOWS, show_envvar=True, default=60, type=click.IntRange(min=2),
               help="History the baselines are medians over.")
+@click.option("--min-window-steps", envvar=env.MIN_WINDOW_STEPS, show_envvar=True, default=10,
+              type=click.IntRange(min=1), help="Steps of a (phase, tokens bucket) a window needs to count for the "
+              "step-time detector.")
 @click.option("--imbalance-threshold", envvar=env.IMBALANCE_THRESHOLD, show_envvar=True, default=4.0, type=click.FloatRange(min=1),
               help="Worst-layer max/mean that is a regression on its own.")
 @click.option("--imbalance-rise", envvar=env.IMBALANCE_RISE, show_envvar=True, default=1.5, type=click.FloatRange(min=1),
@@ -109,7 +112,8 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
     from moe_monitor.stats.placement import PlacementError
 
     detector = DetectorConfig(capture.pop("baseline_windows"), capture.pop("warmup_windows"),
-                              capture.pop("consecutive_windows"), capture.pop("step_margin"), 10,
+                              capture.pop("consecutive_windows"), capture.pop("step_margin"),
+                              capture.pop("min_window_steps"),
                               capture.pop("imbalance_threshold"), capture.pop("imbalance_rise"),
                               capture.pop("capture_cooldown"), capture.pop("max_captures_per_hour"))
     cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,

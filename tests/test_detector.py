@@ -18,7 +18,22 @@ def window(t, decode=0.020, prefill=None, steps=50, imbalance=1.3):
 
 
 def run(detector, windows):
-    return [(w.end, d) for w in windows if (d := detector.observe(w)) is not None]
+    """Feed windows; every decision starts a capture (as the sidecar does when its capturer is free)."""
+    fired = []
+    for w in windows:
+        d = detector.observe(w)
+        if d is not None:
+            detector.record_capture(w.end)
+            fired.append((w.end, d))
+    return fired
+
+
+def test_a_decision_that_starts_no_capture_burns_no_budget():
+    d = Detector(CFG)
+    for t in range(10):
+        d.observe(window(t, imbalance=1.5))
+    busy = [d.observe(window(10 + t, imbalance=9.0)) for t in range(6)]  # capturer busy: nothing recorded
+    assert sum(x is not None for x in busy) == 4 and d.state(16) == "armed"
 
 
 def test_step_change_fires_after_consecutive_windows_with_evidence():

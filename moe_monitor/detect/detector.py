@@ -83,7 +83,8 @@ class Detector:
         return self._budget_left(now) > 0
 
     def record_capture(self, now: float) -> None:
-        """A capture was started (automatic or manual): cooldown and budget start counting."""
+        """A capture was started (automatic or manual): cooldown and budget start counting. The caller
+        records it only when a capture really started, so a busy capturer does not burn the budget."""
         self._captures.append(now)
         self.last_capture = now
         self._streaks.clear()
@@ -131,9 +132,7 @@ class Detector:
         fired = [c for c in candidates if c is not None]
         if not fired or self.state(w.end) != "armed":
             return None
-        decision = max(fired, key=lambda d: d.current / d.threshold)
-        self.record_capture(w.end)
-        return decision
+        return max(fired, key=lambda d: d.current / d.threshold)  # the caller records the capture it starts
 
     def _streak(self, reason, name, end, current, baseline, threshold, detail) -> Decision | None:
         streak = self._streaks[name]

@@ -162,12 +162,18 @@ class Exporter:
 
     def _detect(self, window: Window, statuses) -> None:
         self._ranks = max(1, sum(1 for s in statuses if s.snapshot is not None))
+        capturer = self.capturer
+        if capturer is not None and (capturer.busy or (capturer.last_end or 0) > window.start):
+            return  # the profiler slows the steps it records: those windows are neither evidence nor baseline
         decision = self.detector.observe(signals_of(window, self._stats))
         if decision is None:
             return
-        log.warning("regression detected: %s", decision.evidence())
-        if self.capturer is not None:
-            self.capturer.trigger(decision.reason, decision.evidence(), self._context(window))
+        if capturer is None:
+            log.warning("regression detected (captures not configured): %s", decision.evidence())
+            self.detector.record_capture(window.end)  # cooldown and budget also pace the log
+        elif capturer.trigger(decision.reason, decision.evidence(), self._context(window)) is not None:
+            log.warning("regression detected, capturing: %s", decision.evidence())
+            self.detector.record_capture(window.end)
 
     def _context(self, window: Window | None) -> dict:
         ctx = {"vllm_url": self.config.vllm_url}

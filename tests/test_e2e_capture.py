@@ -1,0 +1,148 @@
+"""Regression → automatic profiler capture → catalog → CLI, on a real vLLM CPU server started with
+--profiler-config and the real sidecar. Prints the time from regression onset to the trace on disk."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("vllm")
+
+from moe_monitor.demo import launch, workload  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model, tmp_path_factory):
+    model_dir, meta = tiny_model
+    work = tmp_path_factory.mktemp("capture")
+    segments, profiles, store = (str(work / n) for n in ("segments", "profiles", "store"))
+    profiler = {"profiler": "torch", "torch_profiler_dir": profiles, "torch_profiler_with_stack": False}
+    server = launch.start_vllm(model_dir, free_port(), str(work / "vllm.log"),
+                               launch.vllm_env(segments, publish_interval=0.2),
+                               ["--enforce-eager", "--profiler-config", json.dumps(profiler)])
+    sidecar = launch.start_sidecar(segments, free_port(), str(work / "sidecar.log"), [
+        "--window", "1", "--min-window-assignments", "20", "--profile-dir", profiles, "--vllm-url", server.url,
+        "--capture-dir", store, "--capture-iterations", "3", "--capture-timeout", "20", "--warmup-windows", "4",
+        "--consecutive-windows", "2", "--imbalance-threshold", "50", "--imbalance-rise", "1.25",
+        "--step-margin", "0.6", "--min-window-steps", "3", "--capture-cooldown", "5",
+        "--max-captures-per-hour", "10"])
+    try:
+        server.wait_ready("/health", 300)
+        sidecar.wait_ready("/healthz", 30)
+        yield server, sidecar, meta, store
+    finally:
+        sidecar.stop()
+        server.stop()
+
+
+def captures(sidecar) -> list[dict]:
+    with urllib.request.urlopen(sidecar.url + "/api/captures", timeout=10) as r:
+        return json.load(r)["captures"]
+
+
+def traffic(server, stop: threading.Event, hot_words=(), seed=0):
+    i = 0
+    while not stop.is_set():
+        texts = workload.prompts(6, hot_words, hot_share=0.9, seed=seed + i, words_per_prompt=(30, 60))
+        workload.run(server.url, texts, max_tokens=3, concurrency=3)
+        i += 1
+
+
+def wait_for_capture(sidecar, reason: str, since: float, timeout: float = 120) -> dict | None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for c in captures(sidecar):
+            if c["reason"] == reason and c["created"] >= since:
+                return c
+        time.sleep(0.5)
+    return None
+
+
+def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path):
+    server, sidecar, meta, store = stack
+    stop = threading.Event()
+    t = threading.Thread(target=traffic, args=(server, stop), daemon=True)
+    t.start()
+    time.sleep(10)  # balanced: the detector learns its baselines
+    stop.set()
+    t.join()
+    assert captures(sidecar) == [] or all(c["reason"] != "imbalance" for c in captures(sidecar))
+    onset = time.time()
+    stop = threading.Event()
+    t = threading.Thread(target=traffic, args=(server, stop, meta["hot_words"], 100), daemon=True)
+    t.start()
+    try:
+        capture = wait_for_capture(sidecar, "imbalance", onset)
+    finally:
+        stop.set()
+        t.join()
+    assert capture is not None, open(os.path.join(os.path.dirname(store), "sidecar.log")).read()[-3000:]
+    landed = max(os.path.getmtime(os.path.join(store, capture["id"], f["name"])) for f in capture["files"])
+    print(f"\nimbalance regression onset -> trace on disk: {landed - onset:.1f} s "
+          f"(capture itself {capture['duration_s']:.1f} s)")
+    assert capture["outcome"] == "ok" and capture["evidence"]["signal"] == "worst_layer_imbalance_ratio"
+    assert capture["evidence"]["current"] >= capture["evidence"]["threshold"]
+    assert capture["window"]["imbalance_ratio"] and capture["breakdown"]["experts"] > 0
+
+    cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", sidecar.url]
+    listed = subprocess.run(cli + ["list"], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert capture["id"] in listed and "imbalance" in listed
+    subprocess.run(cli + ["pull", capture["id"], "--out", str(tmp_path)], check=True, timeout=120,
+                   capture_output=True)
+    pulled = os.listdir(tmp_path / capture["id"])
+    assert any(n.endswith(".pt.trace.json.gz") for n in pulled) and "metadata.json" in pulled
+    analysed = subprocess.run([sys.executable, "-m", "moe_monitor.cli", "analyze", "--json"] +
+                              [str(tmp_path / capture["id"] / n) for n in pulled if n.endswith(".pt.trace.json.gz")],
+                              capture_output=True, text=True, check=True, timeout=120).stdout
+    assert json.loads(analysed)["categories"]["experts"]["us"] > 0
+
+
+def burn(stop_at: float) -> None:
+    while time.time() < stop_at:
+        sum(i * i for i in range(10000))
+
+
+def wait_until_not_capturing(sidecar, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        body = urllib.request.urlopen(sidecar.url + "/metrics", timeout=10).read().decode()
+        if "moe_capture_in_progress 0" in body:
+            return
+        time.sleep(1)
+
+
+def test_step_time_regression_under_cpu_contention_captures_a_trace(stack):
+    server, sidecar, _, _ = stack
+    wait_until_not_capturing(sidecar)  # a capture started by the previous test may outlast its traffic
+    stop = threading.Event()
+    t = threading.Thread(target=traffic, args=(server, stop, (), 500), daemon=True)
+    t.start()
+    try:
+        time.sleep(12)  # steady traffic: baselines of this mix
+        onset = time.time()
+        hogs = [mp.Process(target=burn, args=(onset + 90,), daemon=True) for _ in range(4)]
+        for h in hogs:
+            h.start()
+        capture = wait_for_capture(sidecar, "step_time", onset, timeout=90)
+        for h in hogs:
+            h.terminate()
+    finally:
+        stop.set()
+        t.join()
+    metrics = urllib.request.urlopen(sidecar.url + "/metrics").read().decode().splitlines()
+    assert capture is not None, "\n".join(x for x in metrics if x.startswith(("moe_detector", "moe_captures",
+                                                                              "moe_step_duration_seconds_count")))
+    print(f"\nstep-time regression onset -> capture stored: {capture['created'] + capture['duration_s'] - onset:.1f} s")
+    ev = capture["evidence"]
+    assert ev["current"] > ev["baseline"] * 1.6 and ev["phase"] in ("prefill", "decode", "mixed")
