@@ -48,7 +48,7 @@ class CaptureConfig:
     iterations: int = 5  # engine steps per capture (max_iterations)
     timeout_s: float = 120.0  # from start to all rank files complete
     stop_grace_s: float = 30.0  # after /stop_profile
-    http_timeout_s: float = 10.0
+    http_timeout_s: float = 30.0  # the API server answers slowly exactly when steps regress (CPU contention)
 
 
 async def _post(cfg: CaptureConfig, path: str, body: dict | None) -> None:
