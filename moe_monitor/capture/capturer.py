@@ -14,7 +14,6 @@ import gzip
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -23,13 +22,13 @@ from dataclasses import dataclass
 import aiohttp
 
 from moe_monitor.breakdown.analyze import analyze
+from moe_monitor.breakdown.latest import RANK_FILE
 from moe_monitor.breakdown.trace import TraceError, read_trace
 
 from .catalog import Catalog, QuotaError, new_capture_id
 from .telemetry import capture_span
 
 log = logging.getLogger(__name__)
-RANK_FILE = re.compile(r"dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
 
 
 class ProfilerDisabled(Exception):
@@ -87,7 +86,7 @@ def rank_files(profile_dir: str, prefix: str) -> list[str]:
         names = os.listdir(profile_dir)
     except FileNotFoundError:
         return []
-    return sorted(os.path.join(profile_dir, n) for n in names if n.startswith(prefix) and RANK_FILE.search(n))
+    return sorted(os.path.join(profile_dir, n) for n in names if n.startswith(prefix) and RANK_FILE.match(n))
 
 
 class Capturer:

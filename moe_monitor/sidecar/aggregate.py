@@ -11,12 +11,15 @@ Rules (docs/architecture.md explains them):
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moe_monitor.channel import Snapshot
 
+log = logging.getLogger(__name__)
 GroupKey = tuple[int, int]  # (dp_rank, pp_rank)
 
 
@@ -91,7 +94,6 @@ class Aggregator:
 
     def __init__(self) -> None:
         self.groups: dict[GroupKey, Group] = {}
-        self.incompatible_restarts = 0
 
     def update(self, snapshots: dict[str, Snapshot]) -> dict[str, bool]:
         """Fold in the latest good snapshot of every segment path. Returns path -> counted?"""
@@ -111,8 +113,8 @@ class Aggregator:
                     path == group.counted_path or snap.header.created_unix_ns > group.last_updated_ns):
                 # The counted rank restarted (a sibling TP rank taking over was created with the old one and
                 # carries the same cumulative counts): carry what the old process had counted.
-                if not group.carried.add(group.last):
-                    self.incompatible_restarts += 1
+                if not group.carried.add(group.last):  # another model now: counters restart from zero
+                    log.warning("ranks dp=%d pp=%d restarted with another model shape: counters restart", *key)
                     group.carried = Totals()
                 group.restarts += 1
             group.counted_path, group.generation, group.last = path, snap.header.generation, current
