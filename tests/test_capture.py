@@ -39,6 +39,7 @@ class FakeProfiler:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._prefix = None
+        self.active = False
 
     def _write(self, delay: float) -> None:
         def later():
@@ -55,6 +56,9 @@ class FakeProfiler:
         self.calls.append(("start", body))
         if self.mode == "404":
             return web.Response(status=404)
+        if self.active:  # like vLLM: a session stays active, even after max_iterations, until /stop_profile
+            return web.json_response({"error": {"message": "A profiling session is already active."}}, status=409)
+        self.active = True
         if self.mode == "slow":
             await asyncio.sleep(5)
         self._prefix = body["profile_prefix"]
@@ -64,6 +68,7 @@ class FakeProfiler:
 
     async def stop(self, request):
         self.calls.append(("stop", {}))
+        self.active = False
         if self.mode == "stuck" and self._prefix:
             self._write(0.2)
         return web.Response(status=200)
@@ -99,15 +104,19 @@ def test_capture_lands_in_the_catalog_with_reason_evidence_and_breakdown(tmp_pat
         os.makedirs(vllm.profile_dir, exist_ok=True)
         c, profiles = capturer(tmp_path, vllm.url, api_key="k3y")
         outcome = c.run("20261123T120000Z-imbalance-abcdef", "imbalance", {"signal": "worst", "current": 6.0}, {})
-    assert outcome == "ok"
+        second = c.run("20261123T120100Z-imbalance-abcdef", "imbalance", {}, {})  # the session was closed
+        vllm.active = True  # a session someone else left open: stopped, then started
+        third = c.run("20261123T120200Z-imbalance-abcdef", "imbalance", {}, {})
+    assert (outcome, second, third) == ("ok", "ok", "ok")
     assert vllm.calls[0] == ("start", {"profile_prefix": "20261123T120000Z-imbalance-abcdef_", "max_iterations": 5})
+    assert [k for k, _ in vllm.calls] == ["start", "stop", "start", "stop", "start", "stop", "start", "stop"]
     meta = c.catalog.get("20261123T120000Z-imbalance-abcdef")
     assert meta["reason"] == "imbalance" and meta["evidence"]["current"] == 6.0 and meta["outcome"] == "ok"
     names = [f["name"] for f in meta["files"]]
     assert any(n.endswith(".pt.trace.json.gz") for n in names) and "breakdown.json" in names
     assert meta["breakdown"]["experts"] > 0.3
     assert os.listdir(profiles) == []  # moved into the store
-    assert c.outcomes[("imbalance", "ok")] == 1
+    assert c.outcomes[("imbalance", "ok")] == 3
 
 
 @pytest.mark.parametrize("mode, outcome", [("404", "profiler_disabled"), ("slow", "start_failed")])
@@ -132,7 +141,7 @@ def test_stuck_capture_is_stopped_by_the_sidecar(tmp_path):
     with FakeProfiler(str(tmp_path / "profiles"), mode="stuck") as vllm:
         c, _ = capturer(tmp_path, vllm.url, timeout_s=2)
         assert c.run("20261123T120000Z-step_time-abcdef", "step_time", {}, {}) == "ok"
-    assert [k for k, _ in vllm.calls] == ["start", "stop"]
+    assert [k for k, _ in vllm.calls] == ["start", "stop"]  # stopped once, by the timeout path
     assert c.catalog.get("20261123T120000Z-step_time-abcdef")["stopped_by_sidecar"] is True
 
 

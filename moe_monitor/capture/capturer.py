@@ -39,6 +39,10 @@ class ProfilerError(Exception):
     pass
 
 
+class ProfilerBusy(ProfilerError):
+    """409: vLLM still holds a profiling session (it stays active after max_iterations until /stop_profile)."""
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     vllm_url: str
@@ -58,6 +62,8 @@ async def _post(cfg: CaptureConfig, path: str, body: dict | None) -> None:
             async with session.post(cfg.vllm_url.rstrip("/") + path, json=body, headers=headers) as resp:
                 if resp.status == 404:
                     raise ProfilerDisabled(f"{path} answered 404: vLLM was started without --profiler-config")
+                if resp.status == 409:
+                    raise ProfilerBusy(f"{path} answered 409: a profiling session is already active")
                 if resp.status != 200:
                     raise ProfilerError(f"{path} answered {resp.status}: {(await resp.text())[:200]}")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -134,8 +140,14 @@ class Capturer:
 
     def _capture(self, capture_id, reason, evidence, context, start) -> tuple[str, dict | None]:
         cfg, prefix = self.cfg, f"{capture_id}_"
+        start_body = {"profile_prefix": prefix, "max_iterations": cfg.iterations}
         try:
-            post(cfg, "/start_profile", {"profile_prefix": prefix, "max_iterations": cfg.iterations})
+            try:
+                post(cfg, "/start_profile", start_body)
+            except ProfilerBusy:  # a session left open (by vLLM after max_iterations, or by someone else)
+                log.warning("capture %s: vLLM holds a profiling session; stopping it and retrying", capture_id)
+                post(cfg, "/stop_profile")
+                post(cfg, "/start_profile", start_body)
             self.profiler_enabled = True
         except ProfilerDisabled as e:
             self.profiler_enabled = False
@@ -153,6 +165,11 @@ class Capturer:
             except (ProfilerDisabled, ProfilerError) as e:
                 log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
             files = self._wait_for(prefix, self._clock() + cfg.stop_grace_s)
+        if not stopped:  # vLLM keeps a max_iterations session open until /stop_profile: close it
+            try:
+                post(cfg, "/stop_profile")
+            except (ProfilerDisabled, ProfilerError) as e:
+                log.warning("capture %s: closing the profiling session failed: %s", capture_id, e)
         if not files:
             return "no_trace", None
         outcome = "ok" if len(files) >= self.expected_ranks() else "partial"
