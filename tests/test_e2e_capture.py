@@ -157,7 +157,7 @@ def wait_until_not_capturing(sidecar, timeout: float = 120) -> None:
 
 @pytest.mark.skipif(not os.environ.get("MOE_MONITOR_CONTENTION_E2E"),
                     reason="opt-in (MOE_MONITOR_CONTENTION_E2E=1): on a 2-core machine the CPU contention does not "
-                           "slow vLLM's steps reproducibly (passed 1 of 4 runs; see issue 7's note)")
+                           "slow vLLM's steps reproducibly (passed 1 of 5 runs; see docs/captures.md)")
 def test_step_time_regression_under_cpu_contention_captures_a_trace(stack):
     server, sidecar, _, _ = stack
     wait_until_not_capturing(sidecar)  # a capture started by the previous test may outlast its traffic
