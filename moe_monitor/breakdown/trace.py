@@ -31,7 +31,6 @@ class Event:
     dur: float
     stream: int  # tid: CUDA stream for device events, thread for CPU ops
     cat: str
-    correlation: int = -1
 
 
 @dataclass
@@ -74,12 +73,11 @@ def read_trace(path: str) -> Trace:
                     ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
                 except (KeyError, TypeError, ValueError):
                     continue
-                args = e.get("args") or {}
                 name = str(e.get("name", ""))
                 tid = e.get("tid", 0)
                 stream = int(tid) if isinstance(tid, (int, float)) else hash(tid) & 0xFFFF
                 if cat in DEVICE_CATS:
-                    trace.device.append(Event(name, ts, dur, stream, cat, int(args.get("correlation", -1))))
+                    trace.device.append(Event(name, ts, dur, stream, cat))
                 elif cat == "cpu_op":
                     cpu_ops.append((name, ts, dur, stream))
                 elif cat in ("gpu_user_annotation", "user_annotation"):

@@ -29,7 +29,7 @@ from moe_monitor.stats.placement import Placement, PlacementError, contiguous, l
 from . import metrics as m
 from .aggregate import Aggregator, Totals
 from .config import SidecarConfig
-from .exposition import DenseLabels, Family, render
+from .exposition import Family, render
 from .windows import Window, Windower, next_boundary
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,6 @@ class Exporter:
         self.source = SegmentSource(config.segment_dir, config.max_segment_bytes)
         self.windower = Windower(config.window_s)
         self.load_histogram = m.LoadHistogram()
-        self.dense = DenseLabels()
         self._clock = clock
         self._placement_file = load_placement(config.placement_file) if config.placement_file else None
         self.window: Window | None = None
@@ -232,11 +231,11 @@ class Exporter:
         families += m.model_t0(window, stats, window_rank_load, cfg.window_s)
         families += m.steps_t0(totals)
         if cfg.rank_series and cumulative_rank_load is not None:
-            families += m.rank_t1(layers, cumulative_rank_load, self.dense)
+            families += m.rank_t1(layers, cumulative_rank_load)
         if cfg.load_histogram:
             families += m.load_histogram_t1(self.load_histogram)
         if cfg.expert_series == "all":
-            families += m.routing_t2_all(totals, self.dense)
+            families += m.routing_t2_all(totals)
         elif cfg.expert_series == "top":
             families += m.routing_t2_top(window, cfg.top_experts)
         if self.captures is not None:

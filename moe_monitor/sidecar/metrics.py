@@ -56,7 +56,7 @@ class LoadHistogram:
         self.sums[ok] += ratio.sum(axis=1)
 
 
-_DENSE = DenseLabels()  # label strings of per-layer families: rendered once per set of layers
+_DENSE = DenseLabels()  # label strings of dense families: rendered once per shape, reused every window
 
 
 def _layers(layer_ids) -> tuple[str, ...]:
@@ -74,12 +74,12 @@ def _layer_family(name: str, help_text: str, layer_ids, values, kind: str = "gau
     return f
 
 
-def routing_t2_all(totals: Totals, dense: DenseLabels) -> list[Family]:
+def routing_t2_all(totals: Totals) -> list[Family]:
     f = Family("moe_expert_routed_tokens_total", "counter", "Tokens routed to a logical expert (one per token "
                "per top-k slot; computed tokens only). Summed over DP ranks, TP duplicates counted once.", tier="t2")
     if totals.counts is not None:
         experts = tuple(map(str, range(totals.counts.shape[1])))
-        f.add_dense(dense.get(f.name, ("layer", "expert"), (_layers(totals.layer_ids), experts)), totals.counts)
+        f.add_dense(_DENSE.get(f.name, ("layer", "expert"), (_layers(totals.layer_ids), experts)), totals.counts)
     return [f]
 
 
@@ -165,12 +165,11 @@ def model_t0(window: Window | None, stats: LayerStats | None, rank_load: np.ndar
     return out
 
 
-def rank_t1(layer_ids, cumulative_rank_load: np.ndarray, dense: DenseLabels) -> list[Family]:
+def rank_t1(layer_ids, cumulative_rank_load: np.ndarray) -> list[Family]:
     f = Family("moe_ep_rank_routed_tokens_total", "counter", "Assignments served by each EP rank (physical "
                "load) under the expert placement; replicated experts split their tokens evenly.", tier="t1")
     ranks = tuple(map(str, range(cumulative_rank_load.shape[1])))
-    for row, layer in enumerate(layer_ids):
-        f.add_dense(dense.get(f.name, ("layer", "ep_rank"), ((str(int(layer)),), ranks)), cumulative_rank_load[row])
+    f.add_dense(_DENSE.get(f.name, ("layer", "ep_rank"), (_layers(layer_ids), ranks)), cumulative_rank_load)
     return [f]
 
 
