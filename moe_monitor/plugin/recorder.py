@@ -15,13 +15,17 @@ Three strategies, same counts (tests/test_plugin_cpu.py, benchmarks/recorder_gpu
   none per layer. Under CUDA-graph capture the references are kept for the graph's lifetime, so the
   captured tensors are never reused by the allocator and every replay's flush reads that replay's ids.
 - `fused`: like `deferred`, but the flush is one Triton kernel (block histograms + atomics). CUDA only.
+- `staged`: each tap copies its ids into a persistent staging buffer allocated before any capture (one
+  copy kernel per layer), and the fused kernel counts the buffer after the last layer. Nothing is held in
+  the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
+  recorder (docs/recorder.md: why that matters for measurement). CUDA only.
 """
 
 from __future__ import annotations
 
 import torch
 
-MODES = ("per_layer", "deferred", "fused")
+MODES = ("per_layer", "deferred", "fused", "staged")
 
 
 def default_mode(device: torch.device) -> str:
@@ -42,8 +46,8 @@ class Recorder:
         self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
-        if self.mode == "fused" and default_mode(self.device) != "fused":
-            raise ValueError("the fused recorder needs a CUDA device and triton")
+        if self.mode in ("fused", "staged") and default_mode(self.device) != "fused":
+            raise ValueError(f"the {self.mode} recorder needs a CUDA device and triton")
         # Column num_experts is the sink for padded rows and ids outside [0, E).
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -56,7 +60,9 @@ class Recorder:
         self._row_tensors: dict[tuple[int, ...], torch.Tensor] = {}
         self.seen_rows: set[int] = set()  # rows whose hook ran at least once (at trace/capture time on GPU)
         self.last_row = num_layers - 1  # the deferred flush runs after this row's tap
+        self._tapped_rows = list(range(num_layers))
         self._pending: dict[int, torch.Tensor] = {}
+        self._staged_tokens = 0  # staged mode: tokens of the step whose ids are in the buffer, not yet counted
         self._captured: list[dict[int, torch.Tensor]] = []  # ids referenced by captured CUDA graphs
 
     def _grow(self, tokens: int) -> None:
@@ -64,6 +70,11 @@ class Recorder:
             self._retired_positions.append(self._positions)
         self._capacity = max(tokens, 2 * self._capacity)
         self._positions = torch.arange(self._capacity, dtype=torch.int64, device=self.device)
+        if self.mode == "staged":
+            if self._capacity and hasattr(self, "_stage"):
+                self._retired_positions.append(self._stage)
+            self._stage = torch.full((self.num_layers, self._capacity, self.top_k), -1, dtype=torch.int32,
+                                     device=self.device)
 
     def set_valid_tokens(self, n: int) -> None:
         """Called by the step hook before the forward pass (0 after it). One tiny fill, no sync.
@@ -71,6 +82,8 @@ class Recorder:
         with the valid count of their own step."""
         if self._pending:
             self.flush()
+        if self.mode == "staged" and self._staged_tokens:
+            self._flush_staged()
         self.valid_tokens.fill_(n)
 
     def record(self, row: int, topk_ids: torch.Tensor) -> None:
@@ -80,6 +93,13 @@ class Recorder:
             self._grow(topk_ids.shape[0])
         if self.mode == "per_layer":
             self._count([row], topk_ids.unsqueeze(0))
+            return
+        if self.mode == "staged":
+            T = topk_ids.shape[0]
+            self._stage[row, :T].copy_(topk_ids)
+            self._staged_tokens = T
+            if row == self.last_row:
+                self._flush_staged()
             return
         if row in self._pending:  # the previous step never reached the last row: count what it had
             self.flush()
@@ -106,11 +126,21 @@ class Recorder:
             else:
                 self._count(rows, stacked)
 
+    def _flush_staged(self) -> None:
+        """Count the staging buffer's rows of the tapped layers: one kernel, reading [:T] of each row."""
+        from .triton_flush import count_stacked
+
+        T, self._staged_tokens = self._staged_tokens, 0
+        if T:
+            count_stacked(self.counts, self._stage, self._row_index(self._tapped_rows), self.valid_tokens,
+                          self.num_experts, tokens=T, ids_by_row=True)
+
     def set_rows(self, rows: list[int]) -> None:
         """The rows whose taps are installed (attach calls this before any forward pass): the deferred
         flush runs after the last of them, and its row index is built now, not inside a graph capture."""
         self.last_row = max(rows)
-        self._row_index(sorted(rows))
+        self._tapped_rows = sorted(rows)
+        self._row_index(self._tapped_rows)
 
     def _row_index(self, rows: list[int]) -> torch.Tensor:
         key = tuple(rows)
