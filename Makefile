@@ -10,3 +10,7 @@ demo: .venv/.ready  ## tiny MoE on vLLM CPU + plugin + sidecar + a short workloa
 
 test: .venv/.ready  ## the whole test suite, real vLLM server included (CI runs exactly this)
 	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+.PHONY: mixin
+mixin: .venv/.ready  ## regenerate alert/recording rules, PrometheusRule and dashboards from moe_monitor/mixin/ (commit them)
+	.venv/bin/moe-monitor mixin build

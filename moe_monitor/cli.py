@@ -287,5 +287,59 @@ def demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool) ->
     sys.exit(run_demo(workdir, vllm_port, sidecar_port, keep_running))
 
 
+@main.group()
+def mixin() -> None:
+    """Alert and recording rules, the Kubernetes PrometheusRule and Grafana dashboards, generated from code."""
+
+
+def _mixin_config(path: str | None):
+    from moe_monitor.mixin.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--config") from None
+
+
+_config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="TOML file overriding thresholds and knobs (the fields of moe_monitor/mixin/config.py, docs/alerts.md).")
+
+
+@mixin.command("build")
+@_config_option
+@click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False),
+              help="Root of the tree to write into (the repository root).")
+def mixin_build(config_path: str | None, out_dir: str) -> None:
+    """Write the rule file, the PrometheusRule and the dashboards under OUT."""
+    from moe_monitor.mixin.build import generate, write
+
+    files = generate(_mixin_config(config_path), config_path)
+    try:
+        changed = set(write(files, out_dir))
+    except OSError as e:
+        raise click.ClickException(f"cannot write into {out_dir}: {e}") from None
+    for path in sorted(files):
+        click.echo(f"{'wrote    ' if path in changed else 'unchanged'} {path}")
+
+
+@mixin.command("check")
+@_config_option
+@click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False),
+              help="Root of the tree to compare (the repository root).")
+def mixin_check(config_path: str | None, out_dir: str) -> None:
+    """Exit 1, listing them, when generated files under OUT differ from what `mixin build` writes."""
+    from moe_monitor.mixin.build import drift, generate
+
+    files = generate(_mixin_config(config_path), config_path)
+    problems = drift(files, out_dir)
+    for path, why in problems:
+        click.echo(f"{path}: {why}", err=True)
+    if problems:
+        click.echo("run `make mixin` (moe-monitor mixin build) and commit the result", err=True)
+        sys.exit(1)
+    click.echo(f"{len(files)} generated files up to date")
+
+
 if __name__ == "__main__":
     main()

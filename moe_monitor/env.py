@@ -19,7 +19,7 @@ DEFAULT_SEGMENT_DIR = "/dev/shm/moe-monitor"
 ENABLED = "MOE_MONITOR_ENABLED"  # "0" turns the plugin into a no-op without uninstalling it
 PUBLISH_INTERVAL = "MOE_MONITOR_PUBLISH_INTERVAL"  # seconds between snapshots
 DEFAULT_PUBLISH_INTERVAL = 1.0
-RECORDER = "MOE_MONITOR_RECORDER"  # per_layer | deferred | fused; default: fused on CUDA, per_layer on CPU
+RECORDER = "MOE_MONITOR_RECORDER"  # per_layer | deferred | fused | staged; default: fused on CUDA, per_layer on CPU
 
 # Sidecar (each also a `moe-monitor serve` flag).
 LISTEN = "MOE_MONITOR_LISTEN"

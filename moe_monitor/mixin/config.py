@@ -1,0 +1,151 @@
+"""Every threshold and knob of the alerting rules, in one place: `MixinConfig`, overridable from a TOML file.
+
+The keys of the TOML file are the field names below (flat, no tables):
+
+    imbalance_ratio = 3.0
+    imbalance_for = "30m"
+    selector = 'job="vllm-moe", namespace="inference"'
+
+Durations are Prometheus durations ("30s", "15m", "1h30m"). docs/alerts.md explains each knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+
+RUNBOOK_URL = "https://github.com/moe-monitor/moe-monitor/blob/main/docs/runbooks.md"
+
+# Outcomes of moe_captures_total (docs/captures.md). `ok` is success, `skipped_busy` a capture already
+# running (not a failure), `profiler_disabled` has an alert of its own (MoeProfilerDisabled).
+CAPTURE_OUTCOMES = ("ok", "partial", "no_trace", "profiler_disabled", "start_failed", "over_quota", "skipped_busy")
+
+_DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
+_MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+_SELECTOR = re.compile(rf"^({_MATCHER}(,{_MATCHER})*,?\s*)?$")
+
+
+class ConfigError(ValueError):
+    """A bad mixin configuration; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class MixinConfig:
+    # Label matchers (PromQL, without braces) that select the sidecars' series, in every expression.
+    selector: str = 'job="moe-monitor"'
+    # Range of every rate() in the recording rules, and how far back the routing alerts look for loaded
+    # windows: a gap of idle or NaN windows shorter than this does not reset their `for`. Recording rule
+    # names keep "5m" whatever this is (the dashboards depend on the names); change it for tests only.
+    rate_window: str = "5m"
+    runbook_url: str = RUNBOOK_URL
+
+    # Routing alerts read the per-window gauges of the layers whose window was "loaded": on average at least
+    # this many assignments per expert (below it max/mean and dead counts are mostly chance). Windows below
+    # the sidecar's --min-window-assignments are NaN and never count. 0: only the sidecar's own cut.
+    min_expert_load: float = 20.0
+    imbalance_ratio: float = 2.0  # worst layer's max/mean expert load (moe_layer_imbalance_ratio)
+    imbalance_for: str = "15m"
+    hot_expert_share: float = 0.25  # one expert's share of a layer's assignments (moe_layer_top1_share)
+    hot_expert_for: str = "15m"
+    dead_experts: int = 1  # experts of a layer with no assignment in every loaded window
+    dead_experts_for: str = "30m"
+    ep_rank_imbalance_ratio: float = 1.5  # worst layer's max/mean EP-rank load
+    ep_rank_imbalance_for: str = "15m"
+
+    # Step time: the sidecar detector's like-with-like figures, current window / baseline (median), per
+    # (phase, tokens_le); only keys that average at least step_time_min_window_steps steps per window.
+    step_time_ratio: float = 1.5
+    step_time_min_window_steps: float = 10.0
+    step_time_for: str = "15m"
+
+    # Health of the sidecar and the channel.
+    sidecar_down_for: str = "5m"
+    segments_stale_for: str = "15m"
+
+    # Captures: at least capture_failures captures ending in one of these outcomes within the window.
+    capture_failure_outcomes: tuple[str, ...] = ("partial", "no_trace", "start_failed", "over_quota")
+    capture_failures: int = 1
+    capture_failures_window: str = "1h"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_for", "_window")) and not (isinstance(value, str) and value
+                                                             and _DURATION.match(value)):
+                raise ConfigError(f"{f.name}: {value!r} is not a Prometheus duration (e.g. \"30s\", \"15m\", \"1h\")")
+        if not _SELECTOR.match(self.selector):
+            raise ConfigError(f"selector: {self.selector!r} is not a list of PromQL label matchers "
+                              "(e.g. 'job=\"moe-monitor\", namespace=\"inference\"')")
+        _at_least("min_expert_load", self.min_expert_load, 0)
+        _at_least("imbalance_ratio", self.imbalance_ratio, 1)
+        _at_least("ep_rank_imbalance_ratio", self.ep_rank_imbalance_ratio, 1)
+        _at_least("step_time_ratio", self.step_time_ratio, 1)
+        _at_least("step_time_min_window_steps", self.step_time_min_window_steps, 0)
+        _at_least("dead_experts", self.dead_experts, 1)
+        _at_least("capture_failures", self.capture_failures, 1)
+        if not 0 < self.hot_expert_share <= 1:
+            raise ConfigError(f"hot_expert_share: {self.hot_expert_share!r} must be in (0, 1]")
+        bad = [o for o in self.capture_failure_outcomes if o not in CAPTURE_OUTCOMES or o == "ok"]
+        if bad or not self.capture_failure_outcomes:
+            raise ConfigError(f"capture_failure_outcomes: {bad or '[]'} not allowed; choose among "
+                              f"{[o for o in CAPTURE_OUTCOMES if o != 'ok']}")
+        if not self.runbook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"runbook_url: {self.runbook_url!r} is not an http(s) URL")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not math.isfinite(value) or value < low:
+        raise ConfigError(f"{name}: {value!r} must be at least {low}")
+
+
+def load_config(path: str | None = None) -> MixinConfig:
+    """The defaults, overridden by the TOML file at `path` (None: the defaults). Raises ConfigError."""
+    if path is None:
+        return MixinConfig()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return config_from_dict(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_from_dict(doc: dict) -> MixinConfig:
+    """The defaults overridden by `doc` (a parsed TOML document). Raises ConfigError."""
+    defaults = {f.name: f.default for f in dataclasses.fields(MixinConfig)}
+    values = {}
+    for key, value in doc.items():
+        if key not in defaults:
+            near = difflib.get_close_matches(key, defaults, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(defaults))}"
+            raise ConfigError(f"unknown key {key!r}{hint}")
+        values[key] = _typed(key, value, defaults[key])
+    return MixinConfig(**values)
+
+
+def _typed(key: str, value, default):
+    """`value` converted to the type of `default` (int -> float allowed), or ConfigError."""
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    if isinstance(default, tuple) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    expected = {float: "a number", int: "an integer", str: "a string", tuple: "a list of strings"}[type(default)]
+    raise ConfigError(f"{key}: expected {expected}, got {_kind(value)} {value!r}")
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            tuple: "a list", dict: "a table"}.get(type(value), type(value).__name__)

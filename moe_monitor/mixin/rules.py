@@ -1,0 +1,234 @@
+"""Recording and alerting rules, as Prometheus rule-group dicts built from a `MixinConfig`.
+
+Conventions (docs/alerts.md has the why of each alert):
+- Every selector carries `cfg.selector`; recording rules keep `job`, `instance` and their own labels; alerts
+  aggregate only over the sidecar's own labels (`without (layer)`), so target labels such as `namespace` and
+  `pod` reach Alertmanager.
+- Routing alerts read the per-window gauges, NaN for windows with too few assignments. They keep only
+  *loaded* windows (`cfg.min_expert_load` mean assignments per expert) and take the minimum over the last
+  `cfg.rate_window` of them: "above the threshold in every loaded window", where an idle or NaN window
+  neither fires nor resets the `for`; a fully idle stretch yields no sample, so nothing fires.
+"""
+
+from __future__ import annotations
+
+from .config import MixinConfig
+
+# Recording rule names: dashboards (moe_monitor/mixin/queries.py) query these. Stable whatever the window.
+STEP_DURATION_P50 = "moe:step_duration_seconds:p50_rate5m"
+STEP_DURATION_P99 = "moe:step_duration_seconds:p99_rate5m"
+STEP_TOKENS_RATE = "moe:step_tokens:rate5m"
+EP_RANK_ROUTED_RATE = "moe:ep_rank_routed_tokens:rate5m"
+LAYER_EP_RANK_IMBALANCE = "moe:layer_ep_rank_imbalance_ratio:rate5m"
+ROUTED_ASSIGNMENTS_RATE = "moe:routed_assignments:rate5m"
+WORST_LAYER_IMBALANCE_MAX = "moe:worst_layer_imbalance_ratio:max_over_time5m"
+
+RECORDING_GROUP = "moe-monitor.rules"
+ALERTING_GROUP = "moe-monitor.alerts"
+
+# Go-template pieces of the annotations.
+VALUE = "{{ $value | humanize }}"
+INSTANCE = "{{ $labels.instance }}"
+LAYER = "{{ $labels.layer }}"
+
+
+def sel(cfg: MixinConfig, metric: str, *matchers: str) -> str:
+    """`metric{<cfg.selector>, <matchers>}`."""
+    parts = [m for m in (cfg.selector.strip().rstrip(","), *matchers) if m]
+    return f"{metric}{{{', '.join(parts)}}}" if parts else metric
+
+
+def recording_rules(cfg: MixinConfig) -> dict:
+    w = cfg.rate_window
+
+    def quantile(q: float) -> str:
+        return (f"histogram_quantile({q},\n  sum by (job, instance, phase, tokens_le, le) (\n"
+                f"    rate({sel(cfg, 'moe_step_duration_seconds_bucket')}[{w}])\n  )\n)")
+
+    # All layers' assignments per second: the EP-rank counters (T1, exact), or where T1 is off the mean of
+    # the per-window gauge over the scraped windows divided by the window length (T0, an estimate).
+    assignments = (
+        f"sum by (job, instance) (rate({sel(cfg, 'moe_ep_rank_routed_tokens_total')}[{w}]))\n"
+        f"or\nsum by (job, instance) (\n"
+        f"  avg_over_time({sel(cfg, 'moe_window_routed_tokens')}[{w}])\n"
+        f"  / {sel(cfg, 'moe_window_length_seconds')}\n)")
+    rules = [
+        (STEP_DURATION_P50, quantile(0.5)),
+        (STEP_DURATION_P99, quantile(0.99)),
+        (STEP_TOKENS_RATE, f"sum by (job, instance, phase) (rate({sel(cfg, 'moe_step_tokens_total')}[{w}]))"),
+        (EP_RANK_ROUTED_RATE,
+         f"sum by (job, instance, layer, ep_rank) (rate({sel(cfg, 'moe_ep_rank_routed_tokens_total')}[{w}]))"),
+        # NaN when the layer routed nothing (0 / 0): comparisons with it are false.
+        (LAYER_EP_RANK_IMBALANCE,
+         f"max by (job, instance, layer) ({EP_RANK_ROUTED_RATE})\n"
+         f"/\navg by (job, instance, layer) ({EP_RANK_ROUTED_RATE})"),
+        (ROUTED_ASSIGNMENTS_RATE, assignments),
+        (WORST_LAYER_IMBALANCE_MAX,
+         f"max by (job, instance) (max_over_time({sel(cfg, 'moe_worst_layer_imbalance_ratio')}[{w}]))"),
+    ]
+    return {"name": RECORDING_GROUP, "rules": [{"record": name, "expr": expr} for name, expr in rules]}
+
+
+def loaded(cfg: MixinConfig, gauge: str) -> str:
+    """Per layer: `gauge` in the windows where the layer routed at least `cfg.min_expert_load` assignments
+    per expert on average. N * top1_share / imbalance_ratio = N * (max/N) / (max/mean) = mean; NaN (too few
+    assignments) compares false, so such windows drop out too."""
+    mean = (f"{sel(cfg, 'moe_layer_window_routed_tokens')} * {sel(cfg, 'moe_layer_top1_share')}\n"
+            f"    / {sel(cfg, 'moe_layer_imbalance_ratio')}")
+    return f"{sel(cfg, gauge)}\n  and\n  (\n    {mean}\n  ) >= {_num(cfg.min_expert_load)}"
+
+
+def sustained(cfg: MixinConfig, gauge: str) -> str:
+    """The smallest value of `gauge` over the loaded windows of the last `cfg.rate_window`, per layer."""
+    return f"min_over_time((\n  {loaded(cfg, gauge)}\n)[{cfg.rate_window}:])"
+
+
+def alert_rules(cfg: MixinConfig) -> dict:
+    alerts = [
+        _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
+        _sidecar_down(cfg), _segments_stale(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
+    ]
+    return {"name": ALERTING_GROUP, "rules": alerts}
+
+
+def rules_document(cfg: MixinConfig) -> dict:
+    return {"groups": [recording_rules(cfg), alert_rules(cfg)]}
+
+
+# -- alerts --------------------------------------------------------------------------------------------
+
+def _imbalance(cfg: MixinConfig) -> dict:
+    return _alert(
+        cfg, "MoeExpertImbalanceSustained", "warning", cfg.imbalance_for,
+        f"max without (layer) (\n{_indent(sustained(cfg, 'moe_layer_imbalance_ratio'))}\n) > {_num(cfg.imbalance_ratio)}",
+        f"MoE expert load imbalanced on {INSTANCE}.",
+        f"For {cfg.imbalance_for}, in every loaded window, the busiest expert of some MoE layer received more "
+        f"than {_num(cfg.imbalance_ratio)}x the mean expert load (worst layer now at least {VALUE}x). That "
+        f"expert sets the pace of every step. Which layer: "
+        f"moe_worst_layer_imbalance_ratio{{instance=\"{INSTANCE}\"}}.")
+
+
+def _hot_expert(cfg: MixinConfig) -> dict:
+    return _alert(
+        cfg, "MoeHotExpert", "warning", cfg.hot_expert_for,
+        f"{sustained(cfg, 'moe_layer_top1_share')}\n> {_num(cfg.hot_expert_share)}",
+        f"Hot expert in MoE layer {LAYER} on {INSTANCE}.",
+        f"For {cfg.hot_expert_for}, one expert of layer {LAYER} received at least "
+        f"{{{{ $value | humanizePercentage }}}} of the layer's assignments in every loaded window (threshold "
+        f"{_pct(cfg.hot_expert_share)}; balanced is 1/experts). Its id: "
+        f"moe_layer_top_expert_id{{instance=\"{INSTANCE}\", layer=\"{LAYER}\", rank=\"1\"}} (--expert-series top).")
+
+
+def _dead_experts(cfg: MixinConfig) -> dict:
+    return _alert(
+        cfg, "MoeDeadExperts", "warning", cfg.dead_experts_for,
+        f"{sustained(cfg, 'moe_layer_dead_experts')}\n>= {cfg.dead_experts}",
+        f"Dead experts in MoE layer {LAYER} on {INSTANCE}.",
+        f"For {cfg.dead_experts_for}, at least {{{{ $value }}}} expert(s) of layer {LAYER} received no "
+        f"assignment in any loaded window: their weights serve nothing and the other experts carry their "
+        f"share. Which ones: moe_expert_routed_tokens_total (--expert-series all).")
+
+
+def _ep_rank_imbalance(cfg: MixinConfig) -> dict:
+    return _alert(
+        cfg, "MoeEPRankImbalance", "warning", cfg.ep_rank_imbalance_for,
+        f"max without (layer) (\n{_indent(sustained(cfg, 'moe_layer_ep_rank_imbalance_ratio'))}\n)"
+        f" > {_num(cfg.ep_rank_imbalance_ratio)}",
+        f"EP-rank load imbalanced on {INSTANCE}.",
+        f"For {cfg.ep_rank_imbalance_for}, in every loaded window, the busiest EP rank of some MoE layer "
+        f"served more than {_num(cfg.ep_rank_imbalance_ratio)}x the mean rank load (worst layer now at least "
+        f"{VALUE}x): every step waits for that rank. Per layer: "
+        f"{LAYER_EP_RANK_IMBALANCE}{{instance=\"{INSTANCE}\"}}.")
+
+
+def _step_time(cfg: MixinConfig) -> dict:
+    # The detector keeps a key's last value when its traffic stops: only keys that still average enough
+    # steps per window (the detector updates a key only in windows with --min-window-steps) count.
+    current = sel(cfg, "moe_detector_current", 'signal="step_time"')
+    baseline = sel(cfg, "moe_detector_baseline", 'signal="step_time"')
+    ratio = f"max without (signal) (\n  {current}\n  /\n  {baseline}\n)"
+    steps = (f"rate({sel(cfg, 'moe_step_duration_seconds_count')}[{cfg.rate_window}])\n"
+             f"  * ignoring (phase, tokens_le) group_left\n  {sel(cfg, 'moe_window_length_seconds')}")
+    return _alert(
+        cfg, "MoeStepTimeRegression", "warning", cfg.step_time_for,
+        f"{ratio} > {_num(cfg.step_time_ratio)}\nand\n(\n  {steps}\n) >= {_num(cfg.step_time_min_window_steps)}",
+        f"MoE {{{{ $labels.phase }}}} steps {VALUE}x slower than their baseline on {INSTANCE}.",
+        f"For {cfg.step_time_for}, the mean {{{{ $labels.phase }}}} step with at most "
+        f"{{{{ $labels.tokens_le }}}} tokens took more than {_num(cfg.step_time_ratio)}x its recent median "
+        f"(now {VALUE}x). Same phase and batch size, so a batch-mix shift is not the cause. Compare "
+        f"moe_detector_current and moe_detector_baseline{{signal=\"step_time\"}}.")
+
+
+def _sidecar_down(cfg: MixinConfig) -> dict:
+    up = sel(cfg, "up")
+    return _alert(
+        cfg, "MoeSidecarDown", "warning", cfg.sidecar_down_for,
+        f"{up} == 0\nor\nabsent({up})",
+        "moe-monitor sidecar down{{ if $labels.instance }} on " + INSTANCE + "{{ end }}.",
+        "{{ if $labels.instance }}Prometheus has failed to scrape " + INSTANCE + "{{ else }}No target matching "
+        f"{{{cfg.selector}}} has been scraped{{{{ end }}}} for {cfg.sidecar_down_for}: expert load, step times, "
+        "the detector and captures of that vLLM instance are unmonitored. vLLM itself may be serving fine.")
+
+
+def _segments_stale(cfg: MixinConfig) -> dict:
+    no_fresh = '{{ if eq $labels.state "fresh" }}'
+    bad = sel(cfg, "moe_monitor_segments", 'state=~"stale|unreadable"')
+    fresh = sel(cfg, "moe_monitor_segments", 'state="fresh"')
+    return _alert(
+        cfg, "MoeSegmentsStale", "warning", cfg.segments_stale_for,
+        f"{bad} > 0\nor\n{fresh} == 0",
+        f"{no_fresh}No fresh vLLM segment{{{{ else }}}}{{{{ $value }}}} {{{{ $labels.state }}}} vLLM "
+        f"segment(s){{{{ end }}}} on {INSTANCE}.",
+        f"{no_fresh}For {cfg.segments_stale_for}, no vLLM rank has published routing counts to the sidecar: "
+        f"vLLM is down or still loading, or the plugin is not loaded (MOE_MONITOR_SEGMENT_DIR).{{{{ else }}}}"
+        f"For {cfg.segments_stale_for}, {{{{ $value }}}} segment file(s) have been {{{{ $labels.state }}}}: "
+        f"a rank stopped publishing or a file cannot be read, and its load is missing from every "
+        f"figure.{{{{ end }}}} Per segment: moe_monitor_segment_up{{instance=\"{INSTANCE}\"}}.")
+
+
+def _captures_failing(cfg: MixinConfig) -> dict:
+    failed = sel(cfg, "moe_captures_total", f'outcome=~"{"|".join(cfg.capture_failure_outcomes)}"')
+    w = cfg.capture_failures_window
+    # A (reason, outcome) series is born at 1 on its first capture, which increase() cannot see: a series that
+    # did not exist one window ago counts with its whole value, an older one with its increase.
+    return _alert(
+        cfg, "MoeCapturesFailing", "warning", None,
+        f"sum without (reason) (\n  (increase({failed}[{w}]) and {failed} offset {w})\n  or\n"
+        f"  ({failed} unless {failed} offset {w})\n) >= {cfg.capture_failures}",
+        f"Profiler captures ending in {{{{ $labels.outcome }}}} on {INSTANCE}.",
+        '{{ $value | printf "%.0f" }}' f" capture(s) ended in {{{{ $labels.outcome }}}} in the last {w}: "
+        f"regressions are not captured with their evidence. moe-monitor traces list shows them; the sidecar "
+        f"log says why.")
+
+
+def _profiler_disabled(cfg: MixinConfig) -> dict:
+    return _alert(
+        cfg, "MoeProfilerDisabled", "info", None,
+        f"{sel(cfg, 'moe_capture_profiler_enabled')} == 0",
+        f"vLLM profiler disabled: no captures for {INSTANCE}.",
+        "vLLM answered /start_profile with 404 (started without --profiler-config): automatic and manual "
+        "captures end as profiler_disabled. Monitoring continues; restart vLLM with --profiler-config to get "
+        "traces.")
+
+
+def _alert(cfg: MixinConfig, name: str, severity: str, for_: str | None, expr: str, summary: str,
+           description: str) -> dict:
+    rule = {"alert": name, "expr": expr}
+    if for_ and any(c not in "0ywdhms" for c in for_):  # "0s", "0m": no for at all
+        rule["for"] = for_
+    rule["labels"] = {"severity": severity}
+    rule["annotations"] = {"summary": summary, "description": description,
+                           "runbook_url": f"{cfg.runbook_url}#{name.lower()}"}
+    return rule
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:g}%"
