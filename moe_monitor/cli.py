@@ -279,12 +279,21 @@ def gen_model(out_dir, arch, layers, experts, top_k, hot_expert, hot_words, seed
               help="Where the demo keeps its model, segments and logs.")
 @click.option("--vllm-port", type=int, default=8000)
 @click.option("--sidecar-port", type=int, default=9464)
-@click.option("--keep-running/--exit", default=True, help="Keep vLLM and the sidecar up after the workload.")
-def demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool) -> None:
-    """Generated tiny MoE on vLLM (CPU) + plugin + sidecar, driven by a short mixed workload."""
+@click.option("--prometheus-port", type=int, default=9090)
+@click.option("--alertmanager-port", type=int, default=9093)
+@click.option("--receiver-port", type=int, default=9095, help="The webhook receiver that prints alerts "
+              "(deploy/alertmanager/alertmanager.yml sends to 127.0.0.1:9095).")
+@click.option("--alerting/--no-alerting", default=True, help="Also run Prometheus and Alertmanager (Debian packages "
+              "prometheus, prometheus-alertmanager) with the configs in deploy/.")
+@click.option("--keep-running/--exit", default=True, help="Keep everything up after the workload.")
+def demo(workdir: str, vllm_port: int, sidecar_port: int, prometheus_port: int, alertmanager_port: int,
+         receiver_port: int, alerting: bool, keep_running: bool) -> None:
+    """Generated tiny MoE on vLLM (CPU) + plugin + sidecar + Prometheus/Alertmanager, driven by a short
+    mixed workload until the imbalance alert fires."""
     from moe_monitor.demo.up import run_demo
 
-    sys.exit(run_demo(workdir, vllm_port, sidecar_port, keep_running))
+    sys.exit(run_demo(workdir, vllm_port, sidecar_port, keep_running, alerting, prometheus_port,
+                      alertmanager_port, receiver_port))
 
 
 @main.group()

@@ -69,14 +69,16 @@ def test_three_dashboards_with_stable_uids_tags_refresh_and_time():
 def test_committed_json_is_what_build_produces():
     for name, d in BUILT.items():
         path = COMMITTED / name
-        assert path.exists(), f"{path} missing: run `python -m moe_monitor.mixin.dashboards` (or moe-monitor mixin build)"
+        assert path.exists(), f"{path} missing: run `make mixin` (moe-monitor mixin build)"
         assert path.read_text() == dashboards.render(d), f"{name} drifted from the code: regenerate it"
 
 
-def test_panel_ids_unique_and_every_panel_in_a_row():
+def test_panel_ids_and_titles_unique_and_every_panel_in_a_row():
     for d in BUILT.values():
         ids = [p["id"] for p in iter_panels(d)]
         assert len(ids) == len(set(ids)) and 0 not in ids
+        titles = [p["title"] for p in content_panels(d)]
+        assert len(titles) == len(set(titles)), sorted(t for t in titles if titles.count(t) > 1)
         assert d["panels"][0]["type"] == "row"
         for row in (p for p in d["panels"] if p["type"] == "row"):
             assert row["collapsed"] == bool(row["panels"]), row["title"]
@@ -101,6 +103,7 @@ def test_template_variables_are_chained():
     for d in BUILT.values():
         variables = d["templating"]["list"]
         assert [v["name"] for v in variables] == expected_order
+        assert [v["id"] for v in variables] == expected_order  # Grafana keys variables by id
         assert variables[0]["type"] == "datasource" and variables[0]["query"] == "prometheus"
         defined = {"datasource"}
         needs = {"job": set(), "model": {"job"}, "instance": {"job", "model"}, "layer": {"job", "instance"}}
@@ -210,12 +213,20 @@ def test_per_layer_series_are_filtered_by_the_layer_variable():
     assert checked > 20
 
 
-def test_alert_panel_covers_every_alert_of_the_mixin():
-    table = [q for q in panel_queries(BUILT["moe-overview.json"], [PANEL]) if "ALERTS" in q.expr]
-    assert len(table) == 1 and table[0].instant
-    for name in dashboards.ALERTS:
-        assert name in table[0].expr
-    assert len(dashboards.ALERTS) == 9
+def test_alert_table_covers_the_mixin_alerts_and_links_to_their_runbooks():
+    from moe_monitor.mixin.config import MixinConfig
+    from moe_monitor.mixin.rules import alert_rules
+
+    rules = {r["alert"]: r["annotations"]["runbook_url"] for r in alert_rules(MixinConfig())["rules"]}
+    assert set(dashboards.ALERTS) == set(rules)
+    overview = BUILT["moe-overview.json"]
+    table = next(p for p in content_panels(overview) if "ALERTS" in p["targets"][0]["expr"])
+    assert table["targets"][0]["instant"]
+    anchors = dict((name, anchor) for anchor, name in
+                   re.findall(r'"runbook", "([^"]+)", "alertname", "([^"]+)"', table["targets"][0]["expr"]))
+    link = table["fieldConfig"]["overrides"][0]["properties"][0]["value"][0]["url"]
+    for name, runbook_url in rules.items():
+        assert link.replace("${__data.fields.runbook}", anchors[name]) == runbook_url
 
 
 def test_expert_load_histogram_is_a_heatmap_of_increases_of_buckets():
@@ -242,7 +253,7 @@ def test_capture_table_links_to_the_sidecar_trace_api_route():
              for o in table["fieldConfig"]["overrides"] if o["properties"][0]["id"] == "links"}
     assert links["capture"] == "http://${__data.fields.instance}/api/captures/${__value.raw}"
     assert links["instance"] == "http://${__value.raw}/api/captures"
-    assert "max_over_time(moe_capture_info{" in table["targets"][0]["expr"]  # the capture id is moe_capture_info{capture}
+    assert "max_over_time(moe_capture_info{" in table["targets"][0]["expr"]  # the id: moe_capture_info{capture}
 
 
 def test_capture_annotations_on_every_dashboard():
@@ -253,17 +264,21 @@ def test_capture_annotations_on_every_dashboard():
 
 
 def test_config_is_honoured():
-    cfg = SimpleNamespace(runbook_url="https://runbooks.example/moe", job_selector='job="moe-monitor"',
-                          imbalance_threshold=3.0)
-    built = dashboards.build(cfg)
-    overview = built["moe-overview.json"]
-    job = next(v for v in overview["templating"]["list"] if v["name"] == "job")
-    assert job["query"] == 'label_values(moe_monitor_build_info{job="moe-monitor"}, job)'
-    alerts = next(p for p in content_panels(overview) if p["title"].startswith("Firing"))
+    from moe_monitor.mixin.config import MixinConfig
+
+    cfg = MixinConfig(selector='job="vllm-moe", namespace="inference"', runbook_url="https://runbooks.example/moe",
+                      imbalance_ratio=3.0, hot_expert_share=0.3, ep_rank_imbalance_ratio=1.7, step_time_ratio=1.8)
+    panels = {p["title"]: p for d in dashboards.build(cfg).values() for p in content_panels(d)}
+    job = dashboards.build(cfg)["moe-overview.json"]["templating"]["list"][1]
+    assert job["query"] == 'label_values(moe_monitor_build_info{job="vllm-moe", namespace="inference"}, job)'
+    alerts = panels["Firing and pending MoE alerts"]
     assert alerts["fieldConfig"]["overrides"][0]["properties"][0]["value"][0]["url"].startswith(cfg.runbook_url)
-    worst = next(p for p in content_panels(overview) if p["title"] == "Worst-layer imbalance" and p["type"] == "timeseries")
-    assert worst["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 3.0
-    assert dashboards.build(SimpleNamespace()) == BUILT  # a config without these fields: the defaults
+    for title, value in [("Worst-layer imbalance", 3.0), ("Top-1 expert share by layer", 0.3),
+                         ("EP-rank imbalance by layer", 1.7), ("Step time vs baseline (detector)", 1.8)]:
+        assert panels[title]["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == value, title
+        assert panels[title]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed"
+    assert dashboards.build(MixinConfig()) == BUILT  # None means the defaults
+    assert dashboards.build(SimpleNamespace()) == BUILT  # a config lacking fields: their defaults
 
 
 # -- substitute ----------------------------------------------------------------------------------------

@@ -318,6 +318,7 @@ def test_vllm_container_sets_only_plugin_variables(pod):
     assert names <= PLUGIN_ENV, f"the plugin reads none of {sorted(names - PLUGIN_ENV)} (moe_monitor/env.py)"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, on importing vLLM
 def test_vllm_args_parse_with_vllm_0_32(pod):
     """vLLM's own `vllm serve` parser accepts the container's args, and --profiler-config is a valid ProfilerConfig."""
     pytest.importorskip("vllm")
@@ -448,6 +449,16 @@ def test_security_and_resources(pod):
     assert int(arg_value(vllm_args(vllm), "--tensor-parallel-size")) == int(gpus)
     assert mount_of(vllm, "/dev/shm") and volume(pod, mount_of(vllm, "/dev/shm")["name"])["emptyDir"]["medium"] == "Memory"
     assert "nvidia.com/gpu" not in sidecar["resources"].get("limits", {})
+
+
+def test_readme_creates_the_secret_the_pod_reads(pod):
+    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for c in pod["containers"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    readme = (DEPLOY / "README.md").read_text()
+    command = re.search(r"create secret generic (\S+)((?:[^\n]*\\\n)*[^\n]*)", readme)  # with its continuation lines
+    assert command, "deploy/README.md must show the `kubectl create secret generic` command"
+    created = {(command.group(1), key) for key in re.findall(r"--from-literal=([\w.-]+)=", command.group(2))}
+    assert created == refs, f"README creates {sorted(created)}, the pod reads {sorted(refs)}"
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> bytes:

@@ -1,4 +1,5 @@
-"""The README's main job: tiny MoE model → vLLM CPU with the plugin → sidecar → a short mixed workload."""
+"""The README's main job: tiny MoE model → vLLM CPU with the plugin → sidecar → Prometheus + Alertmanager
+(deploy/ configs, generated rules) → a short mixed workload, until the imbalance alert reaches the receiver."""
 
 from __future__ import annotations
 
@@ -8,7 +9,32 @@ import urllib.request
 
 import numpy as np
 
-from . import launch, workload
+from . import launch, promstack, workload
+from .alert_sink import AlertSink, describe
+
+DEMO_THRESHOLDS = os.path.join(promstack.REPO, "deploy", "prometheus", "demo-thresholds.toml")
+IMBALANCE_ALERT = "MoeExpertImbalanceSustained"
+
+
+def _start_alerting(workdir: str, sidecar: str, vllm: str, prom_port: int, am_port: int, sink_port: int):
+    """Prometheus + Alertmanager with the shipped configs and the demo thresholds; (procs, sink) or ([], None)
+    when the Debian packages are missing (the demo goes on without them)."""
+    from moe_monitor.mixin.build import to_yaml
+    from moe_monitor.mixin.config import load_config
+    from moe_monitor.mixin.rules import rules_document
+
+    try:
+        promstack.binary("prometheus"), promstack.binary("prometheus-alertmanager", "alertmanager")
+        rules = to_yaml(rules_document(load_config(DEMO_THRESHOLDS)))
+    except promstack.MissingTool as e:
+        print(f"without Prometheus/Alertmanager: {e}")
+        return [], None
+    sink = AlertSink(port=sink_port, on_alert=lambda a: print(f"  >>> alert at the receiver: {describe(a)}"))
+    am = promstack.start_alertmanager(workdir, am_port, sink.url,
+                                      promstack.Timing(group_wait="1s", group_interval="5s", repeat_interval="1h"))
+    prom = promstack.start_prometheus(workdir, prom_port, [sidecar], f"127.0.0.1:{am_port}", rules, vllm=vllm,
+                                      timing=promstack.Timing(interval="2s"))
+    return [prom, am], sink
 
 
 def _routed(metrics_url: str) -> tuple[np.ndarray, dict[str, float]]:
@@ -40,7 +66,8 @@ def _show(title: str, counts: np.ndarray) -> None:
         print(f"  layer {layer}: {bar}   max/mean {row.max() / (total / len(row)):.2f}")
 
 
-def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool) -> int:
+def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool, alerting: bool = True,
+             prometheus_port: int = 9090, alertmanager_port: int = 9093, receiver_port: int = 9095) -> int:
     from .tiny_model import generate, load_meta
 
     workdir = os.path.abspath(workdir)
@@ -57,9 +84,18 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
     sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"),
                                    ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20"])
     metrics_url = f"{sidecar.url}/metrics"
+    extra, sink = ([], None)
+    if alerting:
+        extra, sink = _start_alerting(workdir, f"127.0.0.1:{sidecar_port}", f"127.0.0.1:{vllm_port}",
+                                      prometheus_port, alertmanager_port, receiver_port)
     try:
         print(f"vLLM ready after {server.wait_ready('/health', 600):.0f}s at {server.url}")
         sidecar.wait_ready("/healthz", 60)
+        for proc in extra:
+            proc.wait_ready("/-/ready", 60)
+        if extra:
+            print(f"Prometheus at {extra[0].url} (rules: deploy/prometheus/rules, thresholds: {DEMO_THRESHOLDS}), "
+                  f"Alertmanager at {extra[1].url}, alerts printed by the receiver at {sink.url}")
         zero, health = _routed(metrics_url)
         print(f"sidecar ready at {metrics_url}: segments {health}, routed tokens before any request: "
               f"{int(zero.sum())}")
@@ -73,6 +109,15 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
         print(f"\nworkload 2/2: 16 prompts full of {meta['hot_words']} (the model routes them to expert "
               f"{meta['hot_expert']})")
         workload.run(server.url, workload.prompts(16, meta["hot_words"], hot_share=0.6, seed=2), max_tokens=12)
+        if sink is not None:
+            print(f"  ... and more of them until {IMBALANCE_ALERT} reaches the receiver (at most 90 s)")
+            deadline, seed = time.time() + 90, 3
+            while not sink.alerts(IMBALANCE_ALERT, "firing") and time.time() < deadline:
+                workload.run(server.url, workload.prompts(8, meta["hot_words"], hot_share=0.6, seed=seed),
+                             max_tokens=12)
+                seed += 1
+            if not sink.alerts(IMBALANCE_ALERT, "firing"):
+                print(f"  {IMBALANCE_ALERT} did not arrive; see {workdir}/prometheus.log and the Prometheus UI")
         time.sleep(2.5)
         hot, _ = _routed(metrics_url)
         _show(f"routed tokens added by the hot prompts (expert {meta['hot_expert']} should dominate):",
@@ -88,9 +133,13 @@ Look at:
     moe_monitor_segment_up / moe_monitor_segments   health of the plugin -> sidecar channel
   {server.url}/v1/completions                      send your own prompts (model name "{launch.SERVED_NAME}")
   logs: {workdir}/vllm.log, {workdir}/sidecar.log""")
+        if extra:
+            print(f"""  {extra[0].url}/alerts                           the alert rules and their state (Prometheus)
+  {extra[1].url}                                    Alertmanager; the receiver prints what it sends
+  grafana/dashboards/*.json                        import into a Grafana pointed at {extra[0].url}""")
         if keep_running:
-            print("\nvLLM and the sidecar keep running; Ctrl-C stops both.")
-            while server.popen.poll() is None and sidecar.popen.poll() is None:
+            print("\nEverything keeps running; Ctrl-C stops it all.")
+            while all(p.popen.poll() is None for p in (server, sidecar, *extra)):
                 time.sleep(1)
             print("a process exited; see the logs above")
             return 1
@@ -98,5 +147,7 @@ Look at:
     except KeyboardInterrupt:
         return 0
     finally:
-        sidecar.stop()
-        server.stop()
+        for proc in (*extra, sidecar, server):
+            proc.stop()
+        if sink is not None:
+            sink.close()

@@ -77,6 +77,8 @@ class MixinConfig:
             if f.name.endswith(("_for", "_window")) and not (isinstance(value, str) and value
                                                              and _DURATION.match(value)):
                 raise ConfigError(f"{f.name}: {value!r} is not a Prometheus duration (e.g. \"30s\", \"15m\", \"1h\")")
+            if f.name.endswith("_window") and not any(c in "123456789" for c in value):
+                raise ConfigError(f"{f.name}: a range cannot be {value!r}")
         if not _SELECTOR.match(self.selector):
             raise ConfigError(f"selector: {self.selector!r} is not a list of PromQL label matchers "
                               "(e.g. 'job=\"moe-monitor\", namespace=\"inference\"')")

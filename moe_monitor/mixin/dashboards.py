@@ -21,10 +21,13 @@ from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
+from .config import MixinConfig
 from .panels import (AGO_MS, BYTES, COUNT, ID, PER_SECOND, RATIO, SCOPE, SECONDS, SHARE, STATE, TIMESTAMP_MS,
                      Row, annotation, assemble, bar_gauge, data_link, datasource_variable, heatmap_panel, link,
                      prop, query, query_variable, sel, stat_panel, state_timeline, table_panel, transform, ts,
                      value_map)
+from .rules import (EP_RANK_ROUTED_RATE, LAYER_EP_RANK_IMBALANCE, ROUTED_ASSIGNMENTS_RATE, STEP_DURATION_P50,
+                    STEP_DURATION_P99, STEP_TOKENS_RATE, WORST_LAYER_IMBALANCE_MAX)
 
 UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": "moe-kernel-breakdown"}
 TAGS = ["moe-monitor", "moe", "vllm"]
@@ -35,31 +38,29 @@ LAYER = 'layer=~"$layer"'
 TOP1 = 'rank="1"'
 STEP_TIME = 'signal="step_time"'
 IMBALANCE = 'signal="worst_layer_imbalance_ratio"'
+# Settings that are not MixinConfig fields (a config object may also lack some of those: _opt falls back).
 DEFAULTS = {
-    "imbalance_threshold": 4.0,  # the detector's --imbalance-threshold; drawn as a dashed line
-    "stale_after_s": 30.0,  # the sidecar's --stale-after
-    "runbook_url": "https://github.com/moe-monitor/moe-monitor/blob/main/docs/runbooks.md",
+    "detector_imbalance_threshold": 4.0,  # the sidecar's --imbalance-threshold default
+    "stale_after_s": 30.0,  # the sidecar's --stale-after default
     "trace_api_url": "http://{instance}",  # where a browser reaches a sidecar's trace API; {instance}: its label
     "refresh": "30s",
 }
 
 
-def _opt(cfg, name: str, *aliases: str):
-    """A MixinConfig setting (first of `name`, `aliases` that the config has), else DEFAULTS[name]."""
-    for attr in (name, *aliases):
-        value = getattr(cfg, attr, None) if cfg is not None else None
+def _opt(cfg, name: str):
+    """cfg.<name>, else the MixinConfig default, else DEFAULTS[name]."""
+    for source in (cfg, MixinConfig):
+        value = getattr(source, name, None)
         if value not in (None, ""):
             return value
     return DEFAULTS[name]
 
 
-def _job_matchers(cfg) -> str:
-    """The job selector of the config as matchers for the job variable's query ('' when there is none)."""
-    selector = getattr(cfg, "job_selector", None) if cfg is not None else None
-    if not selector:
-        return ""
-    selector = str(selector).strip().strip("{}")
-    return selector if "=" in selector else f'job=~"{selector}"'
+def _runbook_anchor(expr: str) -> str:
+    """Add a `runbook` label to ALERTS series: the alert name in lower case (rules.py's runbook_url anchor)."""
+    for name in ALERTS:
+        expr = f'label_replace({expr}, "runbook", "{name.lower()}", "alertname", "{name}")'
+    return expr
 
 
 def _pad(expr: str, label: str, digits: int = 2) -> str:
@@ -73,17 +74,18 @@ def _pad(expr: str, label: str, digits: int = 2) -> str:
 # -- shared parts ------------------------------------------------------------------------------------
 
 def variables(cfg) -> list:
-    job_scope = _job_matchers(cfg)
+    selector = str(_opt(cfg, "selector")).strip().rstrip(",")
     return [
         datasource_variable(),
-        query_variable("job", "Job", f"label_values(moe_monitor_build_info{{{job_scope}}}, job)" if job_scope
-                       else "label_values(moe_monitor_build_info, job)",
-                       "Prometheus jobs scraping moe-monitor sidecars"),
+        query_variable("job", "Job", f"label_values(moe_monitor_build_info{{{selector}}}, job)",
+                       f"Prometheus jobs scraping moe-monitor sidecars (the mixin's selector {{{selector}}})"),
         query_variable("model", "Model", 'label_values(moe_model_info{job=~"$job"}, model)',
                        "Served MoE model (moe_model_info): narrows the instances"),
-        query_variable("instance", "Instance", 'label_values(moe_model_info{job=~"$job", model=~"$model"}, instance)',
+        query_variable("instance", "Instance",
+                       'label_values(moe_model_info{job=~"$job", model=~"$model"}, instance)',
                        "Sidecars serving the model within the time range (host:port of the scrape target)"),
-        query_variable("layer", "Layer", 'label_values(moe_layer_observable{job=~"$job", instance=~"$instance"}, layer)',
+        query_variable("layer", "Layer",
+                       'label_values(moe_layer_observable{job=~"$job", instance=~"$instance"}, layer)',
                        "MoE layer index (moe_layer_observable)", sort=dm.VariableSort.NUMERICAL_ASC),
     ]
 
@@ -91,12 +93,12 @@ def variables(cfg) -> list:
 def annotations() -> list:
     names = "|".join(ALERTS)
     return [
-        annotation("Profiler captures",
-                   f"sum by (instance, reason, outcome) (increase({sel('moe_captures_total')}[2m])) > 0",
+        annotation("Profiler captures", f"{captures_in('2m')} > 0",
                    "purple", title="capture: {{reason}} → {{outcome}}", text="{{instance}}",
                    tags="reason,outcome"),
-        annotation("Capture end (exact time)", f"max by (instance) ({sel('moe_capture_last_end_timestamp_seconds')}) * 1000",
-                   "blue", title="capture ended", text="{{instance}}", value_is_time=True, enable=False),
+        annotation("Capture end (exact time)",
+                   f"max by (instance) ({sel('moe_capture_last_end_timestamp_seconds')}) * 1000", "blue",
+                   title="capture ended", text="{{instance}}", value_is_time=True, enable=False),
         annotation("MoE alerts firing", f'ALERTS{{alertname=~"{names}", alertstate="firing", {SCOPE}}}',
                    "red", title="{{alertname}}", text="{{instance}} layer {{layer}}", tags="alertname,severity",
                    enable=False),
@@ -122,50 +124,54 @@ def _to(key: str, title: str) -> db.DashboardLink:
 # -- MoE overview ------------------------------------------------------------------------------------
 
 def _overview_now(cfg) -> Row:
-    thr = _opt(cfg, "imbalance_threshold", "imbalance_ratio_threshold")
+    thr = _opt(cfg, "imbalance_ratio")
     alerts = "|".join(ALERTS)
-    runbook = _opt(cfg, "runbook_url", "runbook_base_url")
+    runbook = _opt(cfg, "runbook_url")
     return Row("Now", [
-        stat_panel("Worst-layer imbalance", "max(c)/mean of the most imbalanced layer in the last closed window "
-                   "(1 = balanced, E = everything on one expert). Red at the detector's imbalance threshold.",
+        stat_panel("Worst-layer imbalance now", "max(c)/mean of the most imbalanced layer in the last closed window "
+                   "(1 = balanced, E = everything on one expert). Red from MoeExpertImbalanceSustained's threshold.",
                    RATIO, [query(f"max({sel('moe_worst_layer_imbalance_ratio')})")],
-                   steps=((None, "green"), (thr / 2, "orange"), (thr, "red")), decimals=2,
-                   links=[_to("expert_load", "Expert load")]),
-        stat_panel("Mean layer imbalance", "Mean over layers of max(c)/mean in the last window (layers without "
+                   steps=((None, "green"), (thr, "red")), decimals=2, links=[_to("expert_load", "Expert load")]),
+        stat_panel("Mean layer imbalance now", "Mean over layers of max(c)/mean in the last window (layers without "
                    "enough assignments skipped).", RATIO,
                    [query(f"avg({sel('moe_mean_layer_imbalance_ratio')})")],
-                   steps=((None, "green"), (thr / 2, "orange"), (thr, "red")), decimals=2),
-        stat_panel("Hot experts", "(layer, expert) pairs above hot_multiple × mean (--hot-multiple, default 2) "
+                   steps=((None, "green"), (thr, "red")), decimals=2),
+        stat_panel("Hot experts now", "(layer, expert) pairs above hot_multiple × mean (--hot-multiple, default 2) "
                    "in the last window, selected layers and instances.", COUNT,
                    [query(f"sum({sel('moe_layer_hot_experts', LAYER)})")],
                    steps=((None, "green"), (1, "orange"))),
-        stat_panel("Dead experts", "(layer, expert) pairs that received no token in the last window.", COUNT,
+        stat_panel("Dead experts now", "(layer, expert) pairs that received no token in the last window.", COUNT,
                    [query(f"sum({sel('moe_layer_dead_experts', LAYER)})")],
                    steps=((None, "green"), (1, "orange"))),
-        stat_panel("Routed assignments/s", "(token, expert) assignments per second over 5 min (tokens × top_k), "
+        stat_panel("Routed assignments/s now", "(token, expert) assignments per second over 5 min (tokens × top_k), "
                    "all layers (recording rule moe:routed_assignments:rate5m).", PER_SECOND,
-                   [query(f"sum({sel('moe:routed_assignments:rate5m')})")]),
+                   [query(f"sum({sel(ROUTED_ASSIGNMENTS_RATE)})")]),
         stat_panel("Unobservable layers", "MoE layers whose routing moe-monitor cannot see (a fused kernel routes "
                    "internally): their counts stay 0, which is not 'no load'.", COUNT,
                    [query(f"max({sel('moe_monitor_unobservable_layers')})")],
                    steps=((None, "green"), (1, "orange")), graph=False),
         table_panel("Firing and pending MoE alerts", "The mixin's alerts (Prometheus ALERTS series) for the "
-                    "selected instances. The alert name links to its runbook.", STATE,
-                    [query(f'max by (alertname, alertstate, severity, instance, layer) '
-                           f'(ALERTS{{alertname=~"{alerts}", {SCOPE}}})', instant=True, fmt="table")],
-                    h=6, transformations=[transform("organize", {"excludeByName": {"Time": True, "Value": True}})],
-                    overrides=[("alertname", [prop("links", [data_link("Runbook", f"{runbook}#${{__value.raw}}")])])]),
+                    "selected instances, now. The alert name links to its runbook.", STATE,
+                    [query(_runbook_anchor(f'max by (alertname, alertstate, severity, instance, layer) '
+                                           f'(ALERTS{{alertname=~"{alerts}", {SCOPE}}})'),
+                           instant=True, fmt="table")],
+                    h=6, transformations=[transform("organize", {
+                        "excludeByName": {"Time": True, "Value": True},
+                        "indexByName": {"alertname": 0, "alertstate": 1, "severity": 2, "instance": 3, "layer": 4}})],
+                    overrides=[("alertname", [prop("links", [data_link(
+                                   "Runbook", f"{runbook}#${{__data.fields.runbook}}")])]),
+                               ("runbook", [prop("custom.hidden", True)])]),
     ])
 
 
 def _overview_balance(cfg) -> Row:
-    thr = _opt(cfg, "imbalance_threshold", "imbalance_ratio_threshold")
+    thr = _opt(cfg, "imbalance_ratio")
     to_load = [_to("expert_load", "Expert load")]
     return Row("Expert balance", [
         ts("Worst-layer imbalance", "The worst layer's max(c)/mean per window, its 5-minute maximum (recording "
-           "rule) and the mean over layers. Dashed: the detector's imbalance threshold.", RATIO, [
+           "rule) and the mean over layers. Dashed: MoeExpertImbalanceSustained's threshold.", RATIO, [
                query(f"max by (instance) ({sel('moe_worst_layer_imbalance_ratio')})", "{{instance}} worst layer"),
-               query(f"max by (instance) ({sel('moe:worst_layer_imbalance_ratio:max_over_time5m')})",
+               query(f"max by (instance) ({sel(WORST_LAYER_IMBALANCE_MAX)})",
                      "{{instance}} worst layer, 5m max"),
                query(f"avg by (instance) ({sel('moe_mean_layer_imbalance_ratio')})", "{{instance}} mean of layers"),
            ], axis="max / mean", threshold=thr, min_=1, fill=0, links=to_load),
@@ -183,9 +189,9 @@ def _overview_balance(cfg) -> Row:
            [query(f"max by (layer) ({sel('moe_layer_dead_experts', LAYER)})", "layer {{layer}}")],
            w=8, steps=True, min_=0, fill=0),
         ts("Top-1 expert share by layer", "Share of the layer's assignments taken by its busiest expert in the "
-           "last window (worst instance); uniform routing gives 1/E.", SHARE,
+           "last window (worst instance); uniform routing gives 1/E. Dashed: MoeHotExpert's threshold.", SHARE,
            [query(f"max by (layer) ({sel('moe_layer_top1_share', LAYER)})", "layer {{layer}}")],
-           w=8, min_=0, fill=0),
+           w=8, min_=0, fill=0, threshold=_opt(cfg, "hot_expert_share")),
     ])
 
 
@@ -193,12 +199,13 @@ def _overview_ep(cfg) -> Row:
     return Row("EP ranks", [
         ts("Assignments/s by EP rank", "Assignments served by each EP rank under the expert placement (physical "
            "load), selected layers, 5-minute rate (moe:ep_rank_routed_tokens:rate5m). T1 series.", PER_SECOND,
-           [query(f"sum by (ep_rank) ({sel('moe:ep_rank_routed_tokens:rate5m', LAYER)})", "EP rank {{ep_rank}}")],
+           [query(f"sum by (ep_rank) ({sel(EP_RANK_ROUTED_RATE, LAYER)})", "EP rank {{ep_rank}}")],
            w=8, axis="assignments/s"),
         ts("EP-rank imbalance by layer", "max/mean of the EP-rank loads of each layer over 5 minutes "
-           "(moe:layer_ep_rank_imbalance_ratio:rate5m, worst instance): 1 = every rank equally busy.", RATIO,
-           [query(f"max by (layer) ({sel('moe:layer_ep_rank_imbalance_ratio:rate5m', LAYER)})", "layer {{layer}}")],
-           w=8, min_=1, fill=0),
+           "(moe:layer_ep_rank_imbalance_ratio:rate5m, worst instance): 1 = every rank equally busy. Dashed: "
+           "MoeEPRankImbalance's threshold (on the per-window figure).", RATIO,
+           [query(f"max by (layer) ({sel(LAYER_EP_RANK_IMBALANCE, LAYER)})", "layer {{layer}}")],
+           w=8, min_=1, fill=0, threshold=_opt(cfg, "ep_rank_imbalance_ratio")),
         ts("EPLB balancedness", "vLLM EPLB's and SGLang's balancedness over EP ranks in the last window "
            "(mean/max load, 1 = balanced; always 1 with one EP rank). Lowest instance.", SHARE, [
                query(f"min by (instance) ({sel('moe_eplb_balancedness_vllm')})", "{{instance}} vLLM"),
@@ -211,13 +218,13 @@ def _overview_steps(cfg) -> Row:
     to_kernel = [_to("kernel", "Kernel breakdown")]
     bucket = "{{phase}} ≤{{tokens_le}} tokens"
     return Row("Throughput and step time", [
-        ts("Routed assignments/s", "(token, expert) assignments per second, all layers, 5-minute rate "
+        ts("Routed assignments/s by instance", "(token, expert) assignments per second, all layers, 5-minute rate "
            "(moe:routed_assignments:rate5m).", PER_SECOND,
-           [query(f"sum by (instance) ({sel('moe:routed_assignments:rate5m')})", "{{instance}}")],
+           [query(f"sum by (instance) ({sel(ROUTED_ASSIGNMENTS_RATE)})", "{{instance}}")],
            w=8, axis="assignments/s"),
         ts("Tokens computed/s by phase", "Tokens computed in engine steps per second by step phase (prefill, "
            "decode, mixed), 5-minute rate (moe:step_tokens:rate5m).", PER_SECOND,
-           [query(f"sum by (phase) ({sel('moe:step_tokens:rate5m')})", "{{phase}}")],
+           [query(f"sum by (phase) ({sel(STEP_TOKENS_RATE)})", "{{phase}}")],
            w=8, axis="tokens/s", stack=True),
         ts("Engine steps/s by phase", "Engine steps per second by phase: the batch mix the step times below "
            "come from.", PER_SECOND,
@@ -226,12 +233,18 @@ def _overview_steps(cfg) -> Row:
         ts("Step time p50 by phase and tokens per step", "Median engine-step wall time per (phase, scheduled-"
            "token bucket) over 5 minutes (moe:step_duration_seconds:p50_rate5m); the slowest instance when "
            "several are selected. Compare like with like: a batch-mix shift moves steps between buckets.",
-           SECONDS, [query(f"max by (phase, tokens_le) ({sel('moe:step_duration_seconds:p50_rate5m')})", bucket)],
+           SECONDS, [query(f"max by (phase, tokens_le) ({sel(STEP_DURATION_P50)})", bucket)],
            table_legend=True, fill=0, links=to_kernel),
         ts("Step time p99 by phase and tokens per step", "99th percentile engine-step wall time per (phase, "
            "token bucket) over 5 minutes (moe:step_duration_seconds:p99_rate5m); slowest instance.", SECONDS,
-           [query(f"max by (phase, tokens_le) ({sel('moe:step_duration_seconds:p99_rate5m')})", bucket)],
+           [query(f"max by (phase, tokens_le) ({sel(STEP_DURATION_P99)})", bucket)],
            table_legend=True, fill=0, links=to_kernel),
+        ts("Step time vs baseline (detector)", "Per (phase, token bucket): the last window's mean step time "
+           "divided by the detector's baseline (median of recent windows); like with like, so a batch-mix shift "
+           "does not move it. Dashed: MoeStepTimeRegression's threshold.", RATIO,
+           [query(f"max by (phase, tokens_le) ({sel('moe_detector_current', STEP_TIME)} / "
+                  f"{sel('moe_detector_baseline', STEP_TIME)})", bucket)],
+           w=24, table_legend=True, fill=0, threshold=_opt(cfg, "step_time_ratio"), links=to_kernel),
     ])
 
 
@@ -254,12 +267,14 @@ def _overview_health(cfg) -> Row:
            w=8, stack=True, min_=0, steps=True),
         ts("Snapshot age", "Seconds since each rank last published, at the last window boundary. Dashed: "
            "--stale-after.", SECONDS,
-           [query(f"max by (instance, segment) ({sel('moe_monitor_snapshot_age_seconds')})", "{{instance}} {{segment}}")],
+           [query(f"max by (instance, segment) ({sel('moe_monitor_snapshot_age_seconds')})",
+                  "{{instance}} {{segment}}")],
            w=8, threshold=stale, min_=0, fill=0),
         ts("Segment read errors/s by kind", "Failed segment reads per second by kind (io, truncated, magic, "
            "version, corrupt, oversized, torn); one per failed read, per window while a bad file stays.",
            PER_SECOND,
-           [query(f"sum by (kind) (rate({sel('moe_monitor_segment_read_errors_total')}[$__rate_interval]))", "{{kind}}")],
+           [query(f"sum by (kind) (rate({sel('moe_monitor_segment_read_errors_total')}[$__rate_interval]))",
+                  "{{kind}}")],
            w=8, axis="errors/s", min_=0),
         ts("Plugin publish errors and rank restarts", "Snapshots the plugin failed to write (per segment) and "
            "vLLM rank restarts seen by the sidecar, per interval.", COUNT, [
@@ -325,7 +340,8 @@ def _load_histogram(cfg) -> list[Row]:
                           [query(LOAD_BUCKETS.format(buckets), "{{le}}", fmt="heatmap")],
                           y_unit=RATIO, y_label="load / mean", w=24, h=9, le_buckets=True),
         ]),
-        Row("Expert-load histogram per layer", [
+        # One panel per layer (61 for DeepSeek-V3): collapsed, so they load only when opened.
+        Row("Expert-load histogram per layer", collapsed=True, panels=[
             heatmap_panel("Layer $layer: expert load", describe, COUNT,
                           [query(LOAD_BUCKETS.format(buckets), "{{le}}", fmt="heatmap")],
                           y_unit=RATIO, y_label="load / mean", w=8, h=8, le_buckets=True)
@@ -334,22 +350,27 @@ def _load_histogram(cfg) -> list[Row]:
     ]
 
 
-def _per_expert_rows(cfg) -> list[Row]:
-    t2_all = ("Needs the per-expert tier: `moe-monitor serve --expert-series all` (T2, L × E series; dropped "
-              "first when --max-series is exceeded).")
-    return [
-        Row("Per expert (T2: --expert-series all)", [
-            heatmap_panel("Layer $layer: load by expert", "Each expert's assignments ÷ the layer's mean per "
-                          "interval (1 = its fair share); rows: expert id. " + t2_all, RATIO,
-                          [query(_pad(_per_expert("$__rate_interval"), "expert", 3), "{{expert}}")],
-                          y_unit="none", y_label="expert", w=12, h=10, scheme="Reds")
-            .repeat("layer").repeat_direction("h"),
-        ]),
-        Row("Top experts", [
+T2_ALL = ("Needs the per-expert tier: `moe-monitor serve --expert-series all` (T2, L × E series; dropped first "
+          "when --max-series is exceeded).")
+
+
+def _per_expert_row(cfg) -> Row:
+    return Row("Per expert (T2: --expert-series all)", collapsed=True, panels=[
+        heatmap_panel("Layer $layer: load by expert", "Each expert's assignments ÷ the layer's mean per interval "
+                      "(1 = its fair share); rows: expert id. " + T2_ALL, RATIO,
+                      [query(_pad(_per_expert("$__rate_interval"), "expert", 3), "{{expert}}")],
+                      y_unit="none", y_label="expert", w=12, h=10, scheme="Reds")
+        .repeat("layer").repeat_direction("h"),
+    ])
+
+
+def _top_experts(cfg) -> Row:
+    t2_all = T2_ALL
+    return Row("Top experts", [
             table_panel("Hottest experts over the time range", "The 5 busiest experts of each layer over the "
                         "dashboard's time range, as load ÷ the layer's mean. " + t2_all, RATIO,
                         [query(f"topk by (layer) (5, {_per_expert('$__range')})", instant=True, fmt="table")],
-                        w=12, h=10, sort_by="Value",
+                        w=12, h=10, sort_by="load / mean",
                         transformations=[transform("organize", {"excludeByName": {"Time": True},
                                                                 "renameByName": {"Value": "load / mean"}})]),
             table_panel("Top experts in the last window (T2: --expert-series top)", "The top-K experts of each "
@@ -370,22 +391,22 @@ def _per_expert_rows(cfg) -> list[Row]:
                            [query(f"max by (layer) ({sel('moe_layer_top_expert_id', LAYER, TOP1)})",
                                   "layer {{layer}}")],
                            w=24, h=8, color="palette-classic-by-name"),
-        ]),
-    ]
+    ])
 
 
 def _balance_rows(cfg) -> Row:
-    thr = _opt(cfg, "imbalance_threshold", "imbalance_ratio_threshold")
+    thr = _opt(cfg, "imbalance_ratio")
 
     def per_layer(metric: str, agg: str = "max") -> list:
         return [query(f"{agg} by (layer) ({sel(metric, LAYER)})", "layer {{layer}}")]
 
     worst = " Worst instance when several are selected."
     return Row("Balance statistics per layer (T0)", [
-        ts("Imbalance (max/mean)", "max(c)/mean per layer in the last window. Dashed: the detector's imbalance "
-           "threshold." + worst, RATIO, per_layer("moe_layer_imbalance_ratio"), w=8, threshold=thr, min_=1, fill=0),
-        ts("Top-1 share", "The busiest expert's share of the layer's assignments." + worst, SHARE,
-           per_layer("moe_layer_top1_share"), w=8, min_=0, fill=0),
+        ts("Imbalance (max/mean)", "max(c)/mean per layer in the last window. Dashed: "
+           "MoeExpertImbalanceSustained's threshold." + worst, RATIO, per_layer("moe_layer_imbalance_ratio"), w=8, threshold=thr, min_=1, fill=0),
+        ts("Top-1 share", "The busiest expert's share of the layer's assignments. Dashed: MoeHotExpert's "
+           "threshold." + worst, SHARE, per_layer("moe_layer_top1_share"), w=8, min_=0, fill=0,
+           threshold=_opt(cfg, "hot_expert_share")),
         ts("Top-k share", "Share of the top_k busiest experts (top_k of the model's routing)." + worst, SHARE,
            per_layer("moe_layer_topk_share"), w=8, min_=0, fill=0),
         ts("Load coefficient of variation", "std(c)/mean over the layer's experts (population std); 0 = "
@@ -399,7 +420,8 @@ def _balance_rows(cfg) -> Row:
 
 
 def expert_load(cfg=None) -> dict:
-    rows = [*_load_histogram(cfg), _balance_rows(cfg), *_per_expert_rows(cfg)]
+    overall, per_layer = _load_histogram(cfg)
+    rows = [overall, _balance_rows(cfg), _top_experts(cfg), per_layer, _per_expert_row(cfg)]
     return _dashboard(UIDS["expert_load"], "MoE expert load",
                       "How tokens spread over experts, per layer: the expert-load histogram, per-expert load and "
                       "the hottest experts.", cfg, rows, "now-3h")
@@ -408,6 +430,14 @@ def expert_load(cfg=None) -> dict:
 # -- MoE kernel breakdown ----------------------------------------------------------------------------
 
 CAPTURE_INFO = sel("moe_capture_info")
+
+
+def captures_in(range_: str, by: str = "instance, reason, outcome") -> str:
+    """Captures counted in the last `range_` by (reason, outcome). A (reason, outcome) series is born at 1 on its
+    first capture, which increase() cannot see: a series that did not exist `range_` ago counts whole."""
+    total = sel("moe_captures_total")
+    return (f"sum by ({by}) ((increase({total}[{range_}]) and {total} offset {range_}) "
+            f"or ({total} unless {total} offset {range_}))")
 
 
 def _with_capture(expr: str) -> str:
@@ -449,11 +479,11 @@ def _latest(cfg) -> Row:
 
 def _over_captures(cfg) -> Row:
     return Row("Over captures", [
-        ts("Share of device time by category", "Each category's share of device time; the value changes when a "
+        ts("Share of device time over captures", "Each category's share of device time; the value changes when a "
            "newer capture is analysed (annotations mark captures).", SHARE,
            [query(f"avg by (category) ({sel('moe_capture_share')})", "{{category}}")],
            stack=True, steps=True, min_=0, max_=1, fill=60, table_legend=True, calcs=["lastNotNull"]),
-        ts("Device time by category", "Device seconds of each category per capture, all ranks.", SECONDS,
+        ts("Device time over captures", "Device seconds of each category per capture, all ranks.", SECONDS,
            [query(f"sum by (category) ({sel('moe_capture_device_seconds')})", "{{category}}")],
            stack=True, steps=True, min_=0, fill=60, table_legend=True, calcs=["lastNotNull"]),
         ts("MoE pre-amble vs first expert GEMM", "Per MoE layer (mean): norm → first expert GEMM against the "
@@ -461,7 +491,8 @@ def _over_captures(cfg) -> Row:
                query(f"avg({sel('moe_capture_moe_preamble_seconds')})", "pre-amble"),
                query(f"avg({sel('moe_capture_first_expert_gemm_seconds')})", "first expert GEMM"),
            ], steps=True, min_=0, fill=0),
-        ts("Idle between kernels", "Device idle time inside the captured engine steps, per capture.", SECONDS,
+        ts("Idle between kernels over captures", "Device idle time inside the captured engine steps, per capture.",
+           SECONDS,
            [query(f"sum by (instance) ({sel('moe_capture_idle_seconds')})", "{{instance}}")],
            steps=True, min_=0, fill=0),
     ])
@@ -505,16 +536,12 @@ def _captures(cfg) -> Row:
         ts("Captures by reason and outcome", "Profiler captures per interval by reason (step_time, imbalance, "
            "manual) and outcome (ok, partial, no_trace, profiler_disabled, start_failed, over_quota, "
            "skipped_busy).", COUNT,
-           [query(f"sum by (reason, outcome) (increase({sel('moe_captures_total')}[$__rate_interval]))",
-                  "{{reason}} → {{outcome}}")], bars=True, stack=True, min_=0),
-        bar_gauge("Captures in the time range", "Captures by reason and outcome over the dashboard's time range.",
-                  COUNT, [query(f"sort_desc(sum by (reason, outcome) (round(increase({sel('moe_captures_total')}"
-                                f"[$__range]))))", "{{reason}} → {{outcome}}", instant=True)]),
-        state_timeline("Capture in progress", "1 while the sidecar runs a profiler capture (steps recorded under "
-                       "the profiler are slower; the detector ignores those windows).", STATE,
-                       [query(f"max by (instance) ({sel('moe_capture_in_progress')})", "{{instance}}")],
-                       mappings=value_map({"0": ("idle", "transparent"), "1": ("capturing", "purple")}),
-                       steps=((None, "transparent"), (1, "purple"))),
+           [query(captures_in("$__rate_interval", "reason, outcome"), "{{reason}} → {{outcome}}")],
+           bars=True, stack=True, min_=0),
+        bar_gauge("Capture count by reason and outcome", "Captures by reason and outcome over the dashboard's time "
+                  "range.",
+                  COUNT, [query(f"sort_desc(round({captures_in('$__range', 'reason, outcome')}))",
+                                "{{reason}} → {{outcome}}", instant=True)]),
         stat_panel("Profiler enabled in vLLM", "0 when vLLM answered /start_profile with 404 (started without "
                    "--profiler-config); empty until the first capture.", STATE,
                    [query(f"min({sel('moe_capture_profiler_enabled')})")], graph=False,
@@ -531,6 +558,11 @@ def _captures(cfg) -> Row:
         stat_panel("Analysis errors", "Captures that could not be analysed over the time range.", COUNT,
                    [query(f"sum(increase({sel('moe_capture_analysis_errors_total')}[$__range]))")], graph=False,
                    steps=((None, "green"), (1, "red")), decimals=0),
+        state_timeline("Capture in progress", "1 while the sidecar runs a profiler capture (steps recorded under "
+                       "the profiler are slower; the detector ignores those windows).", STATE,
+                       [query(f"max by (instance) ({sel('moe_capture_in_progress')})", "{{instance}}")],
+                       mappings=value_map({"0": ("idle", "transparent"), "1": ("capturing", "purple")}),
+                       steps=((None, "transparent"), (1, "purple")), w=24, h=5),
     ])
 
 
@@ -538,7 +570,7 @@ DETECTOR_STATES = ("warmup", "armed", "cooldown", "budget_exhausted")
 
 
 def _detector(cfg) -> Row:
-    thr = _opt(cfg, "imbalance_threshold", "imbalance_ratio_threshold")
+    thr = _opt(cfg, "detector_imbalance_threshold")
     coded = " or ".join(f"{i} * " + sel("moe_detector_state", f'state="{s}"')
                         for i, s in enumerate(DETECTOR_STATES, start=1))
     colors = ("blue", "green", "yellow", "red")
@@ -558,7 +590,7 @@ def _detector(cfg) -> Row:
                      f"current {key}"),
            ], table_legend=True, fill=0, min_=0),
         ts("Worst-layer imbalance: baseline vs current", "The detector's imbalance signal: recent median and the "
-           "last window's worst-layer max/mean. Dashed: --imbalance-threshold.", RATIO, [
+           "last window's worst-layer max/mean. Dashed: the sidecar's default --imbalance-threshold (4).", RATIO, [
                query(f"max by (instance) ({sel('moe_detector_baseline', IMBALANCE)})",
                      "baseline {{instance}}"),
                query(f"max by (instance) ({sel('moe_detector_current', IMBALANCE)})",

@@ -179,19 +179,21 @@ def state_timeline(title: str, description: str, unit: str, targets: list, *, ma
 def heatmap_panel(title: str, description: str, unit: str, targets: list, *, y_unit: str, w: int = 12,
                   h: int = 8, scheme: str = "Oranges", y_label: str | None = None, le_buckets: bool = False,
                   links=()) -> heatmap.Panel:
-    """A heatmap of pre-bucketed data: Prometheus `le` buckets (`le_buckets`) or one row per series."""
+    """A heatmap of pre-bucketed data: Prometheus `le` buckets (`le_buckets`; empty buckets not drawn) or one
+    row per series (a zero, e.g. a dead expert, is drawn)."""
     p = _common(heatmap.Panel(), title, description, unit, targets, w, h, links)
     y = heatmap.YAxisConfig().unit(y_unit).axis_placement(common.AxisPlacement.LEFT).reverse(False)
     if y_label:
         y = y.axis_label(y_label)
     rows = heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE if le_buckets
                                                else common.HeatmapCellLayout.AUTO)
+    if le_buckets:
+        p = p.filter_values(heatmap.FilterValueRange().le(1e-9))
     return (p.calculate(False).rows_frame(rows).y_axis(y)
             .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme(scheme)
-                   .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.5).fill("dark-orange").steps(64)
+                   .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.5).steps(64)
                    .reverse(False))
             .cell_values(heatmap.CellValues().unit(unit)).cell_gap(1).show_value(common.VisibilityMode.NEVER)
-            .filter_values(heatmap.FilterValueRange().le(1e-9))
             .show_legend().show_tooltip().show_y_histogram().exemplars_color("rgba(255,0,255,0.7)"))
 
 
@@ -220,13 +222,15 @@ def prop(id_: str, value: object) -> dm.DynamicConfigValue:
 # -- template variables ----------------------------------------------------------------------------
 
 def datasource_variable() -> db.DatasourceVariable:
-    return (db.DatasourceVariable("datasource").label("Data source").type("prometheus")
+    # id = name: Grafana (before scenes) keys its variable state by id; the SDK's default id is one zero UUID
+    # for every variable, which would make them overwrite each other.
+    return (db.DatasourceVariable("datasource").id("datasource").label("Data source").type("prometheus")
             .description("Prometheus that scrapes the moe-monitor sidecars"))
 
 
 def query_variable(name: str, label: str, query_: str, description: str, *, multi: bool = True,
                    include_all: bool = True, sort=dm.VariableSort.ALPHABETICAL_ASC) -> db.QueryVariable:
-    v = (db.QueryVariable(name).label(label).description(description).datasource(DATASOURCE)
+    v = (db.QueryVariable(name).id(name).label(label).description(description).datasource(DATASOURCE)
          .query(query_).refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(sort).multi(multi)
          .include_all(include_all))
     return v

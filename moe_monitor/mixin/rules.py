@@ -83,6 +83,12 @@ def sustained(cfg: MixinConfig, gauge: str) -> str:
     return f"min_over_time((\n  {loaded(cfg, gauge)}\n)[{cfg.rate_window}:])"
 
 
+def worst_layer(cfg: MixinConfig, gauge: str, threshold: float) -> str:
+    """Per instance: the largest sustained value of `gauge` over its layers, above `threshold`. Aggregating
+    `without (layer)` keeps one alert per instance however the worst layer moves, and the target labels."""
+    return f"max without (layer) (\n{_indent(sustained(cfg, gauge))}\n) > {_num(threshold)}"
+
+
 def alert_rules(cfg: MixinConfig) -> dict:
     alerts = [
         _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
@@ -100,7 +106,7 @@ def rules_document(cfg: MixinConfig) -> dict:
 def _imbalance(cfg: MixinConfig) -> dict:
     return _alert(
         cfg, "MoeExpertImbalanceSustained", "warning", cfg.imbalance_for,
-        f"max without (layer) (\n{_indent(sustained(cfg, 'moe_layer_imbalance_ratio'))}\n) > {_num(cfg.imbalance_ratio)}",
+        worst_layer(cfg, "moe_layer_imbalance_ratio", cfg.imbalance_ratio),
         f"MoE expert load imbalanced on {INSTANCE}.",
         f"For {cfg.imbalance_for}, in every loaded window, the busiest expert of some MoE layer received more "
         f"than {_num(cfg.imbalance_ratio)}x the mean expert load (worst layer now at least {VALUE}x). That "
@@ -132,8 +138,7 @@ def _dead_experts(cfg: MixinConfig) -> dict:
 def _ep_rank_imbalance(cfg: MixinConfig) -> dict:
     return _alert(
         cfg, "MoeEPRankImbalance", "warning", cfg.ep_rank_imbalance_for,
-        f"max without (layer) (\n{_indent(sustained(cfg, 'moe_layer_ep_rank_imbalance_ratio'))}\n)"
-        f" > {_num(cfg.ep_rank_imbalance_ratio)}",
+        worst_layer(cfg, "moe_layer_ep_rank_imbalance_ratio", cfg.ep_rank_imbalance_ratio),
         f"EP-rank load imbalanced on {INSTANCE}.",
         f"For {cfg.ep_rank_imbalance_for}, in every loaded window, the busiest EP rank of some MoE layer "
         f"served more than {_num(cfg.ep_rank_imbalance_ratio)}x the mean rank load (worst layer now at least "
