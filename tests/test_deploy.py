@@ -488,14 +488,16 @@ def call(method: str, url: str, body: dict | list | None = None, token: str | No
         return e.code, e.read()
 
 
-def stop(proc: subprocess.Popen) -> int:
+def stop(proc: subprocess.Popen, log: Path | None = None) -> None:
+    """SIGTERM, and the process must exit with 0 (a clean shutdown) within 30 s."""
     proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(timeout=30)
+        code = proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
         pytest.fail(f"{proc.args[0]} did not stop within 30 s of SIGTERM")
+    assert code == 0, f"{proc.args[0]} exited with {code} on SIGTERM:\n{log.read_text()[-4000:] if log else ''}"
 
 
 def test_sidecar_container_command_runs_and_answers_its_probes(pod, tmp_path):
@@ -540,7 +542,7 @@ def test_sidecar_container_command_runs_and_answers_its_probes(pod, tmp_path):
         assert call("POST", base + "/api/captures", {"reason": "test"})[0] == 401
         assert call("POST", base + "/api/captures", {"reason": "test"}, token="wrong")[0] == 401
     finally:
-        stop(proc)
+        stop(proc, log)
 
 
 # -- Prometheus and Alertmanager ----------------------------------------------------------------------------
@@ -651,9 +653,9 @@ def alertmanager(tmp_path):
         wait_http(base + "/-/ready", 60, proc, log)
         yield base, receiver
     finally:
-        assert stop(proc) == 0, log.read_text()
         receiver.shutdown()
         receiver.server_close()
+        stop(proc, log)
 
 
 def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
@@ -716,4 +718,4 @@ def test_generated_prometheus_starts_loads_the_rules_and_finds_alertmanager(tmp_
             time.sleep(0.5)
         assert [a["url"] for a in ams] == [f"{am_base}/api/v2/alerts"]
     finally:
-        assert stop(proc) == 0, log.read_text()
+        stop(proc, log)

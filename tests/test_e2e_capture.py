@@ -74,6 +74,38 @@ def wait_for_capture(sidecar, reason: str, since: float, timeout: float = 120, s
     return None
 
 
+STEADY_S = float(os.environ.get("MOE_MONITOR_STEADY_S", "180"))
+
+
+def test_steady_traffic_for_minutes_captures_nothing(stack):
+    """No false positives: the same balanced mix for several minutes, with this module's sensitive detector
+    settings (1 s windows, +40 % step time or x1.25 imbalance over 2 windows), must trigger no capture."""
+    server, sidecar, _, _ = stack
+    stop = threading.Event()
+    t = threading.Thread(target=traffic, args=(server, stop, (), 900), daemon=True)
+    t.start()
+    peaks: dict[str, float] = {}
+    try:
+        deadline = time.time() + STEADY_S
+        while time.time() < deadline:
+            time.sleep(2)
+            body = urllib.request.urlopen(sidecar.url + "/metrics", timeout=10).read().decode().splitlines()
+            cur = {x.split("}")[0]: float(x.rsplit(" ", 1)[1]) for x in body if x.startswith("moe_detector_current")}
+            base = {x.split("}")[0]: float(x.rsplit(" ", 1)[1]) for x in body if x.startswith("moe_detector_baseline")}
+            for key, value in cur.items():
+                b = base.get(key.replace("current", "baseline"))
+                if b and b > 0 and value == value:
+                    peaks[key] = max(peaks.get(key, 0.0), value / b)
+    finally:
+        stop.set()
+        t.join()
+    worst = max(peaks.values(), default=float("nan"))
+    print(f"\nsteady traffic for {STEADY_S:.0f} s: {len(peaks)} detector keys, worst current/baseline {worst:.2f}, "
+          f"captures {len(captures(sidecar))}")
+    assert peaks, "the detector saw no windows"
+    assert captures(sidecar) == []
+
+
 def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path):
     server, sidecar, meta, store = stack
     stop = threading.Event()
