@@ -109,7 +109,8 @@ def volume(pod: dict, name: str) -> dict:
 
 def mount_of(c: dict, path: str) -> dict | None:
     """The volume mount whose mountPath is `path` or a parent of it."""
-    found = [m for m in c.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    found = [m for m in c.get("volumeMounts", [])
+             if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
     return max(found, key=lambda m: len(m["mountPath"])) if found else None
 
 
@@ -231,7 +232,7 @@ def test_builtin_manifests_validate_strictly(version):
     assert sorted(checked) == ["Deployment", "Service"]
 
 
-def test_strict_validation_catches_a_misspelled_field(pod):
+def test_strict_validation_catches_a_misspelled_field():
     doc = one("Deployment")
     doc["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # volumeMounts
     with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
@@ -447,7 +448,8 @@ def test_security_and_resources(pod):
     gpus = vllm["resources"]["limits"]["nvidia.com/gpu"]
     assert vllm["resources"]["requests"]["nvidia.com/gpu"] == gpus and int(gpus) >= 1
     assert int(arg_value(vllm_args(vllm), "--tensor-parallel-size")) == int(gpus)
-    assert mount_of(vllm, "/dev/shm") and volume(pod, mount_of(vllm, "/dev/shm")["name"])["emptyDir"]["medium"] == "Memory"
+    shm = mount_of(vllm, "/dev/shm")
+    assert shm and volume(pod, shm["name"])["emptyDir"]["medium"] == "Memory", "NCCL needs more than 64 MB of /dev/shm"
     assert "nvidia.com/gpu" not in sidecar["resources"].get("limits", {})
 
 
@@ -595,7 +597,8 @@ def test_generated_alerts_are_covered_by_the_inhibit_rule():
     (inhibit,) = load(ALERTMANAGER_YML)["inhibit_rules"]
     assert am_matches(inhibit["source_matchers"], {"alertname": "MoeSidecarDown"})
     assert not am_matches(inhibit["target_matchers"], {"alertname": "MoeSidecarDown"})
-    missed = [n for n in names if n != "MoeSidecarDown" and not am_matches(inhibit["target_matchers"], {"alertname": n})]
+    missed = [n for n in names
+              if n != "MoeSidecarDown" and not am_matches(inhibit["target_matchers"], {"alertname": n})]
     assert not missed, f"not inhibited while the sidecar is down: {missed}"
 
 
@@ -671,7 +674,8 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
 
     deadline = time.monotonic() + 30
     while True:
-        sent = {(a["labels"]["alertname"], a["labels"]["instance"]) for n in receiver.notifications for a in n["alerts"]}
+        sent = {(a["labels"]["alertname"], a["labels"]["instance"])
+                for n in receiver.notifications for a in n["alerts"]}
         if {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")} <= sent or time.monotonic() > deadline:
             break
         time.sleep(0.2)
