@@ -42,6 +42,9 @@ class MixinConfig:
     # names keep "5m" whatever this is (the dashboards depend on the names); change it for tests only.
     rate_window: str = "5m"
     runbook_url: str = RUNBOOK_URL
+    # Where a Grafana user's browser reaches a sidecar's trace API (capture links on the dashboards);
+    # {instance} is the scraped instance label. In Kubernetes, point it at an ingress or a port-forward.
+    trace_api_url: str = "http://{instance}"
 
     # Routing alerts read the per-window gauges of the layers whose window was "loaded": on average at least
     # this many assignments per expert (below it max/mean and dead counts are mostly chance). Windows below
@@ -95,6 +98,8 @@ class MixinConfig:
         if bad or not self.capture_failure_outcomes:
             raise ConfigError(f"capture_failure_outcomes: {bad or '[]'} not allowed; choose among "
                               f"{[o for o in CAPTURE_OUTCOMES if o != 'ok']}")
+        if not self.trace_api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"trace_api_url: {self.trace_api_url!r} is not an http(s) URL")
         if not self.runbook_url.startswith(("http://", "https://")):
             raise ConfigError(f"runbook_url: {self.runbook_url!r} is not an http(s) URL")
 
