@@ -224,3 +224,154 @@ def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
         expected["categories"]["gate"]["us"] / 1e6)
     assert values[("moe_capture_moe_preamble_seconds", ())] > 0
     assert values[("moe_capture_analysis_errors_total", ())] == 0
+
+
+# -- Expert parallelism: all-to-all ------------------------------------------------------------------------------
+# CPU traces of both ranks of benchmarks/ep_stack.py (gloo, 2 ranks, 2 MoE layers x 8 experts, top-2, 32 tokens
+# per rank, 2 recorded steps; docs/ep.md has the command). Each MoE layer runs 4 all_to_all_single calls: split
+# sizes, hidden states, expert ids (dispatch) and the combine.
+EP_TRACES = [os.path.join(TRACES, f"cpu_ep_stack_gloo_dp{r}_pp0_tp0_ep{r}_rank{r}.pt.trace.json.gz") for r in (0, 1)]
+EP_LAYERS, EP_STEPS = 2, 2
+
+
+def cpu_covered_time(path):
+    """Time covered by top-level ops per thread, the c10d communication ranges (gloo's thread) included."""
+    evs = [e for e in raw_events(path) if e.get("ph") == "X" and (
+        e.get("cat") == "cpu_op" or (e.get("cat") == "user_annotation" and e["name"].startswith("gloo:")))]
+    covered, end = defaultdict(float), defaultdict(lambda: float("-inf"))
+    for e in sorted(evs, key=lambda e: (e["ts"], -e["dur"])):
+        if e["ts"] >= end[e["tid"]]:
+            covered[e["tid"]] += e["dur"]
+            end[e["tid"]] = e["ts"] + e["dur"]
+    return sum(covered.values())
+
+
+@pytest.mark.parametrize("path", EP_TRACES)
+def test_ep_cpu_trace_all_to_all_and_experts(path):
+    r = analyze([read_trace(path)], top=10_000)
+    names = by_name(r)
+    cats = r["categories"]
+    assert cats["all_to_all"]["us"] > 0 and cats["experts"]["us"] > 0
+    calls = 4 * EP_LAYERS * EP_STEPS
+    # gloo: the op enqueues on the calling thread, the exchange runs in gloo's range on its own thread
+    assert names["c10d::alltoall_base_"]["count"] == names["gloo:all_to_all"]["count"] == calls
+    assert names["c10d::alltoall_base_"]["category"] == names["gloo:all_to_all"]["category"] == "all_to_all"
+    assert cats["all_to_all"]["us"] == pytest.approx(
+        names["c10d::alltoall_base_"]["total_us"] + names["gloo:all_to_all"]["total_us"])
+    # _grouped_mm runs aten::mm on CPU: its children are expert work too, not dense GEMMs
+    assert names["aten::_grouped_mm"]["count"] == 2 * EP_LAYERS * EP_STEPS
+    assert names["aten::_grouped_mm"]["category"] == names["aten::mm"]["category"] == "experts"
+    assert cats["dense_gemm"]["us"] < 0.1 * cats["experts"]["us"]  # what is left: the gate's addmm internals
+    # Between the router and the experts (dispatch) the permutation is align/permute; the collectives are not.
+    assert names["aten::topk"]["category"] == "gate" and names["aten::addmm"]["category"] == "gate"
+    assert names["aten::sort"]["category"] == "align_permute"
+    assert r["moe_blocks"]["count"] == EP_LAYERS * EP_STEPS
+    assert [(s["phase"], s["tokens"]) for s in r["steps"]] == [("prefill", 32)] * EP_STEPS
+    assert r["total_us"] == pytest.approx(cpu_covered_time(path), rel=1e-9)
+
+
+def test_ep_cpu_traces_of_both_ranks_together():
+    r = analyze([read_trace(p) for p in EP_TRACES])
+    assert [x["rank"] for x in r["ranks"]] == ["dp0-pp0-tp0-ep0", "dp1-pp0-tp0-ep1"]
+    assert all(x["categories"]["all_to_all"] > 0 and x["categories"]["experts"] > 0 for x in r["ranks"])
+
+
+def _write_trace(path, events):
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def _x(cat, name, ts, dur, tid):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+
+NCCL_SENDRECV = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"  # NCCL >= 2.22
+COMPUTE, NCCL = 7, 23
+
+
+def ep_gpu_layer(comm_kernel: str, comm_stream: int, t0: float = 0.0) -> list[dict]:
+    """One EP MoE layer on the device as torch + NCCL run it: norm, gate GEMM, router, sort, dispatch
+    (split sizes, hidden states, ids), two grouped expert GEMMs, combine, un-permute; 10 us per kernel."""
+    seq = [("vectorized_layer_norm_kernel<float>", COMPUTE), ("nvjet_tst_64x8_64x16_1x1_v_bz_TNT", COMPUTE),
+           ("void softmax_warp_forward<float, float, float, 3>", COMPUTE),
+           ("void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>", COMPUTE),
+           ("void at::native::radixSortKVInPlace<-2, -1, 32, 4, long, long>", COMPUTE),
+           (comm_kernel, comm_stream), (comm_kernel, comm_stream), (comm_kernel, comm_stream),
+           ("void at::native::index_elementwise_kernel<128, 4>", COMPUTE),
+           ("_ZN7cutlass13device_kernelI...GroupProblemShape...", COMPUTE),
+           ("void at::native::vectorized_elementwise_kernel<4, silu>", COMPUTE),
+           ("_ZN7cutlass13device_kernelI...GroupProblemShape...", COMPUTE),
+           (comm_kernel, comm_stream),
+           ("void at::native::index_elementwise_kernel<128, 4>", COMPUTE),
+           ("vectorized_layer_norm_kernel<float>", COMPUTE)]
+    return [_x("kernel", name, t0 + 20.0 * i, 10.0, stream) for i, (name, stream) in enumerate(seq)]
+
+
+@pytest.mark.parametrize("comm_kernel", [
+    NCCL_SENDRECV,
+    "ncclDevKernel_SendRecv(ncclDevComm*, unsigned long, ncclWork*)",  # NCCL 2.19 - 2.21
+    "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclDevComm*, unsigned long, ncclWork*)",  # before 2.19
+    "void deep_ep::intranode::dispatch<8, 768, 8192>(int4*, float*, int*)",
+])
+@pytest.mark.parametrize("comm_stream", [NCCL, COMPUTE], ids=["own-stream", "compute-stream"])
+def test_ep_gpu_all_to_all_kernels(tmp_path, comm_kernel, comm_stream):
+    """NCCL runs all_to_all_single as grouped send/recv on its own stream; DeepEP-like kernels run on the compute
+    stream, between the router and the experts: either way they are all-to-all, never align/permute, and the
+    MoE block around them is still found. c10d's `nccl:all_to_all` range (host side, and its device projection)
+    closes when the GPU work completes, so it spans compute kernels too: it must not re-label them."""
+    events = ep_gpu_layer(comm_kernel, comm_stream)
+    events += [_x("user_annotation", "nccl:all_to_all", 100.0, 200.0, 1),
+               _x("gpu_user_annotation", "nccl:all_to_all", 100.0, 200.0, NCCL),
+               _x("user_annotation", "execute_context_0(0)_generation_8(8)", 0.0, 300.0, 1),
+               _x("gpu_user_annotation", "execute_context_0(0)_generation_8(8)", 0.0, 300.0, COMPUTE)]
+    path = tmp_path / "ep_dp0_pp0_tp0_ep0_rank0.pt.trace.json.gz"
+    _write_trace(path, events)
+    r = analyze([read_trace(str(path))], top=100)
+    names = by_name(r)
+    assert names[comm_kernel]["category"] == "all_to_all" and names[comm_kernel]["count"] == 4
+    assert names["_ZN7cutlass13device_kernelI...GroupProblemShape..."]["category"] == "experts"
+    assert names["void at::native::vectorized_elementwise_kernel<4, silu>"]["category"] == "experts"
+    assert names["nvjet_tst_64x8_64x16_1x1_v_bz_TNT"]["category"] == "gate"
+    assert names["void at::native::radixSortKVInPlace<-2, -1, 32, 4, long, long>"]["category"] == "align_permute"
+    assert names["void at::native::index_elementwise_kernel<128, 4>"]["category"] == "align_permute"
+    assert r["categories"]["all_to_all"]["us"] == pytest.approx(40.0)
+    assert r["moe_blocks"]["count"] == 1 and r["moe_blocks"]["first_expert_us"] == 10.0
+
+
+@pytest.mark.parametrize("name, category", [
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+    ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+    ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "collective"),
+    ("void vllm::cross_device_reduce_1stage<__nv_bfloat16, 2>(...)", "collective"),
+    ("void deep_ep::intranode::combine<__nv_bfloat16, 8, 768>(...)", "all_to_all"),
+    ("c10d::alltoall_base_", "all_to_all"),
+    ("gloo:all_to_all", "all_to_all"),
+    ("nccl:all_to_all", "all_to_all"),
+    ("c10d::barrier", "collective"),
+])
+def test_communication_names(tmp_path, name, category):
+    _write_trace(tmp_path / "t.json.gz", [_x("kernel", name, 0.0, 5.0, NCCL)])
+    assert by_name(analyze([read_trace(str(tmp_path / "t.json.gz"))]))[name]["category"] == category
+
+
+def test_ep_cpu_gloo_range_is_communication_not_an_annotation(tmp_path):
+    """On CPU the exchange is gloo's range on its own thread; an op of the main thread that runs meanwhile keeps
+    its own category, and ops that an expert op runs are expert work."""
+    main, gloo = 100, 200
+    events = [_x("cpu_op", "aten::addmm", 0.0, 10.0, main), _x("cpu_op", "aten::topk", 10.0, 10.0, main),
+              _x("cpu_op", "aten::sort", 20.0, 10.0, main), _x("cpu_op", "c10d::alltoall_base_", 30.0, 5.0, main),
+              _x("user_annotation", "gloo:all_to_all", 32.0, 30.0, gloo),
+              _x("cpu_op", "aten::index", 40.0, 10.0, main),  # overlaps gloo's range in time, another thread
+              _x("cpu_op", "aten::_grouped_mm", 60.0, 20.0, main), _x("cpu_op", "aten::mm", 62.0, 15.0, main),
+              _x("cpu_op", "c10d::alltoall_base_", 80.0, 5.0, main),
+              _x("user_annotation", "gloo:all_to_all", 81.0, 10.0, gloo),
+              _x("cpu_op", "aten::index_put_", 92.0, 5.0, main), _x("cpu_op", "aten::rms_norm", 100.0, 5.0, main)]
+    _write_trace(tmp_path / "t.json.gz", events)
+    r = analyze([read_trace(str(tmp_path / "t.json.gz"))])
+    names = by_name(r)
+    assert {n: names[n]["category"] for n in names} == {
+        "aten::addmm": "gate", "aten::topk": "gate", "aten::sort": "align_permute", "aten::index": "align_permute",
+        "c10d::alltoall_base_": "all_to_all", "gloo:all_to_all": "all_to_all", "aten::_grouped_mm": "experts",
+        "aten::mm": "experts", "aten::index_put_": "align_permute", "aten::rms_norm": "norm_elementwise"}
+    assert r["categories"]["all_to_all"]["us"] == pytest.approx(5 + 30 + 5 + 10)
+    assert r["categories"]["experts"]["us"] == pytest.approx(20.0)  # 5 us self + the 15 us mm it ran

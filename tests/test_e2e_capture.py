@@ -182,10 +182,10 @@ def start_hogs(n: int, cores: set[int], niceness: int, seconds: float) -> list[s
     return [subprocess.Popen([sys.executable, "-c", HOG, *args]) for _ in range(n)]
 
 
-def pinned_cores(root_pid: int) -> set[int]:
-    """Cores that vLLM's pinned threads (CPU OMP workers, VLLM_CPU_OMP_THREADS_BIND) run on: contention must
-    land there, or the OS scheduler simply moves the competing processes to the other cores."""
-    every = os.sched_getaffinity(0)
+def server_cores(root_pid: int) -> set[int]:
+    """Every core any thread of the server (the API process, the engine core, the worker and its OMP threads)
+    may run on. Pinning the contention to the OMP threads' bound cores alone is not enough: the worker's main
+    thread is not bound, and the scheduler moves it to an idle core (the step time then does not move)."""
     children, pids = {}, [root_pid]
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -200,12 +200,10 @@ def pinned_cores(root_pid: int) -> set[int]:
         pids += children.get(pid, [])
         for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
             try:
-                allowed = os.sched_getaffinity(int(tid))
+                cores |= os.sched_getaffinity(int(tid))
             except OSError:
                 continue
-            if allowed != every:
-                cores |= allowed
-    return cores or every
+    return cores or os.sched_getaffinity(0)
 
 
 def wait_until_not_capturing(sidecar, timeout: float = 120) -> None:
@@ -226,12 +224,10 @@ def test_step_time_regression_under_cpu_contention_captures_a_trace(stack):
     try:
         time.sleep(12)  # steady traffic: baselines of this mix
         onset = time.time()
-        cores = pinned_cores(server.popen.pid)
-        print(f"\nCPU contention on cores {sorted(cores)} (vLLM's pinned threads)")
-        # Three hogs per core at nice -10, pinned to vLLM's bound cores: a noisy neighbour with a higher
-        # priority. At nice 0 the tiny model's steps slowed by only ~1.5x, too close to the margin to be
-        # reproducible on 2 cores.
-        hogs = start_hogs(3 * len(cores), cores, int(os.environ.get("MOE_MONITOR_HOG_NICE", "-10")), 90)
+        cores = server_cores(server.popen.pid)
+        print(f"\nCPU contention on cores {sorted(cores)} (every core vLLM's threads may run on)")
+        # Three hogs per core, at the server's priority, on every core it may use: a noisy neighbour.
+        hogs = start_hogs(3 * len(cores), cores, int(os.environ.get("MOE_MONITOR_HOG_NICE", "0")), 90)
         try:
             capture = wait_for_capture(sidecar, "step_time", onset, timeout=90, show=True)
         finally:

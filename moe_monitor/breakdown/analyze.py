@@ -18,6 +18,7 @@ from .trace import Event, Trace, step_phase
 
 MNK_RE = re.compile(r"(\d+)x(\d+)x(\d+)")
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048)
+COMM_CATEGORIES = ("all_to_all", "collective")
 
 
 @dataclass(frozen=True)
@@ -61,24 +62,26 @@ class Unit:
     us: float
     category: str = ""
     tokens: int = 0  # M of an expert GEMM when known (annotation MxNxK or recorded shapes)
+    parents: tuple[str, ...] = ()  # CPU traces: names of the enclosing ops, outermost first
 
 
 def units_of(trace: Trace) -> list[Unit]:
     if trace.is_gpu:
         return [Unit(e, e.dur) for e in trace.device]
-    return [Unit(e, us) for e, us in self_times(trace.cpu_ops) if us > 0]
+    return [Unit(e, us, parents=parents) for e, us, parents in self_times(trace.cpu_ops) if us > 0]
 
 
-def self_times(ops: list[Event]) -> list[tuple[Event, float]]:
-    """Self time of nested CPU ops (per thread): duration minus the direct children's durations."""
-    out, stacks = [], defaultdict(list)  # thread -> open [event, self time] frames
+def self_times(ops: list[Event]) -> list[tuple[Event, float, tuple[str, ...]]]:
+    """Self time of nested CPU ops (per thread): duration minus the direct children's durations, with the
+    names of the enclosing ops."""
+    out, stacks = [], defaultdict(list)  # thread -> open [event, self time, parents] frames
     for e in ops:
         stack = stacks[e.stream]
         while stack and stack[-1][0].ts + stack[-1][0].dur <= e.ts:
             out.append(tuple(stack.pop()))
         if stack:
             stack[-1][1] -= min(e.dur, stack[-1][0].ts + stack[-1][0].dur - e.ts)
-        stack.append([e, e.dur])
+        stack.append([e, e.dur, stack[-1][2] + (stack[-1][0].name,) if stack else ()])
     for stack in stacks.values():
         out.extend(tuple(x) for x in stack)
     out.sort(key=lambda x: (x[0].ts, -x[0].dur))
@@ -120,6 +123,9 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
                     if m and category == "experts":
                         u.tokens = int(m.group(1))
                     break
+    for u in units:  # 1b. CPU ops run by an expert or communication op are its work (_grouped_mm runs mm)
+        if not u.category and u.parents:
+            u.category = next((c for c in map(functools.partial(_owner, rules), u.parents) if c), "")
     blocks = []
     by_stream = defaultdict(list)
     for u in units:
@@ -135,9 +141,21 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
     return blocks
 
 
+def _owner(rules: Rules, name: str) -> str:
+    """The category an enclosing CPU op gives the ops it runs: experts, or its communication category."""
+    if _matches(rules.anchors["experts"], name):
+        return "experts"
+    comm = rules.anchors.get("communication")
+    if comm is not None and _matches(comm, name):
+        return next((c for c, p in rules.patterns if _matches(p, name)), "")
+    return ""
+
+
 def _is(anchor: dict[str, re.Pattern], kind: str, u: Unit) -> bool:
     if kind == "experts" and u.category == "experts":
         return True
+    if kind == "communication":
+        return u.category in COMM_CATEGORIES or ("communication" in anchor and _matches(anchor[kind], u.event.name))
     return _matches(anchor[kind], u.event.name)
 
 
@@ -152,6 +170,8 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
     last_gemm = last_norm = None
     state, pending, block = "idle", [], None
     for i, u in enumerate(seq):
+        if _is(anchor, "communication", u):  # EP dispatch/combine sit inside MoE blocks: never align/permute
+            continue
         if _is(anchor, "router", u):
             if state == "experts":
                 _close(pending, "align_permute")

@@ -18,6 +18,11 @@ import ijson
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 STEP_RE = re.compile(r"^execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
 RANK_RE = re.compile(r"dp(\d+)_pp(\d+)_tp(\d+)(?:_dcp\d+)?_ep(\d+)_rank(\d+)")
+# torch.distributed's own range around each collective's work (`gloo:all_to_all`, `nccl:all_reduce`, ...).
+# Not an annotation of what runs inside it: NCCL's range closes when the GPU work completes (long after other
+# streams' kernels were launched), and gloo's runs on the process group's own thread. On CPU traces gloo's
+# range IS the communication (no op runs inside it), so it is kept as an op of that thread.
+COMM_RE = re.compile(r"^(gloo|nccl|mpi|ucc|xccl):")
 
 
 class TraceError(ValueError):
@@ -38,7 +43,8 @@ class Trace:
     path: str
     rank: str
     device: list[Event] = field(default_factory=list)  # kernels, memcpy, memset (GPU traces)
-    cpu_ops: list[Event] = field(default_factory=list)  # only kept for CPU traces (vLLM CPU runs ops, not kernels)
+    cpu_ops: list[Event] = field(default_factory=list)  # only kept for CPU traces (vLLM CPU runs ops, not kernels),
+    # with the c10d communication ranges of CPU backends (gloo) as ops of their thread
     steps: list[Event] = field(default_factory=list)  # execute_context_* ranges (device projection on GPU)
     annotations: list[Event] = field(default_factory=list)  # other record_function ranges
 
@@ -61,6 +67,7 @@ def _open(path: str):
 def read_trace(path: str) -> Trace:
     trace = Trace(path, rank_of(path))
     cpu_ops: list[tuple] = []  # cheap tuples while we do not know yet whether the trace has kernels
+    comm: list[tuple] = []  # c10d communication ranges (COMM_RE)
     seen_events = False
     try:
         with _open(path) as f:
@@ -81,6 +88,10 @@ def read_trace(path: str) -> Trace:
                 elif cat == "cpu_op":
                     cpu_ops.append((name, ts, dur, stream))
                 elif cat in ("gpu_user_annotation", "user_annotation"):
+                    if COMM_RE.match(name):
+                        if cat == "user_annotation":
+                            comm.append((name, ts, dur, stream))
+                        continue
                     ev = Event(name, ts, dur, stream, cat)
                     (trace.steps if STEP_RE.match(name) else trace.annotations).append(ev)
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -92,8 +103,8 @@ def read_trace(path: str) -> Trace:
     if not seen_events:
         raise TraceError(f"{path}: no traceEvents: not a torch.profiler Chrome trace")
     if not trace.is_gpu:
-        trace.cpu_ops = [Event(name, ts, dur, stream, "cpu_op") for name, ts, dur, stream in cpu_ops]
-    del cpu_ops
+        trace.cpu_ops = [Event(name, ts, dur, stream, "cpu_op") for name, ts, dur, stream in cpu_ops + comm]
+    del cpu_ops, comm
     if trace.is_gpu:  # prefer the device projection of the step ranges when the trace has one
         device_steps = [s for s in trace.steps if s.cat == "gpu_user_annotation"]
         trace.steps = device_steps or trace.steps
