@@ -136,10 +136,10 @@ class EPStack:
         recorder.record(row, ids)  # the plugin's tap
         flat = ids.reshape(-1).to(torch.int64)  # [T*k] one row per (token, expert) assignment
         order = torch.argsort(flat, stable=True)  # by expert id: contiguous placement groups by destination too
-        send_counts = torch.bincount(flat // self.per_rank, minlength=self.world)
+        send_counts = histogram(flat // self.per_rank, self.world)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)  # split sizes first
-        send, recv = send_counts.tolist(), recv_counts.tolist()
+        send, recv = send_counts.tolist(), recv_counts.tolist()  # the one host sync of the layer
         eids = flat[order]
         xs = h[order // k]
         rx = h.new_empty((sum(recv), H))
@@ -148,8 +148,8 @@ class EPStack:
         dist.all_to_all_single(rids, eids, recv, send)  # dispatch: their expert ids
         local = rids - self.first
         if self.counting:
-            self.received[row] += torch.bincount(local, minlength=self.per_rank)  # fails loudly if not ours
-            self.sent[row] += torch.bincount(flat, minlength=a.experts)
+            self.received[row].index_add_(0, local, torch.ones_like(local))  # fails loudly if not ours
+            self.sent[row].index_add_(0, flat, torch.ones_like(flat))
             self.rows_received[row] += sum(recv)
         y = self.experts(row, rx, local)
         back = torch.empty_like(xs)
@@ -163,7 +163,7 @@ class EPStack:
             return rx
         I = self.a.intermediate
         lorder = torch.argsort(local, stable=True)
-        offs = torch.cumsum(torch.bincount(local, minlength=self.per_rank), 0).to(torch.int32)
+        offs = torch.cumsum(histogram(local, self.per_rank), 0).to(torch.int32)
         xr = rx[lorder]
         y = torch._grouped_mm(xr, self.w13[row].transpose(-2, -1), offs=offs)
         act = F.silu(y[:, :I]) * y[:, I:]
@@ -176,6 +176,11 @@ class EPStack:
         for row in range(self.a.layers):
             x = self.layer(row, x, recorder)
         return x
+
+
+def histogram(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Counts of ids in [0, n) without a host sync (torch.bincount reads the max back on CUDA)."""
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
 
 
 def ranks_of(rank: int, world: int) -> Ranks:
@@ -308,7 +313,8 @@ def run_info(a, world: int, device: torch.device) -> dict:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
         with contextlib.suppress(Exception):
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            v = torch.cuda.nccl.version()
+            info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     return info
 
 

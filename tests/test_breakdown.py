@@ -285,7 +285,7 @@ def _x(cat, name, ts, dur, tid):
     return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
 
 
-NCCL_SENDRECV = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"  # NCCL >= 2.22
+NCCL_SENDRECV = "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"  # NCCL 2.28, H100 trace
 COMPUTE, NCCL = 7, 23
 
 
@@ -309,8 +309,8 @@ def ep_gpu_layer(comm_kernel: str, comm_stream: int, t0: float = 0.0) -> list[di
 
 @pytest.mark.parametrize("comm_kernel", [
     NCCL_SENDRECV,
-    "ncclDevKernel_SendRecv(ncclDevComm*, unsigned long, ncclWork*)",  # NCCL 2.19 - 2.21
-    "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclDevComm*, unsigned long, ncclWork*)",  # before 2.19
+    "ncclDevKernel_SendRecv(ncclDevComm*, unsigned long, ncclWork*)",  # older NCCL forms
+    "ncclKernel_SendRecv_RING_SIMPLE_Sum_int8_t(ncclDevComm*, unsigned long, ncclWork*)",
     "void deep_ep::intranode::dispatch<8, 768, 8192>(int4*, float*, int*)",
 ])
 @pytest.mark.parametrize("comm_stream", [NCCL, COMPUTE], ids=["own-stream", "compute-stream"])
@@ -375,3 +375,4 @@ def test_ep_cpu_gloo_range_is_communication_not_an_annotation(tmp_path):
         "aten::mm": "experts", "aten::index_put_": "align_permute", "aten::rms_norm": "norm_elementwise"}
     assert r["categories"]["all_to_all"]["us"] == pytest.approx(5 + 30 + 5 + 10)
     assert r["categories"]["experts"]["us"] == pytest.approx(20.0)  # 5 us self + the 15 us mm it ran
+    assert r["moe_blocks"]["count"] == 1 and r["moe_blocks"]["first_expert_us"] == pytest.approx(20.0)

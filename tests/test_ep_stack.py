@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 
-from conftest import free_port, samples
+from conftest import free_port, samples, scrape
 from moe_monitor.breakdown.analyze import analyze
 from moe_monitor.breakdown.trace import read_trace
 from moe_monitor.channel import read_segment
 from moe_monitor.demo import launch
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ep_stack.py")
@@ -92,16 +91,6 @@ def test_each_rank_wrote_a_segment_as_an_ep_rank(run):
             assert snap.header.top_k == doc["run"]["args"]["top_k"]
 
 
-def _scrape(url: str) -> tuple[bytes, dict]:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = r.read()
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return body, out
-
-
 def _replace_segments(src: str, dst: str) -> None:
     for name in sorted(os.listdir(src)):
         tmp = os.path.join(dst, name + ".tmp")  # not *.moeseg: the sidecar does not list it
@@ -113,8 +102,9 @@ def _replace_segments(src: str, dst: str) -> None:
 def metrics(run, tmp_path_factory):
     """The sidecar's /metrics for the window from the mid snapshot to the final one.
 
-    The sidecar starts on the mid segments; right after a window boundary has taken them as its baseline, the
-    final segments replace them, and the next window holds exactly the steps between the two snapshots."""
+    The sidecar starts on the mid segments. Once it has closed a window on them (so its baseline is the mid
+    snapshot), the final segments replace them right after the next window boundary, and the window after
+    that holds exactly the steps between the two snapshots."""
     out, _, _ = run
     work = tmp_path_factory.mktemp("sidecar")
     segments = str(work / "segments")
@@ -125,17 +115,23 @@ def metrics(run, tmp_path_factory):
     try:
         sidecar.wait_ready("/healthz", 30)
         url = sidecar.url + "/metrics"
-        first, _ = _scrape(url)
-        deadline = time.monotonic() + 20
-        while True:  # wait for a window boundary (the exposition is rebuilt only there)
-            body, _ = _scrape(url)
-            if body != first:
+        deadline = time.monotonic() + 30
+
+        def window_end(m):
+            return samples(m, "moe_window_end_timestamp_seconds").get(())
+
+        seen = None
+        while True:  # a closed window on the mid segments, then the next boundary
+            m = scrape(url)
+            if window_end(m) is not None and seen is not None and window_end(m) != seen:
                 break
+            seen = window_end(m)
             assert time.monotonic() < deadline, sidecar.log_tail()
             time.sleep(0.05)
+        assert samples(m, "moe_window_routed_tokens")[()] == 0  # the mid segments were the baseline
         _replace_segments(os.path.join(out, "segments"), segments)
         while True:
-            _, m = _scrape(url)
+            m = scrape(url)
             if samples(m, "moe_window_routed_tokens").get((), 0) > 0:
                 return m
             assert time.monotonic() < deadline, sidecar.log_tail()
@@ -201,6 +197,7 @@ def traces(out):
 
 def test_breakdown_of_both_ranks(run):
     out, doc, _ = run
+    a = doc["run"]["args"]
     paths = traces(out)
     assert len(paths) == doc["run"]["world_size"], paths
     for path in paths:
@@ -208,14 +205,19 @@ def test_breakdown_of_both_ranks(run):
         cats = r["categories"]
         assert cats["all_to_all"]["us"] > 0 and cats["experts"]["us"] > 0, cats
         rows = {row["name"]: row for row in r["top"]}
-        comm = [n for n in rows if "alltoall" in n.lower() or "all_to_all" in n or "SendRecv" in n]
+        # Every communication kernel / op of the recorded steps is EP dispatch or combine (no barrier in them).
+        comm = [n for n in rows if re.search(r"nccl|alltoall|all_to_all|sendrecv", n, re.IGNORECASE)]
         assert comm and all(rows[n]["category"] == "all_to_all" for n in comm), {n: rows[n]["category"] for n in comm}
-        assert len(r["steps"]) == doc["run"]["args"]["profile_steps"]
+        assert len(r["steps"]) == a["profile_steps"]
         if r["ranks"][0]["kind"] == "cpu":
-            a = doc["run"]["args"]
             calls = 4 * a["layers"] * a["profile_steps"]  # split sizes, hidden states, expert ids, combine
             assert rows["c10d::alltoall_base_"]["count"] == rows["gloo:all_to_all"]["count"] == calls
             assert rows["aten::_grouped_mm"]["category"] == rows["aten::mm"]["category"] == "experts"
+        else:
+            assert sum(rows[n]["count"] for n in comm) >= 3 * a["layers"] * a["profile_steps"], comm
+            grouped = [n for n in rows if "GroupProblemShape" in n]
+            assert grouped and all(rows[n]["category"] == "experts" for n in grouped)
+            assert sum(rows[n]["count"] for n in grouped) == 2 * a["layers"] * a["profile_steps"]
 
 
 def test_cli_analyze_both_ranks(run):

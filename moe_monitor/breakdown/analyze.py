@@ -192,9 +192,12 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
             continue
         if _is(anchor, "experts", u) and state in ("router", "experts"):
             u.category = u.category or "experts"
-            if "first_idx" not in block and _is(anchor, "expert_gemm", u):
+            first = block.get("first_idx")
+            if first is None and _is(anchor, "expert_gemm", u):
                 block["first_idx"] = i
                 block["first_us"] = u.us
+            elif first is not None and u.event.ts < seq[first].event.ts + seq[first].event.dur:
+                block["first_us"] += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
             _close(pending, "experts" if state == "experts" else "align_permute")
             block["experts_us"] += u.us
             state, pending = "experts", []

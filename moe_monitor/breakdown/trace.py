@@ -19,9 +19,10 @@ DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 STEP_RE = re.compile(r"^execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
 RANK_RE = re.compile(r"dp(\d+)_pp(\d+)_tp(\d+)(?:_dcp\d+)?_ep(\d+)_rank(\d+)")
 # torch.distributed's own range around each collective's work (`gloo:all_to_all`, `nccl:all_reduce`, ...).
-# Not an annotation of what runs inside it: NCCL's range closes when the GPU work completes (long after other
-# streams' kernels were launched), and gloo's runs on the process group's own thread. On CPU traces gloo's
-# range IS the communication (no op runs inside it), so it is kept as an op of that thread.
+# Not used as an annotation: the annotation pass matches by time on every thread and stream, and gloo's range
+# runs on the process group's own thread while the caller's ops go on (they are not inside it); NCCL's kernels
+# are named. On CPU traces gloo's range IS the communication (no op runs inside it): it is kept as an op of
+# its thread.
 COMM_RE = re.compile(r"^(gloo|nccl|mpi|ucc|xccl):")
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import urllib.request
 
@@ -74,6 +75,10 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
     model_dir = os.path.join(workdir, "model")
     segments = os.path.join(workdir, "segments")
     os.makedirs(workdir, exist_ok=True)
+    # A fresh channel each run: the sidecar would otherwise (rightly) carry the last run's counters forward.
+    shutil.rmtree(segments, ignore_errors=True)
+    for store in ("prometheus", "alertmanager"):
+        shutil.rmtree(os.path.join(workdir, store), ignore_errors=True)
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"generating a tiny Qwen3-MoE (2 layers x 8 experts, top-2, expert 3 hot) in {model_dir}")
         generate(model_dir, "qwen3_moe", hot_expert=3, hot_words=["hot", "blaze"])
@@ -108,13 +113,14 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
 
         print(f"\nworkload 2/2: 16 prompts full of {meta['hot_words']} (the model routes them to expert "
               f"{meta['hot_expert']})")
-        workload.run(server.url, workload.prompts(16, meta["hot_words"], hot_share=0.6, seed=2), max_tokens=12)
+        workload.run(server.url, workload.prompts(16, meta["hot_words"], hot_share=0.9, seed=2,
+                                                  words_per_prompt=(30, 60)), max_tokens=4)
         if sink is not None:
             print(f"  ... and more of them until {IMBALANCE_ALERT} reaches the receiver (at most 90 s)")
             deadline, seed = time.time() + 90, 3
             while not sink.alerts(IMBALANCE_ALERT, "firing") and time.time() < deadline:
-                workload.run(server.url, workload.prompts(8, meta["hot_words"], hot_share=0.6, seed=seed),
-                             max_tokens=12)
+                workload.run(server.url, workload.prompts(8, meta["hot_words"], hot_share=0.9, seed=seed,
+                                                          words_per_prompt=(30, 60)), max_tokens=4)
                 seed += 1
             if not sink.alerts(IMBALANCE_ALERT, "firing"):
                 print(f"  {IMBALANCE_ALERT} did not arrive; see {workdir}/prometheus.log and the Prometheus UI")
