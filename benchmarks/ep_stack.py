@@ -371,6 +371,8 @@ def main(argv=None) -> None:
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if a.backend == "gloo" and sys.platform.startswith("linux"):  # one host: loopback, whatever the hostname is
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.multiprocessing.spawn(worker, args=(a,), nprocs=a.world_size, join=True)
 
 
