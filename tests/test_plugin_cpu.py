@@ -161,8 +161,9 @@ def test_deferred_mode_counts_like_per_layer_and_survives_a_missing_last_layer()
     assert torch.equal(per_layer.host_counts(), deferred.host_counts())
 
 
-def test_fused_recorder_is_refused_on_cpu():
-    with pytest.raises(ValueError, match="CUDA"):
-        Recorder(2, 8, 2, "cpu", mode="fused")
+def test_cuda_only_recorders_are_refused_on_cpu():
+    for mode in ("fused", "staged"):
+        with pytest.raises(ValueError, match=f"the {mode} recorder needs a CUDA device"):
+            Recorder(2, 8, 2, "cpu", mode=mode)
     with pytest.raises(ValueError, match="not one of"):
         Recorder(2, 8, 2, "cpu", mode="fast")
