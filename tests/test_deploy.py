@@ -15,7 +15,6 @@ deploy/ without its rules is not deployable.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -23,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +34,8 @@ import yaml
 
 from conftest import free_port
 from moe_monitor import env as moe_env
+from moe_monitor.demo import promstack
+from moe_monitor.demo.alert_sink import AlertSink
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -610,27 +610,6 @@ def test_generated_promtool_accepts_the_prometheus_config():
     assert "SUCCESS" in r.stdout + r.stderr and RULES_FILE.name in r.stdout + r.stderr  # the rule file was checked
 
 
-class Receiver(http.server.ThreadingHTTPServer):
-    """The webhook end of Alertmanager: keeps every notification it is sent."""
-
-    def __init__(self):
-        self.notifications: list[dict] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.notifications.append({"path": self.path, **json.loads(body)})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -638,31 +617,21 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 @pytest.fixture()
 def alertmanager(tmp_path):
-    """prometheus-alertmanager with deploy/alertmanager/alertmanager.yml; the webhook URL pointed at a local
-    Receiver and the group timings shortened (route.group_wait, route.group_interval), nothing else changed."""
-    receiver = Receiver()
-    am = load(ALERTMANAGER_YML)
-    (moe_oncall,) = [r for r in am["receivers"] if r["name"] == "moe-oncall"]
-    moe_oncall["webhook_configs"][0]["url"] = f"http://127.0.0.1:{receiver.server_port}/alerts"
-    am["route"]["group_wait"], am["route"]["group_interval"] = "1s", "1s"
-    config = tmp_path / "alertmanager.yml"
-    config.write_text(yaml.safe_dump(am, sort_keys=False))
-    port = free_port()
-    log = tmp_path / "alertmanager.log"
-    proc = start([tool("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
-                  f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], log)
+    """prometheus-alertmanager with deploy/alertmanager/alertmanager.yml through the demo's launcher (the webhook URL
+    pointed at a local AlertSink, the group timings shortened, nothing else changed)."""
+    sink = AlertSink()
+    am = promstack.start_alertmanager(str(tmp_path), free_port(), sink.url,
+                                      promstack.Timing(group_wait="1s", group_interval="1s"))
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/-/ready", 60, proc, log)
-        yield base, receiver
+        am.wait_ready("/-/ready", 60)
+        yield am.url, sink
     finally:
-        receiver.shutdown()
-        receiver.server_close()
-        stop(proc, log)
+        sink.close()
+        stop(am.popen, Path(am.log_path))
 
 
 def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
-    base, receiver = alertmanager
+    base, sink = alertmanager
     other = "MoeHotExpert"
     if RULES_FILE.exists():  # an alert the rules really have, when they have been generated
         other = next(n for n in alert_names(load(RULES_FILE)) if n != "MoeSidecarDown")
@@ -675,13 +644,12 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
     deadline = time.monotonic() + 30
     while True:
         sent = {(a["labels"]["alertname"], a["labels"]["instance"])
-                for n in receiver.notifications for a in n["alerts"]}
+                for a in sink.alerts()}
         if {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")} <= sent or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert sent == {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")}, receiver.notifications
-    assert {n["path"] for n in receiver.notifications} == {"/alerts"}
-    assert {n["receiver"] for n in receiver.notifications} == {"moe-oncall"}
+    assert sent == {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")}, sink.notifications
+    assert {n["receiver"] for n in sink.notifications} == {"moe-oncall"}  # and the sink only answers on /alerts
 
     status, body = call("GET", base + "/api/v2/alerts")
     state = {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"] for a in json.loads(body)}

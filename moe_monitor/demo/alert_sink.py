@@ -17,10 +17,14 @@ class AlertSink:
                  on_alert: Callable[[dict], None] | None = None):
         self.notifications: list[dict] = []
         self._lock = threading.Lock()
+        self._callback_lock = threading.Lock()  # one notification's callbacks at a time (no interleaved output)
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
+                if self.path != "/alerts":
+                    self.send_error(404, "the receiver listens on /alerts")
+                    return
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                     alerts = body["alerts"]
@@ -30,8 +34,9 @@ class AlertSink:
                 with sink._lock:
                     sink.notifications.append(body)
                 if on_alert is not None:
-                    for alert in alerts:
-                        on_alert(alert)
+                    with sink._callback_lock:
+                        for alert in alerts:
+                            on_alert(alert)
                 self.send_response(200)
                 self.end_headers()
 
