@@ -31,6 +31,14 @@ def binary(*names: str) -> str:
                       f"scripts/setup-env does it)")
 
 
+def check_available() -> None:
+    """Raises MissingTool unless both binaries and both shipped configs are there."""
+    binary("prometheus")
+    binary("prometheus-alertmanager", "alertmanager")
+    for path in (PROMETHEUS_YML, ALERTMANAGER_YML):
+        _load(path)
+
+
 def _load(path: str) -> dict:
     if not os.path.exists(path):
         raise MissingTool(f"{path} not found: the demo's Prometheus/Alertmanager configs come from a checkout "
