@@ -61,11 +61,7 @@ def captures(sidecar) -> list[dict]:
 
 
 def traffic(server, stop: threading.Event, hot_words=(), seed=0):
-    i = 0
-    while not stop.is_set():
-        texts = workload.prompts(6, hot_words, hot_share=0.9, seed=seed + i, words_per_prompt=(30, 60))
-        workload.run(server.url, texts, max_tokens=3, concurrency=3)
-        i += 1
+    workload.run_until(server.url, stop.is_set, hot_words, seed, max_tokens=3)
 
 
 def wait_for_capture(sidecar, reason: str, since: float, timeout: float = 120, show: bool = False) -> dict | None:

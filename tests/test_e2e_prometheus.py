@@ -75,7 +75,8 @@ def stack(tiny_model, tmp_path_factory):
             group_wait="1s", group_interval="1s", repeat_interval="1h"))
         procs.append(am)
         prom = promstack.start_prometheus(
-            str(work), free_port(), [p.url.removeprefix("http://") for p in (full, top)], am.url.removeprefix("http://"),
+            str(work), free_port(), [p.url.removeprefix("http://") for p in (full, top)],
+            am.url.removeprefix("http://"),
             to_yaml(rules_document(cfg)), vllm=server.url.removeprefix("http://"),
             timing=promstack.Timing(interval="1s"))
         procs.append(prom)
@@ -92,20 +93,13 @@ def stack(tiny_model, tmp_path_factory):
         sink.close()
 
 
-def traffic(server, stop: threading.Event, hot_words=(), seed=0):
-    i = 0
-    while not stop.is_set():
-        texts = workload.prompts(6, hot_words, hot_share=0.9, seed=seed + i, words_per_prompt=(30, 60))
-        workload.run(server.url, texts, max_tokens=4, concurrency=3)
-        i += 1
-
-
 class Traffic:
     """Background traffic of one kind until stopped (context manager)."""
 
     def __init__(self, server, hot_words=(), seed=0):
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=traffic, args=(server, self.stop, hot_words, seed), daemon=True)
+        self.thread = threading.Thread(target=workload.run_until, args=(server.url, self.stop.is_set, hot_words, seed),
+                                       daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -143,7 +137,8 @@ def test_imbalance_alert_reaches_alertmanager_and_resolves(stack):
     with Traffic(server, seed=100):
         wait_for(lambda: worst_ratio(prom) is not None, 90, "a loaded window in Prometheus", show=status)
         time.sleep(20)  # balanced traffic for longer than the alert's window + for: it must not fire
-        balanced = prom_api(prom, "query", query='max_over_time(moe_worst_layer_imbalance_ratio{job="moe-monitor"}[20s])')
+        balanced = prom_api(prom, "query",
+                            query='max_over_time(moe_worst_layer_imbalance_ratio{job="moe-monitor"}[20s])')
         print(f"\nbalanced traffic: worst-layer max/mean up to {balanced['result'][0]['value'][1]}")
         assert not firing_in_prometheus(prom, ALERT)
         assert not sink.alerts(ALERT)

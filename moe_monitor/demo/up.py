@@ -117,11 +117,12 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
                                                   words_per_prompt=(30, 60)), max_tokens=4)
         if sink is not None:
             print(f"  ... and more of them until {IMBALANCE_ALERT} reaches the receiver (at most 90 s)")
-            deadline, seed = time.time() + 90, 3
-            while not sink.alerts(IMBALANCE_ALERT, "firing") and time.time() < deadline:
-                workload.run(server.url, workload.prompts(8, meta["hot_words"], hot_share=0.9, seed=seed,
-                                                          words_per_prompt=(30, 60)), max_tokens=4)
-                seed += 1
+            deadline = time.time() + 90
+
+            def done() -> bool:
+                return bool(sink.alerts(IMBALANCE_ALERT, "firing")) or time.time() > deadline
+
+            workload.run_until(server.url, done, meta["hot_words"], seed=3, batch=8)
             if not sink.alerts(IMBALANCE_ALERT, "firing"):
                 print(f"  {IMBALANCE_ALERT} did not arrive; see {workdir}/prometheus.log and the Prometheus UI")
         time.sleep(2.5)

@@ -62,3 +62,15 @@ async def _run(url: str, texts: list[str], max_tokens: int, concurrency: int) ->
 def run(url: str, texts: list[str], max_tokens: int = 8, concurrency: int = 4) -> list[Completed]:
     """Send every prompt (greedy, exactly max_tokens + i%5 tokens each) and wait for all of them."""
     return asyncio.run(_run(url, texts, max_tokens, concurrency))
+
+
+def run_until(url: str, done, hot_words: list[str] = (), seed: int = 0, batch: int = 6, max_tokens: int = 4,
+              concurrency: int = 3) -> int:
+    """Batches of prompt-heavy requests (30-60 words; 90 % hot words when hot_words are given) until done()
+    is true, checked between batches. Returns the number of batches sent."""
+    sent = 0
+    while not done():
+        texts = prompts(batch, hot_words, hot_share=0.9, seed=seed + sent, words_per_prompt=(30, 60))
+        run(url, texts, max_tokens=max_tokens, concurrency=concurrency)
+        sent += 1
+    return sent
