@@ -175,7 +175,10 @@ while time.time() < stop_at:
 
 def start_hogs(n: int, cores: set[int], niceness: int, seconds: float) -> list[subprocess.Popen]:
     args = [str(time.time() + seconds), ",".join(map(str, sorted(cores))), str(niceness)]
-    return [subprocess.Popen([sys.executable, "-c", HOG, *args]) for _ in range(n)]
+    # Each hog in its own session: with CFS autogroup (Linux's default on desktops and many servers) a session
+    # is one scheduling group, and vLLM runs in its own (launch.py starts it with a new session). Hogs left in
+    # this test's session would share one group's weight and take at most half a core from vLLM.
+    return [subprocess.Popen([sys.executable, "-c", HOG, *args], start_new_session=True) for _ in range(n)]
 
 
 def server_cores(root_pid: int) -> set[int]:
