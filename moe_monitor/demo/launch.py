@@ -54,7 +54,7 @@ class Proc:
                 self.popen.wait()
 
 
-def _spawn(name: str, cmd: list[str], env: dict[str, str], log_path: str, url: str) -> Proc:
+def spawn(name: str, cmd: list[str], env: dict[str, str], log_path: str, url: str) -> Proc:
     log = open(log_path, "ab")
     popen = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
@@ -79,10 +79,10 @@ def start_vllm(model_dir: str, port: int, log_path: str, env: dict[str, str], ex
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
            "--no-enable-prefix-caching", "--seed", "0", *extra_args]
-    return _spawn("vllm", cmd, env, log_path, f"http://127.0.0.1:{port}")
+    return spawn("vllm", cmd, env, log_path, f"http://127.0.0.1:{port}")
 
 
 def start_sidecar(segment_dir: str, port: int, log_path: str, extra_args: list[str] = ()) -> Proc:
     cmd = [sys.executable, "-m", "moe_monitor.cli", "serve", "--segment-dir", segment_dir,
            "--listen", f"127.0.0.1:{port}", *extra_args]
-    return _spawn("sidecar", cmd, dict(os.environ), log_path, f"http://127.0.0.1:{port}")
+    return spawn("sidecar", cmd, dict(os.environ), log_path, f"http://127.0.0.1:{port}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .launch import Proc, _spawn
+from .launch import Proc, spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMETHEUS_YML = os.path.join(REPO, "deploy", "prometheus", "prometheus.yml")
@@ -109,7 +109,7 @@ def start_prometheus(workdir: str, port: int, sidecars: list[str], alertmanager:
                     prometheus_config(sidecars, alertmanager, rule_file, vllm, timing))
     cmd = [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={os.path.join(home, 'data')}",
            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
-    return _spawn("prometheus", cmd, dict(os.environ), os.path.join(workdir, "prometheus.log"),
+    return spawn("prometheus", cmd, dict(os.environ), os.path.join(workdir, "prometheus.log"),
                   f"http://127.0.0.1:{port}")
 
 
@@ -120,5 +120,5 @@ def start_alertmanager(workdir: str, port: int, webhook_url: str, timing: Timing
            f"--storage.path={os.path.join(home, 'data')}", f"--web.listen-address=127.0.0.1:{port}",
            "--cluster.listen-address=",  # a single instance: no gossip port to collide with
            "--log.level=warn"]
-    return _spawn("alertmanager", cmd, dict(os.environ), os.path.join(workdir, "alertmanager.log"),
+    return spawn("alertmanager", cmd, dict(os.environ), os.path.join(workdir, "alertmanager.log"),
                   f"http://127.0.0.1:{port}")

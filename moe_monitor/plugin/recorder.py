@@ -55,7 +55,7 @@ class Recorder:
         self._row_base = torch.arange(num_layers, dtype=torch.int64, device=self.device) * (num_experts + 1)
         self._one = torch.ones(1, dtype=torch.int64, device=self.device)
         self._capacity = 0
-        self._retired_positions: list[torch.Tensor] = []  # graphs captured earlier may still read these
+        self._retired: list[torch.Tensor] = []  # graphs captured earlier may still read these
         self._grow(capacity)
         self._row_tensors: dict[tuple[int, ...], torch.Tensor] = {}
         self.seen_rows: set[int] = set()  # rows whose hook ran at least once (at trace/capture time on GPU)
@@ -66,13 +66,13 @@ class Recorder:
         self._captured: list[dict[int, torch.Tensor]] = []  # ids referenced by captured CUDA graphs
 
     def _grow(self, tokens: int) -> None:
-        if self._capacity:  # graphs captured earlier still read the old buffer: keep it allocated
-            self._retired_positions.append(self._positions)
+        if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated
+            self._retired.append(self._positions)
+            if self.mode == "staged":
+                self._retired.append(self._stage)
         self._capacity = max(tokens, 2 * self._capacity)
         self._positions = torch.arange(self._capacity, dtype=torch.int64, device=self.device)
         if self.mode == "staged":
-            if self._capacity and hasattr(self, "_stage"):
-                self._retired_positions.append(self._stage)
             self._stage = torch.full((self.num_layers, self._capacity, self.top_k), -1, dtype=torch.int32,
                                      device=self.device)
 
