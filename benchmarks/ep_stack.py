@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -48,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_monitor.demo.launch import free_port  # noqa: E402
 from moe_monitor.channel import Ranks, SegmentWriter, Shape, read_segment, segment_filename  # noqa: E402
 from moe_monitor.plugin.attach import Attachment, MoELayer  # noqa: E402
 from moe_monitor.plugin.publisher import Publisher  # noqa: E402
@@ -352,12 +352,6 @@ def check(out: str, doc: dict) -> dict:
     lines.append(f"window (mid -> final) EP-rank imbalance max/mean per layer: "
                  f"{[round(float(x), 4) for x in ratio]} over {world} ranks")
     return {"ok": bool(ok), "text": "\n".join(lines)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

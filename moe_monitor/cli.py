@@ -82,12 +82,15 @@ def main(log_level: str) -> None:
               help="Bearer token required to download traces and trigger captures.")
 @click.option("--step-margin", envvar=env.STEP_MARGIN, show_envvar=True, default=0.30, type=click.FloatRange(min=0.01),
               help="Step-time regression: mean step time above baseline x (1 + margin).")
+@click.option("--step-baseline-quantile", envvar=env.STEP_BASELINE_QUANTILE, show_envvar=True, default=0.9,
+              type=click.FloatRange(min=0.0, max=1.0), help="Step-time baseline: this quantile of the recent windows "
+              "of the same phase and tokens bucket (0.5 = median; 0.9 = the slow end of normal).")
 @click.option("--consecutive-windows", envvar=env.CONSECUTIVE_WINDOWS, show_envvar=True, default=3, type=click.IntRange(min=1),
               help="Windows in a row over a threshold before a capture.")
 @click.option("--warmup-windows", envvar=env.WARMUP_WINDOWS, show_envvar=True, default=10, type=click.IntRange(min=1),
               help="Active windows learned before anything fires.")
 @click.option("--baseline-windows", envvar=env.BASELINE_WINDOWS, show_envvar=True, default=60, type=click.IntRange(min=2),
-              help="History the baselines are medians over.")
+              help="Windows of history the baselines are taken over.")
 @click.option("--min-window-steps", envvar=env.MIN_WINDOW_STEPS, show_envvar=True, default=10,
               type=click.IntRange(min=1), help="Steps of a (phase, tokens bucket) a window needs to count for the "
               "step-time detector.")
@@ -115,7 +118,8 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
                               capture.pop("consecutive_windows"), capture.pop("step_margin"),
                               capture.pop("min_window_steps"),
                               capture.pop("imbalance_threshold"), capture.pop("imbalance_rise"),
-                              capture.pop("capture_cooldown"), capture.pop("max_captures_per_hour"))
+                              capture.pop("capture_cooldown"), capture.pop("max_captures_per_hour"),
+                              step_baseline_quantile=capture.pop("step_baseline_quantile"))
     cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,
                         load_histogram, expert_series, top_experts, hot_multiple, min_window_assignments,
                         placement_file, max_series, profile_dir, capture["vllm_url"], capture["vllm_api_key"],

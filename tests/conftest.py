@@ -1,16 +1,11 @@
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moe_monitor.demo.launch import free_port  # noqa: F401  (the test modules import it from here)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

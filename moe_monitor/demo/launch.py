@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,13 @@ import urllib.request
 from dataclasses import dataclass, field
 
 SERVED_NAME = "tiny-moe"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the kernel picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Regression detector: closed windows in, capture decisions (with their evidence) out. Pure, no I/O.
 
 Step time is compared like with like: the mean step duration of each (phase, tokens-per-step bucket) in the
-window against the median of that same key over the recent history, so a shift in the batch mix (more
-prefill, bigger batches) is not a regression. Imbalance is compared with an absolute threshold and with
+window against the same key over the recent history, so a shift in the batch mix (more prefill, bigger
+batches) is not a regression. The step-time baseline is a high quantile (p90 by default) of that history,
+the slow end of normal, not its median: a host's speed drifts for minutes at a time (measured on a 2-vCPU
+VM: every key 20-30 % faster for ~85 s, then back), and against a median pulled down by a fast spell the
+return to normal reads as a regression. On a steady host the quantile is within a few % of the median. Imbalance is compared with an absolute threshold and with
 its own recent median. A signal fires after `consecutive` windows in a row exceed, each with enough samples;
 idle windows neither count nor break a streak. Nothing fires during warm-up, in cooldown after a capture,
 or beyond the hourly budget (manual captures count against the budget too).
@@ -26,6 +29,11 @@ class DetectorConfig:
     imbalance_rise: float = 1.5  # ... or this multiple of its recent median
     cooldown_s: float = 600.0
     max_per_hour: int = 4
+    step_baseline_quantile: float = 0.9  # step-time baseline: this quantile of the key's history
+
+    def __post_init__(self):
+        if not 0.0 <= self.step_baseline_quantile <= 1.0:
+            raise ValueError(f"step_baseline_quantile must be in [0, 1], got {self.step_baseline_quantile}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,15 @@ class Decision:
     def evidence(self) -> dict:
         return {"reason": self.reason, "signal": self.signal, "current": self.current, "baseline": self.baseline,
                 "threshold": self.threshold, "windows": list(self.windows), **self.detail}
+
+
+def quantile(values, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default method) of a non-empty sequence."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 class Detector:
@@ -102,7 +119,7 @@ class Detector:
                 continue
             name = f"step_time{{phase={key[0]},tokens_le={key[1]}}}"
             history = self._step_history[key]
-            baseline = statistics.median(history) if len(history) >= cfg.warmup_windows else None
+            baseline = quantile(history, cfg.step_baseline_quantile) if len(history) >= cfg.warmup_windows else None
             self.currents[("step_time", *key)] = mean
             if baseline is not None:
                 self.baselines[("step_time", *key)] = baseline

@@ -581,8 +581,8 @@ def _detector(cfg) -> Row:
                        [query(f"sum by (instance) ({coded})", "{{instance}}")], w=24, h=5,
                        mappings=value_map({str(i): (s, c) for i, (s, c) in
                                            enumerate(zip(DETECTOR_STATES, colors), start=1)})),
-        ts("Step time: baseline vs current", "Per (phase, tokens-per-step bucket): the median of recent windows' "
-           "mean step time (baseline) and the last window's (current). A regression is current > baseline × "
+        ts("Step time: baseline vs current", "Per (phase, tokens-per-step bucket): the --step-baseline-quantile "
+           "(p90) of recent windows' mean step time (baseline) and the last window's (current). A regression is current > baseline × "
            "(1 + --step-margin) for --consecutive-windows windows.", SECONDS, [
                query(f"max by (phase, tokens_le) ({sel('moe_detector_baseline', STEP_TIME)})",
                      f"baseline {key}"),
