@@ -2,13 +2,15 @@
 
 Step time is compared like with like: the mean step duration of each (phase, tokens-per-step bucket) in the
 window against the same key over the recent history, so a shift in the batch mix (more prefill, bigger
-batches) is not a regression. The step-time baseline is a high quantile (p90 by default) of that history,
-the slow end of normal, not its median: a host's speed drifts for minutes at a time (measured on a 2-vCPU
-VM: every key 20-30 % faster for ~85 s, then back), and against a median pulled down by a fast spell the
-return to normal reads as a regression. On a steady host the quantile is within a few % of the median. Imbalance is compared with an absolute threshold and with
-its own recent median. A signal fires after `consecutive` windows in a row exceed, each with enough samples;
-idle windows neither count nor break a streak. Nothing fires during warm-up, in cooldown after a capture,
-or beyond the hourly budget (manual captures count against the budget too).
+batches) is not a regression. The step-time baseline is a high quantile (p90 by default) of that history, the
+slow end of normal, not its median: a host's speed drifts for minutes at a time (measured on a 2-vCPU VM:
+every key 20-30 % faster for ~85 s, then back), and against a median pulled down by a fast spell the return to
+normal reads as a regression. The gap between p90 and the median is the host's own window-to-window spread
+(p90 was 9-32 % above the median per key over 420 s on that VM), so a steadier host gets a tighter baseline.
+Imbalance is compared with an absolute threshold and with its own recent median. A signal fires after
+`consecutive` windows in a row exceed, each with enough samples; idle windows neither count nor break a
+streak. Nothing fires during warm-up, in cooldown after a capture, or beyond the hourly budget (manual
+captures count against the budget too).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,6 @@ class Decision:
     def evidence(self) -> dict:
         return {"reason": self.reason, "signal": self.signal, "current": self.current, "baseline": self.baseline,
                 "threshold": self.threshold, "windows": list(self.windows), **self.detail}
-
-
-def quantile(values, q: float) -> float:
-    """Linear-interpolation quantile (numpy's default method) of a non-empty sequence."""
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 class Detector:
@@ -119,14 +114,16 @@ class Detector:
                 continue
             name = f"step_time{{phase={key[0]},tokens_le={key[1]}}}"
             history = self._step_history[key]
-            baseline = quantile(history, cfg.step_baseline_quantile) if len(history) >= cfg.warmup_windows else None
+            learned = len(history) >= cfg.warmup_windows
+            baseline = float(np.quantile(history, cfg.step_baseline_quantile)) if learned else None
             self.currents[("step_time", *key)] = mean
             if baseline is not None:
                 self.baselines[("step_time", *key)] = baseline
                 threshold = baseline * (1 + cfg.step_margin)
                 if mean > threshold:
                     candidates.append(self._streak("step_time", name, w.end, mean, baseline, threshold,
-                                                   {"phase": key[0], "tokens_le": key[1], "steps": steps}))
+                                                   {"phase": key[0], "tokens_le": key[1], "steps": steps,
+                                                    "baseline_quantile": cfg.step_baseline_quantile}))
                 else:
                     self._streaks.pop(name, None)
                     history.append(mean)
