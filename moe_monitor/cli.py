@@ -72,6 +72,9 @@ def main(log_level: str) -> None:
               help="Engine steps per capture (max_iterations).")
 @click.option("--capture-timeout", envvar=env.CAPTURE_TIMEOUT, show_envvar=True, default=120.0, type=click.FloatRange(min=1),
               help="Seconds to wait for every rank's trace before /stop_profile.")
+@click.option("--capture-max-seconds", envvar=env.CAPTURE_MAX_SECONDS, show_envvar=True, default=10.0,
+              type=click.FloatRange(min=0.5), help="A profile that has not ended by itself after this many seconds "
+              "is stopped with /stop_profile (vLLM before 0.32 ignores max_iterations in the request).")
 @click.option("--max-captures", envvar=env.MAX_CAPTURES, show_envvar=True, default=20, type=click.IntRange(min=1),
               help="Retention: captures kept.")
 @click.option("--max-capture-bytes", envvar=env.MAX_CAPTURE_BYTES, show_envvar=True, default=2 * 1024**3, type=click.IntRange(min=1),
@@ -125,7 +128,7 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
                         placement_file, max_series, profile_dir, capture["vllm_url"], capture["vllm_api_key"],
                         capture["capture_dir"], capture["capture_iterations"], capture["capture_timeout"],
                         capture["max_captures"], capture["max_capture_bytes"], capture["max_capture_age"],
-                        capture["api_token"], detector)
+                        capture["api_token"], detector, capture_run_s=capture["capture_max_seconds"])
     try:
         exporter = Exporter(cfg)
     except PlacementError as e:

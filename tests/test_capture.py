@@ -52,7 +52,7 @@ class FakeProfiler:
     async def start(self, request):
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.Response(status=401)
-        body = await request.json()
+        body = await request.json() if request.can_read_body else {}
         self.calls.append(("start", body))
         if self.mode == "404":
             return web.Response(status=404)
@@ -61,7 +61,7 @@ class FakeProfiler:
         self.active = True
         if self.mode == "slow":
             await asyncio.sleep(5)
-        self._prefix = body["profile_prefix"]
+        self._prefix = "" if self.mode == "v026" else body["profile_prefix"]
         if self.mode == "ok":
             self._write(0.5)
         return web.Response(status=200)
@@ -69,7 +69,7 @@ class FakeProfiler:
     async def stop(self, request):
         self.calls.append(("stop", {}))
         self.active = False
-        if self.mode == "stuck" and self._prefix:
+        if (self.mode == "stuck" and self._prefix) or (self.mode == "v026" and self._prefix is not None):
             self._write(0.2)
         return web.Response(status=200)
 
@@ -95,7 +95,7 @@ def capturer(tmp_path, url, **kw):
     profiles, store = tmp_path / "profiles", tmp_path / "store"
     profiles.mkdir(exist_ok=True)
     cfg = CaptureConfig(url, str(profiles), timeout_s=kw.pop("timeout_s", 10), stop_grace_s=5, http_timeout_s=2,
-                        api_key=kw.pop("api_key", None))
+                        api_key=kw.pop("api_key", None), run_s=kw.pop("run_s", 10))
     return Capturer(cfg, Catalog(str(store), kw.pop("retention", Retention()))), profiles
 
 
@@ -117,6 +117,25 @@ def test_capture_lands_in_the_catalog_with_reason_evidence_and_breakdown(tmp_pat
     assert meta["breakdown"]["experts"] > 0.3
     assert os.listdir(profiles) == []  # moved into the store
     assert c.outcomes[("imbalance", "ok")] == 3
+
+
+def test_vllm_that_ignores_prefix_and_max_iterations_is_stopped_and_its_new_files_collected(tmp_path):
+    """vLLM 0.26 ignores /start_profile's body: no prefix in the file names, no end after max_iterations. The
+    capture stops the profile after run_s, takes the rank files that appeared since it started, and leaves
+    older files alone."""
+    with FakeProfiler(str(tmp_path / "profiles"), mode="v026") as vllm:
+        os.makedirs(vllm.profile_dir, exist_ok=True)
+        c, profiles = capturer(tmp_path, vllm.url, run_s=1.5, timeout_s=30)
+        old = profiles / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+        shutil.copy(TRACE, old)
+        began = time.monotonic()
+        outcome = c.run("20261123T120000Z-manual-abcdef", "manual", {}, {})
+        took = time.monotonic() - began
+    assert outcome == "ok" and 1.5 <= took < 10, (outcome, took)
+    meta = c.catalog.get("20261123T120000Z-manual-abcdef")
+    assert meta["stopped_by_sidecar"] is True
+    assert [f["name"] for f in meta["files"] if f["name"] != "breakdown.json"] != [old.name]
+    assert os.listdir(profiles) == [old.name], "a file older than the capture is not taken"
 
 
 @pytest.mark.parametrize("mode, outcome", [("404", "profiler_disabled"), ("slow", "start_failed")])

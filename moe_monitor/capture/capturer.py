@@ -1,9 +1,11 @@
 """Bounded profiler captures through vLLM's /start_profile, collected into the catalog with their reason.
 
 One capture at a time, on its own thread: POST /start_profile {"profile_prefix": "<id>_", "max_iterations":
-N} (bearer API key when vLLM runs with --api-key), then wait until every rank's trace file for that prefix
-is complete (a full gzip stream ending a JSON object) or a deadline passes, POST /stop_profile as the
-fallback, analyse the files (kernel breakdown), and store them with metadata. Every outcome is counted and
+N} (bearer API key when vLLM runs with --api-key), then wait until every rank's trace file of this capture
+is complete (a full gzip stream ending a JSON object), POST /stop_profile when the profile has not ended by
+itself within `run_s`, analyse the files (kernel breakdown), and store them with metadata. A capture's files
+are those named with its prefix or new since it started: vLLM before 0.32 ignores the request body (no
+prefix, no max_iterations; set max_iterations in its --profiler-config), and `run_s` bounds such a profile. Every outcome is counted and
 logged; nothing here can stop the sidecar.
 """
 
@@ -50,6 +52,7 @@ class CaptureConfig:
     api_key: str | None = None
     iterations: int = 5  # engine steps per capture (max_iterations)
     timeout_s: float = 120.0  # from start to all rank files complete
+    run_s: float = 10.0  # a profile still running after this is stopped (/stop_profile)
     stop_grace_s: float = 30.0  # after /stop_profile
     http_timeout_s: float = 30.0  # the API server answers slowly exactly when steps regress (CPU contention)
 
@@ -87,12 +90,14 @@ def trace_complete(path: str) -> bool:
         return False
 
 
-def rank_files(profile_dir: str, prefix: str) -> list[str]:
+def rank_files(profile_dir: str, prefix: str, before: frozenset[str] = frozenset()) -> list[str]:
+    """Rank trace files named with `prefix`, or (vLLM < 0.32 names them without it) not in `before`."""
     try:
         names = os.listdir(profile_dir)
     except FileNotFoundError:
         return []
-    return sorted(os.path.join(profile_dir, n) for n in names if n.startswith(prefix) and RANK_FILE.match(n))
+    return sorted(os.path.join(profile_dir, n) for n in names
+                  if RANK_FILE.match(n) and ".async_llm." not in n and (n.startswith(prefix) or n not in before))
 
 
 class Capturer:
@@ -141,6 +146,7 @@ class Capturer:
     def _capture(self, capture_id, reason, evidence, context, start) -> tuple[str, dict | None]:
         cfg, prefix = self.cfg, f"{capture_id}_"
         start_body = {"profile_prefix": prefix, "max_iterations": cfg.iterations}
+        before = frozenset(os.path.basename(p) for p in rank_files(cfg.profile_dir, ""))  # every one there now
         try:
             try:
                 post(cfg, "/start_profile", start_body)
@@ -156,15 +162,15 @@ class Capturer:
         except ProfilerError as e:
             log.error("cannot start a capture: %s", e)
             return "start_failed", None
-        files = self._wait_for(prefix, start + cfg.timeout_s)
+        files = self._wait_for(prefix, before, start + min(cfg.run_s, cfg.timeout_s))
         stopped = False
         if len(files) < self.expected_ranks():
-            try:  # the capture did not end by itself (idle engine?): stop it, give the ranks time to write
+            try:  # the profile did not end by itself (idle engine, or a vLLM that ignores max_iterations)
                 post(cfg, "/stop_profile")
                 stopped = True
             except (ProfilerDisabled, ProfilerError) as e:
                 log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
-            files = self._wait_for(prefix, self._clock() + cfg.stop_grace_s)
+            files = self._wait_for(prefix, before, max(start + cfg.timeout_s, self._clock() + cfg.stop_grace_s))
         if not stopped:  # vLLM keeps a max_iterations session open until /stop_profile: close it
             try:
                 post(cfg, "/stop_profile")
@@ -191,10 +197,10 @@ class Capturer:
                 os.unlink(p)
             return "over_quota", None
 
-    def _wait_for(self, prefix: str, deadline: float) -> list[str]:
+    def _wait_for(self, prefix: str, before: frozenset[str], deadline: float) -> list[str]:
         """Rank files of this capture that are complete, waiting until all expected ones are or the deadline."""
         while True:
-            done = [p for p in rank_files(self.cfg.profile_dir, prefix) if trace_complete(p)]
+            done = [p for p in rank_files(self.cfg.profile_dir, prefix, before) if trace_complete(p)]
             if len(done) >= self.expected_ranks() or self._clock() >= deadline:
                 return done
             time.sleep(0.5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,23 @@ import urllib.request
 from dataclasses import dataclass, field
 
 SERVED_NAME = "tiny-moe"
+EXTRA_ARGS_ENV = "MOE_MONITOR_VLLM_EXTRA_ARGS"  # more vLLM flags for the demo and the tests (shell words)
+
+# vLLM's CPU build: float32 (routing then equals a float32 transformers replay exactly), memory in GiB of RAM.
+CPU_ARGS = ("--dtype", "float32", "--gpu-memory-utilization", "0.5")
+# A GPU: bf16 as users serve, torch.compile + CUDA graphs (vLLM's defaults), a small share of the card.
+GPU_ARGS = ("--dtype", "bfloat16", "--gpu-memory-utilization", "0.2")
+
+
+def has_gpu() -> bool:
+    """An NVIDIA GPU is visible (nvidia-smi lists one); decided without importing torch."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def free_port() -> int:
@@ -82,11 +101,14 @@ def vllm_env(segment_dir: str, publish_interval: float = 1.0, plugin: bool = Tru
     return env
 
 
-def start_vllm(model_dir: str, port: int, log_path: str, env: dict[str, str], extra_args: list[str] = ()) -> Proc:
+def start_vllm(model_dir: str, port: int, log_path: str, env: dict[str, str], extra_args: list[str] = (),
+               gpu: bool = False) -> Proc:
+    """vLLM's OpenAI server; later flags win, so extra_args (then $MOE_MONITOR_VLLM_EXTRA_ARGS) override the
+    platform defaults."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
-           "--no-enable-prefix-caching", "--seed", "0", *extra_args]
+           *(GPU_ARGS if gpu else CPU_ARGS), "--max-model-len", "1024", "--no-enable-prefix-caching",
+           "--seed", "0", *extra_args, *shlex.split(env.get(EXTRA_ARGS_ENV, ""))]
     return spawn("vllm", cmd, env, log_path, f"http://127.0.0.1:{port}")
 
 

@@ -395,12 +395,14 @@ def load_meta(model_dir: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]]):
+def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]], skip: list[int] | None = None):
     """Reference expert counts computed with transformers (independent of vLLM).
 
     Runs every token sequence through the checkpoint in float32 (one forward
     per sequence, no padding) and counts, per layer and expert, how many
     tokens picked the expert among their top-k of softmax(router_logits).
+    ``skip[i]`` leading tokens of sequence i are run (they are the context) but not
+    counted: prompt tokens vLLM served from its prefix cache are never routed.
 
     Returns an int64 array of shape ``[num_layers, num_experts]``.
     """
@@ -417,9 +419,10 @@ def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]]):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+    skip = skip or [0] * len(sequences)
     with torch.no_grad():
-        for seq in sequences:
-            if len(seq) == 0:
+        for seq, first in zip(sequences, skip):
+            if len(seq) <= first:
                 continue
             input_ids = torch.tensor([list(seq)], dtype=torch.long)
             out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
@@ -434,6 +437,6 @@ def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]]):
                     raise RuntimeError(f"layer {layer}: {logits.shape[0]} router rows "
                                        f"for {len(seq)} tokens")
                 probs = torch.softmax(logits.float(), dim=-1)
-                top = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+                top = torch.topk(probs[first:], top_k, dim=-1).indices.reshape(-1)
                 counts[layer] += np.bincount(top.numpy(), minlength=num_experts)
     return counts

@@ -83,9 +83,11 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
         print(f"generating a tiny Qwen3-MoE (2 layers x 8 experts, top-2, expert 3 hot) in {model_dir}")
         generate(model_dir, "qwen3_moe", hot_expert=3, hot_words=["hot", "blaze"])
     meta = load_meta(model_dir)
-    print("starting vLLM (CPU) with the moe-monitor plugin; the first start takes about a minute ...")
-    server = launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"),
-                               launch.vllm_env(segments), ["--enforce-eager"])
+    gpu = launch.has_gpu()
+    print(f"starting vLLM ({'GPU: bf16, torch.compile, CUDA graphs' if gpu else 'CPU'}) with the moe-monitor "
+          "plugin; the first start takes a minute or two ...")
+    server = launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"), launch.vllm_env(segments),
+                               [] if gpu else ["--enforce-eager"], gpu=gpu)
     sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"),
                                    ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20"])
     metrics_url = f"{sidecar.url}/metrics"

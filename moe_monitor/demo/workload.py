@@ -19,11 +19,18 @@ ORDINARY = ("the quick brown fox jumps over a lazy dog while seven bright stars 
 class Completed:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache (never routed)
+
+    @property
+    def sequence(self) -> list[int]:
+        """Every token the request's KV cache holds when it ends: the prompt and all generated tokens but
+        the last (which is sampled, never run through the model)."""
+        return self.prompt_token_ids + self.output_token_ids[:-1]
 
     @property
     def computed_token_ids(self) -> list[int]:
-        """Tokens vLLM ran through the model: the prompt and every generated token but the last."""
-        return self.prompt_token_ids + self.output_token_ids[:-1]
+        """Tokens vLLM ran through the model (and routed): the sequence minus its prefix-cached head."""
+        return self.sequence[self.cached_tokens:]
 
 
 def prompts(n: int, hot_words: list[str] = (), hot_share: float = 0.0, seed: int = 0,
@@ -46,7 +53,9 @@ async def _complete(session: aiohttp.ClientSession, url: str, prompt: str, max_t
         if resp.status != 200:
             raise RuntimeError(f"vLLM answered {resp.status}: {data}")
     choice = data["choices"][0]
-    return Completed(list(choice["prompt_token_ids"]), list(choice["token_ids"]))
+    details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+    return Completed(list(choice["prompt_token_ids"]), list(choice["token_ids"]),
+                     int(details.get("cached_tokens") or 0))
 
 
 async def _run(url: str, texts: list[str], max_tokens: int, concurrency: int) -> list[Completed]:

@@ -22,6 +22,15 @@ def register() -> None:
     if "vllm.v1.worker.worker_base" not in sys.modules:
         return
     try:
+        import vllm
+
+        from .compat import missing_internals, support
+
+        usable, line = support(getattr(vllm, "__version__", "unknown"), missing_internals())
+        if line:
+            (log.info if usable else log.warning)(line)
+        if not usable:
+            return
         from .worker import patch_worker
 
         if patch_worker():

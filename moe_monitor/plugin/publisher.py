@@ -1,7 +1,11 @@
-"""Publisher thread: copies the device counters to the host at a fixed cadence and writes the rank's segment.
+"""Publisher thread: writes the rank's segment from host memory at a fixed cadence.
 
-It never blocks a step (its own CUDA stream, its own thread) and never raises: a failure is logged once,
-counted in the next snapshot that does get through, and retried at the next tick.
+It does host work only and never calls CUDA: the routing counts come from the recorder's host mirror (on
+CUDA, pinned memory the counting kernel writes), the step histograms from StepStats. vLLM captures CUDA
+graphs in global capture mode, where a CUDA call from any other thread invalidates the capture; this
+thread makes none (docs/recorder.md, "Capture safety"; tests/test_recorder_gpu.py proves it under capture).
+It never blocks a step and never raises: a failure is logged once, counted in the next snapshot that does
+get through, and retried at the next tick.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import logging
 import threading
 
 import numpy as np
-import torch
 
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, SegmentWriter
 
@@ -31,11 +34,6 @@ class Publisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moe-monitor-publisher", daemon=True)
         self._layer_ids = np.array([x.layer_id for x in attachment.layers], dtype=np.int32)
-        self._stream = self._host = None
-        if recorder.device.type == "cuda":
-            self._stream = torch.cuda.Stream(device=recorder.device)
-            self._host = torch.empty(recorder.num_layers, recorder.num_experts, dtype=torch.int64,
-                                     pin_memory=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -63,11 +61,8 @@ class Publisher:
 
     def publish_once(self) -> bool:
         try:
-            counts = self.recorder.host_counts(self._host, self._stream)
-            if self._stream is not None:
-                self._stream.synchronize()  # waits on our side stream only, on this thread
             arrays = self.steps.snapshot()
-            arrays.update(layer_ids=self._layer_ids, counts=counts.numpy(),
+            arrays.update(layer_ids=self._layer_ids, counts=self.recorder.host_counts(),
                           layer_flags=self.layer_flags(bool(arrays["step_hist"].any())))
             self.writer.publish(arrays, publish_errors=self.errors)
         except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise

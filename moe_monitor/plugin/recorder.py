@@ -6,36 +6,36 @@ across CUDA-graph replays. Padded rows (CUDA-graph / DP padding, always at the e
 ids outside [0, E) and every dummy run (warm-up, memory profiling, graph capture: `valid_tokens` is 0
 then) land in a sink column that is never exported.
 
-Three strategies, same counts (tests/test_plugin_cpu.py, benchmarks/recorder_gpu.py):
+Strategies, same counts (tests/test_plugin_cpu.py, tests/test_recorder_gpu.py, benchmarks/recorder_gpu.py):
 
 - `per_layer`: each layer's tap masks its ids and does one `index_add_` (about four small kernels per layer).
-  Used on CPU, where it is traced by torch.compile.
-- `deferred`: each layer's tap only keeps a reference to its `topk_ids`; the last MoE layer's tap stacks
-  the step's ids and counts them all with a handful of torch ops: a constant number of kernels per step,
-  none per layer. Under CUDA-graph capture the references are kept for the graph's lifetime, so the
-  captured tensors are never reused by the allocator and every replay's flush reads that replay's ids.
-- `fused`: like `deferred`, but the flush is one Triton kernel (block histograms + atomics). CUDA only.
-- `staged`: each tap copies its ids into a persistent staging buffer allocated before any capture (one
-  copy kernel per layer), and the fused kernel counts the buffer after the last layer. Nothing is held in
-  the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
-  recorder (docs/recorder.md: why that matters for measurement). CUDA only.
+  The CPU strategy, traced by torch.compile there. The counters are host memory.
+- `fused` (CUDA default): each layer's tap only keeps a reference to its `topk_ids`; the last MoE layer's
+  tap stacks the step's ids and counts them all with one Triton kernel (triton_flush.py): a constant number
+  of kernels per step, none per layer. Under CUDA-graph capture the references are kept for the graph's
+  lifetime, so the captured tensors are never reused by the allocator and every replay's flush reads that
+  replay's ids.
+- `staged` (CUDA): each tap copies its ids into a persistent staging buffer allocated before any capture
+  (one copy kernel per layer), and the same kernel counts the buffer after the last layer. Nothing is held
+  in the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
+  recorder (docs/recorder.md: why that matters for measurement).
+
+On CUDA the kernel also writes every counter it changes into `mirror`, pinned host memory: the publisher
+thread reads counts from there with no CUDA call, so nothing but vLLM's own worker thread ever calls CUDA
+(docs/recorder.md, "Capture safety"). The kernel variants are compiled when the recorder is built.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-MODES = ("per_layer", "deferred", "fused", "staged")
+MODES = ("per_layer", "fused", "staged")
+CUDA_MODES = ("fused", "staged")
 
 
 def default_mode(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "per_layer"
-    try:
-        from . import triton_flush  # noqa: F401
-    except Exception:  # noqa: BLE001 - no triton: the torch-op flush is still one fixed cost per step
-        return "deferred"
-    return "fused"
+    return "fused" if device.type == "cuda" else "per_layer"
 
 
 class Recorder:
@@ -46,24 +46,31 @@ class Recorder:
         self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
-        if self.mode in ("fused", "staged") and default_mode(self.device) != "fused":
-            raise ValueError(f"the {self.mode} recorder needs a CUDA device and triton")
+        if (self.mode in CUDA_MODES) != (self.device.type == "cuda"):
+            raise ValueError(f"the {self.mode} recorder does not run on {self.device.type}: on CUDA use one of "
+                             f"{CUDA_MODES}, elsewhere per_layer")
         # Column num_experts is the sink for padded rows and ids outside [0, E).
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sink = torch.tensor(num_experts, dtype=torch.int64, device=self.device)
-        self._row_base = torch.arange(num_layers, dtype=torch.int64, device=self.device) * (num_experts + 1)
         self._one = torch.ones(1, dtype=torch.int64, device=self.device)
         self._capacity = 0
         self._retired: list[torch.Tensor] = []  # graphs captured earlier may still read these
         self._grow(capacity)
         self._row_tensors: dict[tuple[int, ...], torch.Tensor] = {}
         self.seen_rows: set[int] = set()  # rows whose hook ran at least once (at trace/capture time on GPU)
-        self.last_row = num_layers - 1  # the deferred flush runs after this row's tap
+        self.last_row = num_layers - 1  # the fused flush runs after this row's tap
         self._tapped_rows = list(range(num_layers))
         self._pending: dict[int, torch.Tensor] = {}
         self._staged_tokens = 0  # staged mode: tokens of the step whose ids are in the buffer, not yet counted
         self._captured: list[dict[int, torch.Tensor]] = []  # ids referenced by captured CUDA graphs
+        self.mirror = None  # CUDA: pinned host copy of counts[:, :E], written by the counting kernel
+        if self.device.type == "cuda":
+            from . import triton_flush
+
+            self.mirror = torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=True)
+            self._count_stacked = triton_flush.count_stacked
+            triton_flush.warm_up(self.device, num_experts, top_k)
 
     def _grow(self, tokens: int) -> None:
         if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated
@@ -92,7 +99,7 @@ class Recorder:
         if topk_ids.shape[0] > self._capacity:
             self._grow(topk_ids.shape[0])
         if self.mode == "per_layer":
-            self._count([row], topk_ids.unsqueeze(0))
+            self._count(row, topk_ids)
             return
         if self.mode == "staged":
             T = topk_ids.shape[0]
@@ -108,7 +115,7 @@ class Recorder:
             self.flush()
 
     def flush(self) -> None:
-        """Count every pending layer of this step (deferred/fused modes)."""
+        """Count every pending layer of this step (fused mode)."""
         pending, self._pending = self._pending, {}
         if not pending:
             return
@@ -118,25 +125,18 @@ class Recorder:
         for row, ids in pending.items():
             by_shape.setdefault((tuple(ids.shape), ids.dtype), []).append(row)
         for rows in by_shape.values():  # one group in practice: every layer of a step sees the same tokens
-            stacked = torch.stack([pending[r] for r in rows])
-            if self.mode == "fused":
-                from .triton_flush import count_stacked
-
-                count_stacked(self.counts, stacked, self._row_index(rows), self.valid_tokens, self.num_experts)
-            else:
-                self._count(rows, stacked)
+            self._count_stacked(self.counts, self.mirror, torch.stack([pending[r] for r in rows]), self._row_index(rows),
+                          self.valid_tokens, self.num_experts)
 
     def _flush_staged(self) -> None:
         """Count the staging buffer's rows of the tapped layers: one kernel, reading [:T] of each row."""
-        from .triton_flush import count_stacked
-
         T, self._staged_tokens = self._staged_tokens, 0
         if T:
-            count_stacked(self.counts, self._stage, self._row_index(self._tapped_rows), self.valid_tokens,
-                          self.num_experts, tokens=T, ids_by_row=True)
+            self._count_stacked(self.counts, self.mirror, self._stage, self._row_index(self._tapped_rows),
+                          self.valid_tokens, self.num_experts, tokens=T, ids_by_row=True)
 
     def set_rows(self, rows: list[int]) -> None:
-        """The rows whose taps are installed (attach calls this before any forward pass): the deferred
+        """The rows whose taps are installed (attach calls this before any forward pass): the fused
         flush runs after the last of them, and its row index is built now, not inside a graph capture."""
         self.last_row = max(rows)
         self._tapped_rows = sorted(rows)
@@ -148,23 +148,16 @@ class Recorder:
             self._row_tensors[key] = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return self._row_tensors[key]
 
-    def _count(self, rows: list[int], ids: torch.Tensor) -> None:
-        """ids: [R, T, k] for the given rows. Masks and adds with torch ops (~5 kernels, any R)."""
-        R, T, k = ids.shape
+    def _count(self, row: int, ids: torch.Tensor) -> None:
+        """ids: [T, k] of one layer. Masks and adds with torch ops (~5 kernels)."""
+        T, k = ids.shape
         ids = ids.to(torch.int64)
-        keep = (self._positions[:T] < self.valid_tokens).view(1, T, 1) & (ids >= 0) & (ids < self.num_experts)
-        flat = torch.where(keep, ids, self._sink)
-        if R == 1:
-            self.counts[rows[0]].index_add_(0, flat.reshape(-1), self._one.expand(T * k))
-            return
-        flat = flat + self._row_base[self._row_index(rows)].view(R, 1, 1)
-        self.counts.view(-1).index_add_(0, flat.reshape(-1), self._one.expand(R * T * k))
+        keep = (self._positions[:T] < self.valid_tokens).view(T, 1) & (ids >= 0) & (ids < self.num_experts)
+        self.counts[row].index_add_(0, torch.where(keep, ids, self._sink).reshape(-1), self._one.expand(T * k))
 
-    def host_counts(self, out: torch.Tensor | None = None, stream=None) -> torch.Tensor:
-        """Copy counts to host without touching the compute stream (the caller waits on its own thread)."""
-        if self.device.type == "cpu":
-            return self.counts[:, : self.num_experts].clone()
-        assert out is not None
-        with torch.cuda.stream(stream):
-            out.copy_(self.counts[:, : self.num_experts], non_blocking=True)
-        return out
+    def host_counts(self) -> np.ndarray:
+        """[L, E] counts read from host memory only: safe on any thread, at any time, even while vLLM
+        captures CUDA graphs. A read may mix two steps across layers (never within one counter)."""
+        if self.mirror is not None:
+            return self.mirror.numpy().copy()
+        return self.counts[:, : self.num_experts].numpy().copy()

@@ -1,8 +1,15 @@
 """One Triton kernel that counts a whole step's routing: ids [R, T, k] of R MoE layers → counts [L, E+1].
 
-Each program takes one layer's block of ids, masks padded rows (position >= valid_tokens) and ids outside
-[0, E) into the sink column, builds the block's histogram in registers (tl.histogram) and adds it to the
-layer's counters with one atomic per bin, so contention does not grow with tokens per step.
+One program per layer: it walks the layer's T×k ids in blocks, masks padded rows (position >= valid_tokens)
+and ids outside [0, E) into the sink column, sums the blocks' histograms (tl.histogram) in registers, and
+adds the result to the layer's counters with plain loads and stores (no other program touches that row,
+and steps are ordered on the stream). It also stores each changed counter into a **host mirror**: pinned
+host memory the GPU writes through unified addressing, so the publisher thread reads fresh counts with no
+CUDA call at all (docs/recorder.md: why no other thread may call CUDA while vLLM captures graphs).
+
+Integer arguments are not specialised (`do_not_specialize`), so the only compiled variants are the block
+sizes and the id dtype; `warm_up` compiles all of them when the plugin attaches, before vLLM's warm-up,
+and no step ever waits for the compiler.
 """
 
 from __future__ import annotations
@@ -11,37 +18,75 @@ import torch
 import triton
 import triton.language as tl
 
+BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 
-@triton.jit
-def _count_kernel(ids_ptr, rows_ptr, counts_ptr, valid_ptr, TK, K, E, counts_stride, ids_stride,
-                  BLOCK: tl.constexpr, BINS: tl.constexpr, IDS_BY_ROW: tl.constexpr):
+
+@triton.jit(do_not_specialize=["TK", "K", "E", "counts_stride", "ids_stride", "mirror_stride"])
+def _count_kernel(ids_ptr, rows_ptr, counts_ptr, mirror_ptr, valid_ptr, TK, K, E, counts_stride, ids_stride,
+                  mirror_stride, BLOCK: tl.constexpr, BINS: tl.constexpr, IDS_BY_ROW: tl.constexpr):
     r = tl.program_id(0)
-    b = tl.program_id(1)
     row = tl.load(rows_ptr + r)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    in_block = offs < TK
     base = ids_ptr + (row if IDS_BY_ROW else r) * ids_stride
-    ids = tl.load(base + offs, mask=in_block, other=-1).to(tl.int32)
     valid = tl.load(valid_ptr).to(tl.int32)
-    keep = in_block & (offs // K < valid) & (ids >= 0) & (ids < E)
-    binned = tl.where(keep, ids, E)
-    hist = tl.histogram(binned, BINS)
+    hist = tl.zeros((BINS,), dtype=tl.int32)
+    for start in range(0, TK, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_block = offs < TK
+        ids = tl.load(base + offs, mask=in_block, other=-1).to(tl.int32)
+        keep = in_block & (offs // K < valid) & (ids >= 0) & (ids < E)
+        hist += tl.histogram(tl.where(keep, ids, E), BINS)
     bins = tl.arange(0, BINS)
-    # Only real assignments are added: bin E (the sink) would also hold the block's out-of-range lanes.
-    tl.atomic_add(counts_ptr + row * counts_stride + bins, hist.to(tl.int64), mask=(bins < E) & (hist > 0))
+    # Only real assignments: bin E (the sink) also holds the blocks' out-of-range lanes.
+    changed = (bins < E) & (hist > 0)
+    at = counts_ptr + row * counts_stride + bins
+    new = tl.load(at, mask=changed, other=0) + hist.to(tl.int64)
+    tl.store(at, new, mask=changed)
+    tl.store(mirror_ptr + row * mirror_stride + bins, new, mask=changed)
 
 
-def count_stacked(counts: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, valid_tokens: torch.Tensor,
-                  num_experts: int, tokens: int | None = None, ids_by_row: bool = False) -> None:
-    """ids: [R, T, K] with ids[r] counted into counts[rows[r]]; or, with ids_by_row, a [L, capacity, K]
-    staging buffer whose row rows[r] holds that layer's ids and only its first `tokens` are read."""
+def block_for(tk: int) -> int:
+    return min(BLOCKS[-1], max(BLOCKS[0], triton.next_power_of_2(max(tk, 1))))
+
+
+def count_stacked(counts: torch.Tensor, mirror: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
+                  valid_tokens: torch.Tensor, num_experts: int, tokens: int | None = None,
+                  ids_by_row: bool = False) -> None:
+    """ids: [R, T, K] with ids[r] counted into counts[rows[r]] (and mirror[rows[r]]); or, with ids_by_row, a
+    [L, capacity, K] staging buffer whose row rows[r] holds that layer's ids and only its first `tokens`
+    are read. mirror: pinned host int64 [L, E] (or any [L, >=E] int64 the GPU can address)."""
     ids = ids.contiguous()
-    R = rows.numel()
     T = ids.shape[1] if tokens is None else tokens
     K = ids.shape[2]
     TK = T * K
-    block = min(1024, max(16, triton.next_power_of_2(TK)))
     bins = triton.next_power_of_2(num_experts + 1)
-    grid = (R, triton.cdiv(TK, block))
-    _count_kernel[grid](ids, rows, counts, valid_tokens, TK, K, num_experts, counts.stride(0), ids.stride(0),
-                        BLOCK=block, BINS=bins, IDS_BY_ROW=ids_by_row)
+    _count_kernel[(rows.numel(),)](ids, rows, counts, mirror, valid_tokens, TK, K, num_experts, counts.stride(0),
+                                   ids.stride(0), mirror.stride(0), BLOCK=block_for(TK), BINS=bins,
+                                   IDS_BY_ROW=ids_by_row)
+
+
+def tokens_per_variant(top_k: int) -> list[int]:
+    """One token count per block size a step can use: 0 tokens, then doubling until the largest block."""
+    out, seen, tokens = [], set(), 0
+    while True:
+        block = block_for(tokens * top_k)
+        if block not in seen:
+            seen.add(block)
+            out.append(tokens)
+        if block == BLOCKS[-1]:
+            return out
+        tokens = max(1, 2 * tokens)
+
+
+def warm_up(device: torch.device, num_experts: int, top_k: int, dtypes=(torch.int32, torch.int64)) -> None:
+    """Compile every variant the plugin can launch (each block size × id dtype × ids layout) on scratch
+    buffers: real counts are untouched. Runs on the worker thread at attach time, before any capture."""
+    counts = torch.zeros(1, num_experts + 1, dtype=torch.int64, device=device)
+    mirror = torch.zeros(1, num_experts + 1, dtype=torch.int64, device=device)
+    valid = torch.zeros((), dtype=torch.int64, device=device)
+    rows = torch.zeros(1, dtype=torch.int64, device=device)
+    for dtype in dtypes:
+        for tokens in tokens_per_variant(top_k):
+            ids = torch.zeros(1, tokens, top_k, dtype=dtype, device=device)
+            for by_row in (False, True):
+                count_stacked(counts, mirror, ids, rows, valid, num_experts, tokens=tokens, ids_by_row=by_row)
+    torch.cuda.synchronize(device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import time
 
 from moe_monitor import env
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
@@ -16,35 +15,32 @@ from moe_monitor.channel import Ranks, SegmentWriter, Shape
 from .attach import find_moe_layers, patch_set_capture_fn, tap_layers
 from .publisher import Publisher
 from .recorder import MODES, Recorder
+from .step_timer import CudaEventTimer, HostTimer
 from .steps import StepStats, phase_of
 
 log = logging.getLogger(__name__)
 
 
 class WorkerMonitor:
-    """Everything the plugin keeps for one worker process."""
+    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread."""
 
-    def __init__(self, recorder: Recorder, publisher: Publisher, steps: StepStats):
-        self.recorder, self.publisher, self.steps = recorder, publisher, steps
-        self._pending: tuple[float, int, str] | None = None
+    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer):
+        self.recorder, self.publisher, self.timer = recorder, publisher, timer
 
     def step_begin(self, scheduler_output, runner) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens
         if tokens <= 0:
-            self._pending = None
+            self.timer.cancel()
             return
         self.recorder.set_valid_tokens(tokens)
         prefill, decode = split_tokens(scheduler_output)
-        self._pending = (time.perf_counter(), tokens, phase_of(prefill, decode))
+        self.timer.begin(phase_of(prefill, decode), tokens)
 
     def forward_done(self) -> None:
         self.recorder.set_valid_tokens(0)  # dummy runs between steps (DP idle ranks) count nothing
 
     def step_end(self) -> None:
-        if self._pending is not None:
-            start, tokens, phase = self._pending
-            self._pending = None
-            self.steps.record(phase, tokens, time.perf_counter() - start)
+        self.timer.end()
 
 
 def split_tokens(scheduler_output) -> tuple[int, int]:
@@ -98,7 +94,7 @@ def build_monitor(worker) -> WorkerMonitor | None:
     num_experts = max(x.num_experts for x in attachment.layers)
     top_k = max(x.top_k for x in attachment.layers)
     capacity = max(int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0), 8192)
-    mode = env.env_choice(env.RECORDER, MODES)  # default: fused on CUDA (benchmarks/results), per_layer on CPU
+    mode = env.env_choice(env.RECORDER, MODES)  # default: fused on CUDA, per_layer on CPU
     try:
         recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity, mode=mode)
     except ValueError as e:
@@ -119,7 +115,8 @@ def build_monitor(worker) -> WorkerMonitor | None:
     log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s with the %s recorder, "
              "%d unobservable; segment %s", len(attachment.observable), num_experts, top_k, ranks, recorder.mode,
              len(attachment.layers) - len(attachment.observable), writer.path)
-    return WorkerMonitor(recorder, publisher, steps)
+    timer = CudaEventTimer(steps) if recorder.device.type == "cuda" else HostTimer(steps)
+    return WorkerMonitor(recorder, publisher, timer)
 
 
 _warned: set[str] = set()

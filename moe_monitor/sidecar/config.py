@@ -37,6 +37,7 @@ class SidecarConfig:
     max_capture_age_s: float = 7 * 24 * 3600
     api_token: str | None = None  # bearer token required to download traces and trigger captures
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    capture_run_s: float = 10.0  # a profile that has not ended by itself after this is stopped
 
     def __post_init__(self) -> None:
         if self.expert_series not in EXPERT_SERIES:

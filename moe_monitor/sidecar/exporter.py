@@ -96,7 +96,8 @@ class Exporter:
             self.catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
                                                                  config.max_capture_age_s))
             self.capturer = Capturer(CaptureConfig(config.vllm_url, config.profile_dir, config.vllm_api_key,
-                                                   config.capture_iterations, config.capture_timeout_s),
+                                                   config.capture_iterations, config.capture_timeout_s,
+                                                   run_s=config.capture_run_s),
                                      self.catalog, expected_ranks=self._expected_ranks, clock=clock)
             self.captures = CatalogLatest(self.catalog)
         else:
