@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from conftest import free_port, samples, scrape  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from trace_steps import trace_step_times  # noqa: E402
+
 from moe_monitor.demo import launch, workload  # noqa: E402
 
 MAX_BATCHED = 256  # chunked prefill: prompts longer than this are computed over several steps
@@ -177,40 +180,6 @@ def _step_means(metrics: dict) -> dict[str, tuple[float, float]]:
         for labels, v in samples(metrics, name).items():
             out.setdefault(dict(labels)["phase"], [0.0, 0.0])[idx] += v
     return {p: (s, n) for p, (s, n) in out.items()}
-
-
-def trace_step_times(path: str) -> list[dict]:
-    """Per vLLM step of a GPU trace, what the plugin's timer measures (docs/recorder.md, "Step time"): from
-    the first device work on vLLM's stream at or after the previous step's end (the plugin's begin event is
-    recorded with that work) to the end of the step's last work on that stream before its sampled tokens are
-    copied out (the D2H copy on vLLM's output stream follows sampling; the end event is recorded there).
-    Also `forward_s`, the device projection of vLLM's step annotation (it wraps the forward only). The last
-    step of the trace is left out (its end is not bounded by a next step)."""
-    import gzip
-
-    from moe_monitor.breakdown.trace import STEP_RE, step_phase
-
-    with gzip.open(path) if path.endswith(".gz") else open(path, "rb") as f:
-        events = json.load(f)["traceEvents"]
-    steps = sorted((e for e in events if e.get("cat") == "gpu_user_annotation" and STEP_RE.match(e.get("name", ""))),
-                   key=lambda e: e["ts"])
-    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    out, prev_end = [], None
-    for step, nxt in zip(steps, steps[1:]):
-        inside = [w["tid"] for w in work if step["ts"] <= w["ts"] < step["ts"] + step["dur"]]
-        if not inside:
-            continue
-        main = max(set(inside), key=inside.count)  # vLLM's compute stream
-        copies = [w["ts"] for w in work if step["ts"] + step["dur"] <= w["ts"] < nxt["ts"] and w["tid"] != main
-                  and w["cat"] == "gpu_memcpy" and "DtoH" in w["name"]]
-        cut = copies[0] if copies else nxt["ts"]
-        end = max(w["ts"] + w.get("dur", 0) for w in work if w["tid"] == main and step["ts"] <= w["ts"] < cut)
-        first = [w["ts"] for w in work if w["tid"] == main and (prev_end or 0) <= w["ts"] <= step["ts"]]
-        phase, tokens = step_phase(step["name"])
-        out.append({"phase": phase, "tokens": tokens, "forward_s": step["dur"] / 1e6,
-                    "step_s": (end - (min(first) if first else step["ts"])) / 1e6})
-        prev_end = end
-    return out
 
 
 def cli(*args: str) -> str:
