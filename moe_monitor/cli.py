@@ -83,6 +83,9 @@ def main(log_level: str) -> None:
               help="Retention: seconds a capture is kept.")
 @click.option("--api-token", envvar=env.API_TOKEN, show_envvar=True, default=None,
               help="Bearer token required to download traces and trigger captures.")
+@click.option("--captures-api-insecure", envvar=env.CAPTURES_API_INSECURE, show_envvar=True, is_flag=True,
+              default=False, help="Without --api-token, let anyone who reaches the port trigger captures and "
+              "download traces (trusted networks only; logged loudly). Off: they answer 403 until a token is set.")
 @click.option("--step-margin", envvar=env.STEP_MARGIN, show_envvar=True, default=0.30, type=click.FloatRange(min=0.01),
               help="Step-time regression: mean step time above baseline x (1 + margin).")
 @click.option("--step-baseline-quantile", envvar=env.STEP_BASELINE_QUANTILE, show_envvar=True, default=0.9,
@@ -128,7 +131,8 @@ def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogra
                         placement_file, max_series, profile_dir, capture["vllm_url"], capture["vllm_api_key"],
                         capture["capture_dir"], capture["capture_iterations"], capture["capture_timeout"],
                         capture["max_captures"], capture["max_capture_bytes"], capture["max_capture_age"],
-                        capture["api_token"], detector, capture_run_s=capture["capture_max_seconds"])
+                        capture["api_token"], detector, capture_run_s=capture["capture_max_seconds"],
+                        captures_api_insecure=capture["captures_api_insecure"])
     try:
         exporter = Exporter(cfg)
     except PlacementError as e:

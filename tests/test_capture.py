@@ -40,6 +40,7 @@ class FakeProfiler:
         self.url = f"http://127.0.0.1:{self.port}"
         self._prefix = None
         self.active = False
+        self.secret = None  # mode symlink: the outside file the link points to
 
     def _write(self, delay: float) -> None:
         def later():
@@ -62,6 +63,9 @@ class FakeProfiler:
         if self.mode == "slow":
             await asyncio.sleep(5)
         self._prefix = "" if self.mode == "v026" else body["profile_prefix"]
+        if self.mode == "symlink":  # a rank "trace" that is a link to a file outside the profile directory
+            name = f"{self._prefix}dp0_pp0_tp0_dcp0_ep0_rank0.{time.time_ns()}.pt.trace.json.gz"
+            os.symlink(self.secret, os.path.join(self.profile_dir, name))
         if self.mode == "ok":
             self._write(0.5)
         return web.Response(status=200)
@@ -256,3 +260,90 @@ def test_cli_traces_list_show_pull(api, tmp_path):
     bad = subprocess.run(cli[:-2] + ["pull", "20261123T120000Z-imbalance-abcdef"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert bad.returncode != 0 and "401" in bad.stderr
+
+
+def test_symlinked_trace_in_the_profile_dir_is_neither_stored_nor_served(tmp_path):
+    """Defect: a symlink named like a rank trace was moved into the catalog and served by the download API,
+    exposing any file the sidecar can read. Links are never taken, stored or served."""
+    secret = tmp_path / "outside" / "secret.pt.trace.json.gz"
+    secret.parent.mkdir()
+    shutil.copy(TRACE, secret)
+    with FakeProfiler(str(tmp_path / "profiles"), mode="symlink") as vllm:
+        vllm.secret = str(secret)
+        os.makedirs(vllm.profile_dir, exist_ok=True)
+        c, profiles = capturer(tmp_path, vllm.url, run_s=1, timeout_s=3)
+        outcome = c.run("20261123T120000Z-manual-abcdef", "manual", {}, {})
+    assert outcome == "no_trace" and c.catalog.list() == []
+    assert [os.path.islink(profiles / n) for n in os.listdir(profiles)] == [True], "the link is left where it was"
+    # a link planted inside a stored capture is not served either
+    store = Catalog(str(tmp_path / "store2"))
+    real = tmp_path / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+    shutil.copy(TRACE, real)
+    meta = store.store("20261123T120100Z-manual-abcdef", [str(real)], {"created": time.time()})
+    name = meta["files"][0]["name"]
+    planted = os.path.join(store.root, meta["id"], name)
+    assert store.file_path(meta["id"], name) == planted
+    os.unlink(planted)
+    os.symlink(secret, planted)
+    assert store.file_path(meta["id"], name) is None
+    link = tmp_path / "link.pt.trace.json.gz"
+    os.symlink(secret, link)
+    meta = store.store("20261123T120200Z-manual-abcdef", [str(link)], {"created": time.time()})
+    assert meta["files"] == [] and os.path.islink(link), "store() refuses the link and leaves it alone"
+
+
+def test_retention_never_deletes_a_path_that_metadata_names(tmp_path):
+    """Defect: retention deleted os.path.join(store, metadata["id"]), so metadata naming '../victim' removed a
+    directory outside the catalog. A capture is its directory; metadata that names another id is ignored."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("must survive")
+    cat = Catalog(str(tmp_path / "store"), Retention(max_count=1, max_age_s=60))
+    forged = tmp_path / "store" / "20261123T120000Z-manual-abcdef"
+    forged.mkdir()
+    (forged / "metadata.json").write_text(json.dumps({"id": "../victim", "created": 0, "total_bytes": 1,
+                                                      "files": []}))
+    assert cat.list() == [] and cat.get("20261123T120000Z-manual-abcdef") is None
+    real = tmp_path / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+    shutil.copy(TRACE, real)
+    cat.store("20261123T120100Z-manual-abcdef", [str(real)], {"created": time.time() - 3600})
+    assert cat.enforce(time.time()) == ["20261123T120100Z-manual-abcdef"]  # too old: its own directory goes
+    assert (victim / "keep.txt").read_text() == "must survive"
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path, insecure):
+    """Defect: with no token configured anyone reaching the port could trigger captures and download traces,
+    and nothing was logged. The real `moe-monitor serve`: without --api-token, trigger and download answer
+    403 (listing and /metrics stay open); --captures-api-insecure opens them, with a loud log line."""
+    from moe_monitor.demo import launch
+
+    store = tmp_path / "store"
+    cat = Catalog(str(store))
+    real = tmp_path / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+    shutil.copy(TRACE, real)
+    meta = cat.store("20261123T120000Z-manual-abcdef", [str(real)], {"created": time.time(), "reason": "manual",
+                                                                     "evidence": {}, "outcome": "ok"})
+    (tmp_path / "profiles").mkdir()
+    sidecar = launch.start_sidecar(str(tmp_path / "seg"), free_port(), str(tmp_path / "sidecar.log"), [
+        "--profile-dir", str(tmp_path / "profiles"), "--vllm-url", f"http://127.0.0.1:{free_port()}",
+        "--capture-dir", str(store), *(["--captures-api-insecure"] if insecure else [])])
+    try:
+        sidecar.wait_ready("/healthz", 30)
+        url = sidecar.url
+        assert http(url + "/api/captures")[0] == 200 and http(url + "/metrics")[0] == 200
+        name = meta["files"][0]["name"]
+        download = http(f"{url}/api/captures/{meta['id']}/files/{name}")
+        trigger = http(url + "/api/captures", "POST", body={"reason": "probe"})
+        if insecure:
+            assert download[0] == 200 and download[1] == open(TRACE, "rb").read()
+            assert trigger[0] == 202
+        else:
+            assert download[0] == 403 and b"--api-token" in download[1]
+            assert trigger[0] == 403
+        time.sleep(0.3)
+        log = sidecar.log_tail(200)
+        assert ("INSECURE" in log) == insecure
+        assert "127.0.0.1 trigger a capture" in log and f"download {meta['id']}/{name}" in log  # audit trail
+    finally:
+        sidecar.stop()

@@ -47,7 +47,7 @@ def stack(server):
         "--vllm-url", server.url, "--capture-dir", paths["store"], "--capture-iterations", "3",
         "--capture-timeout", "20", "--warmup-windows", "4", "--consecutive-windows", "2",
         "--imbalance-threshold", "50", "--imbalance-rise", "1.25", "--step-margin", "0.4", "--min-window-steps", "3",
-        "--capture-cooldown", "5", "--max-captures-per-hour", "10"])
+        "--capture-cooldown", "5", "--max-captures-per-hour", "10", "--api-token", "e2e-token"])
     try:
         sidecar.wait_ready("/healthz", 30)
         yield server, sidecar, meta, paths["store"]
@@ -147,7 +147,7 @@ def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path)
     assert capture["evidence"]["current"] >= capture["evidence"]["threshold"]
     assert capture["window"]["imbalance_ratio"] and capture["breakdown"]["experts"] > 0
 
-    cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", sidecar.url]
+    cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", sidecar.url, "--token", "e2e-token"]
     listed = subprocess.run(cli + ["list"], capture_output=True, text=True, check=True, timeout=60).stdout
     assert capture["id"] in listed and "imbalance" in listed
     subprocess.run(cli + ["pull", capture["id"], "--out", str(tmp_path)], check=True, timeout=120,

@@ -117,7 +117,8 @@ def stack(request, gpu_model, tmp_path_factory):
                                    ["--window", "1", "--expert-series", "all", "--min-window-assignments", "20",
                                     "--profile-dir", profiles, "--vllm-url", server.url, "--capture-dir",
                                     str(work / "captures"), "--capture-iterations", "400",
-                                    "--capture-timeout", "60", "--capture-max-seconds", "12"])
+                                    "--capture-timeout", "60", "--capture-max-seconds", "12",
+                                    "--api-token", "gpu-token"])
     try:
         ready = server.wait_ready("/health", 600)
         sidecar.wait_ready("/healthz", 30)
@@ -183,6 +184,8 @@ def _step_means(metrics: dict) -> dict[str, tuple[float, float]]:
 
 
 def cli(*args: str) -> str:
+    if args[0] == "traces":
+        args = ("traces", "--token", "gpu-token", *args[1:])
     r = subprocess.run([sys.executable, "-m", "moe_monitor.cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (args, r.stdout, r.stderr)
     return r.stdout

@@ -27,7 +27,7 @@ from moe_monitor.breakdown.analyze import analyze
 from moe_monitor.breakdown.latest import RANK_FILE
 from moe_monitor.breakdown.trace import TraceError, read_trace
 
-from .catalog import Catalog, QuotaError, new_capture_id
+from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
 from .telemetry import capture_span
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ class Capturer:
     def _wait_for(self, prefix: str, before: frozenset[str], deadline: float) -> list[str]:
         """Rank files of this capture that are complete, waiting until all expected ones are or the deadline."""
         while True:
-            done = [p for p in rank_files(self.cfg.profile_dir, prefix, before) if trace_complete(p)]
+            done = [p for p in rank_files(self.cfg.profile_dir, prefix, before)
+                    if is_regular_file(p) and trace_complete(p)]
             if len(done) >= self.expected_ranks() or self._clock() >= deadline:
                 return done
             time.sleep(0.5)

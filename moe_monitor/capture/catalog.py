@@ -2,22 +2,36 @@
 by count, bytes and age, and a byte quota that is never exceeded (a capture that cannot fit is refused).
 
 Ids and file names are validated against strict patterns and against the capture's own file list, so
-nothing outside the store can be named through the API.
+nothing outside the store can be named through the API. Only regular files are stored or served (a symlink
+in the profile directory could otherwise expose any file the sidecar can read), and a capture is known by
+its directory name: the `id` written in its metadata must match it, or the capture is ignored (retention
+deletes directories of the store, never a path that metadata names).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 METADATA = "metadata.json"
+log = logging.getLogger(__name__)
+
+
+def is_regular_file(path: str) -> bool:
+    """A regular file that is not a symlink (lstat: the link itself is examined)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class QuotaError(Exception):
@@ -45,7 +59,7 @@ class Catalog:
         if not isinstance(capture_id, str) or not ID_RE.match(capture_id):
             return None
         path = os.path.join(self.root, capture_id)
-        return path if os.path.isfile(os.path.join(path, METADATA)) else None
+        return path if not os.path.islink(path) and is_regular_file(os.path.join(path, METADATA)) else None
 
     def get(self, capture_id: str) -> dict | None:
         d = self._dir(capture_id)
@@ -53,9 +67,14 @@ class Catalog:
             return None
         try:
             with open(os.path.join(d, METADATA)) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        if not isinstance(meta, dict) or meta.get("id") != capture_id:
+            log.warning("capture %s: metadata names another id (%r); ignored", capture_id,
+                        meta.get("id") if isinstance(meta, dict) else type(meta).__name__)
+            return None
+        return meta
 
     def list(self) -> list[dict]:
         out = []
@@ -71,7 +90,7 @@ class Catalog:
         if meta is None or not NAME_RE.match(name or "") or name not in {f["name"] for f in meta["files"]}:
             return None
         path = os.path.join(self.root, capture_id, name)
-        return path if os.path.isfile(path) else None
+        return path if is_regular_file(path) else None
 
     def used_bytes(self) -> int:
         return sum(m.get("total_bytes", 0) for m in self.list())
@@ -81,6 +100,11 @@ class Catalog:
         QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota."""
         if not ID_RE.match(capture_id):
             raise ValueError(f"bad capture id {capture_id!r}")
+        refused = [p for p in files if not is_regular_file(p)]
+        if refused:
+            log.warning("capture %s: not storing %s: not regular files (symlinks are never followed)", capture_id,
+                        ", ".join(os.path.basename(p) for p in refused))
+            files = [p for p in files if p not in refused]
         sizes = {os.path.basename(p): os.path.getsize(p) for p in files}
         total = sum(sizes.values()) + sum(len(b) for b in extra.values())
         if total > self.retention.max_bytes:
@@ -114,7 +138,7 @@ class Catalog:
             too_big = used + incoming_bytes > r.max_bytes
             if not (too_old or too_many or too_big):
                 continue
-            shutil.rmtree(os.path.join(self.root, m["id"]), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.root, m["id"]), ignore_errors=True)  # id == a validated dir name
             captures.remove(m)
             used -= m.get("total_bytes", 0)
             removed.append(m["id"])

@@ -38,6 +38,7 @@ class SidecarConfig:
     api_token: str | None = None  # bearer token required to download traces and trigger captures
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     capture_run_s: float = 10.0  # a profile that has not ended by itself after this is stopped
+    captures_api_insecure: bool = False  # without api_token: allow trigger/download anyway (trusted networks)
 
     def __post_init__(self) -> None:
         if self.expert_series not in EXPERT_SERIES:

@@ -42,16 +42,26 @@ def build_app(exporter: Exporter) -> web.Application:
         return web.Response(text=LANDING.format(segment_dir=cfg.segment_dir, window=cfg.window_s),
                             content_type="text/html")
 
-    def authorized(request: web.Request) -> bool:
-        token = exporter.config.api_token
-        if not token:
-            return True
-        header = request.headers.get("Authorization", "")
-        return header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(), token.encode())
-
-    def unauthorized() -> web.Response:
-        return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                 headers={"WWW-Authenticate": "Bearer"})
+    def refused(request: web.Request, what: str) -> web.Response | None:
+        """None when the caller may `what` (trigger a capture, download a trace); else the refusal. Every
+        decision is logged with the caller's address (an audit trail of who pulled which trace)."""
+        cfg, peer = exporter.config, request.remote
+        if cfg.api_token:
+            header = request.headers.get("Authorization", "")
+            if header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(errors="replace"),
+                                                                      cfg.api_token.encode()):
+                log.info("captures API: %s %s (token)", peer, what)
+                return None
+            log.warning("captures API: refused %s %s: missing or wrong bearer token", peer, what)
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        if cfg.captures_api_insecure:
+            log.warning("captures API: %s %s WITHOUT a token (--captures-api-insecure)", peer, what)
+            return None
+        log.warning("captures API: refused %s %s: no --api-token is configured", peer, what)
+        return web.json_response({"error": "triggering captures and downloading traces are off: start the sidecar "
+                                           "with --api-token (or --captures-api-insecure on a trusted network)"},
+                                 status=403)
 
     def catalog_or_503():
         if exporter.catalog is None:
@@ -70,16 +80,18 @@ def build_app(exporter: Exporter) -> web.Application:
 
     async def download(request: web.Request) -> web.StreamResponse:
         catalog = catalog_or_503()
-        if not authorized(request):
-            return unauthorized()
+        denied = refused(request, f"download {request.match_info['id']}/{request.match_info['name']}")
+        if denied is not None:
+            return denied
         path = catalog.file_path(request.match_info["id"], request.match_info["name"])
         if path is None:
             return web.json_response({"error": "no such capture file"}, status=404)
         return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{request.match_info["name"]}"'})
 
     async def trigger(request: web.Request) -> web.Response:
-        if not authorized(request):
-            return unauthorized()
+        denied = refused(request, "trigger a capture")
+        if denied is not None:
+            return denied
         try:
             body = await request.json() if request.can_read_body else {}
         except json.JSONDecodeError:
@@ -104,6 +116,13 @@ def build_app(exporter: Exporter) -> web.Application:
 def serve(exporter: Exporter) -> None:
     cfg = exporter.config
     exporter.start()
+    if exporter.catalog is not None and not cfg.api_token:
+        if cfg.captures_api_insecure:
+            log.warning("INSECURE: anyone who reaches %s:%d can trigger profiler captures and download traces "
+                        "(--captures-api-insecure without --api-token)", cfg.host, cfg.port)
+        else:
+            log.warning("triggering captures and downloading traces answer 403 until --api-token is set; "
+                        "listing captures and /metrics stay open")
     log.info("moe-monitor sidecar listening on http://%s:%d/metrics, reading %s, %gs windows", cfg.host, cfg.port,
              cfg.segment_dir, cfg.window_s)
     web.run_app(build_app(exporter), host=cfg.host, port=cfg.port, print=None, access_log=None)
