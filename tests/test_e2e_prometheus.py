@@ -67,7 +67,8 @@ def stack(tiny_model, tmp_path_factory):
         common = ["--window", "2", "--min-window-assignments", "20", "--profile-dir", profiles]
         full = launch.start_sidecar(segments, free_port(), str(work / "sidecar-all.log"), common + [
             "--expert-series", "all", "--vllm-url", server.url, "--capture-dir", store,
-            "--capture-iterations", "3", "--capture-timeout", "30", "--imbalance-threshold", "1000"])
+            "--capture-iterations", "3", "--capture-timeout", "30", "--imbalance-threshold", "1000",
+            "--api-token", "e2e-token"])
         top = launch.start_sidecar(segments, free_port(), str(work / "sidecar-top.log"),
                                    common + ["--expert-series", "top"])
         procs += [full, top]
@@ -165,7 +166,8 @@ def test_every_dashboard_query_returns_data(stack):
     prom, full = stack["prom"], stack["full"]
     # One capture, so the kernel-breakdown panels have a trace to show (the detector would also take one).
     req = urllib.request.Request(full.url + "/api/captures", data=json.dumps({"reason": "e2e dashboards"}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json", "Authorization": "Bearer e2e-token"},
+                                 method="POST")
     with Traffic(stack["server"], seed=400):
         urllib.request.urlopen(req, timeout=30).read()
         wait_for(lambda: prom_api(prom, "query", query='moe_capture_catalog_captures{job="moe-monitor"} > 0')["result"]
