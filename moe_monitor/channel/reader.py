@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from .layout import HEADER_SIZE, SEQ_OFFSET, SegmentError, Snapshot, decode
@@ -18,7 +19,7 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
     last: SegmentError | None = None
     for attempt in range(attempts):
         try:
-            with open(path, "rb") as f:
+            with _open_regular(path) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > HEADER_SIZE + max_payload:
                     raise SegmentError("oversized", f"file of {size} bytes exceeds the limit")
@@ -40,6 +41,20 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
             time.sleep(backoff_s * (attempt + 1))
     assert last is not None
     raise last
+
+
+def _open_regular(path: str):
+    """Open without blocking and insist on a regular file: a FIFO named *.moeseg would otherwise block the
+    reader (and the whole window loop) in open() until someone writes to it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SegmentError("io", f"not a regular file (mode {stat.filemode(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def list_segments(directory: str) -> list[str]:

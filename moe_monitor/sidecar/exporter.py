@@ -50,7 +50,9 @@ class SegmentSource:
         statuses = []
         kwargs = {"max_payload": self.max_payload} if self.max_payload else {}
         for path in list_segments(self.segment_dir):
-            name = os.path.basename(path).removesuffix(".moeseg")
+            # the label must be valid UTF-8 even for a file name that is not (shown with U+FFFD)
+            name = os.path.basename(path).removesuffix(".moeseg").encode("utf-8", "surrogateescape").decode(
+                "utf-8", "replace")
             try:
                 statuses.append(m.SegmentStatus(name, read_segment(path, **kwargs), None))
                 self._logged = {x for x in self._logged if x[0] != path}
@@ -132,21 +134,26 @@ class Exporter:
             self._exposition = exposition
         return exposition
 
-    def latest(self) -> Exposition:
+    def latest(self) -> Exposition | None:
+        """The newest exposition; None until one has been built. Never builds one (the HTTP thread must not
+        run the window loop's work)."""
         with self._lock:
-            exposition = self._exposition
-        return exposition if exposition is not None else self.tick()
+            return self._exposition
+
+    def safe_tick(self, boundary: float | None = None) -> bool:
+        try:
+            self.tick(boundary)
+            return True
+        except Exception:  # noqa: BLE001 - keep serving the last exposition, try again next window
+            log.exception("building the exposition failed; serving the previous one")
+            return False
 
     def run_forever(self) -> None:
-        self.tick()
         while not self._stop.is_set():
             boundary = next_boundary(self._clock(), self.config.window_s)
             if self._stop.wait(max(0.0, boundary - self._clock())):
                 return
-            try:
-                self.tick(boundary)
-            except Exception:  # noqa: BLE001 - keep serving the last exposition, try again next window
-                log.exception("building the exposition failed; serving the previous one")
+            self.safe_tick(boundary)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="moe-monitor-windows", daemon=True)
@@ -292,7 +299,32 @@ class CatalogLatest:
             if path is None:
                 continue
             if self.capture is None or self.capture.prefix != meta["id"]:
-                with open(path) as f:
-                    self.result = json.load(f)
-                self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]), meta["created"])
+                self.result = None
+                try:
+                    with open(path, "rb") as f:
+                        result = json.load(f)
+                    if not valid_breakdown(result):
+                        raise ValueError("not a breakdown (categories, ranks, idle_us, moe_blocks)")
+                    self.result = result
+                except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
+                    self.errors += 1
+                    log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
+                try:
+                    self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]),
+                                           float(meta["created"]))
+                except (KeyError, TypeError, ValueError) as e:
+                    self.errors, self.result = self.errors + 1, None
+                    self.capture = Capture(meta["id"], (), 0.0)
+                    log.warning("capture %s: damaged metadata: %r", meta["id"], e)
             return
+
+
+def valid_breakdown(result) -> bool:
+    """The shape capture_t0 reads (what breakdown.analyze writes)."""
+    try:
+        return (all(isinstance(row["us"], (int, float)) and isinstance(row["share"], (int, float))
+                    for row in result["categories"].values())
+                and isinstance(result["ranks"], list) and isinstance(result["idle_us"], (int, float))
+                and isinstance(result["moe_blocks"]["count"], int))
+    except (KeyError, TypeError, AttributeError):
+        return False

@@ -27,6 +27,9 @@ LANDING = """<html><head><title>moe-monitor</title></head><body>
 def build_app(exporter: Exporter) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         exposition = exporter.latest()
+        if exposition is None:
+            return web.Response(status=503, text="no exposition yet: the first window failed to build (see the "
+                                                  "sidecar's log); retried every window\n")
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             resp = web.Response(body=exposition.gzipped, headers={"Content-Encoding": "gzip"})
         else:
@@ -115,6 +118,7 @@ def build_app(exporter: Exporter) -> web.Application:
 
 def serve(exporter: Exporter) -> None:
     cfg = exporter.config
+    exporter.safe_tick()  # the first exposition exists before the port opens (or the log says why not)
     exporter.start()
     if exporter.catalog is not None and not cfg.api_token:
         if cfg.captures_api_insecure:
