@@ -157,8 +157,11 @@ def test_imbalance_alert_reaches_alertmanager_and_resolves(stack):
     calm = time.time()
     with Traffic(server, seed=300):
         resolved_at = wait_for(lambda: sink.alerts(ALERT, "resolved"), 180, f"{ALERT} resolved", show=status)
-    print(f"balanced traffic again -> resolved notification: {resolved_at - calm:.1f} s")
-    assert not firing_in_prometheus(prom, ALERT)
+        print(f"balanced traffic again -> resolved notification: {resolved_at - calm:.1f} s")
+        # Both sidecars fire (one alert per instance) and resolve a window or a scrape apart: the first resolved
+        # notification can arrive while the other instance's alert is still active. Every one must end.
+        wait_for(lambda: not firing_in_prometheus(prom, ALERT), max(5.0, 180 - (time.time() - calm)),
+                 f"{ALERT} no longer firing for any instance", show=status)
 
 
 def test_every_dashboard_query_returns_data(stack):
