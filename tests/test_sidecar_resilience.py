@@ -68,11 +68,12 @@ def test_a_damaged_breakdown_in_the_catalog_is_counted_and_the_windows_go_on(tmp
     segments.mkdir()
     shutil.copy(SEGMENT, segments)
     store = Catalog(str(tmp_path / "store"))
-    for n, breakdown in enumerate((b'{"categories": {}}', b"\xff{ not json")):  # the newest is read first
+    blocks_without_figures = (b'{"categories": {}, "ranks": [], "idle_us": 0, "moe_blocks": {"count": 3}}')
+    for n, breakdown in enumerate((b'{"categories": {}}', blocks_without_figures, b"\xff{ not json")):
         trace = tmp_path / f"dp0_pp0_tp0_dcp0_ep0_rank0.{n}.pt.trace.json.gz"
         shutil.copy(TRACE, trace)
         store.store(f"20261123T12000{n}Z-manual-abcdef", [str(trace)], {"created": time.time()},
-                    {"breakdown.json": breakdown})
+                    {"breakdown.json": breakdown})  # the newest (last) is the one the sidecar reads
     (tmp_path / "profiles").mkdir()
     sidecar = serve(tmp_path, segments, ["--profile-dir", str(tmp_path / "profiles"), "--capture-dir", store.root,
                                          "--vllm-url", f"http://127.0.0.1:{free_port()}"])
@@ -87,3 +88,19 @@ def test_a_damaged_breakdown_in_the_catalog_is_counted_and_the_windows_go_on(tmp
         assert "cannot use its breakdown.json" in sidecar.log_tail(50)
     finally:
         sidecar.stop()
+
+
+def test_only_a_whole_breakdown_is_exported():
+    """What `analyze` writes is accepted; a breakdown missing what the capture gauges read is not (it would
+    otherwise fail every window's build and freeze the exposition)."""
+    import json
+
+    from moe_monitor.breakdown.analyze import analyze
+    from moe_monitor.breakdown.trace import read_trace
+    from moe_monitor.sidecar.exporter import valid_breakdown
+
+    assert valid_breakdown(json.loads(json.dumps(analyze([read_trace(TRACE)]))))
+    for damaged in ({}, [], {"categories": {}}, {"categories": {"x": {"us": "1"}}, "ranks": [], "idle_us": 0,
+                                                 "moe_blocks": {"count": 0}},
+                    {"categories": {}, "ranks": [], "idle_us": 0, "moe_blocks": {"count": 3}}):
+        assert not valid_breakdown(damaged), damaged

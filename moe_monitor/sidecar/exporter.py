@@ -325,6 +325,9 @@ def valid_breakdown(result) -> bool:
         return (all(isinstance(row["us"], (int, float)) and isinstance(row["share"], (int, float))
                     for row in result["categories"].values())
                 and isinstance(result["ranks"], list) and isinstance(result["idle_us"], (int, float))
-                and isinstance(result["moe_blocks"]["count"], int))
+                and isinstance(result["moe_blocks"]["count"], int)
+                and (result["moe_blocks"]["count"] == 0
+                     or all(isinstance(result["moe_blocks"][k], (int, float))
+                            for k in ("preamble_us", "first_expert_us"))))
     except (KeyError, TypeError, AttributeError):
         return False
