@@ -104,3 +104,36 @@ def test_only_a_whole_breakdown_is_exported():
                                                  "moe_blocks": {"count": 0}},
                     {"categories": {}, "ranks": [], "idle_us": 0, "moe_blocks": {"count": 3}}):
         assert not valid_breakdown(damaged), damaged
+
+
+def test_bytes_that_are_not_utf8_get_400_and_401_not_500(tmp_path):
+    """Defect 11 (part): a body or an Authorization header that is not UTF-8 answered 500."""
+    import http.client
+
+    segments = tmp_path / "seg"
+    segments.mkdir()
+    (tmp_path / "profiles").mkdir()
+    sidecar = serve(tmp_path, segments, ["--profile-dir", str(tmp_path / "profiles"), "--capture-dir",
+                                         str(tmp_path / "store"), "--vllm-url", f"http://127.0.0.1:{free_port()}",
+                                         "--api-token", "s3cret"])
+    try:
+        host, port = sidecar.url.removeprefix("http://").split(":")
+
+        def post(headers: dict, body: bytes) -> int:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.putrequest("POST", "/api/captures")
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert post({"Authorization": b"Bearer s3cr\xe9t\xff", "Content-Type": "application/json"},
+                    b'{"reason": "x"}') == 401
+        assert post({"Authorization": "Bearer s3cret", "Content-Type": "application/json"},
+                    b'{"reason": "\xff\xfe"}') == 400
+        assert "Traceback" not in sidecar.log_tail(200)
+    finally:
+        sidecar.stop()

@@ -97,8 +97,8 @@ def build_app(exporter: Exporter) -> web.Application:
             return denied
         try:
             body = await request.json() if request.can_read_body else {}
-        except json.JSONDecodeError:
-            return web.json_response({"error": "body must be JSON: {\"reason\": \"...\"}"}, status=400)
+        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
+            return web.json_response({"error": "body must be UTF-8 JSON: {\"reason\": \"...\"}"}, status=400)
         reason = body.get("reason") if isinstance(body, dict) else None
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
             return web.json_response({"error": "a reason (1-500 characters) is required"}, status=400)
