@@ -230,7 +230,7 @@ def run_rank(a, rank: int, world: int, device: torch.device, dtype: torch.dtype)
     publisher = Publisher(writer, recorder, steps, attachment, interval_s=1.0)
 
     def publish() -> None:
-        sync(device)  # the publisher's side-stream copy does not wait for the compute stream: finish the step
+        sync(device)  # finish the step: the counts the publisher reads are complete after it
         if not publisher.publish_once():
             raise RuntimeError(f"rank {rank}: publishing {writer.path} failed")
 
@@ -298,6 +298,9 @@ def run_rank(a, rank: int, world: int, device: torch.device, dtype: torch.dtype)
         print(report["text"], flush=True)
         if not report["ok"]:
             raise SystemExit("ep_stack: the segments do not match the all-to-all ground truth")
+    # Leave together: a rank that tears the group down while the other still uses it can die in gloo's
+    # teardown ("terminate called without an active exception", SIGABRT; seen once under full-suite load).
+    dist.barrier()
 
 
 def snapshot_truth(stack: EPStack, steps_done: int) -> dict:
