@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 RANK_FILE = re.compile(r"^(?P<prefix>.*?)dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
 
 
+def rank_trace(name: str) -> re.Match | None:
+    """A worker rank's trace file name (the API server's `*.async_llm.*` trace is not one)."""
+    return RANK_FILE.match(name) if ".async_llm." not in name else None
+
+
 @dataclass(frozen=True)
 class Capture:
     prefix: str
@@ -36,8 +41,8 @@ def newest_capture(directory: str, now: float, settle_s: float = 2.0, span_s: fl
         return None
     files = []
     for name in names:
-        m = RANK_FILE.match(name)
-        if m and ".async_llm." not in name:
+        m = rank_trace(name)
+        if m:
             path = os.path.join(directory, name)
             try:
                 files.append((os.path.getmtime(path), m.group("prefix"), path))

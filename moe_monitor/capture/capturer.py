@@ -5,8 +5,8 @@ N} (bearer API key when vLLM runs with --api-key), then wait until every rank's 
 is complete (a full gzip stream ending a JSON object), POST /stop_profile when the profile has not ended by
 itself within `run_s`, analyse the files (kernel breakdown), and store them with metadata. A capture's files
 are those named with its prefix or new since it started: vLLM before 0.32 ignores the request body (no
-prefix, no max_iterations; set max_iterations in its --profiler-config), and `run_s` bounds such a profile. Every outcome is counted and
-logged; nothing here can stop the sidecar.
+prefix, no max_iterations; set max_iterations in its --profiler-config), and `run_s` bounds such a profile.
+Every outcome is counted and logged; nothing here can stop the sidecar.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from moe_monitor.breakdown.analyze import analyze
-from moe_monitor.breakdown.latest import RANK_FILE
+from moe_monitor.breakdown.latest import rank_trace
 from moe_monitor.breakdown.trace import TraceError, read_trace
 
 from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
@@ -97,7 +97,7 @@ def rank_files(profile_dir: str, prefix: str, before: frozenset[str] = frozenset
     except FileNotFoundError:
         return []
     return sorted(os.path.join(profile_dir, n) for n in names
-                  if RANK_FILE.match(n) and ".async_llm." not in n and (n.startswith(prefix) or n not in before))
+                  if rank_trace(n) and (n.startswith(prefix) or n not in before))
 
 
 class Capturer:

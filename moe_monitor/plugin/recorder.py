@@ -125,8 +125,8 @@ class Recorder:
         for row, ids in pending.items():
             by_shape.setdefault((tuple(ids.shape), ids.dtype), []).append(row)
         for rows in by_shape.values():  # one group in practice: every layer of a step sees the same tokens
-            self._count_stacked(self.counts, self.mirror, torch.stack([pending[r] for r in rows]), self._row_index(rows),
-                          self.valid_tokens, self.num_experts)
+            self._count_stacked(self.counts, self.mirror, torch.stack([pending[r] for r in rows]),
+                                self._row_index(rows), self.valid_tokens, self.num_experts)
 
     def _flush_staged(self) -> None:
         """Count the staging buffer's rows of the tapped layers: one kernel, reading [:T] of each row."""
