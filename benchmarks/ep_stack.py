@@ -215,6 +215,13 @@ def worker(local_rank: int, a: argparse.Namespace, rank: int | None = None, worl
         run_rank(a, rank, world, device, dtype)
     finally:
         dist.destroy_process_group()
+    if "RANK" not in os.environ:  # a torch.multiprocessing.spawn child (not torchrun) whose work is done
+        # Exit without running C++ static destructors: under full-suite load a rank sometimes died there after
+        # its work was done and checked ("terminate called without an active exception" right after the
+        # profiler stopped, SIGABRT), failing a run whose results were right.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_rank(a, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
