@@ -11,7 +11,10 @@ from moe_monitor.demo.launch import free_port  # noqa: F401  (the test modules i
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """GET a Prometheus endpoint and return {(sample name, sorted labels): value}."""
     with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
+        return parse_exposition(r.read().decode())
+
+
+def parse_exposition(text: str) -> dict[tuple[str, tuple], float]:
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -21,7 +21,7 @@ from moe_monitor.sidecar.exporter import Exporter
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GOLDEN = os.path.join(FIXTURES, "golden.prom")
 T0, T1 = 1_700_000_010, 1_700_000_015
-VOLATILE = ("moe_monitor_build_duration_seconds ",)  # wall time of the build itself
+VOLATILE = ("moe_monitor_build_duration_seconds ", "moe_monitor_collector_duration_seconds{")  # wall times
 
 
 def exposition(tmp_path, **config) -> str:

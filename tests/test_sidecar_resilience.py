@@ -97,7 +97,7 @@ def test_only_a_whole_breakdown_is_exported():
 
     from moe_monitor.breakdown.analyze import analyze
     from moe_monitor.breakdown.trace import read_trace
-    from moe_monitor.sidecar.exporter import valid_breakdown
+    from moe_monitor.breakdown.latest import valid_breakdown
 
     assert valid_breakdown(json.loads(json.dumps(analyze([read_trace(TRACE)]))))
     for damaged in ({}, [], {"categories": {}}, {"categories": {"x": {"us": "1"}}, "ranks": [], "idle_us": 0,
@@ -137,3 +137,91 @@ def test_bytes_that_are_not_utf8_get_400_and_401_not_500(tmp_path):
         assert "Traceback" not in sidecar.log_tail(200)
     finally:
         sidecar.stop()
+
+
+def _segment_bytes(model: str, layers: int, experts: int, dp: int = 0, hot: int | None = None) -> bytes:
+    """A fresh segment of `model` (published now) with `layers` x `experts` counts."""
+    import zlib
+
+    import numpy as np
+
+    from moe_monitor.channel.layout import Header, Ranks, Shape, encode_payload, pack_header
+    from moe_monitor.plugin.steps import StepStats
+
+    steps = StepStats()
+    steps.record("decode", 4, 0.01)
+    shape = Shape(layers, experts, len(steps.token_bounds), len(steps.duration_bounds))
+    counts = np.full((layers, experts), 1000, dtype=np.int64)
+    if hot is not None:
+        counts[:, hot] = 9000
+    arrays = steps.snapshot()
+    arrays.update(counts=counts, layer_ids=np.arange(layers, dtype=np.int32),
+                  layer_flags=np.ones(layers, dtype=np.uint8))
+    payload = encode_payload(shape, arrays)
+    now = time.time_ns()
+    header = Header(seq=2, generation=7 + dp, created_unix_ns=now, updated_unix_ns=now, pid=100 + dp, top_k=2,
+                    ranks=Ranks(global_rank=dp, world_size=2, dp_rank=dp, dp_size=2), shape=shape,
+                    payload_size=shape.payload_size, payload_crc32=zlib.crc32(payload), publish_errors=0, model=model)
+    return pack_header(header) + payload
+
+
+def test_a_segment_without_experts_or_of_another_model_does_not_take_over(tmp_path):
+    """Defect 10: present at start, a segment claiming 0 experts stopped every window metric, and another
+    model's segment sorting first replaced the served model's metrics. Both are now left out and named."""
+    segments = tmp_path / "seg"
+    segments.mkdir()
+    for dp in (0, 1):  # the served model: two DP ranks, 4 layers x 8 experts, expert 3 hot
+        (segments / f"dp{dp}-pp0-tp0.moeseg").write_bytes(_segment_bytes("served/model", 4, 8, dp, hot=3))
+    (segments / "a-other.moeseg").write_bytes(_segment_bytes("other/model", 2, 64))  # sorts first
+    (segments / "b-empty.moeseg").write_bytes(_segment_bytes("served/model", 0, 8))
+    (segments / "c-noexperts.moeseg").write_bytes(_segment_bytes("served/model", 4, 0))
+    sidecar = serve(tmp_path, segments, ["--min-window-assignments", "1"])
+    try:
+        m = scrape(sidecar.url + "/metrics")
+        info = samples(m, "moe_model_info")
+        assert [dict(k)["model"] for k in info] == ["served/model"], info
+        assert dict(next(iter(info)))["experts"] == "8"
+        ignored = {dict(k)["segment"]: dict(k)["reason"] for k in samples(m, "moe_monitor_segments_ignored")}
+        assert ignored == {"a-other": "other_model", "b-empty": "no_layers", "c-noexperts": "no_layers"}, ignored
+        # the window metrics of the served model keep coming: append a window with expert 3 hot
+        deadline = time.monotonic() + 10
+        ratios = {}
+        while time.monotonic() < deadline and not ratios:
+            for dp in (0, 1):
+                (segments / f"dp{dp}-pp0-tp0.moeseg.tmp").write_bytes(_segment_bytes("served/model", 4, 8, dp, hot=3))
+                os.replace(segments / f"dp{dp}-pp0-tp0.moeseg.tmp", segments / f"dp{dp}-pp0-tp0.moeseg")
+            time.sleep(1.1)
+            ratios = samples(scrape(sidecar.url + "/metrics"), "moe_layer_window_routed_tokens")
+        assert set(ratios) == {(("layer", str(i)),) for i in range(4)}, ratios
+        assert samples(scrape(sidecar.url + "/metrics"), "moe_monitor_window_errors_total").get(
+            (("stage", "window"),)) == 0.0
+        assert sidecar.log_tail(400).count("left out of the model's metrics") == 3, "logged once per segment"
+    finally:
+        sidecar.stop()
+
+
+def test_a_failing_collector_drops_only_its_families():
+    """node_exporter's rule, on the exporter itself: a collector that raises reports success 0 and its
+    families are missing; every other family is served and the next exposition is built."""
+    from conftest import parse_exposition
+
+    from moe_monitor.sidecar.collectors import ALL, Collector
+    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.sidecar.exporter import Exporter
+
+    calls = []
+
+    def broken(reading):
+        calls.append(reading.now)
+        raise RuntimeError("boom")
+
+    collectors = tuple(c if c.name != "steps" else Collector("steps", "t0", broken) for c in ALL)
+    exporter = Exporter(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False,
+                        collectors=collectors)
+    for _ in range(2):
+        m = parse_exposition(exporter.tick().body.decode())
+    success = {dict(k)["collector"]: v for k, v in samples(m, "moe_monitor_collector_success").items()}
+    assert success["steps"] == 0.0 and success["health"] == 1.0 and success["model"] == 1.0, success
+    assert not samples(m, "moe_step_tokens_total")
+    assert samples(m, "moe_monitor_segment_up") and samples(m, "moe_model_info")
+    assert len(calls) == 2

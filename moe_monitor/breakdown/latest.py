@@ -8,6 +8,7 @@ the same prefix written within a minute of the newest; it is analysed once its f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -89,3 +90,51 @@ class LatestBreakdown:
             log.warning("cannot analyse capture %r: %s", capture.prefix, e)
         finally:
             self._busy.release()
+
+
+class CatalogLatest:
+    """The newest catalogued capture with a breakdown, in LatestBreakdown's shape (for capture_t0)."""
+
+    def __init__(self, catalog):
+        self.catalog, self.errors = catalog, 0
+        self.capture: Capture | None = None
+        self.result: dict | None = None
+
+    def poll(self, background: bool = True) -> None:
+        for meta in self.catalog.list():
+            path = self.catalog.file_path(meta["id"], "breakdown.json")
+            if path is None:
+                continue
+            if self.capture is None or self.capture.prefix != meta["id"]:
+                self.result = None
+                try:
+                    with open(path, "rb") as f:
+                        result = json.load(f)
+                    if not valid_breakdown(result):
+                        raise ValueError("not a breakdown (categories, ranks, idle_us, moe_blocks)")
+                    self.result = result
+                except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
+                    self.errors += 1
+                    log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
+                try:
+                    self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]),
+                                           float(meta["created"]))
+                except (KeyError, TypeError, ValueError) as e:
+                    self.errors, self.result = self.errors + 1, None
+                    self.capture = Capture(meta["id"], (), 0.0)
+                    log.warning("capture %s: damaged metadata: %r", meta["id"], e)
+            return
+
+
+def valid_breakdown(result) -> bool:
+    """The shape capture_t0 reads (what breakdown.analyze writes)."""
+    try:
+        return (all(isinstance(row["us"], (int, float)) and isinstance(row["share"], (int, float))
+                    for row in result["categories"].values())
+                and isinstance(result["ranks"], list) and isinstance(result["idle_us"], (int, float))
+                and isinstance(result["moe_blocks"]["count"], int)
+                and (result["moe_blocks"]["count"] == 0
+                     or all(isinstance(result["moe_blocks"][k], (int, float))
+                            for k in ("preamble_us", "first_expert_us"))))
+    except (KeyError, TypeError, AttributeError):
+        return False

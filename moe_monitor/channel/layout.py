@@ -210,7 +210,7 @@ def decode(buf: bytes, max_payload: int) -> Snapshot:
         raise SegmentError("truncated", f"file has {len(buf)} bytes, header promises {end}")
     payload = buf[HEADER_SIZE:end]
     if zlib.crc32(payload) != h.payload_crc32:
-        raise SegmentError("torn", "payload checksum mismatch")
+        raise SegmentError("corrupt", "payload checksum mismatch")
     arrays = {}
     off = 0
     for name, dt, shape in h.shape.sections():

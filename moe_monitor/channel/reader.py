@@ -30,10 +30,10 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
         except OSError as e:
             raise SegmentError("io", f"cannot read: {e}") from None
         try:
-            snap = decode(buf, max_payload)
-            if seq_after != buf[SEQ_OFFSET:SEQ_OFFSET + 8]:
+            if len(buf) >= HEADER_SIZE and seq_after != buf[SEQ_OFFSET:SEQ_OFFSET + 8]:
                 raise SegmentError("torn", "the writer published while we were reading")
-            return snap
+            # a consistent copy (same even seq before and after) whose checksum is wrong is corrupt, not torn
+            return decode(buf, max_payload)
         except SegmentError as e:
             if e.kind != "torn":
                 raise

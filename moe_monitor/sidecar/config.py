@@ -40,6 +40,10 @@ class SidecarConfig:
     capture_run_s: float = 10.0  # a profile that has not ended by itself after this is stopped
     captures_api_insecure: bool = False  # without api_token: allow trigger/download anyway (trusted networks)
 
+    @property
+    def captures_enabled(self) -> bool:
+        return bool(self.vllm_url and self.profile_dir)
+
     def __post_init__(self) -> None:
         if self.expert_series not in EXPERT_SERIES:
             raise ValueError(f"expert_series must be one of {EXPERT_SERIES}, got {self.expert_series!r}")

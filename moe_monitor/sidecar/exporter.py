@@ -1,73 +1,41 @@
-"""The sidecar's core loop: at every window boundary read all segments, fold them, close the window,
-compute its statistics, and build the whole exposition once (plain and gzipped). Scrapes serve those bytes.
+"""The sidecar's window loop: at every window boundary build one `Reading` (segments, totals, the closed window
+and its statistics, detection), run the collectors over it and render the exposition once (plain and gzipped).
+Scrapes serve those bytes; the HTTP thread never runs any of this.
 
-A segment that cannot be read never stops the loop: it shows up in the health metrics instead.
+Each stage is guarded: a stage that fails is counted in `moe_monitor_window_errors_total{stage}` and logged,
+the previous figures stay served, and the loop goes on at the next boundary.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
-import os
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-from moe_monitor.breakdown.latest import Capture, LatestBreakdown
+from moe_monitor.breakdown.latest import CatalogLatest, LatestBreakdown
 from moe_monitor.capture.capturer import CaptureConfig, Capturer
 from moe_monitor.capture.catalog import Catalog, Retention
+from moe_monitor.capture.control import CaptureControl
 from moe_monitor.detect.detector import Detector
-from moe_monitor.detect.signals import signals_of
-from moe_monitor.channel import SegmentError, list_segments, read_segment
 from moe_monitor.stats.imbalance import layer_stats
 from moe_monitor.stats.placement import Placement, PlacementError, contiguous, load_placement
 
-from . import metrics as m
-from .aggregate import Aggregator, Totals
+from .collectors import ALL, Collector, Runner
 from .config import SidecarConfig
 from .exposition import Family, render
-from .windows import Window, Windower, next_boundary
+from .reading import DetectorView, Reading
+from .segments import SegmentSource
+from .vocabulary import family
+from .windows import LoadHistogram, Windower, next_boundary
 
 log = logging.getLogger(__name__)
 TIER_ORDER = ("t0", "t1", "t2")
-
-
-class SegmentSource:
-    """Reads every segment of a directory and folds them into monotonic totals."""
-
-    def __init__(self, segment_dir: str, max_payload: int | None = None):
-        self.segment_dir = segment_dir
-        self.max_payload = max_payload
-        self.aggregator = Aggregator()
-        self.read_errors: Counter[str] = Counter()
-        self._logged: set[tuple[str, str]] = set()
-
-    def read(self) -> tuple[list[m.SegmentStatus], Totals]:
-        statuses = []
-        kwargs = {"max_payload": self.max_payload} if self.max_payload else {}
-        for path in list_segments(self.segment_dir):
-            # the label must be valid UTF-8 even for a file name that is not (shown with U+FFFD)
-            name = os.path.basename(path).removesuffix(".moeseg").encode("utf-8", "surrogateescape").decode(
-                "utf-8", "replace")
-            try:
-                statuses.append(m.SegmentStatus(name, read_segment(path, **kwargs), None))
-                self._logged = {x for x in self._logged if x[0] != path}
-            except FileNotFoundError:
-                continue  # removed between listing and reading
-            except SegmentError as e:
-                self.read_errors[e.kind] += 1
-                statuses.append(m.SegmentStatus(name, None, e.kind))
-                if (path, e.kind) not in self._logged:  # once per path and kind, not every window
-                    self._logged.add((path, e.kind))
-                    log.warning("cannot read segment %s (%s): %s", path, e.kind, e)
-        counted = self.aggregator.update({s.name: s.snapshot for s in statuses if s.snapshot is not None})
-        for s in statuses:
-            s.counted = counted.get(s.name, False)
-        return statuses, self.aggregator.totals()
+STAGES = ("read", "window", "detect", "breakdown", "render")
 
 
 @dataclass(frozen=True)
@@ -78,58 +46,50 @@ class Exposition:
 
 
 class Exporter:
-    def __init__(self, config: SidecarConfig, clock=time.time, process_metrics: bool = True):
-        self.config = config
-        self.source = SegmentSource(config.segment_dir, config.max_segment_bytes)
+    def __init__(self, config: SidecarConfig, clock=time.time, process_metrics: bool = True,
+                 collectors: tuple[Collector, ...] = ALL):
+        self.config, self._clock = config, clock
+        self.source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)
         self.windower = Windower(config.window_s)
-        self.load_histogram = m.LoadHistogram()
-        self._clock = clock
+        self.load_histogram = LoadHistogram()
         self._placement_file = load_placement(config.placement_file) if config.placement_file else None
-        self.window: Window | None = None
-        self._stats = None
+        self.runner = Runner(collectors)
+        self.errors: Counter[str] = Counter()
         self._process = CollectorRegistry(auto_describe=False)  # the sidecar's own CPU, memory, fds
         if process_metrics:
             ProcessCollector(namespace="moe_monitor", registry=self._process)
-        self._lock = threading.Lock()
-        self._exposition: Exposition | None = None
         self.detector = Detector(config.detector)
         self.capturer = self.catalog = None
-        if config.vllm_url and config.profile_dir:
+        if config.captures_enabled:
             self.catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
                                                                  config.max_capture_age_s))
             self.capturer = Capturer(CaptureConfig(config.vllm_url, config.profile_dir, config.vllm_api_key,
                                                    config.capture_iterations, config.capture_timeout_s,
                                                    run_s=config.capture_run_s),
-                                     self.catalog, expected_ranks=self._expected_ranks, clock=clock)
+                                     self.catalog, expected_ranks=lambda: self.control.ranks, clock=clock)
             self.captures = CatalogLatest(self.catalog)
         else:
             self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
-        self._ranks = 1
+        self.control = CaptureControl(self.detector, self.capturer, config.vllm_url, clock)
+        self.window = self._stats = None
+        self._placement_warning: str | None = None
+        self._lock = threading.Lock()
+        self._exposition: Exposition | None = None
         self._stop = threading.Event()
 
     # -- the loop ---------------------------------------------------------------------------------
     def tick(self, boundary: float | None = None) -> Exposition:
-        """Read, close the window ending at `boundary` (None: just refresh), render. Returns the exposition."""
+        """Read, close the window ending at `boundary` (None: just refresh), render. Returns the exposition.
+        Raises only when reading the segments or rendering fails (the caller keeps the previous one)."""
         start = time.perf_counter()
-        statuses, totals = self.source.read()
+        statuses, totals = self._stage("read", self.source.read, self._clock(), required=True)
         now = self._clock()
         if boundary is not None:
-            window = self.windower.close(boundary, totals)
-            if window is not None:
-                self.window = window
-                self._stats = layer_stats(window.counts, top_k=self._top_k(statuses),
-                                          hot_multiple=self.config.hot_multiple,
-                                          min_assignments=self.config.min_window_assignments)
-                if self.config.load_histogram:
-                    self.load_histogram.observe(window, self._stats)
-                self._detect(window, statuses)
+            self._stage("window", self._close_window, boundary, statuses, totals)
         if self.captures is not None:
-            self.captures.poll()
-        families = self._families(statuses, totals, now)
-        kept, series, truncated = apply_budget(families, self.config.max_series)
-        kept += self._self_metrics(series, truncated, time.perf_counter() - start)
-        body = render(kept) + generate_latest(self._process)
-        exposition = Exposition(body, gzip.compress(body, compresslevel=1), now)
+            self._stage("breakdown", self.captures.poll)
+        reading = self._reading(statuses, totals, now)
+        exposition = self._stage("render", self._render, reading, start, required=True)
         with self._lock:
             self._exposition = exposition
         return exposition
@@ -144,8 +104,7 @@ class Exporter:
         try:
             self.tick(boundary)
             return True
-        except Exception:  # noqa: BLE001 - keep serving the last exposition, try again next window
-            log.exception("building the exposition failed; serving the previous one")
+        except Exception:  # noqa: BLE001 - logged by _stage; keep serving the last exposition
             return False
 
     def run_forever(self) -> None:
@@ -163,47 +122,47 @@ class Exporter:
     def stop(self) -> None:
         self._stop.set()
 
-    # -- detection and captures -------------------------------------------------------------------
-    def _expected_ranks(self) -> int:
-        return self._ranks
-
-    def _detect(self, window: Window, statuses) -> None:
-        self._ranks = max(1, sum(1 for s in statuses if s.snapshot is not None))
-        capturer = self.capturer
-        if capturer is not None and (capturer.busy or (capturer.last_end or 0) > window.start):
-            return  # the profiler slows the steps it records: those windows are neither evidence nor baseline
-        decision = self.detector.observe(signals_of(window, self._stats))
-        if decision is None:
-            return
-        if capturer is None:
-            log.warning("regression detected (captures not configured): %s", decision.evidence())
-            self.detector.record_capture(window.end)  # cooldown and budget also pace the log
-        elif capturer.trigger(decision.reason, decision.evidence(), self._context(window)) is not None:
-            log.warning("regression detected, capturing: %s", decision.evidence())
-            self.detector.record_capture(window.end)
-
-    def _context(self, window: Window | None) -> dict:
-        ctx = {"vllm_url": self.config.vllm_url}
-        if window is not None and self._stats is not None:
-            ctx["window"] = {"start": window.start, "end": window.end,
-                             "layers": [int(x) for x in window.layer_ids],
-                             "imbalance_ratio": [None if np.isnan(x) else float(x) for x in self._stats.imbalance_ratio],
-                             "top1_share": [None if np.isnan(x) else float(x) for x in self._stats.top1_share],
-                             "routed_tokens": [int(x) for x in self._stats.tokens]}
-        return ctx
-
     def trigger_manual(self, reason: str) -> tuple[int, dict]:
-        """(HTTP status, body) of a manual capture request; manual captures obey the same budget."""
-        now = self._clock()
-        if self.capturer is None:
-            return 503, {"error": "captures are not configured: start the sidecar with --vllm-url and --profile-dir"}
-        if not self.detector.allow_manual(now):
-            return 429, {"error": "capture budget exhausted (--max-captures-per-hour)"}
-        capture_id = self.capturer.trigger("manual", {"reason": "manual", "note": reason}, self._context(self.window))
-        if capture_id is None:
-            return 409, {"error": "a capture is already running"}
-        self.detector.record_capture(now)
-        return 202, {"id": capture_id}
+        return self.control.manual(reason)
+
+    # -- stages -----------------------------------------------------------------------------------
+    def _stage(self, name: str, fn, *args, required: bool = False):
+        try:
+            return fn(*args)
+        except Exception:
+            self.errors[name] += 1
+            log.exception("window stage %r failed (%d so far); the previous figures stay served", name,
+                          self.errors[name])
+            if required:
+                raise
+            return None
+
+    def _close_window(self, boundary: float, statuses, totals) -> None:
+        window = self.windower.close(boundary, totals)
+        if window is None:
+            return
+        stats = layer_stats(window.counts, top_k=self._top_k(statuses), hot_multiple=self.config.hot_multiple,
+                            min_assignments=self.config.min_window_assignments)
+        self.window, self._stats = window, stats
+        if self.config.load_histogram:
+            self.load_histogram.observe(window, stats.imbalance_ratio)
+        ranks = sum(1 for s in statuses if s.snapshot is not None and not s.ignored)
+        self._stage("detect", self.control.observe, window, stats, ranks)
+
+    def _reading(self, statuses, totals, now: float) -> Reading:
+        window_load, cumulative_load = self._rank_load(statuses, totals)
+        d = self.detector
+        return Reading(now, self.config, tuple(statuses), totals, dict(self.source.read_errors),
+                       self.source.aggregator.restarts, self.window, self._stats, window_load, cumulative_load,
+                       self.load_histogram.copy(), DetectorView(d.state(now), dict(d.baselines), dict(d.currents)),
+                       self.captures, self.capturer, self.catalog)
+
+    def _render(self, reading: Reading, start: float) -> Exposition:
+        families, collector_health = self.runner.run(reading)
+        kept, series, truncated = apply_budget(families, self.config.max_series)
+        kept += collector_health + self._self_metrics(series, truncated, time.perf_counter() - start)
+        body = render(kept) + generate_latest(self._process)
+        return Exposition(body, gzip.compress(body, compresslevel=1), reading.now)
 
     # -- pieces -----------------------------------------------------------------------------------
     def _top_k(self, statuses) -> int:
@@ -213,59 +172,40 @@ class Exporter:
     def placement(self, statuses, num_experts: int) -> Placement | None:
         if self._placement_file:
             return self._placement_file
-        ranks = max((s.snapshot.header.ranks.ep_size for s in statuses if s.snapshot is not None), default=1)
+        ranks = max((s.snapshot.header.ranks.ep_size for s in statuses if s.counted), default=1)
         try:
             return contiguous(num_experts, ranks)
         except PlacementError:
             return None
 
-    def _families(self, statuses, totals: Totals, now: float) -> list[Family]:
-        cfg = self.config
-        window, stats = self.window, self._stats
-        layers = totals.layer_ids
-        placement = None
-        if totals.counts is not None:
-            placement = self.placement(statuses, totals.counts.shape[1])
-        window_rank_load = cumulative_rank_load = None
-        if placement is not None:
-            try:
-                if window is not None:
-                    window_rank_load = placement.rank_load(window.counts)
-                cumulative_rank_load = placement.rank_load(totals.counts)
-            except PlacementError as e:
+    def _rank_load(self, statuses, totals):
+        """(window, cumulative) EP-rank loads under the placement; (None, None) when it does not fit."""
+        if totals.counts is None:
+            return None, None
+        placement = self.placement(statuses, totals.counts.shape[1])
+        if placement is None:
+            return None, None
+        try:
+            window = placement.rank_load(self.window.counts) if self.window is not None else None
+            return window, placement.rank_load(totals.counts)
+        except PlacementError as e:
+            if self._placement_warning != str(e):  # once per cause, not every window
                 log.warning("expert placement does not fit the model (%s): no EP-rank metrics", e)
-        families = m.model_info(statuses, totals)
-        families += m.layer_t0(window, stats, window_rank_load)
-        families += m.model_t0(window, stats, window_rank_load, cfg.window_s)
-        families += m.steps_t0(totals)
-        if cfg.rank_series and cumulative_rank_load is not None:
-            families += m.rank_t1(layers, cumulative_rank_load)
-        if cfg.load_histogram:
-            families += m.load_histogram_t1(self.load_histogram)
-        if cfg.expert_series == "all":
-            families += m.routing_t2_all(totals)
-        elif cfg.expert_series == "top":
-            families += m.routing_t2_top(window, cfg.top_experts)
-        if self.captures is not None:
-            families += m.capture_t0(self.captures)
-        families += m.detector_t0(self.detector, self._clock())
-        if self.capturer is not None:
-            families += m.capturer_t0(self.capturer, self.catalog)
-        families += m.health(statuses, now, cfg.stale_after_s, self.source.read_errors,
-                             self.source.aggregator.restarts)
-        return families
+            self._placement_warning = str(e)
+            return None, None
 
     def _self_metrics(self, series: dict[str, int], truncated: bool, seconds: float) -> list[Family]:
-        s = Family("moe_monitor_series", "gauge", "Series in this exposition by tier (before the budget cut).")
+        errors = family("moe_monitor_window_errors_total")
+        for stage in STAGES:
+            errors.add(self.errors[stage], [("stage", stage)])
+        s = family("moe_monitor_series")
         for tier in TIER_ORDER:
             s.add(series.get(tier, 0), [("tier", tier)])
-        t = Family("moe_monitor_series_truncated", "gauge", "1 when the series budget (--max-series) dropped "
-                   "T2 and then T1 families from this exposition.")
+        t = family("moe_monitor_series_truncated")
         t.add(1 if truncated else 0)
-        d = Family("moe_monitor_build_duration_seconds", "gauge", "Time the last exposition took to build "
-                   "(read segments, fold, statistics, render).")
+        d = family("moe_monitor_build_duration_seconds")
         d.add(seconds)
-        return [s, t, d]
+        return [errors, s, t, d]
 
 
 def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family], dict[str, int], bool]:
@@ -281,53 +221,3 @@ def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family],
         dropped.add(tier)
         total -= series[tier]
     return [f for f in families if f.tier not in dropped], dict(series), bool(dropped)
-
-
-class CatalogLatest:
-    """The newest catalogued capture with a breakdown, in LatestBreakdown's shape (for capture_t0)."""
-
-    def __init__(self, catalog: Catalog):
-        self.catalog, self.errors = catalog, 0
-        self.capture: Capture | None = None
-        self.result: dict | None = None
-
-    def poll(self, background: bool = True) -> None:
-        import json
-
-        for meta in self.catalog.list():
-            path = self.catalog.file_path(meta["id"], "breakdown.json")
-            if path is None:
-                continue
-            if self.capture is None or self.capture.prefix != meta["id"]:
-                self.result = None
-                try:
-                    with open(path, "rb") as f:
-                        result = json.load(f)
-                    if not valid_breakdown(result):
-                        raise ValueError("not a breakdown (categories, ranks, idle_us, moe_blocks)")
-                    self.result = result
-                except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
-                    self.errors += 1
-                    log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
-                try:
-                    self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]),
-                                           float(meta["created"]))
-                except (KeyError, TypeError, ValueError) as e:
-                    self.errors, self.result = self.errors + 1, None
-                    self.capture = Capture(meta["id"], (), 0.0)
-                    log.warning("capture %s: damaged metadata: %r", meta["id"], e)
-            return
-
-
-def valid_breakdown(result) -> bool:
-    """The shape capture_t0 reads (what breakdown.analyze writes)."""
-    try:
-        return (all(isinstance(row["us"], (int, float)) and isinstance(row["share"], (int, float))
-                    for row in result["categories"].values())
-                and isinstance(result["ranks"], list) and isinstance(result["idle_us"], (int, float))
-                and isinstance(result["moe_blocks"]["count"], int)
-                and (result["moe_blocks"]["count"] == 0
-                     or all(isinstance(result["moe_blocks"][k], (int, float))
-                            for k in ("preamble_us", "first_expert_us"))))
-    except (KeyError, TypeError, AttributeError):
-        return False

@@ -59,3 +59,36 @@ class Windower:
             step_count, step_seconds = steps[0] - previous_steps[0], steps[1] - previous_steps[1]
         return Window(start, boundary, np.asarray(layers, dtype=np.int64), delta, step_count, step_seconds,
                       totals.token_bounds)
+
+
+LOAD_RATIO_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, float("inf"))
+
+
+@dataclass
+class LoadHistogram:
+    """Cumulative per-layer histogram of expert load / mean load, one observation per expert per window."""
+
+    layer_ids: tuple[int, ...] = ()
+    buckets: np.ndarray | None = None  # [L, B] non-cumulative
+    sums: np.ndarray | None = None  # [L]
+
+    def observe(self, window: Window, imbalance_ratio: np.ndarray) -> None:
+        """`imbalance_ratio` NaN marks a layer whose window was too small to observe (see stats.imbalance)."""
+        layers = tuple(int(x) for x in window.layer_ids)
+        if layers != self.layer_ids:
+            self.layer_ids = layers
+            self.buckets = np.zeros((len(layers), len(LOAD_RATIO_BUCKETS)), dtype=np.int64)
+            self.sums = np.zeros(len(layers))
+        ok = ~np.isnan(imbalance_ratio)
+        if not ok.any():
+            return
+        c = window.counts[ok].astype(np.float64)
+        ratio = c / (c.sum(axis=1, keepdims=True) / c.shape[1])
+        idx = np.searchsorted(np.asarray(LOAD_RATIO_BUCKETS), ratio, side="left")
+        rows = np.repeat(np.flatnonzero(ok), c.shape[1])
+        np.add.at(self.buckets, (rows, idx.reshape(-1)), 1)
+        self.sums[ok] += ratio.sum(axis=1)
+
+    def copy(self) -> "LoadHistogram":
+        return LoadHistogram(self.layer_ids, None if self.buckets is None else self.buckets.copy(),
+                             None if self.sums is None else self.sums.copy())

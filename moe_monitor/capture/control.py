@@ -1,0 +1,65 @@
+"""The one owner of "should a capture start now": the detector's decisions and manual requests go through
+here, against one budget and cooldown (the detector's), the capturer's busy flag, and the rule that windows
+the profiler slowed down are neither evidence nor baseline."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from moe_monitor.detect.detector import Detector
+from moe_monitor.detect.signals import signals_of
+
+log = logging.getLogger(__name__)
+
+
+def window_context(vllm_url: str | None, window, stats) -> dict:
+    """What a capture stores about the window that led to it."""
+    ctx = {"vllm_url": vllm_url}
+    if window is not None and stats is not None:
+        def floats(xs):
+            return [None if math.isnan(x) else float(x) for x in xs]
+        ctx["window"] = {"start": window.start, "end": window.end, "layers": [int(x) for x in window.layer_ids],
+                         "imbalance_ratio": floats(stats.imbalance_ratio), "top1_share": floats(stats.top1_share),
+                         "routed_tokens": [int(x) for x in stats.tokens]}
+    return ctx
+
+
+class CaptureControl:
+    def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time):
+        self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
+        self.ranks = 1  # ranks that reported in the last window: a capture expects one trace per rank
+        self._window = self._stats = None
+
+    def observe(self, window, stats, ranks: int) -> None:
+        """A window closed: feed the detector, start a capture when it decides so."""
+        self._window, self._stats, self.ranks = window, stats, max(1, ranks)
+        capturer = self.capturer
+        if capturer is not None and (capturer.busy or (capturer.last_end or 0) > window.start):
+            return  # the profiler slows the steps it records: those windows are neither evidence nor baseline
+        decision = self.detector.observe(signals_of(window, stats))
+        if decision is None:
+            return
+        if capturer is None:
+            log.warning("regression detected (captures not configured): %s", decision.evidence())
+            self.detector.record_capture(window.end)  # cooldown and budget also pace the log
+        elif capturer.trigger(decision.reason, decision.evidence(), self._context()) is not None:
+            log.warning("regression detected, capturing: %s", decision.evidence())
+            self.detector.record_capture(window.end)
+
+    def manual(self, reason: str) -> tuple[int, dict]:
+        """(HTTP status, body) of a manual capture request; manual captures obey the same budget."""
+        now = self._clock()
+        if self.capturer is None:
+            return 503, {"error": "captures are not configured: start the sidecar with --vllm-url and --profile-dir"}
+        if not self.detector.allow_manual(now):
+            return 429, {"error": "capture budget exhausted (--max-captures-per-hour)"}
+        capture_id = self.capturer.trigger("manual", {"reason": "manual", "note": reason}, self._context())
+        if capture_id is None:
+            return 409, {"error": "a capture is already running"}
+        self.detector.record_capture(now)
+        return 202, {"id": capture_id}
+
+    def _context(self) -> dict:
+        return window_context(self.vllm_url, self._window, self._stats)

@@ -1,0 +1,40 @@
+"""The newest analysed profiler capture: device time by category (docs/breakdown.md has the rows)."""
+
+from __future__ import annotations
+
+from ..exposition import Family
+from ..reading import Reading
+from ..vocabulary import family
+from .base import Collector
+
+
+def collect(r: Reading) -> list[Family]:
+    latest = r.breakdown
+    errors = family("moe_capture_analysis_errors_total")
+    errors.add(latest.errors)
+    out = [errors]
+    result, capture = latest.result, latest.capture
+    if result is None or capture is None:
+        return out
+    info = family("moe_capture_info")
+    info.add(1, [("capture", capture.prefix.rstrip("_") or "unnamed"), ("ranks", len(result["ranks"]))])
+    end = family("moe_capture_end_timestamp_seconds")
+    end.add(capture.end)
+    seconds, share = family("moe_capture_device_seconds"), family("moe_capture_share")
+    for category, row in result["categories"].items():
+        seconds.add(row["us"] / 1e6, [("category", category)])
+        share.add(row["share"], [("category", category)])
+    idle = family("moe_capture_idle_seconds")
+    idle.add(result["idle_us"] / 1e6)
+    out += [info, end, seconds, share, idle]
+    blocks = result["moe_blocks"]
+    if blocks["count"]:
+        pre = family("moe_capture_moe_preamble_seconds")
+        pre.add(blocks["preamble_us"] / 1e6)
+        first = family("moe_capture_first_expert_gemm_seconds")
+        first.add(blocks["first_expert_us"] / 1e6)
+        out += [pre, first]
+    return out
+
+
+COLLECTOR = Collector("breakdown", "t0", collect, enabled=lambda config: config.profile_dir is not None)

@@ -1,0 +1,38 @@
+"""Engine step time histograms and computed tokens, by phase and tokens-per-step bucket."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client.utils import floatToGoString
+
+from moe_monitor.channel import PHASES
+
+from ..exposition import Family
+from ..reading import Reading
+from ..vocabulary import family
+from .base import Collector
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def collect(r: Reading) -> list[Family]:
+    totals = r.totals
+    hist, tokens = family("moe_step_duration_seconds"), family("moe_step_tokens_total")
+    if totals.step_hist is None:
+        return [hist, tokens]
+    les = [floatToGoString(b) for b in totals.duration_bounds]
+    for p, phase in enumerate(PHASES):
+        for t, bound in enumerate(totals.token_bounds):
+            row = totals.step_hist[p, t]
+            if not row.any():
+                continue
+            tl = "+Inf" if int(bound) == INT64_MAX else str(int(bound))
+            for le, c in zip(les, np.cumsum(row)):
+                hist.add(int(c), [("phase", phase), ("tokens_le", tl), ("le", le)], suffix="_bucket")
+            hist.add(float(totals.step_seconds[p, t]), [("phase", phase), ("tokens_le", tl)], suffix="_sum")
+            hist.add(int(row.sum()), [("phase", phase), ("tokens_le", tl)], suffix="_count")
+        tokens.add(int(totals.step_tokens[p].sum()), [("phase", phase)])
+    return [hist, tokens]
+
+
+COLLECTOR = Collector("steps", "t0", collect)

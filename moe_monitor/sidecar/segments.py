@@ -1,0 +1,102 @@
+"""Read every segment of the directory, decide which ones describe the served model, fold those into
+monotonic totals.
+
+A segment that cannot be read is reported (`moe_monitor_segment_up` 0, a read error by kind), never fatal.
+A readable segment can still be wrong for the model's metrics: one that describes no MoE layer or no expert,
+or one of another model (a stale file of a previous deployment, a second server pointed at the same
+directory). Those are left out and reported (`moe_monitor_segments_ignored`); which model is "the" model is
+decided by the fresh segments, majority first, newest publish second, never by file-name order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from moe_monitor.channel import SegmentError, Snapshot, list_segments, read_segment
+
+from .aggregate import Aggregator, Totals
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentStatus:
+    name: str
+    snapshot: Snapshot | None
+    error: str | None  # SegmentError.kind of the last read, None when it read fine
+    counted: bool = False
+    ignored: str | None = None  # why a readable segment is left out of the model's metrics
+
+
+def label_of(path: str) -> str:
+    """The segment label: the file name without suffix, valid UTF-8 even when the name is not (U+FFFD)."""
+    return os.path.basename(path).removesuffix(".moeseg").encode("utf-8", "surrogateescape").decode(
+        "utf-8", "replace")
+
+
+def served_model(statuses: list[SegmentStatus], now_ns: int, stale_after_ns: int) -> str | None:
+    """The model most fresh segments describe (ties: the most recently published); all segments when none
+    is fresh."""
+    usable = [s.snapshot.header for s in statuses if s.snapshot is not None and s.ignored is None]
+    fresh = [h for h in usable if now_ns - h.updated_unix_ns <= stale_after_ns] or usable
+    if not fresh:
+        return None
+    votes = Counter(h.model for h in fresh)
+    newest = {}
+    for h in fresh:
+        newest[h.model] = max(newest.get(h.model, 0), h.updated_unix_ns)
+    return max(votes, key=lambda model: (votes[model], newest[model]))
+
+
+class SegmentSource:
+    def __init__(self, segment_dir: str, max_payload: int | None = None, stale_after_s: float = 30.0):
+        self.segment_dir = segment_dir
+        self.max_payload = max_payload
+        self.stale_after_ns = int(stale_after_s * 1e9)
+        self.aggregator = Aggregator()
+        self.read_errors: Counter[str] = Counter()
+        self._logged: set[tuple[str, str]] = set()
+
+    def read(self, now: float) -> tuple[list[SegmentStatus], Totals]:
+        statuses = [s for s in map(self._read_one, list_segments(self.segment_dir)) if s is not None]
+        for s in statuses:
+            if s.snapshot is not None and (s.snapshot.header.shape.num_experts == 0 or len(s.snapshot.layer_ids) == 0):
+                s.ignored = "no_layers"
+        model = served_model(statuses, int(now * 1e9), self.stale_after_ns)
+        for s in statuses:
+            if s.snapshot is not None and s.ignored is None and s.snapshot.header.model != model:
+                s.ignored = "other_model"
+        for s in statuses:
+            if not s.ignored:
+                self._logged -= {(s.name, "no_layers"), (s.name, "other_model")}
+            else:
+                self._log_once(s.name, s.ignored, "segment %s left out of the model's metrics (%s; serving %r)",
+                               s.name, s.ignored, model)
+        usable = {s.name: s.snapshot for s in statuses if s.snapshot is not None and s.ignored is None}
+        counted = self.aggregator.update(usable)
+        for s in statuses:
+            s.counted = counted.get(s.name, False)
+        return statuses, self.aggregator.totals()
+
+    def _read_one(self, path: str) -> SegmentStatus | None:
+        name = label_of(path)
+        kwargs = {"max_payload": self.max_payload} if self.max_payload else {}
+        try:
+            snapshot = read_segment(path, **kwargs)
+        except FileNotFoundError:
+            return None  # removed between listing and reading
+        except SegmentError as e:
+            self.read_errors[e.kind] += 1
+            self._log_once(path, e.kind, "cannot read segment %s (%s): %s", path, e.kind, e)
+            return SegmentStatus(name, None, e.kind)
+        self._logged = {x for x in self._logged if x[0] != path}
+        return SegmentStatus(name, snapshot, None)
+
+    def _log_once(self, key: str, kind: str, message: str, *args) -> None:
+        """Once per file and kind, not every window."""
+        if (key, kind) not in self._logged:
+            self._logged.add((key, kind))
+            log.warning(message, *args)

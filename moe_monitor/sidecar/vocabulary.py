@@ -1,0 +1,213 @@
+"""Every name the sidecar exports, as data: metric families (type, labels, tier, help, collector), capture
+outcomes and detector states. Collectors build their families from here (`family(name)`), docs/metrics.md's
+reference section is generated from here (`reference_markdown`), and the tests check both against it, so a
+name, a help text or a label set lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .exposition import Family
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # as on the TYPE line (counters include _total)
+    type: str  # counter | gauge | histogram
+    labels: tuple[str, ...]
+    tier: str  # t0 | t1 | t2 (the series budget drops t2, then t1)
+    collector: str
+    help: str
+
+
+DETECTOR_STATES = ("warmup", "armed", "cooldown", "budget_exhausted")
+CAPTURE_REASONS = ("step_time", "imbalance", "manual")
+CAPTURE_OUTCOMES = {
+    "ok": "every expected rank's trace stored and analysed",
+    "partial": "fewer rank traces than ranks reporting",
+    "no_trace": "the profile ran but no rank trace appeared before --capture-timeout",
+    "profiler_disabled": "vLLM answered /start_profile with 404 (started without --profiler-config)",
+    "start_failed": "/start_profile failed (connection refused, 5xx, timeout)",
+    "over_quota": "the traces are larger than --max-capture-bytes",
+    "skipped_busy": "a capture was requested while this sidecar's previous one was still running",
+}
+SEGMENT_READ_ERRORS = {
+    "io": "cannot open or read the file, or it is not a regular file",
+    "truncated": "shorter than its header says",
+    "magic": "not a moe-monitor segment",
+    "version": "a layout version this sidecar does not read",
+    "corrupt": "the header's fields are inconsistent (shape, offsets, counts)",
+    "oversized": "larger than --max-segment-bytes",
+    "torn": "the writer kept changing it while it was read (retried next window)",
+}
+SEGMENT_STATES = ("fresh", "stale", "unreadable")
+
+_M = Metric
+METRICS: tuple[Metric, ...] = (
+    # -- model: which layers are observable, the served model
+    _M("moe_layer_observable", "gauge", ("layer",), "t0", "model",
+       "1 when moe-monitor sees this MoE layer's routing; 0 when a fused kernel routes internally and its counts "
+       "stay zero."),
+    _M("moe_monitor_unobservable_layers", "gauge", (), "t0", "model",
+       "MoE layers whose routing moe-monitor cannot see."),
+    _M("moe_model_info", "gauge", ("model", "moe_layers", "experts", "top_k"), "t0", "model",
+       "The served MoE model, as the plugin saw it."),
+    # -- balance: per-layer and model-level statistics of the last closed window
+    _M("moe_layer_window_routed_tokens", "gauge", ("layer",), "t0", "balance",
+       "Assignments routed in the last closed window."),
+    _M("moe_layer_imbalance_ratio", "gauge", ("layer",), "t0", "balance",
+       "max / mean expert load in the last closed window (1 = balanced). NaN when the window had too few "
+       "assignments."),
+    _M("moe_layer_balancedness", "gauge", ("layer",), "t0", "balance",
+       "mean / max expert load in the last closed window (1 = balanced)."),
+    _M("moe_layer_load_cv", "gauge", ("layer",), "t0", "balance",
+       "Coefficient of variation (population std / mean) of expert load."),
+    _M("moe_layer_load_entropy", "gauge", ("layer",), "t0", "balance",
+       "Shannon entropy of the expert-load distribution / log(experts) (1 = uniform)."),
+    _M("moe_layer_top1_share", "gauge", ("layer",), "t0", "balance",
+       "Share of the window's assignments on the most loaded expert."),
+    _M("moe_layer_topk_share", "gauge", ("layer",), "t0", "balance",
+       "Share of the window's assignments on the top_k most loaded experts (top_k of the model's routing)."),
+    _M("moe_layer_dead_experts", "gauge", ("layer",), "t0", "balance",
+       "Experts with no assignment in the last closed window."),
+    _M("moe_layer_hot_experts", "gauge", ("layer",), "t0", "balance",
+       "Experts whose window load exceeds the hot multiple of the mean."),
+    _M("moe_layer_ep_rank_imbalance_ratio", "gauge", ("layer",), "t0", "balance",
+       "max / mean EP-rank load in the last closed window (1 = balanced ranks)."),
+    _M("moe_window_length_seconds", "gauge", (), "t0", "balance", "Configured window length."),
+    _M("moe_window_end_timestamp_seconds", "gauge", (), "t0", "balance",
+       "End of the last closed window (unix time)."),
+    _M("moe_window_routed_tokens", "gauge", (), "t0", "balance",
+       "Assignments routed in the last closed window, all layers."),
+    _M("moe_worst_layer_imbalance_ratio", "gauge", ("layer",), "t0", "balance",
+       "Largest per-layer imbalance ratio in the last closed window; the layer label names it."),
+    _M("moe_mean_layer_imbalance_ratio", "gauge", (), "t0", "balance", "Mean of the per-layer imbalance ratios."),
+    _M("moe_eplb_balancedness_vllm", "gauge", (), "t0", "balance",
+       "vLLM EPLB's balancedness over EP ranks: sum over layers of mean rank load / sum over layers of max rank "
+       "load."),
+    _M("moe_eplb_balancedness_sglang", "gauge", (), "t0", "balance",
+       "SGLang's balancedness over EP ranks: mean over layers of (mean + 1e-5) / (max + 1e-5) of the rank "
+       "loads."),
+    # -- steps
+    _M("moe_step_duration_seconds", "histogram", ("phase", "tokens_le"), "t0", "steps",
+       "Engine step wall time in the worker (execute_model to sampled tokens), by phase and tokens-per-step "
+       "bucket (tokens_le: upper bound)."),
+    _M("moe_step_tokens_total", "counter", ("phase",), "t0", "steps", "Tokens computed in engine steps, by phase."),
+    # -- EP ranks, load histogram, routing (T1, T2)
+    _M("moe_ep_rank_routed_tokens_total", "counter", ("layer", "ep_rank"), "t1", "ep_ranks",
+       "Assignments served by each EP rank (physical load) under the expert placement; replicated experts "
+       "split their tokens evenly."),
+    _M("moe_expert_load_ratio", "histogram", ("layer",), "t1", "load_histogram",
+       "Expert load / mean expert load of the layer, one observation per expert per closed window (the "
+       "expert-load heatmap)."),
+    _M("moe_expert_routed_tokens_total", "counter", ("layer", "expert"), "t2", "routing",
+       "Tokens routed to a logical expert (one per token per top-k slot; computed tokens only). Summed over DP "
+       "ranks, TP duplicates counted once."),
+    _M("moe_layer_top_expert_id", "gauge", ("layer", "rank"), "t2", "routing",
+       "Logical id of the expert at this load rank (1 = most loaded) in the last closed window; the rank label "
+       "is stable, the expert id is the value."),
+    _M("moe_layer_top_expert_share", "gauge", ("layer", "rank"), "t2", "routing",
+       "Share of the layer's window load on the expert at this load rank."),
+    # -- the newest analysed capture's breakdown
+    _M("moe_capture_analysis_errors_total", "counter", (), "t0", "breakdown",
+       "Profiler captures that could not be analysed."),
+    _M("moe_capture_info", "gauge", ("capture", "ranks"), "t0", "breakdown",
+       "The newest analysed profiler capture: its file prefix and ranks."),
+    _M("moe_capture_end_timestamp_seconds", "gauge", (), "t0", "breakdown",
+       "When the newest analysed capture's last file was written (unix time)."),
+    _M("moe_capture_device_seconds", "gauge", ("category",), "t0", "breakdown",
+       "Device time of the capture by category (all ranks)."),
+    _M("moe_capture_share", "gauge", ("category",), "t0", "breakdown",
+       "Share of the capture's device time by category."),
+    _M("moe_capture_idle_seconds", "gauge", (), "t0", "breakdown",
+       "Device idle time between kernels inside engine steps."),
+    _M("moe_capture_moe_preamble_seconds", "gauge", (), "t0", "breakdown",
+       "Per MoE layer (mean): device time from the layer's input norm to the first expert GEMM."),
+    _M("moe_capture_first_expert_gemm_seconds", "gauge", (), "t0", "breakdown",
+       "Per MoE layer (mean): the first expert GEMM kernel."),
+    # -- detector
+    _M("moe_detector_state", "gauge", ("state",), "t0", "detector",
+       "Regression detector state (1 for the current one)."),
+    _M("moe_detector_baseline", "gauge", ("signal", "phase", "tokens_le"), "t0", "detector",
+       "Baseline of each detector signal (median of recent windows): step time in seconds per phase/tokens "
+       "bucket, worst-layer imbalance ratio."),
+    _M("moe_detector_current", "gauge", ("signal", "phase", "tokens_le"), "t0", "detector",
+       "The last closed window's value of each detector signal."),
+    # -- captures
+    _M("moe_captures_total", "counter", ("reason", "outcome"), "t0", "captures",
+       "Profiler captures by reason (" + ", ".join(CAPTURE_REASONS) + ") and outcome ("
+       + ", ".join(CAPTURE_OUTCOMES) + ")."),
+    _M("moe_capture_in_progress", "gauge", (), "t0", "captures", "1 while a capture is running."),
+    _M("moe_capture_profiler_enabled", "gauge", (), "t0", "captures",
+       "0 when vLLM answered /start_profile with 404 (started without --profiler-config)."),
+    _M("moe_capture_last_duration_seconds", "gauge", (), "t0", "captures",
+       "Duration of the last capture, start to stored."),
+    _M("moe_capture_last_end_timestamp_seconds", "gauge", (), "t0", "captures",
+       "When the last capture ended (unix time)."),
+    _M("moe_capture_catalog_captures", "gauge", (), "t0", "captures", "Captures in the trace catalog."),
+    _M("moe_capture_catalog_bytes", "gauge", (), "t0", "captures",
+       "Bytes in the trace catalog (never above --max-capture-bytes)."),
+    # -- health of the segments and the sidecar
+    _M("moe_monitor_segment_up", "gauge", ("segment",), "t0", "health",
+       "1 when the rank's segment was read and is fresh."),
+    _M("moe_monitor_snapshot_age_seconds", "gauge", ("segment",), "t0", "health",
+       "Seconds since the rank last published, at the last window boundary."),
+    _M("moe_monitor_rank_info", "gauge", ("segment", "model", "dp_rank", "pp_rank", "tp_rank", "ep_rank",
+                                           "counted"), "t0", "health",
+       "Ranks of each segment; counted=false marks a TP duplicate whose identical routing is not added again."),
+    _M("moe_monitor_plugin_publish_errors_total", "counter", ("segment",), "t0", "health",
+       "Snapshots the plugin failed to publish (as reported by its next successful one)."),
+    _M("moe_monitor_segments", "gauge", ("state",), "t0", "health", "Segments in the directory by state."),
+    _M("moe_monitor_segment_read_errors_total", "counter", ("kind",), "t0", "health",
+       "Failed segment reads by kind."),
+    _M("moe_monitor_segments_ignored", "gauge", ("segment", "reason"), "t0", "health",
+       "Readable segments left out of the model's metrics: reason=other_model (another model than the one "
+       "most ranks serve), no_layers (a segment describing no MoE layer or no expert)."),
+    _M("moe_monitor_rank_restarts_total", "counter", (), "t0", "health",
+       "vLLM rank restarts seen (new segment generation); counts before a restart are carried, not lost."),
+    _M("moe_monitor_build_info", "gauge", ("version",), "t0", "health", "moe-monitor version."),
+    # -- the exporter about itself (always rendered, never cut by the budget)
+    _M("moe_monitor_collector_success", "gauge", ("collector",), "t0", "exporter",
+       "1 when the collector built its families for this exposition; 0 when it failed (its families are "
+       "missing from this exposition, the rest is served; the log says why)."),
+    _M("moe_monitor_collector_duration_seconds", "gauge", ("collector",), "t0", "exporter",
+       "Time the collector took to build its families for this exposition."),
+    _M("moe_monitor_window_errors_total", "counter", ("stage",), "t0", "exporter",
+       "Windows in which a stage of the window loop failed (read: the segments; window: closing the window and "
+       "its statistics; detect: the regression detector; breakdown: looking for a new capture breakdown; "
+       "render: the exposition); the previous figures stay served."),
+    _M("moe_monitor_series", "gauge", ("tier",), "t0", "exporter",
+       "Series in this exposition by tier (before the budget cut)."),
+    _M("moe_monitor_series_truncated", "gauge", (), "t0", "exporter",
+       "1 when the series budget (--max-series) dropped T2 and then T1 families from this exposition."),
+    _M("moe_monitor_build_duration_seconds", "gauge", (), "t0", "exporter",
+       "Time the last exposition took to build (read segments, fold, statistics, render)."),
+)
+BY_NAME = {m.name: m for m in METRICS}
+if len(BY_NAME) != len(METRICS):
+    raise AssertionError("a metric name is declared twice")
+
+
+def family(name: str) -> Family:
+    """An empty family of the declared metric `name` (KeyError for an undeclared one: declare it above)."""
+    m = BY_NAME[name]
+    return Family(m.name, m.type, m.help, tier=m.tier)
+
+
+def reference_markdown() -> str:
+    """The generated reference section of docs/metrics.md."""
+    out = ["| metric | type | labels | tier | collector | help |", "|---|---|---|---|---|---|"]
+    for m in METRICS:
+        labels = ", ".join(f"`{x}`" for x in m.labels) or "—"
+        out.append(f"| `{m.name}` | {m.type} | {labels} | {m.tier.upper()} | {m.collector} | "
+                   f"{m.help.replace('|', '/')} |")
+    out += ["", "Capture outcomes (`moe_captures_total{outcome}`, `moe-monitor traces list`):", "",
+            "| outcome | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in CAPTURE_OUTCOMES.items()]
+    out += ["", "Segment read errors (`moe_monitor_segment_read_errors_total{kind}`):", "",
+            "| kind | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in SEGMENT_READ_ERRORS.items()]
+    out += ["", "Detector states (`moe_detector_state{state}`): " + ", ".join(f"`{s}`" for s in DETECTOR_STATES)
+            + "."]
+    return "\n".join(out) + "\n"
