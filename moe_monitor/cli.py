@@ -8,13 +8,7 @@ import sys
 import click
 
 from moe_monitor import __version__, env
-
-
-def _listen(ctx, param, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:9464)")
-    return host or "0.0.0.0", int(port)
+from moe_monitor.sidecar.config import SidecarConfig
 
 
 def _setup_logging(level: str) -> None:
@@ -30,109 +24,53 @@ def main(log_level: str) -> None:
     _setup_logging(log_level)
 
 
+def _click_type(spec):
+    if spec.choices:
+        return click.Choice(spec.choices)
+    if spec.path:
+        return click.Path(dir_okay=spec.path == "dir", file_okay=spec.path == "file")
+    if spec.type is int:
+        return click.IntRange(min=spec.minimum, max=spec.maximum)
+    if spec.type is float:
+        return click.FloatRange(min=spec.minimum, max=spec.maximum)
+    return click.STRING
+
+
+def settings_options(config_cls):
+    """One click option per declared setting of `config_cls` (moe_monitor/settings.py), env twin included;
+    the command receives them as keyword arguments named by the setting ("detector.cooldown_s" ->
+    detector__cooldown_s)."""
+    from moe_monitor.settings import specs
+
+    def decorate(func):
+        for spec in reversed(specs(config_cls)):
+            name = spec.name.replace(".", "__")
+            if spec.type is bool:
+                decl = spec.flag if spec.default is False else f"{spec.flag}/--no-{spec.flag[2:]}"
+                option = click.option(decl, name, envvar=spec.env, show_envvar=True, default=spec.default,
+                                      is_flag=True, help=spec.help)
+            else:
+                option = click.option(spec.flag, name, envvar=spec.env, show_envvar=True, default=spec.default,
+                                      type=_click_type(spec), help=spec.help, show_default=not spec.secret)
+            func = option(func)
+        return func
+    return decorate
+
+
 @main.command()
-@click.option("--segment-dir", envvar=env.SEGMENT_DIR, show_envvar=True, default=env.DEFAULT_SEGMENT_DIR,
-              help="Directory the vLLM plugin writes per-rank segments into (shared with the vLLM pod).")
-@click.option("--listen", envvar=env.LISTEN, show_envvar=True, default=env.DEFAULT_LISTEN, callback=_listen,
-              help="HOST:PORT for /metrics.")
-@click.option("--window", "window_s", envvar=env.WINDOW, show_envvar=True, default=5.0,
-              type=click.FloatRange(min=0.1), help="Window length in seconds; the exposition is rebuilt once per "
-              "window, at wall-clock multiples of it.")
-@click.option("--stale-after", envvar=env.STALE_AFTER, show_envvar=True, default=env.DEFAULT_STALE_AFTER,
-              type=click.FloatRange(min=0.1), help="Seconds without a snapshot before a rank counts as stale.")
-@click.option("--rank-series/--no-rank-series", envvar=env.RANK_SERIES, show_envvar=True, default=True,
-              help="T1: per layer x EP-rank token counters.")
-@click.option("--load-histogram/--no-load-histogram", envvar=env.LOAD_HISTOGRAM, show_envvar=True, default=True,
-              help="T1: per-window expert-load histogram per layer.")
-@click.option("--expert-series", envvar=env.EXPERT_SERIES, show_envvar=True, default="none",
-              type=click.Choice(["none", "all", "top"]), help="T2: per layer x expert counters (all) or the "
-              "top-K hot experts per layer (top).")
-@click.option("--top-experts", envvar=env.TOP_EXPERTS, show_envvar=True, default=5, type=click.IntRange(min=1),
-              help="K for --expert-series top.")
-@click.option("--hot-multiple", envvar=env.HOT_MULTIPLE, show_envvar=True, default=2.0,
-              type=click.FloatRange(min=1.0), help="An expert is hot when its window load exceeds this multiple of "
-              "the layer's mean.")
-@click.option("--min-window-assignments", envvar=env.MIN_WINDOW_ASSIGNMENTS, show_envvar=True, default=100,
-              type=click.IntRange(min=1), help="Below this many assignments in a window a layer's statistics are NaN.")
-@click.option("--placement", "placement_file", envvar=env.PLACEMENT, show_envvar=True, default=None,
-              type=click.Path(dir_okay=False), help="JSON logical->physical expert map (EPLB); default: experts "
-              "split contiguously over the EP ranks.")
-@click.option("--max-series", envvar=env.MAX_SERIES, show_envvar=True, default=20000, type=click.IntRange(min=100),
-              help="Series budget: T2, then T1 are dropped beyond it (moe_monitor_series_truncated says so).")
-@click.option("--profile-dir", envvar=env.PROFILE_DIR, show_envvar=True, default=None,
-              type=click.Path(file_okay=False), help="vLLM's torch_profiler_dir (--profiler-config): the newest "
-              "capture there is analysed and its kernel breakdown exported (moe_capture_*).")
-@click.option("--vllm-url", envvar=env.VLLM_URL, show_envvar=True, default=None,
-              help="vLLM's OpenAI server URL; with --profile-dir turns on captures through /start_profile.")
-@click.option("--vllm-api-key", envvar=env.VLLM_API_KEY, show_envvar=True, default=None,
-              help="Bearer key for a vLLM started with --api-key.")
-@click.option("--capture-dir", envvar=env.CAPTURE_DIR, show_envvar=True, default="/var/lib/moe-monitor/captures", type=click.Path(file_okay=False),
-              help="Trace catalog directory.")
-@click.option("--capture-iterations", envvar=env.CAPTURE_ITERATIONS, show_envvar=True, default=5, type=click.IntRange(min=1),
-              help="Engine steps per capture (max_iterations).")
-@click.option("--capture-timeout", envvar=env.CAPTURE_TIMEOUT, show_envvar=True, default=120.0, type=click.FloatRange(min=1),
-              help="Seconds to wait for every rank's trace before /stop_profile.")
-@click.option("--capture-max-seconds", envvar=env.CAPTURE_MAX_SECONDS, show_envvar=True, default=10.0,
-              type=click.FloatRange(min=0.5), help="A profile that has not ended by itself after this many seconds "
-              "is stopped with /stop_profile (vLLM before 0.32 ignores max_iterations in the request).")
-@click.option("--max-captures", envvar=env.MAX_CAPTURES, show_envvar=True, default=20, type=click.IntRange(min=1),
-              help="Retention: captures kept.")
-@click.option("--max-capture-bytes", envvar=env.MAX_CAPTURE_BYTES, show_envvar=True, default=2 * 1024**3, type=click.IntRange(min=1),
-              help="Retention: disk quota of the catalog, never exceeded.")
-@click.option("--max-capture-age", envvar=env.MAX_CAPTURE_AGE, show_envvar=True, default=7 * 24 * 3600.0, type=click.FloatRange(min=60),
-              help="Retention: seconds a capture is kept.")
-@click.option("--api-token", envvar=env.API_TOKEN, show_envvar=True, default=None,
-              help="Bearer token required to download traces and trigger captures.")
-@click.option("--captures-api-insecure", envvar=env.CAPTURES_API_INSECURE, show_envvar=True, is_flag=True,
-              default=False, help="Without --api-token, let anyone who reaches the port trigger captures and "
-              "download traces (trusted networks only; logged loudly). Off: they answer 403 until a token is set.")
-@click.option("--step-margin", envvar=env.STEP_MARGIN, show_envvar=True, default=0.30, type=click.FloatRange(min=0.01),
-              help="Step-time regression: mean step time above baseline x (1 + margin).")
-@click.option("--step-baseline-quantile", envvar=env.STEP_BASELINE_QUANTILE, show_envvar=True, default=0.9,
-              type=click.FloatRange(min=0.0, max=1.0), help="Step-time baseline: this quantile of the recent windows "
-              "of the same phase and tokens bucket (0.5 = median; 0.9 = the slow end of normal).")
-@click.option("--consecutive-windows", envvar=env.CONSECUTIVE_WINDOWS, show_envvar=True, default=3, type=click.IntRange(min=1),
-              help="Windows in a row over a threshold before a capture.")
-@click.option("--warmup-windows", envvar=env.WARMUP_WINDOWS, show_envvar=True, default=10, type=click.IntRange(min=1),
-              help="Active windows learned before anything fires.")
-@click.option("--baseline-windows", envvar=env.BASELINE_WINDOWS, show_envvar=True, default=60, type=click.IntRange(min=2),
-              help="Windows of history the baselines are taken over.")
-@click.option("--min-window-steps", envvar=env.MIN_WINDOW_STEPS, show_envvar=True, default=10,
-              type=click.IntRange(min=1), help="Steps of a (phase, tokens bucket) a window needs to count for the "
-              "step-time detector.")
-@click.option("--imbalance-threshold", envvar=env.IMBALANCE_THRESHOLD, show_envvar=True, default=4.0, type=click.FloatRange(min=1),
-              help="Worst-layer max/mean that is a regression on its own.")
-@click.option("--imbalance-rise", envvar=env.IMBALANCE_RISE, show_envvar=True, default=1.5, type=click.FloatRange(min=1),
-              help="... or this multiple of its recent median.")
-@click.option("--capture-cooldown", envvar=env.CAPTURE_COOLDOWN, show_envvar=True, default=600.0, type=click.FloatRange(min=0),
-              help="Seconds after a capture before the detector may fire again.")
-@click.option("--max-captures-per-hour", envvar=env.MAX_CAPTURES_PER_HOUR, show_envvar=True, default=4, type=click.IntRange(min=0),
-              help="Budget of captures per hour, manual ones included.")
-@click.option("--max-segment-bytes", envvar=env.MAX_SEGMENT_BYTES, show_envvar=True, default=None,
-              type=click.IntRange(min=4096), help="Refuse segments larger than this (default 256 MiB).")
-def serve(segment_dir, listen, window_s, stale_after, rank_series, load_histogram, expert_series, top_experts,
-          hot_multiple, min_window_assignments, placement_file, max_series, profile_dir, max_segment_bytes,
-          **capture) -> None:
+@settings_options(SidecarConfig)
+def serve(**values) -> None:
     """Read every rank's segment and export Prometheus metrics."""
-    from moe_monitor.detect.detector import DetectorConfig
-    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.settings import build, specs
     from moe_monitor.sidecar.exporter import Exporter
     from moe_monitor.sidecar.server import serve as run_server
     from moe_monitor.stats.placement import PlacementError
 
-    detector = DetectorConfig(capture.pop("baseline_windows"), capture.pop("warmup_windows"),
-                              capture.pop("consecutive_windows"), capture.pop("step_margin"),
-                              capture.pop("min_window_steps"),
-                              capture.pop("imbalance_threshold"), capture.pop("imbalance_rise"),
-                              capture.pop("capture_cooldown"), capture.pop("max_captures_per_hour"),
-                              step_baseline_quantile=capture.pop("step_baseline_quantile"))
-    cfg = SidecarConfig(segment_dir, listen[0], listen[1], stale_after, max_segment_bytes, window_s, rank_series,
-                        load_histogram, expert_series, top_experts, hot_multiple, min_window_assignments,
-                        placement_file, max_series, profile_dir, capture["vllm_url"], capture["vllm_api_key"],
-                        capture["capture_dir"], capture["capture_iterations"], capture["capture_timeout"],
-                        capture["max_captures"], capture["max_capture_bytes"], capture["max_capture_age"],
-                        capture["api_token"], detector, capture_run_s=capture["capture_max_seconds"],
-                        captures_api_insecure=capture["captures_api_insecure"])
+    try:
+        cfg = build(SidecarConfig, {k.replace("__", "."): v for k, v in values.items()})
+    except ValueError as e:  # a cross-field check of SidecarConfig: name the flag its message starts with
+        hint = next((s.flag for s in specs(SidecarConfig) if str(e).startswith(s.name.split(".")[-1])), None)
+        raise click.BadParameter(str(e), param_hint=hint) from None
     try:
         exporter = Exporter(cfg)
     except PlacementError as e:

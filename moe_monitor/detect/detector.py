@@ -21,19 +21,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moe_monitor.settings import setting
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    horizon_windows: int = 60  # history the baselines are medians over
-    warmup_windows: int = 10  # active windows before anything may fire
-    consecutive: int = 3  # windows in a row over the threshold
-    step_margin: float = 0.30  # step time regression: current > baseline x (1 + margin)
-    min_steps: int = 10  # steps of a (phase, bucket) in a window for it to count
-    imbalance_abs: float = 4.0  # worst-layer max/mean at or above this is a regression on its own
-    imbalance_rise: float = 1.5  # ... or this multiple of its recent median
-    cooldown_s: float = 600.0
-    max_per_hour: int = 4
-    step_baseline_quantile: float = 0.9  # step-time baseline: this quantile of the key's history
+    horizon_windows: int = setting(60, "--baseline-windows", "Windows of history the baselines are taken over.",
+                                   minimum=2, group="detector")
+    warmup_windows: int = setting(10, "--warmup-windows", "Active windows learned before anything fires.",
+                                  minimum=1, group="detector")
+    consecutive: int = setting(3, "--consecutive-windows", "Windows in a row over a threshold before a capture.",
+                               minimum=1, group="detector")
+    step_margin: float = setting(0.30, "--step-margin", "Step-time regression: mean step time above baseline x "
+                                 "(1 + margin).", minimum=0.01, group="detector")
+    min_steps: int = setting(10, "--min-window-steps", "Steps of a (phase, tokens bucket) a window needs to count "
+                             "for the step-time detector.", minimum=1, group="detector")
+    imbalance_abs: float = setting(4.0, "--imbalance-threshold", "Worst-layer max/mean that is a regression on "
+                                   "its own.", minimum=1, group="detector")
+    imbalance_rise: float = setting(1.5, "--imbalance-rise", "... or this multiple of its recent median.",
+                                    minimum=1, group="detector")
+    cooldown_s: float = setting(600.0, "--capture-cooldown", "Seconds after a capture before the detector may "
+                                "fire again.", minimum=0, group="detector")
+    max_per_hour: int = setting(4, "--max-captures-per-hour", "Budget of captures per hour, manual ones "
+                                "included.", minimum=0, group="detector")
+    step_baseline_quantile: float = setting(0.9, "--step-baseline-quantile", "Step-time baseline: this quantile of "
+                                            "the recent windows of the same phase and tokens bucket (0.5 = median; "
+                                            "0.9 = the slow end of normal).", minimum=0.0, maximum=1.0,
+                                            group="detector")
 
     def __post_init__(self):
         if not 0.0 <= self.step_baseline_quantile <= 1.0:

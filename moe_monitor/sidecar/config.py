@@ -1,44 +1,79 @@
-"""The sidecar's one configuration object, built once by the CLI from flags and MOE_MONITOR_* variables."""
+"""The sidecar's one configuration object. Every field that is a setting declares its flag, help and limits
+here (moe_monitor/settings.py); the CLI builds `moe-monitor serve`'s options from these fields, each with its
+`MOE_MONITOR_*` environment twin, and docs/configuration.md is generated from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_monitor.detect.detector import DetectorConfig
+from moe_monitor.settings import setting
 
 EXPERT_SERIES = ("none", "all", "top")
 
 
 @dataclass(frozen=True)
 class SidecarConfig:
-    segment_dir: str = "/dev/shm/moe-monitor"
-    host: str = "0.0.0.0"
-    port: int = 9464
-    stale_after_s: float = 30.0
-    max_segment_bytes: int | None = None
-    window_s: float = 5.0  # window length; the exposition is rebuilt once per window
-    rank_series: bool = True  # T1: per layer x EP-rank token counters
-    load_histogram: bool = True  # T1: per-window expert-load histogram per layer
-    expert_series: str = "none"  # T2: none | all (layer x expert counters) | top (top-K hot experts)
-    top_experts: int = 5  # K for expert_series=top
-    hot_multiple: float = 2.0  # an expert is hot when its window load exceeds this multiple of the mean
-    min_window_assignments: int = 100  # below this a layer's window statistics are NaN
-    placement_file: str | None = None  # logical->physical expert map (EPLB); default: contiguous over EP ranks
-    max_series: int = 20000  # hard budget; T2 then T1 are dropped first, and truncation is reported
-    profile_dir: str | None = None  # vLLM's torch_profiler_dir: the newest capture's breakdown is exported
-    # Captures (on when vllm_url and profile_dir are set)
-    vllm_url: str | None = None
-    vllm_api_key: str | None = None
-    capture_dir: str = "/var/lib/moe-monitor/captures"
-    capture_iterations: int = 5
-    capture_timeout_s: float = 120.0
-    max_captures: int = 20
-    max_capture_bytes: int = 2 * 1024**3
-    max_capture_age_s: float = 7 * 24 * 3600
-    api_token: str | None = None  # bearer token required to download traces and trigger captures
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    capture_run_s: float = 10.0  # a profile that has not ended by itself after this is stopped
-    captures_api_insecure: bool = False  # without api_token: allow trigger/download anyway (trusted networks)
+    segment_dir: str = setting("/dev/shm/moe-monitor", "--segment-dir", "Directory the vLLM plugin writes per-rank "
+                               "segments into (shared with the vLLM pod).", path="dir")
+    listen: str = setting("0.0.0.0:9464", "--listen", "HOST:PORT for /metrics and the captures API.")
+    window_s: float = setting(5.0, "--window", "Window length in seconds; the exposition is rebuilt once per "
+                              "window, at wall-clock multiples of it.", minimum=0.1)
+    stale_after_s: float = setting(30.0, "--stale-after", "Seconds without a snapshot before a rank counts as "
+                                   "stale.", minimum=0.1)
+    rank_series: bool = setting(True, "--rank-series", "T1: per layer x EP-rank token counters.", group="series")
+    load_histogram: bool = setting(True, "--load-histogram", "T1: per-window expert-load histogram per layer.",
+                                   group="series")
+    expert_series: str = setting("none", "--expert-series", "T2: per layer x expert counters (all) or the top-K "
+                                 "hot experts per layer (top).", choices=EXPERT_SERIES, group="series")
+    top_experts: int = setting(5, "--top-experts", "K for --expert-series top.", minimum=1, group="series")
+    hot_multiple: float = setting(2.0, "--hot-multiple", "An expert is hot when its window load exceeds this "
+                                  "multiple of the layer's mean.", minimum=1.0, group="series")
+    min_window_assignments: int = setting(100, "--min-window-assignments", "Below this many assignments in a "
+                                          "window a layer's statistics are NaN.", minimum=1, group="series")
+    placement_file: str | None = setting(None, "--placement", "JSON logical->physical expert map (EPLB); default: "
+                                         "experts split contiguously over the EP ranks.", path="file",
+                                         group="series")
+    max_series: int = setting(20000, "--max-series", "Series budget: T2, then T1 are dropped beyond it "
+                              "(moe_monitor_series_truncated says so).", minimum=100, group="series")
+    max_segment_bytes: int | None = setting(None, "--max-segment-bytes", "Refuse segments larger than this "
+                                            "(default 256 MiB).", minimum=4096)
+    profile_dir: str | None = setting(None, "--profile-dir", "vLLM's torch_profiler_dir (--profiler-config): the "
+                                      "newest capture there is analysed and its kernel breakdown exported "
+                                      "(moe_capture_*).", path="dir", group="captures")
+    vllm_url: str | None = setting(None, "--vllm-url", "vLLM's OpenAI server URL; with --profile-dir turns on "
+                                   "captures through /start_profile.", group="captures")
+    vllm_api_key: str | None = setting(None, "--vllm-api-key", "Bearer key for a vLLM started with --api-key.",
+                                       secret=True, group="captures")
+    capture_dir: str = setting("/var/lib/moe-monitor/captures", "--capture-dir", "Trace catalog directory.",
+                               path="dir", group="captures")
+    capture_iterations: int = setting(5, "--capture-iterations", "Engine steps per capture (max_iterations).",
+                                      minimum=1, group="captures")
+    capture_timeout_s: float = setting(120.0, "--capture-timeout", "Seconds to wait for every rank's trace before "
+                                       "/stop_profile.", minimum=1, group="captures")
+    capture_run_s: float = setting(10.0, "--capture-max-seconds", "A profile that has not ended by itself after "
+                                   "this many seconds is stopped with /stop_profile (vLLM before 0.32 ignores "
+                                   "max_iterations in the request).", minimum=0.5, group="captures")
+    max_captures: int = setting(20, "--max-captures", "Retention: captures kept.", minimum=1, group="captures")
+    max_capture_bytes: int = setting(2 * 1024**3, "--max-capture-bytes", "Retention: disk quota of the catalog, "
+                                     "never exceeded.", minimum=1, group="captures")
+    max_capture_age_s: float = setting(7 * 24 * 3600.0, "--max-capture-age", "Retention: seconds a capture is "
+                                       "kept.", minimum=60, group="captures")
+    api_token: str | None = setting(None, "--api-token", "Bearer token required to download traces and trigger "
+                                    "captures.", secret=True, group="captures")
+    captures_api_insecure: bool = setting(False, "--captures-api-insecure", "Without --api-token, let anyone who "
+                                          "reaches the port trigger captures and download traces (trusted "
+                                          "networks only; logged loudly). Off: they answer 403 until a token is "
+                                          "set.", group="captures")
+    detector: DetectorConfig = setting(None, "", "", factory=DetectorConfig)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0] or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
     @property
     def captures_enabled(self) -> bool:
@@ -49,3 +84,6 @@ class SidecarConfig:
             raise ValueError(f"expert_series must be one of {EXPERT_SERIES}, got {self.expert_series!r}")
         if not self.window_s > 0:
             raise ValueError("window_s must be > 0")
+        _, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen: {self.listen!r} is not HOST:PORT (e.g. 0.0.0.0:9464)")

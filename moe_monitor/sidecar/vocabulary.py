@@ -201,8 +201,10 @@ def reference_markdown() -> str:
     for m in METRICS:
         labels = ", ".join(f"`{x}`" for x in m.labels) or "—"
         out.append(f"| `{m.name}` | {m.type} | {labels} | {m.tier.upper()} | {m.collector} | "
-                   f"{m.help.replace('|', '/')} |")
-    out += ["", "Capture outcomes (`moe_captures_total{outcome}`, `moe-monitor traces list`):", "",
+                   f"{m.help.replace('|', chr(92) + '|')} |")
+    out += ["", "Plus prometheus_client's process collector about the sidecar itself: `moe_monitor_process_cpu_seconds_total`, "
+            "`moe_monitor_process_resident_memory_bytes`, `moe_monitor_process_open_fds`, … (Linux).", ""]
+    out += ["Capture outcomes (`moe_captures_total{outcome}`, `moe-monitor traces list`):", "",
             "| outcome | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in CAPTURE_OUTCOMES.items()]
     out += ["", "Segment read errors (`moe_monitor_segment_read_errors_total{kind}`):", "",
