@@ -179,3 +179,24 @@ def test_host_timer_records_phase_tokens_and_duration():
     timer.end()
     snap = steps.snapshot()
     assert snap["step_hist"].sum() == 1 and snap["step_tokens"][PHASE_INDEX["mixed"]].sum() == 40
+
+
+def test_a_tap_whose_recording_fails_never_raises_into_the_forward_pass(caplog):
+    """The router's capture slot runs inside vLLM's forward: a recording error is logged once, recording stops
+    for every layer, and the capture function chained behind ours still gets every call."""
+    from moe_monitor.plugin.attach import Tap
+
+    rec = Recorder(2, 8, 2, "cpu", capacity=16)
+    chained = []
+    taps = [Tap(rec, row, chained.append) for row in range(2)]
+    rec.set_valid_tokens(3)
+    taps[0](torch.tensor([[1, 2], [1, 3], [4, 5]]))
+    bad = torch.tensor([[1, 2]]).to("meta")  # ids on another device than the counters: the count raises
+    with caplog.at_level("ERROR"):
+        taps[1](bad)
+        taps[1](bad)
+        taps[0](torch.tensor([[7, 7], [7, 7], [7, 7]]))
+    assert len(chained) == 4 and chained[1] is bad
+    assert rec.failed
+    assert sum("stops counting" in r.getMessage() for r in caplog.records) == 1
+    assert int(rec.counts[:, 7].sum()) == 0, "nothing is recorded after the failure"

@@ -20,7 +20,16 @@ class Tap:
         self.recorder, self.row, self.chained = recorder, row, chained
 
     def __call__(self, topk_ids: torch.Tensor) -> None:
-        self.recorder.record(self.row, topk_ids)
+        # Inside vLLM's forward pass: our failure must never become vLLM's. The first one is logged (ERROR,
+        # so it reaches vLLM's log) and recording stops for every layer (partial counts would mislead);
+        # whoever is chained behind us is still called, and their errors stay theirs.
+        if not self.recorder.failed:
+            try:
+                self.recorder.record(self.row, topk_ids)
+            except Exception:  # noqa: BLE001
+                self.recorder.failed = True
+                log.exception("moe-monitor: recording layer row %d failed; moe-monitor stops counting routed "
+                              "tokens in this worker (vLLM is unaffected)", self.row)
         if self.chained is not None:
             self.chained(topk_ids)
 

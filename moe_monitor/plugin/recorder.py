@@ -59,6 +59,7 @@ class Recorder:
         self._grow(capacity)
         self._row_tensors: dict[tuple[int, ...], torch.Tensor] = {}
         self.seen_rows: set[int] = set()  # rows whose hook ran at least once (at trace/capture time on GPU)
+        self.failed = False  # set by a Tap whose record() raised: nothing is recorded any more
         self.last_row = num_layers - 1  # the fused flush runs after this row's tap
         self._tapped_rows = list(range(num_layers))
         self._pending: dict[int, torch.Tensor] = {}
