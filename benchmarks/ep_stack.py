@@ -47,8 +47,8 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_monitor.channel import Ranks, SegmentWriter, Shape, read_segment  # noqa: E402
 from moe_monitor.demo.launch import free_port  # noqa: E402
-from moe_monitor.channel import Ranks, SegmentWriter, Shape, read_segment, segment_filename  # noqa: E402
 from moe_monitor.plugin.attach import Attachment, MoELayer  # noqa: E402
 from moe_monitor.plugin.publisher import Publisher  # noqa: E402
 from moe_monitor.plugin.recorder import MODES, Recorder, default_mode  # noqa: E402

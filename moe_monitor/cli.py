@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+
 import click
 
 from moe_monitor import __version__, env
@@ -93,7 +94,8 @@ def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
     """Break torch.profiler traces down into gate / experts / align-permute / attention / all-to-all / other."""
     import json
 
-    from moe_monitor.breakdown.analyze import analyze as run, load_rules
+    from moe_monitor.breakdown.analyze import analyze as run
+    from moe_monitor.breakdown.analyze import load_rules
     from moe_monitor.breakdown.report import render_table
     from moe_monitor.breakdown.trace import TraceError, read_trace
 

@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 from aiohttp import web
-
 from conftest import free_port
+
 from moe_monitor.capture.capturer import CaptureConfig, Capturer
 from moe_monitor.capture.catalog import Catalog, QuotaError, Retention
 from moe_monitor.detect.detector import DetectorConfig

@@ -20,10 +20,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_monitor.channel.reader as reader_mod
-from moe_monitor.channel import (LAYER_HOOKED, LAYER_UNOBSERVABLE, PHASES, Ranks, SegmentError, SegmentWriter,
-                                 Shape, Snapshot, list_segments, read_segment, segment_filename)
-from moe_monitor.channel.layout import HEADER, HEADER_SIZE, MAGIC, MODEL_NAME_BYTES, SEQ_OFFSET, VERSION, Header, \
-    pack_header
+from moe_monitor.channel import (
+    LAYER_HOOKED,
+    LAYER_UNOBSERVABLE,
+    PHASES,
+    Ranks,
+    SegmentError,
+    SegmentWriter,
+    Shape,
+    Snapshot,
+    list_segments,
+    read_segment,
+    segment_filename,
+)
+from moe_monitor.channel.layout import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MODEL_NAME_BYTES,
+    SEQ_OFFSET,
+    VERSION,
+    Header,
+    pack_header,
+)
 
 KINDS = {"io", "truncated", "magic", "version", "corrupt", "oversized", "torn"}
 

@@ -11,8 +11,16 @@ import promql_parser
 import pytest
 
 from moe_monitor.mixin import dashboards
-from moe_monitor.mixin.queries import (ANNOTATION, PANEL, VARIABLE, iter_panels, metric_names, panel_queries,
-                                       substitute, variable_expr)
+from moe_monitor.mixin.queries import (
+    ANNOTATION,
+    PANEL,
+    VARIABLE,
+    iter_panels,
+    metric_names,
+    panel_queries,
+    substitute,
+    variable_expr,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "grafana" / "dashboards"

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import free_port
 
 pytest.importorskip("vllm")

@@ -31,8 +31,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import free_port
+
 from moe_monitor import env as moe_env
 from moe_monitor.demo import promstack
 from moe_monitor.demo.alert_sink import AlertSink

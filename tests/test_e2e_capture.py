@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import free_port
 
 pytestmark = pytest.mark.e2e

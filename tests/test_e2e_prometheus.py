@@ -17,7 +17,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import free_port
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from conftest import free_port, samples, scrape
 
 pytestmark = pytest.mark.e2e

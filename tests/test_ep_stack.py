@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import free_port, samples, scrape
+
 from moe_monitor.breakdown.analyze import analyze
 from moe_monitor.breakdown.trace import read_trace
 from moe_monitor.channel import read_segment

@@ -13,8 +13,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
-
 from moe_monitor.sidecar.config import SidecarConfig
 from moe_monitor.sidecar.exporter import Exporter
 

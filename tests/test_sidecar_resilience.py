@@ -8,6 +8,7 @@ import shutil
 import time
 
 from conftest import free_port, samples, scrape
+
 from moe_monitor.capture.catalog import Catalog
 from moe_monitor.demo import launch
 
@@ -96,8 +97,8 @@ def test_only_a_whole_breakdown_is_exported():
     import json
 
     from moe_monitor.breakdown.analyze import analyze
-    from moe_monitor.breakdown.trace import read_trace
     from moe_monitor.breakdown.latest import valid_breakdown
+    from moe_monitor.breakdown.trace import read_trace
 
     assert valid_breakdown(json.loads(json.dumps(analyze([read_trace(TRACE)]))))
     for damaged in ({}, [], {"categories": {}}, {"categories": {"x": {"us": "1"}}, "ranks": [], "idle_us": 0,

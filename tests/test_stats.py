@@ -6,15 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from moe_monitor.sidecar.aggregate import Totals
 from moe_monitor.sidecar.windows import Windower, next_boundary
 from moe_monitor.stats.imbalance import layer_stats, rank_imbalance, sglang_balancedness, vllm_balancedness
-from moe_monitor.stats.placement import (Placement, PlacementError, contiguous, load_placement,
-                                         parse_placement)
+from moe_monitor.stats.placement import Placement, PlacementError, contiguous, load_placement, parse_placement
 
 FIELDS = ("imbalance_ratio", "balancedness", "cv", "entropy", "top1_share", "topk_share", "dead_experts",
           "hot_experts")

@@ -196,7 +196,6 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
     and analyze work on it. The plugin's step time per phase is compared with the trace's step ranges."""
     if stack.name not in ("full_and_piecewise", "eager"):
         pytest.skip("the capture path runs once per graph mode family")
-    from moe_monitor.breakdown.trace import read_trace
 
     url = stack.sidecar.url
     before = _step_means(scrape(url + "/metrics"))

@@ -7,12 +7,11 @@ import json
 import re
 
 import yaml
+from test_golden import exposition
 
 from moe_monitor.mixin.build import generate
 from moe_monitor.mixin.config import MixinConfig
 from moe_monitor.sidecar.vocabulary import BY_NAME, CAPTURE_OUTCOMES, METRICS
-
-from test_golden import exposition
 
 NAME = re.compile(r"\bmoe_[a-z0-9_]+")
 SUFFIXES = ("_bucket", "_sum", "_count")

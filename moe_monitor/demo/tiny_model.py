@@ -39,7 +39,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 META_FILENAME = "moe_monitor_model.json"
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -55,8 +55,8 @@ class Attachment:
 
 
 def find_moe_layers(model: torch.nn.Module) -> Attachment:
-    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     found: dict[int, MoELayer] = {}
     for name, module in model.named_modules():

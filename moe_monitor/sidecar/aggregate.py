@@ -12,7 +12,6 @@ Rules (docs/architecture.md explains them):
 from __future__ import annotations
 
 import logging
-
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +34,7 @@ class Totals:
     token_bounds: np.ndarray | None = None
     duration_bounds: np.ndarray | None = None
 
-    def compatible(self, other: "Totals") -> bool:
+    def compatible(self, other: Totals) -> bool:
         if self.counts is not None and other.counts is not None and self.counts.shape[1] != other.counts.shape[1]:
             return False
         if self.step_hist is not None and other.step_hist is not None and (
@@ -45,7 +44,7 @@ class Totals:
             return False
         return True
 
-    def add(self, other: "Totals") -> bool:
+    def add(self, other: Totals) -> bool:
         """Add `other` in place. Returns False (and adds nothing) when the shapes are incompatible."""
         if not self.compatible(other):
             return False

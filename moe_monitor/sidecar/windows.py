@@ -89,6 +89,6 @@ class LoadHistogram:
         np.add.at(self.buckets, (rows, idx.reshape(-1)), 1)
         self.sums[ok] += ratio.sum(axis=1)
 
-    def copy(self) -> "LoadHistogram":
+    def copy(self) -> LoadHistogram:
         return LoadHistogram(self.layer_ids, None if self.buckets is None else self.buckets.copy(),
                              None if self.sums is None else self.sums.copy())
