@@ -213,7 +213,8 @@ def gen_model(out_dir, arch, layers, experts, top_k, hot_expert, hot_words, seed
     try:
         from moe_monitor.demo.tiny_model import generate
     except ImportError as e:
-        raise click.ClickException(f"gen-model needs torch and transformers (pip install 'moe-monitor[vllm]'): {e}")
+        raise click.ClickException(
+            f"gen-model needs torch and transformers (pip install 'moe-monitor[vllm]'): {e}") from None
     if top_k > experts:
         raise click.BadParameter("--top-k cannot exceed --experts", param_hint="--top-k")
     if hot_expert is not None and hot_expert >= experts:
@@ -253,6 +254,12 @@ def mixin() -> None:
 
 
 def _mixin_config(path: str | None):
+    try:
+        import grafana_foundation_sdk  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"the mixin commands need the 'mixin' extra: pip install 'moe-monitor[mixin]' "
+                                   f"({e})") from None
     from moe_monitor.mixin.config import ConfigError, load_config
 
     try:
@@ -272,9 +279,10 @@ _config_option = click.option(
               help="Root of the tree to write into (the repository root).")
 def mixin_build(config_path: str | None, out_dir: str) -> None:
     """Write the rule file, the PrometheusRule and the dashboards under OUT."""
+    cfg = _mixin_config(config_path)
     from moe_monitor.mixin.build import generate, write
 
-    files = generate(_mixin_config(config_path), config_path)
+    files = generate(cfg, config_path)
     try:
         changed = set(write(files, out_dir))
     except OSError as e:
@@ -289,9 +297,10 @@ def mixin_build(config_path: str | None, out_dir: str) -> None:
               help="Root of the tree to compare (the repository root).")
 def mixin_check(config_path: str | None, out_dir: str) -> None:
     """Exit 1, listing them, when generated files under OUT differ from what `mixin build` writes."""
+    cfg = _mixin_config(config_path)
     from moe_monitor.mixin.build import drift, generate
 
-    files = generate(_mixin_config(config_path), config_path)
+    files = generate(cfg, config_path)
     problems = drift(files, out_dir)
     for path, why in problems:
         click.echo(f"{path}: {why}", err=True)
