@@ -104,7 +104,7 @@ class EPStack:
         if a.experts % world:
             raise SystemExit(f"{a.experts} experts do not split evenly over {world} ranks")
         self.a, self.rank, self.world, self.device, self.dtype = a, rank, world, device, dtype
-        L, E, H, I = a.layers, a.experts, a.hidden, a.intermediate
+        L, E, H, inter = a.layers, a.experts, a.hidden, a.intermediate
         self.per_rank = E // world
         self.first = rank * self.per_rank  # first global expert id this rank owns
         g = torch.Generator().manual_seed(a.seed)  # the same model on every rank
@@ -116,8 +116,8 @@ class EPStack:
         self.norm = torch.ones(H, device=device, dtype=dtype)
         g.manual_seed(a.seed + 1000 + rank)  # this rank's experts
         # [L, e, N, K] stored, passed transposed: the column-major B operand _grouped_mm wants.
-        self.w13 = (torch.randn(L, self.per_rank, 2 * I, H, generator=g) * H ** -0.5).to(device, dtype)
-        self.w2 = (torch.randn(L, self.per_rank, H, I, generator=g) * I ** -0.5).to(device, dtype)
+        self.w13 = (torch.randn(L, self.per_rank, 2 * inter, H, generator=g) * H ** -0.5).to(device, dtype)
+        self.w2 = (torch.randn(L, self.per_rank, H, inter, generator=g) * inter ** -0.5).to(device, dtype)
         # Ground truth, counted from what arrives (not from the router): [L, local experts] and what was sent.
         self.received = torch.zeros(L, self.per_rank, dtype=torch.int64, device=device)
         self.sent = torch.zeros(L, E, dtype=torch.int64, device=device)
@@ -130,7 +130,7 @@ class EPStack:
         return weights, ids.to(torch.int32)  # int32, as vLLM's routers return them
 
     def layer(self, row: int, x: torch.Tensor, recorder: Recorder) -> torch.Tensor:
-        a, T, H, k = self.a, x.shape[0], self.a.hidden, self.a.top_k
+        T, H, k = x.shape[0], self.a.hidden, self.a.top_k
         h = F.rms_norm(x, (H,), self.norm)
         weights, ids = self.route(row, h)
         recorder.record(row, ids)  # the plugin's tap
@@ -161,12 +161,12 @@ class EPStack:
     def experts(self, row: int, rx: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         if rx.shape[0] == 0:
             return rx
-        I = self.a.intermediate
+        inter = self.a.intermediate
         lorder = torch.argsort(local, stable=True)
         offs = torch.cumsum(histogram(local, self.per_rank), 0).to(torch.int32)
         xr = rx[lorder]
         y = torch._grouped_mm(xr, self.w13[row].transpose(-2, -1), offs=offs)
-        act = F.silu(y[:, :I]) * y[:, I:]
+        act = F.silu(y[:, :inter]) * y[:, inter:]
         y2 = torch._grouped_mm(act, self.w2[row].transpose(-2, -1), offs=offs)
         out = torch.empty_like(y2)
         out[lorder] = y2  # back to arrival order

@@ -55,7 +55,7 @@ class Decoder:
 
 def trace(fn, path: str, steps: int, tokens: int, record_shapes: bool) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=record_shapes) as prof:
-        for i in range(steps):
+        for _ in range(steps):
             with record_function(f"execute_context_0(0)_generation_{tokens}({tokens})"):
                 fn()
         torch.cuda.synchronize()
@@ -63,8 +63,8 @@ def trace(fn, path: str, steps: int, tokens: int, record_shapes: bool) -> None:
     prof.export_chrome_trace(raw)
     with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
         shutil.copyfileobj(src, dst)
-    print(f"{os.path.basename(path)}: {os.path.getsize(raw) / 1e6:.1f} MB JSON, {os.path.getsize(path) / 1e6:.1f} MB gz",
-          flush=True)
+    print(f"{os.path.basename(path)}: {os.path.getsize(raw) / 1e6:.1f} MB JSON, "
+          f"{os.path.getsize(path) / 1e6:.1f} MB gz", flush=True)
     os.unlink(raw)
 
 

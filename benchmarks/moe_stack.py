@@ -2,8 +2,9 @@
 
 Per MoE layer: RMSNorm → gate linear → softmax + top-k (the router; the tap sees its ids, int32 as vLLM's
 routers return them) → sort-based permutation → two grouped expert GEMMs (torch._grouped_mm, SwiGLU) →
-deterministic weighted un-permute (inverse permutation + sum over k) → residual. Expert-parallel slices keep only the experts of local rank 0
-(ids < local_experts); the rest would leave through all-to-all and are dropped here. Expert and gate weights
+deterministic weighted un-permute (inverse permutation + sum over k) → residual. Expert-parallel slices keep
+only the experts of local rank 0 (ids < local_experts); the rest would leave through all-to-all and are dropped
+here. Expert and gate weights
 are shared across layers to fit the GPU: every layer still streams its experts' weights from HBM (they
 exceed L2), so the per-layer cost is realistic. Attention is not modelled, so "% of step" is an upper bound.
 """
@@ -69,7 +70,8 @@ class MoEStack:
         token = order // s.top_k
         xs = h[token]
         # vLLM's Triton path annotates its expert GEMMs `fused_moe_* MxNxK E=<n> top_k=<k>`: optional here.
-        label = f"fused_moe_grouped_mm {xs.shape[0]}x{2 * s.intermediate}x{s.hidden} E={s.local_experts} top_k={s.top_k}"
+        label = (f"fused_moe_grouped_mm {xs.shape[0]}x{2 * s.intermediate}x{s.hidden} "
+                 f"E={s.local_experts} top_k={s.top_k}")
         with torch.profiler.record_function(label) if annotate else contextlib.nullcontext():
             y = torch._grouped_mm(xs, self.w13.transpose(-2, -1), offs=offs)
             a = F.silu(y[:, : s.intermediate]) * y[:, s.intermediate:]

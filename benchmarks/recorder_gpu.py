@@ -105,7 +105,8 @@ def bench_shape(shape, tokens_list, modes, rounds, reps, n_layouts, refs_control
         for mode in modes:
             rec = Recorder(shape.layers, shape.experts, shape.top_k, "cuda", capacity=T, mode=mode)
             rec.set_rows(list(range(shape.layers)))
-            graphs[f"alone:{mode}"], _ = capture(lambda _x, rec=rec: [rec.record(r, i) for r, i in enumerate(ids)], x)
+            graphs[f"alone:{mode}"], _ = capture(
+                lambda _x, rec=rec, ids=ids: [rec.record(r, i) for r, i in enumerate(ids)], x)
             keep.append(rec)
         for rec in recorders.values():
             rec.counts.zero_()

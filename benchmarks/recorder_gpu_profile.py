@@ -64,8 +64,8 @@ def main() -> None:
     a, b = kernel_times(base, 10), kernel_times(graph, 10)
     names = set(a) | set(b)
     diffs = sorted(names, key=lambda n: -abs(b.get(n, 0) - a.get(n, 0)))
-    print(f"{shape.name} T={args.tokens} mode={args.mode} tap={args.tap}: kernel time per step without {sum(a.values()):.1f} us, "
-          f"with {sum(b.values()):.1f} us")
+    print(f"{shape.name} T={args.tokens} mode={args.mode} tap={args.tap}: "
+          f"kernel time per step without {sum(a.values()):.1f} us, with {sum(b.values()):.1f} us")
     for n in diffs[:12]:
         print(f"  {b.get(n, 0) - a.get(n, 0):+9.1f} us  (without {a.get(n, 0):8.1f}, with {b.get(n, 0):8.1f})  {n}")
 

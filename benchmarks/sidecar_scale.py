@@ -1,12 +1,16 @@
 """Sidecar cost at DeepSeek-V3 scale: 61 MoE layers x 256 experts x 16 ranks (DP=EP=16), 1 s windows.
 
 A writer process plays the 16 plugins (publishes every rank's cumulative snapshot every second); a real
-`moe-monitor serve` process reads them. Printed: the sidecar's CPU % of one core and RSS over the run, and
-/metrics scrape time (median of repeated GETs, plain and gzip), for T0+T1 (default tiers) and full T2
+`moe-monitor serve` process reads them and is scraped with gzip every 15 s. Printed: the sidecar's CPU % of
+one core and RSS over the run, and /metrics scrape time (median of repeated GETs, plain and gzip), for T0+T1 (default tiers) and full T2
 (--expert-series all). Baseline in the same run: a straightforward prometheus-client custom collector that
 reads the segments and renders the same series at every scrape.
 
     .venv/bin/python benchmarks/sidecar_scale.py [--seconds 30]
+    .venv/bin/python benchmarks/sidecar_scale.py --compare /tmp/old   # another checkout, side by side
+
+With --compare, each tier is measured four times, interleaved: this checkout, the other, this, the other;
+the two runs of the same code are the A/A control (how much two identical runs differ on this machine).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from moe_monitor.channel import LAYER_HOOKED, Ranks, SegmentWriter, Shape
 from moe_monitor.plugin.steps import StepStats
 
 L, E, RANKS, TOP_K = 61, 256, 16, 8
+SCRAPE_INTERVAL_S = 15.0  # a common Prometheus scrape interval
 
 
 def writer(directory: str, stop) -> None:
@@ -74,9 +79,12 @@ def scrape_ms(url: str, n: int, gzip: bool) -> tuple[float, int]:
     return statistics.median(times), size
 
 
-def measure_sidecar(directory: str, args: list[str], seconds: float, port: int) -> dict:
+def measure_sidecar(directory: str, args: list[str], seconds: float, port: int, code: str | None = None) -> dict:
+    """`code`: the root of another checkout to run instead of this one."""
+    env = dict(os.environ, PYTHONPATH=code) if code else None
     proc = subprocess.Popen([sys.executable, "-m", "moe_monitor.cli", "--log-level", "warning", "serve",
-                             "--segment-dir", directory, "--listen", f"127.0.0.1:{port}", "--window", "1", *args])
+                             "--segment-dir", directory, "--listen", f"127.0.0.1:{port}", "--window", "1", *args],
+                            env=env, cwd=code or None)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         for _ in range(100):
@@ -87,7 +95,9 @@ def measure_sidecar(directory: str, args: list[str], seconds: float, port: int) 
                 time.sleep(0.2)
         time.sleep(3)  # a few windows in
         c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
+        while time.monotonic() - t0 < seconds:  # scraped like Prometheus does (gzip, every SCRAPE_INTERVAL_S)
+            urllib.request.urlopen(urllib.request.Request(url, headers={"Accept-Encoding": "gzip"}), timeout=10).read()
+            time.sleep(min(SCRAPE_INTERVAL_S, max(0.0, seconds - (time.monotonic() - t0))))
         cpu = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0) * 100
         plain, size = scrape_ms(url, 40, gzip=False)
         zipped, zsize = scrape_ms(url, 40, gzip=True)
@@ -151,6 +161,7 @@ def naive_baseline(directory: str, full: bool, n: int = 10) -> tuple[float, int]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--compare", default=None, help="root of another checkout to measure side by side")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         stop = mp.Event()
@@ -158,6 +169,18 @@ def main() -> None:
         w.start()
         time.sleep(3)
         results = {}
+        tiers = (("T0+T1", []), ("T0+T1+T2 (all experts)", ["--expert-series", "all"]))
+        if args.compare:
+            for name, flags in tiers:
+                for run, code in enumerate((None, args.compare, None, args.compare)):
+                    r = measure_sidecar(d, flags, args.seconds, 9599, code)
+                    label = "this" if code is None else "other"
+                    print(f"{name:24s} run {run + 1} {label:5s}: {r['series']:6d} series, CPU {r['cpu_pct']:.2f} % "
+                          f"of one core, RSS {r['rss_mb']:.0f} MB, scrape {r['scrape_ms']:.2f} ms plain, "
+                          f"{r['scrape_gzip_ms']:.2f} ms gzip", flush=True)
+            stop.set()
+            w.join(5)
+            return
         for name, flags in (("T0+T1", []), ("T0+T1+T2 (all experts)", ["--expert-series", "all"])):
             results[name] = measure_sidecar(d, flags, args.seconds, 9599)
             r = results[name]

@@ -600,7 +600,8 @@ def test_dimension_overflow_in_header_is_a_segment_error(tmp_path):
     shape = Shape(num_layers=2**32 - 1, num_experts=2**32 - 1, num_token_buckets=590558004,
                   num_duration_buckets=1)
     true_size = (4 * shape.num_layers + (shape.num_layers + 7) // 8 * 8 + 8 * shape.num_layers * shape.num_experts
-                 + 8 * shape.num_token_buckets + 8 + 8 * 3 * shape.num_token_buckets * 1 + 16 * 3 * shape.num_token_buckets)
+                 + 8 * shape.num_token_buckets + 8 + 8 * 3 * shape.num_token_buckets * 1
+                 + 16 * 3 * shape.num_token_buckets)
     assert true_size > 2**64  # the real payload would be astronomically large
     claimed = 76
     payload = bytes(claimed)

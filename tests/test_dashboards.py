@@ -143,7 +143,7 @@ def test_dashboards_link_to_each_other():
 def test_repeated_panels_repeat_over_a_defined_variable():
     repeated = [(d, p) for d in BUILT.values() for p in content_panels(d) if p.get("repeat")]
     assert len(repeated) >= 2
-    for d, p in repeated:
+    for _d, p in repeated:
         assert p["repeat"] == "layer" and "$layer" in p["title"]
 
 
@@ -186,7 +186,8 @@ def test_every_selector_is_scoped_by_job_and_instance():
     for q in all_queries([PANEL, ANNOTATION]):
         expr = promql_parser.parse(substitute(q.expr, values))
         selectors = []
-        promql_parser.walk(expr, lambda n: selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
+        promql_parser.walk(expr, lambda n, selectors=selectors:
+                           selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
         assert selectors, q
         for s in selectors:
             matchers = {(m.name, str(m.op), m.value) for m in s.matchers.matchers}
@@ -213,7 +214,8 @@ def test_per_layer_series_are_filtered_by_the_layer_variable():
     for q in all_queries([PANEL]):
         selectors = []
         promql_parser.walk(promql_parser.parse(substitute(q.expr, values)),
-                           lambda n: selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
+                           lambda n, selectors=selectors:
+                           selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
         for s in selectors:
             if per_layer.match(s.name or ""):
                 checked += 1

@@ -224,7 +224,7 @@ def test_the_two_containers_share_one_image_built_from_the_dockerfile(pod):
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_builtin_manifests_validate_strictly(version):
     checked = []
-    for name, doc in hand_written_manifests():
+    for _name, doc in hand_written_manifests():
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # CRDs: test_servicemonitor_matches_the_operator_crd
         kubernetes_validate.validate(doc, version, strict=True)

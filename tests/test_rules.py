@@ -28,6 +28,7 @@ ALERTS = ["MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeE
 RECORDS = ["moe:step_duration_seconds:p50_rate5m", "moe:step_duration_seconds:p99_rate5m", "moe:step_tokens:rate5m",
            "moe:ep_rank_routed_tokens:rate5m", "moe:layer_ep_rank_imbalance_ratio:rate5m",
            "moe:routed_assignments:rate5m", "moe:worst_layer_imbalance_ratio:max_over_time5m"]
+DEFAULT_CONFIG = MixinConfig()
 
 
 def promtool(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -36,14 +37,14 @@ def promtool(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def generated_tree(tmp_path, cfg: MixinConfig = MixinConfig()) -> str:
+def generated_tree(tmp_path, cfg: MixinConfig = DEFAULT_CONFIG) -> str:
     """The generated files for cfg under tmp_path, laid out as in the repository."""
     build.write({k: v for k, v in build.generate(cfg).items() if not k.startswith(build.DASHBOARD_DIR)},
                 str(tmp_path))
     return str(tmp_path)
 
 
-def all_rules(cfg: MixinConfig = MixinConfig()) -> list[dict]:
+def all_rules(cfg: MixinConfig = DEFAULT_CONFIG) -> list[dict]:
     return [r for g in rules_document(cfg)["groups"] for r in g["rules"]]
 
 

@@ -122,8 +122,8 @@ def stack(request, gpu_model, tmp_path_factory):
     try:
         ready = server.wait_ready("/health", 600)
         sidecar.wait_ready("/healthz", 30)
-        record("startup", scenario=request.param, seconds=round(ready, 1), since_fixture=round(time.monotonic() - t0, 1),
-               log=startup_lines(server.log_tail(5000)))
+        record("startup", scenario=request.param, seconds=round(ready, 1),
+               since_fixture=round(time.monotonic() - t0, 1), log=startup_lines(server.log_tail(5000)))
         yield Stack(request.param, server, sidecar, work, meta)
     finally:
         sidecar.stop()
@@ -235,7 +235,8 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
         import shutil
         for f in files:
             if os.path.getsize(f) < 15 * 2**20:
-                shutil.copy(f, os.path.join(os.environ["MOE_MONITOR_GPU_ARTIFACTS"], f"{stack.name}_{os.path.basename(f)}"))
+                shutil.copy(f, os.path.join(os.environ["MOE_MONITOR_GPU_ARTIFACTS"],
+                                            f"{stack.name}_{os.path.basename(f)}"))
     assert trace_steps, "the trace holds no vLLM step ranges"
     for p in phases:
         if counts[p] >= 3 and p in ours:

@@ -10,17 +10,20 @@ def _pct(x: float) -> str:
 def render_table(result: dict, top: int = 15) -> str:
     total = result["total_us"]
     lines = [f"device time {total / 1000:.3f} ms in {len(result['ranks'])} trace(s), "
-             f"{len(result['steps'])} engine step(s); idle between kernels inside steps {result['idle_us'] / 1000:.3f} ms",
+             f"{len(result['steps'])} engine step(s); "
+             f"idle between kernels inside steps {result['idle_us'] / 1000:.3f} ms",
              "", f"{'category':18s} {'ms':>10s} {'share':>8s}"]
     for cat, row in sorted(result["categories"].items(), key=lambda kv: -kv[1]["us"]):
         if row["us"]:
             lines.append(f"{cat:18s} {row['us'] / 1000:10.3f} {_pct(row['share']):>8s}")
     if result["idle_us"]:
-        lines.append(f"{'(idle)':18s} {result['idle_us'] / 1000:10.3f} {_pct(result['idle_us'] / (total + result['idle_us'])):>8s}"
+        idle_share = result["idle_us"] / (total + result["idle_us"])
+        lines.append(f"{'(idle)':18s} {result['idle_us'] / 1000:10.3f} {_pct(idle_share):>8s}"
                      "  of busy + idle")
     if len(result["ranks"]) > 1:
-        lines += ["", "per rank:"] + [f"  {r['rank']:24s} {r['total_us'] / 1000:10.3f} ms  idle {r['idle_us'] / 1000:.3f} ms"
-                                       for r in result["ranks"]]
+        lines += ["", "per rank:"] + [
+            f"  {r['rank']:24s} {r['total_us'] / 1000:10.3f} ms  idle {r['idle_us'] / 1000:.3f} ms"
+            for r in result["ranks"]]
     if result["phases"]:
         lines += ["", "per phase (ms):"]
         for phase, cats in result["phases"].items():
@@ -34,7 +37,8 @@ def render_table(result: dict, top: int = 15) -> str:
     if result["expert_tokens"]:
         lines += ["", "expert time by tokens per call: " + ", ".join(
             f"{b}: {us / 1000:.3f} ms" for b, us in result["expert_tokens"].items())]
-    lines += ["", f"{'top kernels / ops':60s} {'category':16s} {'calls':>6s} {'total ms':>9s} {'mean us':>8s} {'share':>7s}"]
+    lines += ["", f"{'top kernels / ops':60s} {'category':16s} {'calls':>6s} "
+                  f"{'total ms':>9s} {'mean us':>8s} {'share':>7s}"]
     for row in result["top"][:top]:
         name = row["name"] if len(row["name"]) <= 60 else row["name"][:57] + "..."
         lines.append(f"{name:60s} {row['category']:16s} {row['count']:6d} {row['total_us'] / 1000:9.3f} "

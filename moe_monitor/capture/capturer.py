@@ -6,7 +6,11 @@ is complete (a full gzip stream ending a JSON object), POST /stop_profile when t
 itself within `run_s`, analyse the files (kernel breakdown), and store them with metadata. A capture's files
 are those named with its prefix or new since it started: vLLM before 0.32 ignores the request body (no
 prefix, no max_iterations; set max_iterations in its --profiler-config), and `run_s` bounds such a profile.
-Every outcome is counted and logged; nothing here can stop the sidecar.
+
+Everything that waits on vLLM ends by one deadline, `timeout_s` after the start: each HTTP call gets at most
+the time left. Every capture ends with exactly one outcome (OUTCOMES), counted and logged once with its id,
+whatever fails; what is left of its own files in the profile directory is removed. Nothing here can stop
+the sidecar.
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ import aiohttp
 from moe_monitor.breakdown.analyze import analyze
 from moe_monitor.breakdown.latest import rank_trace
 from moe_monitor.breakdown.trace import TraceError, read_trace
+from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES
 
 from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
 from .telemetry import capture_span
 
 log = logging.getLogger(__name__)
+
+# moe_captures_total's outcome label, one per capture (docs/captures.md says what each means).
+OUTCOMES = tuple(CAPTURE_OUTCOMES)  # their meanings: moe_monitor/sidecar/vocabulary.py
 
 
 class ProfilerDisabled(Exception):
@@ -42,7 +50,7 @@ class ProfilerError(Exception):
 
 
 class ProfilerBusy(ProfilerError):
-    """409: vLLM still holds a profiling session (it stays active after max_iterations until /stop_profile)."""
+    """409: vLLM holds a profiling session (it stays active after max_iterations until /stop_profile)."""
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,16 @@ class CaptureConfig:
     profile_dir: str  # vLLM's torch_profiler_dir, readable by the sidecar
     api_key: str | None = None
     iterations: int = 5  # engine steps per capture (max_iterations)
-    timeout_s: float = 120.0  # from start to all rank files complete
+    timeout_s: float = 120.0  # the whole capture: everything that waits on vLLM ends by start + timeout_s
     run_s: float = 10.0  # a profile still running after this is stopped (/stop_profile)
-    stop_grace_s: float = 30.0  # after /stop_profile
+    stop_grace_s: float = 30.0  # kept for vLLM to write the traces after /stop_profile (at most timeout_s / 2)
     http_timeout_s: float = 30.0  # the API server answers slowly exactly when steps regress (CPU contention)
 
 
-async def _post(cfg: CaptureConfig, path: str, body: dict | None) -> None:
+async def _post(cfg: CaptureConfig, path: str, body: dict | None, timeout_s: float) -> None:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    timeout = aiohttp.ClientTimeout(total=cfg.http_timeout_s)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.post(cfg.vllm_url.rstrip("/") + path, json=body, headers=headers) as resp:
                 if resp.status == 404:
                     raise ProfilerDisabled(f"{path} answered 404: vLLM was started without --profiler-config")
@@ -69,12 +76,16 @@ async def _post(cfg: CaptureConfig, path: str, body: dict | None) -> None:
                     raise ProfilerBusy(f"{path} answered 409: a profiling session is already active")
                 if resp.status != 200:
                     raise ProfilerError(f"{path} answered {resp.status}: {(await resp.text())[:200]}")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise ProfilerError(f"{path}: {type(e).__name__}: {e}") from None
 
 
-def post(cfg: CaptureConfig, path: str, body: dict | None = None) -> None:
-    asyncio.run(_post(cfg, path, body))
+def post(cfg: CaptureConfig, path: str, body: dict | None = None, deadline: float | None = None) -> None:
+    """POST to vLLM within `http_timeout_s` and before `deadline` (time.monotonic())."""
+    timeout_s = cfg.http_timeout_s if deadline is None else min(cfg.http_timeout_s, deadline - time.monotonic())
+    if timeout_s <= 0:
+        raise ProfilerError(f"{path}: not sent, the capture's time (timeout {cfg.timeout_s:g} s) is up")
+    asyncio.run(_post(cfg, path, body, timeout_s))
 
 
 def trace_complete(path: str) -> bool:
@@ -100,6 +111,22 @@ def rank_files(profile_dir: str, prefix: str, before: frozenset[str] = frozenset
                   if rank_trace(n) and (n.startswith(prefix) or n not in before))
 
 
+def remove_regular_files(paths: list[str], capture_id: str) -> None:
+    """Unlink the regular files among `paths` (a symlink is left where it is: unlink never follows one)."""
+    removed = 0
+    for p in paths:
+        if is_regular_file(p):
+            try:
+                os.unlink(p)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("capture %s: cannot remove %s from the profile dir: %s", capture_id, p, e)
+    if removed:
+        log.info("capture %s: removed %d of its trace files from the profile dir", capture_id, removed)
+
+
 class Capturer:
     def __init__(self, cfg: CaptureConfig, catalog: Catalog, expected_ranks=lambda: 1, clock=time.time):
         self.cfg, self.catalog, self.expected_ranks, self._clock = cfg, catalog, expected_ranks, clock
@@ -109,6 +136,8 @@ class Capturer:
         self.last_end: float | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        if catalog.swept:  # stores killed half-way: the rest of their files are still in the profile dir
+            self._remove_files_of(catalog.swept)
 
     @property
     def busy(self) -> bool:
@@ -131,59 +160,104 @@ class Capturer:
             self._thread.join(timeout)
 
     def run(self, capture_id: str, reason: str, evidence: dict, context: dict) -> str:
-        start = self._clock()
-        with capture_span(capture_id, reason, evidence) as span:
-            outcome, meta = self._capture(capture_id, reason, evidence, context, start)
-            span.set_attribute("moe_monitor.outcome", outcome)
-            if meta:
-                span.set_attribute("moe_monitor.files", len(meta["files"]))
-                span.set_attribute("moe_monitor.bytes", meta["total_bytes"])
+        """One capture, start to stored. Ends with exactly one outcome, whatever fails on the way."""
+        start, deadline = self._clock(), time.monotonic() + self.cfg.timeout_s
+        try:
+            with capture_span(capture_id, reason, evidence) as span:
+                outcome, meta = self._capture(capture_id, reason, evidence, context, start, deadline)
+                span.set_attribute("moe_monitor.outcome", outcome)
+                if meta:
+                    span.set_attribute("moe_monitor.files", len(meta["files"]))
+                    span.set_attribute("moe_monitor.bytes", meta["total_bytes"])
+        except Exception:  # a bug, or a failure nobody foresaw: counted and logged, never a silent dead thread
+            log.exception("capture %s (%s) failed", capture_id, reason)
+            outcome = "error"
         self.outcomes[(reason, outcome)] += 1
         self.last_duration_s, self.last_end = self._clock() - start, self._clock()
         log.info("capture %s (%s): %s in %.1fs", capture_id, reason, outcome, self.last_duration_s)
         return outcome
 
-    def _capture(self, capture_id, reason, evidence, context, start) -> tuple[str, dict | None]:
-        cfg, prefix = self.cfg, f"{capture_id}_"
-        start_body = {"profile_prefix": prefix, "max_iterations": cfg.iterations}
-        before = frozenset(os.path.basename(p) for p in rank_files(cfg.profile_dir, ""))  # every one there now
+    def _names(self) -> frozenset[str]:
+        return frozenset(os.path.basename(p) for p in rank_files(self.cfg.profile_dir, ""))
+
+    def _remove_files_of(self, capture_ids: list[str]) -> None:
+        """The files named with these captures' prefixes (those vLLM < 0.32 wrote unnamed cannot be told)."""
+        try:
+            names = self._names()
+            for capture_id in capture_ids:
+                remove_regular_files(rank_files(self.cfg.profile_dir, f"{capture_id}_", names), capture_id)
+        except OSError as e:
+            log.warning("cannot clean the profile dir of unfinished captures %s: %s", capture_ids, e)
+
+    def _capture(self, capture_id, reason, evidence, context, start, deadline) -> tuple[str, dict | None]:
+        prefix, before = f"{capture_id}_", self._names()  # every rank file there now is not this capture's
+        refused = self._start(capture_id, prefix, deadline)
+        if refused:
+            return refused, None
+        try:
+            files, stopped = self._collect(capture_id, prefix, before, deadline)
+            if not files:
+                return "no_trace", None
+            return self._store(capture_id, files, reason, evidence, context, start, stopped)
+        finally:  # stored, refused or failed: what is left of this capture's own files goes
+            remove_regular_files(rank_files(self.cfg.profile_dir, prefix, before), capture_id)
+
+    def _start(self, capture_id: str, prefix: str, deadline: float) -> str | None:
+        """POST /start_profile; None once the profile runs, else the capture's outcome."""
+        body = {"profile_prefix": prefix, "max_iterations": self.cfg.iterations}
         try:
             try:
-                post(cfg, "/start_profile", start_body)
+                post(self.cfg, "/start_profile", body, deadline)
             except ProfilerBusy:  # a session left open (by vLLM after max_iterations, or by someone else)
                 log.warning("capture %s: vLLM holds a profiling session; stopping it and retrying", capture_id)
-                post(cfg, "/stop_profile")
-                post(cfg, "/start_profile", start_body)
-            self.profiler_enabled = True
+                post(self.cfg, "/stop_profile", None, deadline)
+                post(self.cfg, "/start_profile", body, deadline)
         except ProfilerDisabled as e:
             self.profiler_enabled = False
-            log.error("cannot capture: %s; monitoring continues", e)
-            return "profiler_disabled", None
+            log.error("capture %s: cannot capture: %s; monitoring continues", capture_id, e)
+            return "profiler_disabled"
+        except ProfilerBusy as e:
+            self.profiler_enabled = True
+            log.error("capture %s: vLLM is profiling already and did not let go after /stop_profile: %s",
+                      capture_id, e)
+            return "vllm_busy"
         except ProfilerError as e:
-            log.error("cannot start a capture: %s", e)
-            return "start_failed", None
-        files = self._wait_for(prefix, before, start + min(cfg.run_s, cfg.timeout_s))
-        stopped = False
-        if len(files) < self.expected_ranks():
-            try:  # the profile did not end by itself (idle engine, or a vLLM that ignores max_iterations)
-                post(cfg, "/stop_profile")
-                stopped = True
-            except (ProfilerDisabled, ProfilerError) as e:
-                log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
-            files = self._wait_for(prefix, before, max(start + cfg.timeout_s, self._clock() + cfg.stop_grace_s))
-        if not stopped:  # vLLM keeps a max_iterations session open until /stop_profile: close it
-            try:
-                post(cfg, "/stop_profile")
-            except (ProfilerDisabled, ProfilerError) as e:
-                log.warning("capture %s: closing the profiling session failed: %s", capture_id, e)
-        if not files:
-            return "no_trace", None
-        outcome = "ok" if len(files) >= self.expected_ranks() else "partial"
-        breakdown = None
+            log.error("capture %s: cannot start: %s", capture_id, e)
+            return "start_failed"
+        self.profiler_enabled = True
+        return None
+
+    def _collect(self, capture_id, prefix, before, deadline) -> tuple[list[str], bool]:
+        """This capture's complete rank files by the deadline, and whether the sidecar stopped the profile.
+        The profiling session is closed on every path (vLLM keeps a max_iterations session open until
+        /stop_profile)."""
+        cfg, session_open, stopped = self.cfg, True, False
+        began = deadline - cfg.timeout_s
+        # stop a profile still running after run_s, early enough to leave vLLM time to write the traces
+        run_until = min(began + cfg.run_s, deadline - min(cfg.stop_grace_s, cfg.timeout_s / 2))
         try:
-            breakdown = analyze([read_trace(p) for p in files])
-        except (TraceError, ValueError) as e:
-            log.warning("capture %s: breakdown failed: %s", capture_id, e)
+            files = self._wait_for(prefix, before, run_until)
+            if len(files) < self.expected_ranks():  # not ended by itself (idle engine, or vLLM < 0.32)
+                session_open, stopped = False, self._stop(capture_id, deadline)
+                files = self._wait_for(prefix, before, deadline)
+            return files, stopped
+        finally:
+            if session_open:
+                self._stop(capture_id, deadline)
+
+    def _stop(self, capture_id: str, deadline: float) -> bool:
+        try:
+            post(self.cfg, "/stop_profile", None, deadline)
+            return True
+        except (ProfilerDisabled, ProfilerError) as e:
+            log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
+            return False
+
+    def _store(self, capture_id, files, reason, evidence, context, start, stopped) -> tuple[str, dict | None]:
+        outcome = "ok" if len(files) >= self.expected_ranks() else "partial"
+        breakdown = self._analyse(capture_id, files)
+        if breakdown is None:
+            outcome = "analysis_failed"
         metadata = {"created": start, "reason": reason, "evidence": evidence, "outcome": outcome,
                     "stopped_by_sidecar": stopped, "duration_s": self._clock() - start, **context,
                     "breakdown": {c: round(v["share"], 6) for c, v in breakdown["categories"].items()}
@@ -193,15 +267,30 @@ class Capturer:
             return outcome, self.catalog.store(capture_id, files, metadata, extra)
         except QuotaError as e:
             log.error("capture %s refused: %s", capture_id, e)
-            for p in files:
-                os.unlink(p)
             return "over_quota", None
+        except (OSError, TypeError, ValueError) as e:  # ENOSPC, EIO, ...; metadata that cannot be written
+            log.error("capture %s: storing it failed, its traces are dropped: %s", capture_id, e,
+                      exc_info=not isinstance(e, OSError))
+            return "store_failed", None
 
-    def _wait_for(self, prefix: str, before: frozenset[str], deadline: float) -> list[str]:
-        """Rank files of this capture that are complete, waiting until all expected ones are or the deadline."""
+    def _analyse(self, capture_id: str, files: list[str]) -> dict | None:
+        """The kernel breakdown, or None when the traces cannot be analysed (they are stored all the same)."""
+        try:
+            return analyze([read_trace(p) for p in files])
+        except (TraceError, ValueError) as e:  # a corrupt or unusable trace
+            log.warning("capture %s: cannot analyse its trace, stored without a breakdown: %s", capture_id, e)
+        except Exception:
+            log.exception("capture %s: the analysis failed (a bug: the trace is stored, please report it with "
+                          "the trace); stored without a breakdown", capture_id)
+        return None
+
+    def _wait_for(self, prefix: str, before: frozenset[str], until: float) -> list[str]:
+        """Rank files of this capture that are complete, waiting until all expected ones are or `until`
+        (time.monotonic())."""
         while True:
             done = [p for p in rank_files(self.cfg.profile_dir, prefix, before)
                     if is_regular_file(p) and trace_complete(p)]
-            if len(done) >= self.expected_ranks() or self._clock() >= deadline:
+            left = until - time.monotonic()
+            if len(done) >= self.expected_ranks() or left <= 0:
                 return done
-            time.sleep(0.5)
+            time.sleep(min(0.5, left))

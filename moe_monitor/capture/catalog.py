@@ -6,6 +6,10 @@ nothing outside the store can be named through the API. Only regular files are s
 in the profile directory could otherwise expose any file the sidecar can read), and a capture is known by
 its directory name: the `id` written in its metadata must match it, or the capture is ignored (retention
 deletes directories of the store, never a path that metadata names).
+
+A capture is stored atomically: its files and metadata go into `.tmp-<id>`, renamed to `<id>` once complete,
+and removed on any failure. A temporary or partial directory left by a kill (or by an older version) is
+removed when the catalog opens and before every store (`sweep`), so nothing unlisted holds disk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 METADATA = "metadata.json"
+TMP = ".tmp-"  # a capture being stored: .tmp-<id>
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +59,30 @@ class Catalog:
     def __init__(self, root: str, retention: Retention = Retention()):
         self.root, self.retention = root, retention
         os.makedirs(root, exist_ok=True)
+        self.swept: list[str] = []  # ids of leftover directories removed (stores that did not finish)
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove the catalog's own directories that hold no capture: `.tmp-<id>` (a store killed half-way)
+        and `<id>` without metadata.json (a store by an older version that failed half-way). Real directories
+        with those names only: links, files, any other name, and a capture with damaged metadata (ignored by
+        list(), kept for inspection) are left alone. Returns the ids removed."""
+        removed = []
+        for name in sorted(os.listdir(self.root)):
+            capture_id, path = name.removeprefix(TMP), os.path.join(self.root, name)
+            if not ID_RE.match(capture_id) or (capture_id == name and os.path.lexists(os.path.join(path, METADATA))):
+                continue
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    continue
+                shutil.rmtree(path)
+            except OSError as e:
+                log.warning("catalog: cannot remove %s, left by a store that did not finish: %s", name, e)
+                continue
+            log.warning("catalog: removed %s, left by a store that did not finish", name)
+            removed.append(capture_id)
+        self.swept += removed
+        return removed
 
     def _dir(self, capture_id: str) -> str | None:
         if not isinstance(capture_id, str) or not ID_RE.match(capture_id):
@@ -95,9 +124,13 @@ class Catalog:
     def used_bytes(self) -> int:
         return sum(m.get("total_bytes", 0) for m in self.list())
 
-    def store(self, capture_id: str, files: list[str], metadata: dict, extra: dict[str, bytes] = {}) -> dict:
-        """Move `files` into the store with their metadata. Evicts the oldest captures to make room; raises
-        QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota."""
+    def store(self, capture_id: str, files: list[str], metadata: dict,
+              extra: dict[str, bytes] | None = None) -> dict:
+        """Move `files` into the store with their metadata, all or nothing. Evicts the oldest captures to make
+        room; raises QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota, and
+        OSError (ENOSPC, ...) or TypeError (metadata that is not JSON) with nothing of it left in the store:
+        the files it moved are gone with it, the others are still where they were."""
+        extra = extra or {}
         if not ID_RE.match(capture_id):
             raise ValueError(f"bad capture id {capture_id!r}")
         refused = [p for p in files if not is_regular_file(p)]
@@ -109,21 +142,24 @@ class Catalog:
         total = sum(sizes.values()) + sum(len(b) for b in extra.values())
         if total > self.retention.max_bytes:
             raise QuotaError(f"capture of {total} bytes exceeds the {self.retention.max_bytes}-byte quota")
-        self.enforce(time.time(), incoming_bytes=total)
-        target = os.path.join(self.root, capture_id)
-        os.makedirs(target)
-        for p in files:
-            shutil.move(p, os.path.join(target, os.path.basename(p)))
-        for name, data in extra.items():
-            with open(os.path.join(target, name), "wb") as f:
-                f.write(data)
         meta = dict(metadata, id=capture_id, total_bytes=total,
                     files=[{"name": n, "bytes": b} for n, b in sorted(sizes.items())]
                     + [{"name": n, "bytes": len(b)} for n, b in extra.items()])
-        tmp = os.path.join(target, METADATA + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(target, METADATA))
+        text = json.dumps(meta, indent=1)  # before anything moves
+        self.sweep()
+        self.enforce(time.time(), incoming_bytes=total)
+        tmp = os.path.join(self.root, TMP + capture_id)
+        os.mkdir(tmp)
+        try:
+            for p in files:
+                shutil.move(p, os.path.join(tmp, os.path.basename(p)))
+            for name, data in {**extra, METADATA: text.encode()}.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            os.rename(tmp, os.path.join(self.root, capture_id))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return meta
 
     def enforce(self, now: float, incoming_bytes: int = 0) -> list[str]:

@@ -51,8 +51,9 @@ def references(rules_doc: dict) -> dict[str, str]:
     for group in rules_doc["groups"]:
         for rule in group["rules"]:
             if "alert" in rule:
+                summary = rule.get("annotations", {}).get("summary", "").replace("|", chr(92) + "|")
                 alerts.append(f"| `{rule['alert']}` | {rule.get('labels', {}).get('severity', '')} | "
-                              f"{rule.get('for', '0s')} | {rule.get('annotations', {}).get('summary', '').replace('|', chr(92) + '|')} |")
+                              f"{rule.get('for', '0s')} | {summary} |")
     metrics = (note + "# Metrics reference\n\nEvery family `moe-monitor serve` exports (the meaning of each, with "
                "formulas: [../metrics.md](../metrics.md)).\n\n" + metrics_table()
                + "\n## Alerts\n\nThe shipped rules (runbooks: [../runbooks.md](../runbooks.md)).\n\n"

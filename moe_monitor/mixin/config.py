@@ -18,11 +18,13 @@ import re
 import tomllib
 from dataclasses import dataclass
 
+from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES as _OUTCOMES
+
 RUNBOOK_URL = "https://github.com/moe-monitor/moe-monitor/blob/main/docs/runbooks.md"
 
 # Outcomes of moe_captures_total (docs/captures.md). `ok` is success, `skipped_busy` a capture already
 # running (not a failure), `profiler_disabled` has an alert of its own (MoeProfilerDisabled).
-CAPTURE_OUTCOMES = ("ok", "partial", "no_trace", "profiler_disabled", "start_failed", "over_quota", "skipped_busy")
+CAPTURE_OUTCOMES = tuple(_OUTCOMES)
 
 _DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
@@ -70,7 +72,8 @@ class MixinConfig:
     segments_stale_for: str = "15m"
 
     # Captures: at least capture_failures captures ending in one of these outcomes within the window.
-    capture_failure_outcomes: tuple[str, ...] = ("partial", "no_trace", "start_failed", "over_quota")
+    capture_failure_outcomes: tuple[str, ...] = ("partial", "analysis_failed", "no_trace", "start_failed",
+                                                 "vllm_busy", "over_quota", "store_failed", "error")
     capture_failures: int = 1
     capture_failures_window: str = "1h"
 

@@ -160,7 +160,8 @@ def _step_time(cfg: MixinConfig) -> dict:
         f"MoE {{{{ $labels.phase }}}} steps {VALUE}x slower than their baseline on {INSTANCE}.",
         f"For {cfg.step_time_for}, the mean {{{{ $labels.phase }}}} step with at most "
         f"{{{{ $labels.tokens_le }}}} tokens took more than {_num(cfg.step_time_ratio)}x its baseline "
-        f"(the sidecar's --step-baseline-quantile of recent windows; now {VALUE}x). Same phase and batch size, so a batch-mix shift is not the cause. Compare "
+        f"(the sidecar's --step-baseline-quantile of recent windows; now {VALUE}x). "
+        f"Same phase and batch size, so a batch-mix shift is not the cause. Compare "
         f"moe_detector_current and moe_detector_baseline{{signal=\"step_time\"}}.")
 
 

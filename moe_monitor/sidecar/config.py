@@ -49,8 +49,8 @@ class SidecarConfig:
                                path="dir", group="captures")
     capture_iterations: int = setting(5, "--capture-iterations", "Engine steps per capture (max_iterations).",
                                       minimum=1, group="captures")
-    capture_timeout_s: float = setting(120.0, "--capture-timeout", "Seconds to wait for every rank's trace before "
-                                       "/stop_profile.", minimum=1, group="captures")
+    capture_timeout_s: float = setting(120.0, "--capture-timeout", "Seconds a whole capture may take (start, "
+                                       "profile, traces); every call to vLLM gets at most the time left.", minimum=1, group="captures")
     capture_run_s: float = setting(10.0, "--capture-max-seconds", "A profile that has not ended by itself after "
                                    "this many seconds is stopped with /stop_profile (vLLM before 0.32 ignores "
                                    "max_iterations in the request).", minimum=0.5, group="captures")

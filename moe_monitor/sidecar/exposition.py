@@ -58,7 +58,8 @@ class Family:
 
     def add_dense(self, prefixes: Sequence[str], values: np.ndarray) -> None:
         """prefixes[i] is a full 'name{labels} ' string (see DenseLabels); values the same length."""
-        self.lines.extend(map("".join, zip(prefixes, fmt_array(np.asarray(values).reshape(-1)), _newlines(len(prefixes)))))
+        self.lines.extend(map("".join, zip(prefixes, fmt_array(np.asarray(values).reshape(-1)),
+                                           _newlines(len(prefixes)))))
 
     @property
     def series(self) -> int:

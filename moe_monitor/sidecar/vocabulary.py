@@ -23,14 +23,19 @@ class Metric:
 
 DETECTOR_STATES = ("warmup", "armed", "cooldown", "budget_exhausted")
 CAPTURE_REASONS = ("step_time", "imbalance", "manual")
-CAPTURE_OUTCOMES = {
-    "ok": "every expected rank's trace stored and analysed",
-    "partial": "fewer rank traces than ranks reporting",
-    "no_trace": "the profile ran but no rank trace appeared before --capture-timeout",
+CAPTURE_OUTCOMES = {  # every capture ends with exactly one (docs/captures.md has what is kept for each)
+    "ok": "every rank's trace stored and analysed",
+    "partial": "fewer rank traces than ranks by the deadline; the rest stored and analysed",
+    "analysis_failed": "the traces could not be analysed (corrupt, or a bug: traceback in the log); stored "
+                       "without a breakdown",
+    "no_trace": "no complete rank trace by the deadline (--capture-timeout)",
     "profiler_disabled": "vLLM answered /start_profile with 404 (started without --profiler-config)",
-    "start_failed": "/start_profile failed (connection refused, 5xx, timeout)",
-    "over_quota": "the traces are larger than --max-capture-bytes",
-    "skipped_busy": "a capture was requested while this sidecar's previous one was still running",
+    "start_failed": "/start_profile failed: vLLM down, an error status, or no answer in the time left",
+    "vllm_busy": "vLLM answered 409 again after the sidecar stopped its profile once: someone else is profiling",
+    "over_quota": "the capture alone is larger than --max-capture-bytes",
+    "store_failed": "storing failed (ENOSPC, an I/O error); nothing of it is left in the catalog",
+    "error": "an unexpected exception in the capture (a bug: traceback in the log)",
+    "skipped_busy": "not started: this sidecar's previous capture was still running",
 }
 SEGMENT_READ_ERRORS = {
     "io": "cannot open or read the file, or it is not a regular file",
@@ -202,7 +207,8 @@ def reference_markdown() -> str:
         labels = ", ".join(f"`{x}`" for x in m.labels) or "—"
         out.append(f"| `{m.name}` | {m.type} | {labels} | {m.tier.upper()} | {m.collector} | "
                    f"{m.help.replace('|', chr(92) + '|')} |")
-    out += ["", "Plus prometheus_client's process collector about the sidecar itself: `moe_monitor_process_cpu_seconds_total`, "
+    out += ["", "Plus prometheus_client's process collector about the sidecar itself: "
+            "`moe_monitor_process_cpu_seconds_total`, "
             "`moe_monitor_process_resident_memory_bytes`, `moe_monitor_process_open_fds`, … (Linux).", ""]
     out += ["Capture outcomes (`moe_captures_total{outcome}`, `moe-monitor traces list`):", "",
             "| outcome | meaning |", "|---|---|"]

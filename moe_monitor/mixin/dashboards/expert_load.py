@@ -103,7 +103,8 @@ def _balance_rows(cfg) -> Row:
     worst = " Worst instance when several are selected."
     return Row("Balance statistics per layer (T0)", [
         ts("Imbalance (max/mean)", "max(c)/mean per layer in the last window. Dashed: "
-           "MoeExpertImbalanceSustained's threshold." + worst, RATIO, per_layer("moe_layer_imbalance_ratio"), w=8, threshold=thr, min_=1, fill=0),
+           "MoeExpertImbalanceSustained's threshold." + worst, RATIO, per_layer("moe_layer_imbalance_ratio"), w=8,
+           threshold=thr, min_=1, fill=0),
         ts("Top-1 share", "The busiest expert's share of the layer's assignments. Dashed: MoeHotExpert's "
            "threshold." + worst, SHARE, per_layer("moe_layer_top1_share"), w=8, min_=0, fill=0,
            threshold=opt(cfg, "hot_expert_share")),

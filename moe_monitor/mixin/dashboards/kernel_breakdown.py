@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as db
 
-from moe_monitor.sidecar.vocabulary import DETECTOR_STATES
+from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES, DETECTOR_STATES
 
 from ..panels import (
     AGO_MS,
@@ -128,8 +128,7 @@ def _captures(cfg) -> Row:
                         ("ranks", [prop("unit", COUNT)]),
                     ]),
         ts("Captures by reason and outcome", "Profiler captures per interval by reason (step_time, imbalance, "
-           "manual) and outcome (ok, partial, no_trace, profiler_disabled, start_failed, over_quota, "
-           "skipped_busy).", COUNT,
+           "manual) and outcome (" + ", ".join(CAPTURE_OUTCOMES) + ").", COUNT,
            [query(captures_in("$__rate_interval", "reason, outcome"), "{{reason}} → {{outcome}}")],
            bars=True, stack=True, min_=0),
         bar_gauge("Capture count by reason and outcome", "Captures by reason and outcome over the dashboard's time "
@@ -176,8 +175,8 @@ def _detector(cfg) -> Row:
                        mappings=value_map({str(i): (s, c) for i, (s, c) in
                                            enumerate(zip(DETECTOR_STATES, colors), start=1)})),
         ts("Step time: baseline vs current", "Per (phase, tokens-per-step bucket): the --step-baseline-quantile "
-           "(p90) of recent windows' mean step time (baseline) and the last window's (current). A regression is current > baseline × "
-           "(1 + --step-margin) for --consecutive-windows windows.", SECONDS, [
+           "(p90) of recent windows' mean step time (baseline) and the last window's (current). "
+           "A regression is current > baseline × (1 + --step-margin) for --consecutive-windows windows.", SECONDS, [
                query(f"max by (phase, tokens_le) ({sel('moe_detector_baseline', STEP_TIME)})",
                      f"baseline {key}"),
                query(f"max by (phase, tokens_le) ({sel('moe_detector_current', STEP_TIME)})",
