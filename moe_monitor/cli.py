@@ -152,8 +152,9 @@ def traces_list(ctx) -> None:
         click.echo("no captures")
     for c in captures:
         when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(c["created"]))
-        signal = c["evidence"].get("signal", c["evidence"].get("note", ""))
-        click.echo(f"{c['id']}  {when}  {c['reason']:10s} {c['outcome']:8s} {len(c['files'])} files "
+        evidence = c.get("evidence") or {}
+        signal = evidence.get("signal", evidence.get("note", ""))
+        click.echo(f"{c['id']}  {when}  {c.get('reason', '?'):10s} {c.get('outcome', '?'):8s} {len(c['files'])} files "
                    f"{c['total_bytes'] / 1e6:.1f} MB  {signal}")
 
 

@@ -226,3 +226,52 @@ def test_a_failing_collector_drops_only_its_families():
     assert not samples(m, "moe_step_tokens_total")
     assert samples(m, "moe_monitor_segment_up") and samples(m, "moe_model_info")
     assert len(calls) == 2
+
+
+def test_damaged_capture_metadata_and_a_deleted_catalog_never_freeze_the_sidecar(tmp_path):
+    """Defect 8: metadata that is a list, has no files, a string `created` or `total_bytes`, and a catalog
+    directory deleted under the sidecar froze the metrics or answered 500 on /api/captures. Now the damaged
+    captures are left out (and counted), the good one is listed, and a deleted catalog lists nothing."""
+    import json
+    import urllib.request
+
+    segments = tmp_path / "seg"
+    segments.mkdir()
+    shutil.copy(SEGMENT, segments)
+    store = Catalog(str(tmp_path / "store"))
+    trace = tmp_path / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
+    shutil.copy(TRACE, trace)
+    good = "20261123T120000Z-manual-aaaaaa"
+    store.store(good, [str(trace)], {"created": time.time(), "reason": "manual", "outcome": "ok", "evidence": {}})
+    damaged = {"20261123T120001Z-manual-bbbbbb": [1, 2],
+               "20261123T120002Z-manual-cccccc": {"created": 1.0, "total_bytes": 3},
+               "20261123T120003Z-manual-dddddd": {"created": "yesterday", "total_bytes": 3, "files": []},
+               "20261123T120004Z-manual-eeeeee": {"created": 1.0, "total_bytes": "3", "files": []}}
+    for capture_id, meta in damaged.items():
+        os.makedirs(os.path.join(store.root, capture_id))
+        if isinstance(meta, dict):
+            meta = {**meta, "id": capture_id}
+        with open(os.path.join(store.root, capture_id, "metadata.json"), "w") as f:
+            json.dump(meta, f)
+    (tmp_path / "profiles").mkdir()
+    sidecar = serve(tmp_path, segments, ["--profile-dir", str(tmp_path / "profiles"), "--capture-dir", store.root,
+                                         "--vllm-url", f"http://127.0.0.1:{free_port()}"])
+    try:
+        m = scrape(sidecar.url + "/metrics")
+        assert samples(m, "moe_capture_catalog_captures") == {(): 1.0}
+        assert samples(m, "moe_capture_catalog_damaged") == {(): 4.0}
+        assert all(v == 1.0 for v in samples(m, "moe_monitor_collector_success").values()), \
+            samples(m, "moe_monitor_collector_success")
+        with urllib.request.urlopen(sidecar.url + "/api/captures", timeout=10) as r:
+            assert [c["id"] for c in json.load(r)["captures"]] == [good]
+        shutil.rmtree(store.root)  # the volume went away under the running sidecar
+        first = window_end(sidecar.url)
+        time.sleep(2.2)
+        m = scrape(sidecar.url + "/metrics")
+        assert window_end(sidecar.url) > first, "the window loop keeps running"
+        assert samples(m, "moe_capture_catalog_captures") == {(): 0.0}
+        with urllib.request.urlopen(sidecar.url + "/api/captures", timeout=10) as r:
+            assert r.status == 200 and json.load(r)["captures"] == []
+        assert sidecar.log_tail(400).count("unusable metadata") == 4, "logged once per capture"
+    finally:
+        sidecar.stop()

@@ -60,6 +60,8 @@ class Catalog:
         self.root, self.retention = root, retention
         os.makedirs(root, exist_ok=True)
         self.swept: list[str] = []  # ids of leftover directories removed (stores that did not finish)
+        self.damaged: set[str] = set()  # ids whose metadata.json is unusable (not listed, never deleted)
+        self._missing_logged = False
         self.sweep()
 
     def sweep(self) -> list[str]:
@@ -99,18 +101,33 @@ class Catalog:
                 meta = json.load(f)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if not isinstance(meta, dict) or meta.get("id") != capture_id:
-            log.warning("capture %s: metadata names another id (%r); ignored", capture_id,
-                        meta.get("id") if isinstance(meta, dict) else type(meta).__name__)
+        problem = metadata_problem(meta, capture_id)
+        if problem is not None:
+            if capture_id not in self.damaged:  # once per capture, not at every listing
+                log.warning("capture %s: unusable metadata (%s); not listed, kept for inspection", capture_id,
+                            problem)
+            self.damaged.add(capture_id)
             return None
+        self.damaged.discard(capture_id)
         return meta
 
     def list(self) -> list[dict]:
+        """Every capture with usable metadata, newest first; [] while the directory is missing (it is made
+        again by the next store)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            if not self._missing_logged:
+                log.warning("catalog: %s is missing; it is created again by the next capture", self.root)
+            self._missing_logged = True
+            return []
+        self._missing_logged = False
         out = []
-        for name in sorted(os.listdir(self.root), reverse=True):
+        for name in sorted(names, reverse=True):
             meta = self.get(name)
             if meta is not None:
                 out.append(meta)
+        self.damaged &= set(names)
         return out
 
     def file_path(self, capture_id: str, name: str) -> str | None:
@@ -146,6 +163,7 @@ class Catalog:
                     files=[{"name": n, "bytes": b} for n, b in sorted(sizes.items())]
                     + [{"name": n, "bytes": len(b)} for n, b in extra.items()])
         text = json.dumps(meta, indent=1)  # before anything moves
+        os.makedirs(self.root, exist_ok=True)  # deleted while we ran: made again
         self.sweep()
         self.enforce(time.time(), incoming_bytes=total)
         tmp = os.path.join(self.root, TMP + capture_id)
@@ -179,3 +197,28 @@ class Catalog:
             used -= m.get("total_bytes", 0)
             removed.append(m["id"])
         return removed
+
+
+def metadata_problem(meta, capture_id: str) -> str | None:
+    """What makes a capture's metadata unusable by the API, the CLI and retention; None when it is whole."""
+    if not isinstance(meta, dict):
+        return f"a {type(meta).__name__}, not an object"
+    if meta.get("id") != capture_id:
+        return f"names another id ({meta.get('id')!r})"
+    files = meta.get("files")
+    if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("name"), str) and _number(f.get("bytes", 0)) for f in files):
+        return "files is not a list of {name, bytes}"
+    for key in ("created", "total_bytes"):
+        if not _number(meta.get(key)):
+            return f"{key} is not a number"
+    for key in ("reason", "outcome"):
+        if not isinstance(meta.get(key, ""), str):
+            return f"{key} is not a string"
+    if not isinstance(meta.get("evidence", {}), dict):
+        return "evidence is not an object"
+    return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

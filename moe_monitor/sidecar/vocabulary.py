@@ -153,6 +153,8 @@ METRICS: tuple[Metric, ...] = (
     _M("moe_capture_catalog_captures", "gauge", (), "t0", "captures", "Captures in the trace catalog."),
     _M("moe_capture_catalog_bytes", "gauge", (), "t0", "captures",
        "Bytes in the trace catalog (never above --max-capture-bytes)."),
+    _M("moe_capture_catalog_damaged", "gauge", (), "t0", "captures",
+       "Capture directories whose metadata.json is unusable: not listed, not served, kept for inspection."),
     # -- health of the segments and the sidecar
     _M("moe_monitor_segment_up", "gauge", ("segment",), "t0", "health",
        "1 when the rank's segment was read and is fresh."),

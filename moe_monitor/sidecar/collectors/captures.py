@@ -31,7 +31,9 @@ def collect(r: Reading) -> list[Family]:
     n.add(len(stored))
     b = family("moe_capture_catalog_bytes")
     b.add(sum(x.get("total_bytes", 0) for x in stored))
-    return out + [n, b]
+    damaged = family("moe_capture_catalog_damaged")
+    damaged.add(len(r.catalog.damaged))
+    return out + [n, b, damaged]
 
 
 COLLECTOR = Collector("captures", "t0", collect, enabled=lambda config: config.captures_enabled)
