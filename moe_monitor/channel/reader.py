@@ -38,7 +38,8 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
             if e.kind != "torn":
                 raise
             last = e
-            time.sleep(backoff_s * (attempt + 1))
+            if attempt + 1 < attempts:  # no pause after the last try
+                time.sleep(backoff_s * (attempt + 1))
     assert last is not None
     raise last
 

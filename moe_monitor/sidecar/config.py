@@ -17,6 +17,15 @@ class SidecarConfig:
     segment_dir: str = setting("/dev/shm/moe-monitor", "--segment-dir", "Directory the vLLM plugin writes per-rank "
                                "segments into (shared with the vLLM pod).", path="dir")
     listen: str = setting("0.0.0.0:9464", "--listen", "HOST:PORT for /metrics and the captures API.")
+    http_idle_timeout_s: float = setting(15.0, "--http-idle-timeout", "Seconds a kept-alive connection may stay "
+                                         "without a new request after a response (Prometheus retries a scrape on "
+                                         "a connection closed while idle).", minimum=0.1, group="http")
+    http_header_timeout_s: float = setting(10.0, "--http-header-timeout", "Seconds a new connection has to send "
+                                           "its first request's headers (slow clients are closed).", minimum=0.1,
+                                           group="http")
+    http_max_connections: int = setting(256, "--http-max-connections", "Open connections at most (fewer under a "
+                                        "low `ulimit -n`; logged at start); at the cap the oldest idle one is "
+                                        "closed to admit a new one.", minimum=1, group="http")
     window_s: float = setting(5.0, "--window", "Window length in seconds; the exposition is rebuilt once per "
                               "window, at wall-clock multiples of it.", minimum=0.1)
     stale_after_s: float = setting(30.0, "--stale-after", "Seconds without a snapshot before a rank counts as "
@@ -50,7 +59,8 @@ class SidecarConfig:
     capture_iterations: int = setting(5, "--capture-iterations", "Engine steps per capture (max_iterations).",
                                       minimum=1, group="captures")
     capture_timeout_s: float = setting(120.0, "--capture-timeout", "Seconds a whole capture may take (start, "
-                                       "profile, traces); every call to vLLM gets at most the time left.", minimum=1, group="captures")
+                                       "profile, traces); every call to vLLM gets at most the time left.",
+                                       minimum=1, group="captures")
     capture_run_s: float = setting(10.0, "--capture-max-seconds", "A profile that has not ended by itself after "
                                    "this many seconds is stopped with /stop_profile (vLLM before 0.32 ignores "
                                    "max_iterations in the request).", minimum=0.5, group="captures")

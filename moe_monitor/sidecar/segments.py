@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from moe_monitor.channel import SegmentError, Snapshot, list_segments, read_segm
 from .aggregate import Aggregator, Totals
 
 log = logging.getLogger(__name__)
+TORN_ROUNDS = 5  # reads of a file the writer keeps changing, per window
+TORN_PAUSE_S = 0.001  # pause before round r: r x this (10 ms in all, shared by every torn file)
 
 
 @dataclass
@@ -61,7 +64,7 @@ class SegmentSource:
         self._logged: set[tuple[str, str]] = set()
 
     def read(self, now: float) -> tuple[list[SegmentStatus], Totals]:
-        statuses = [s for s in map(self._read_one, list_segments(self.segment_dir)) if s is not None]
+        statuses = self._read_all(list_segments(self.segment_dir))
         for s in statuses:
             if s.snapshot is not None and (s.snapshot.header.shape.num_experts == 0 or len(s.snapshot.layer_ids) == 0):
                 s.ignored = "no_layers"
@@ -81,19 +84,40 @@ class SegmentSource:
             s.counted = counted.get(s.name, False)
         return statuses, self.aggregator.totals()
 
-    def _read_one(self, path: str) -> SegmentStatus | None:
-        name = label_of(path)
+    def _read_all(self, paths: list[str]) -> list[SegmentStatus]:
+        """One read per file, then the torn ones (a writer was publishing) again after one short pause, a few
+        rounds: the pauses are shared by all files, so a directory of thousands of bad files costs a bounded
+        wait per window (per-file back-off took 8 s for 500 files whose writer was stuck mid-publish)."""
         kwargs = {"max_payload": self.max_payload} if self.max_payload else {}
-        try:
-            snapshot = read_segment(path, **kwargs)
-        except FileNotFoundError:
-            return None  # removed between listing and reading
-        except SegmentError as e:
-            self.read_errors[e.kind] += 1
-            self._log_once(path, e.kind, "cannot read segment %s (%s): %s", path, e.kind, e)
-            return SegmentStatus(name, None, e.kind)
-        self._logged = {x for x in self._logged if x[0] != path}
-        return SegmentStatus(name, snapshot, None)
+        results: dict[str, Snapshot | SegmentError] = {}
+        pending = paths
+        for round_ in range(TORN_ROUNDS):
+            if round_:
+                time.sleep(TORN_PAUSE_S * round_)
+            retry = []
+            for path in pending:
+                try:
+                    results[path] = read_segment(path, attempts=1, **kwargs)
+                except FileNotFoundError:
+                    results.pop(path, None)  # removed between listing and reading
+                except SegmentError as e:
+                    results[path] = e
+                    if e.kind == "torn":
+                        retry.append(path)
+            if not retry:
+                break
+            pending = retry
+        return [self._status(path, results[path]) for path in paths if path in results]
+
+    def _status(self, path: str, result) -> SegmentStatus:
+        name = label_of(path)
+        if isinstance(result, SegmentError):
+            self.read_errors[result.kind] += 1
+            self._log_once(path, result.kind, "cannot read segment %s (%s): %s", path, result.kind, result)
+            return SegmentStatus(name, None, result.kind)
+        if self._logged:
+            self._logged = {x for x in self._logged if x[0] != path}
+        return SegmentStatus(name, result, None)
 
     def _log_once(self, key: str, kind: str, message: str, *args) -> None:
         """Once per file and kind, not every window."""

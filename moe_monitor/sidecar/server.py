@@ -1,5 +1,6 @@
 """HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz and a
-landing page.
+landing page, served behind limits (a connection cap, idle and header timeouts) that keep clients which hold
+connections from starving the scrapes (issue #14, defect 6).
 
 aiohttp rather than prometheus_client's built-in server because the sidecar grows more routes (the trace
 catalog streams files) and aiohttp gives routing, streaming and a production-grade server in one package.
@@ -7,9 +8,15 @@ catalog streams files) and aiohttp gives routing, streaming and a production-gra
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import resource
+import signal
+import socket
+import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -22,6 +29,23 @@ LANDING = """<html><head><title>moe-monitor</title></head><body>
 <h1>moe-monitor sidecar</h1><p>Segments: {segment_dir}; window {window}s</p>
 <ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
 <li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li></ul></body></html>"""
+
+# HTTP limits (issue #14, defect 6): misbehaving clients must not stop /metrics from answering. The three
+# tunable ones are settings too (--http-idle-timeout, --http-header-timeout, --http-max-connections).
+IDLE_TIMEOUT_S = 15.0  # keep-alive: no new request for this long after a response -> closed. Prometheus reuses a
+# connection between scrapes; closing it costs one TCP handshake, and Go's client retries a GET on a connection
+# the server closed while idle, so 15 s (aiohttp's own default is 75 s) loses no scrape.
+HEADER_TIMEOUT_S = 10.0  # a new connection must complete its first request's headers within this (slowloris);
+# a real scraper sends them in one packet. Later requests on a kept-alive connection get IDLE_TIMEOUT_S.
+MAX_CONNECTIONS = 256  # open connections; at the cap the oldest one waiting for a request is closed to admit the
+# new one, and when none waits the new one is closed at once. A few scrapers need a handful.
+BACKLOG = 128  # the kernel's queue of connections not yet accepted (aiohttp's default); it holds no descriptors
+FD_HEADROOM = 64  # descriptors left to segments, captures and logs: the cap and the accept burst (see
+# HttpLimits.sized_to_fd_limit) fit in RLIMIT_NOFILE minus this
+MIN_CONNECTIONS = 8  # neither goes below this, however low the descriptor limit
+SHUTDOWN_TIMEOUT_S = 10.0  # in-flight requests (a trace download) get this long after SIGTERM; aiohttp's 60 s
+# would outlast Kubernetes' default 30 s grace period and end in SIGKILL anyway
+LOG_EVERY_S = 60.0  # a repeated event-loop error or cap event is logged at most once per this (with a count)
 
 
 def build_app(exporter: Exporter) -> web.Application:
@@ -89,7 +113,8 @@ def build_app(exporter: Exporter) -> web.Application:
         path = catalog.file_path(request.match_info["id"], request.match_info["name"])
         if path is None:
             return web.json_response({"error": "no such capture file"}, status=404)
-        return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{request.match_info["name"]}"'})
+        disposition = f'attachment; filename="{request.match_info["name"]}"'
+        return web.FileResponse(path, headers={"Content-Disposition": disposition})
 
     async def trigger(request: web.Request) -> web.Response:
         denied = refused(request, "trigger a capture")
@@ -116,7 +141,146 @@ def build_app(exporter: Exporter) -> web.Application:
     return app
 
 
-def serve(exporter: Exporter) -> None:
+@dataclass(frozen=True)
+class HttpLimits:
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
+
+    @classmethod
+    def of(cls, cfg) -> HttpLimits:
+        return cls(cfg.http_idle_timeout_s, cfg.http_header_timeout_s, cfg.http_max_connections)
+
+    def sized_to_fd_limit(self) -> tuple[int, int]:
+        """(connection cap, accept burst) that fit the process's descriptor limit: a connection flood must run
+        into the cap, not into EMFILE (which fails every accept, segment read and capture alike). asyncio
+        accepts up to `burst` connections per wake-up before any of them reaches the cap, so both come out of
+        the budget, RLIMIT_NOFILE - FD_HEADROOM, a quarter of it at most to the burst."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections, BACKLOG
+        budget = soft - FD_HEADROOM
+        burst = max(MIN_CONNECTIONS, min(BACKLOG, budget // 4))
+        return max(MIN_CONNECTIONS, min(self.max_connections, budget - burst)), burst
+
+
+def _waiting_for_request(handler: web.RequestHandler) -> bool:
+    """The connection is idle or its request headers are incomplete: nothing is lost by closing it. This is the
+    test aiohttp itself applies before expiring a keep-alive connection (RequestHandler._process_keepalive); it
+    has no public accessor. Should a release rename the attribute, this answers False: we then close nothing
+    early and aiohttp's keepalive_timeout still applies."""
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap with none idle to make way: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # the descriptor is released now, not after a lingering close
+
+
+class _ConnectionGuard:
+    """The protocol factory handed to `loop.create_server`: aiohttp's own (runner.server), behind a connection cap
+    and a deadline for the first request's headers. aiohttp has no cap; its keepalive_timeout covers the time
+    after a response, and a connection that never sends a request only in its newest releases."""
+
+    def __init__(self, server: web.Server, cap: int, header_timeout_s: float) -> None:
+        self.server, self.cap, self.header_timeout_s = server, cap, header_timeout_s
+        self.evicted = self.refused = 0
+        self.reported = float("-inf")
+
+    def __call__(self) -> asyncio.Protocol:
+        live = [h for h in self.server.connections if h.transport is not None]  # oldest first
+        if len(live) >= self.cap:
+            idle = next((h for h in live if _waiting_for_request(h)), None)
+            if idle is None:
+                self.refused += 1
+                self.report()
+                return _Refused()
+            idle.force_close()
+            self.evicted += 1
+            self.report()
+        handler = self.server()
+        asyncio.get_running_loop().call_later(self.header_timeout_s, self.headers_due, handler)
+        return handler
+
+    @staticmethod
+    def headers_due(handler: web.RequestHandler) -> None:
+        if handler.transport is not None and getattr(handler, "_request_count", 1) == 0 and \
+                _waiting_for_request(handler):
+            log.debug("closing a connection that sent no complete request headers in time")
+            handler.force_close()
+
+    def report(self) -> None:
+        now = time.monotonic()
+        if now - self.reported >= LOG_EVERY_S:
+            log.warning("HTTP connection cap (%d) reached: %d idle connections closed to admit new ones, %d new "
+                        "ones refused (none idle) since the last such warning (at most one every %g s)", self.cap,
+                        self.evicted, self.refused, LOG_EVERY_S)
+            self.evicted = self.refused = 0
+            self.reported = now
+
+
+class _LoopErrorLog:
+    """The event loop's exception handler, logging each kind of error at most once per LOG_EVERY_S with a count of
+    the repeats. When accept() fails with EMFILE, CPython before gh-151615 reports it up to `backlog` times per
+    wake-up and reschedules as often: unthrottled that wrote hundreds of MB a minute and starved /metrics."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple, float] = {}
+        self.repeats: dict[tuple, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        key = (type(exc), str(exc)) if exc is not None else (None, context.get("message"))
+        now = time.monotonic()
+        if len(self.last) > 1000:  # errors whose text is unique each time must not grow these without bound
+            self.last = {k: t for k, t in self.last.items() if now - t < LOG_EVERY_S}
+            self.repeats = {k: n for k, n in self.repeats.items() if k in self.last}
+        if now - self.last.get(key, float("-inf")) < LOG_EVERY_S:
+            self.repeats[key] = self.repeats.get(key, 0) + 1
+            return
+        self.last[key] = now
+        repeats = self.repeats.pop(key, 0)
+        if repeats:
+            context = {**context, "message": f"{context.get('message')} (and {repeats} more like it since it was "
+                                             f"last logged; at most one every {LOG_EVERY_S:g} s)"}
+        loop.default_exception_handler(context)
+
+
+async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_LoopErrorLog())
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    cap, burst = limits.sized_to_fd_limit()
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        # asyncio takes `backlog` both for listen() and for the accepts per wake-up: the burst here, and the
+        # kernel's queue (no descriptors) set back to BACKLOG below, so that a burst of clients is not dropped.
+        listener = await loop.create_server(_ConnectionGuard(runner.server, cap, limits.header_timeout_s), host,
+                                            port, backlog=burst)
+        for s in listener.sockets:
+            with socket.fromfd(s.fileno(), s.family, s.type) as same_socket:
+                same_socket.listen(BACKLOG)
+        try:
+            log.info("HTTP limits: %d connections, %d accepts at a time (RLIMIT_NOFILE %d), first request's "
+                     "headers within %gs, idle connections closed after %gs", cap, burst,
+                     resource.getrlimit(resource.RLIMIT_NOFILE)[0], limits.header_timeout_s, limits.idle_timeout_s)
+            await stop.wait()
+        finally:
+            listener.close()
+    finally:
+        await runner.cleanup()
+
+
+def serve(exporter: Exporter, limits: HttpLimits | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. `limits` default to the config's. Raises OSError if the port cannot be
+    bound."""
     cfg = exporter.config
     exporter.safe_tick()  # the first exposition exists before the port opens (or the log says why not)
     exporter.start()
@@ -129,4 +293,4 @@ def serve(exporter: Exporter) -> None:
                         "listing captures and /metrics stay open")
     log.info("moe-monitor sidecar listening on http://%s:%d/metrics, reading %s, %gs windows", cfg.host, cfg.port,
              cfg.segment_dir, cfg.window_s)
-    web.run_app(build_app(exporter), host=cfg.host, port=cfg.port, print=None, access_log=None)
+    asyncio.run(_serve_http(build_app(exporter), cfg.host, cfg.port, limits or HttpLimits.of(cfg)))
