@@ -275,3 +275,30 @@ def test_damaged_capture_metadata_and_a_deleted_catalog_never_freeze_the_sidecar
         assert sidecar.log_tail(400).count("unusable metadata") == 4, "logged once per capture"
     finally:
         sidecar.stop()
+
+
+def test_many_torn_segments_cost_a_bounded_pause_per_window(tmp_path, monkeypatch):
+    """Defect 11 (part): every torn file (a writer stuck mid-publish) was retried with its own back-off, so
+    500 of them held the window loop for 8 s. The pauses are now shared: their total does not grow with the
+    number of files."""
+    from moe_monitor.channel import reader
+    from moe_monitor.channel.layout import SEQ_OFFSET
+    from moe_monitor.sidecar import segments as segments_mod
+    from moe_monitor.sidecar.segments import SegmentSource
+
+    data = bytearray(open(SEGMENT, "rb").read())
+    data[SEQ_OFFSET] |= 1  # odd sequence number: inside a publish, forever
+    paused = []
+    for module in (reader, segments_mod):
+        monkeypatch.setattr(module.time, "sleep", paused.append)
+    totals = {}
+    for n in (10, 400):
+        d = tmp_path / str(n)
+        d.mkdir()
+        for i in range(n):
+            (d / f"r{i:04d}.moeseg").write_bytes(bytes(data))
+        paused.clear()
+        statuses, _ = SegmentSource(str(d)).read(time.time())
+        assert [s.error for s in statuses] == ["torn"] * n
+        totals[n] = sum(paused)
+    assert totals[400] == totals[10] <= 0.02, totals
