@@ -8,6 +8,9 @@ from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 
+from moe_monitor.detect.detector import DetectorConfig
+from moe_monitor.sidecar.config import SidecarConfig
+
 from ..config import MixinConfig
 from ..panels import (
     SCOPE,
@@ -31,8 +34,8 @@ STEP_TIME = 'signal="step_time"'
 IMBALANCE = 'signal="worst_layer_imbalance_ratio"'
 # Settings that are not MixinConfig fields (a config object may also lack some of those: opt falls back).
 DEFAULTS = {
-    "detector_imbalance_threshold": 4.0,  # the sidecar's --imbalance-threshold default
-    "stale_after_s": 30.0,  # the sidecar's --stale-after default
+    "detector_imbalance_threshold": DetectorConfig().imbalance_abs,  # the sidecar's --imbalance-threshold default
+    "stale_after_s": SidecarConfig().stale_after_s,  # the sidecar's --stale-after default
     "trace_api_url": "http://{instance}",  # where a browser reaches a sidecar's trace API; {instance}: its label
     "refresh": "30s",
 }
