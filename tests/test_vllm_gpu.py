@@ -117,7 +117,10 @@ def stack(request, gpu_model, tmp_path_factory):
                                    ["--window", "1", "--expert-series", "all", "--min-window-assignments", "20",
                                     "--profile-dir", profiles, "--vllm-url", server.url, "--capture-dir",
                                     str(work / "captures"), "--capture-iterations", "400",
-                                    "--capture-timeout", "60", "--capture-max-seconds", "12",
+                                    # the profile must outlast the test's workload: a step that straddles
+                                    # /stop_profile (seconds of trace export) is real time for the plugin
+                                    # but missing from the trace (seen with cold Triton caches, 2026-11-30)
+                                    "--capture-timeout", "90", "--capture-max-seconds", "40",
                                     "--api-token", "gpu-token"])
     try:
         ready = server.wait_ready("/health", 600)
@@ -183,6 +186,16 @@ def _step_means(metrics: dict) -> dict[str, tuple[float, float]]:
     return {p: (s, n) for p, (s, n) in out.items()}
 
 
+def _step_buckets(metrics: dict) -> dict[str, dict[str, float]]:
+    """phase → {le: cumulative steps} summed over token buckets (where a slow step sits)."""
+    out: dict[str, dict[str, float]] = {}
+    for labels, v in samples(metrics, "moe_step_duration_seconds_bucket").items():
+        d = dict(labels)
+        row = out.setdefault(d["phase"], {})
+        row[d["le"]] = row.get(d["le"], 0.0) + v
+    return out
+
+
 def cli(*args: str) -> str:
     if args[0] == "traces":
         args = ("traces", "--token", "gpu-token", *args[1:])
@@ -198,15 +211,17 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
         pytest.skip("the capture path runs once per graph mode family")
 
     url = stack.sidecar.url
-    before = _step_means(scrape(url + "/metrics"))
+    first = scrape(url + "/metrics")
+    before, buckets_before = _step_means(first), _step_buckets(first)
     out = cli("traces", "--url", url, "trigger", "--reason", f"gpu test {stack.name}")
     time.sleep(1.5)  # the sidecar's capture thread has called /start_profile
     # a fixed workload inside the profile: every one of its steps is in the trace and in the plugin's histogram
     workload.run(stack.server.url, workload.prompts(16, seed=500, words_per_prompt=(20, 80)), max_tokens=48,
                  concurrency=16)
     time.sleep(2.5)  # one publish interval and one sidecar window
-    after = _step_means(scrape(url + "/metrics"))
-    deadline, listed = time.monotonic() + 60, ""
+    last = scrape(url + "/metrics")
+    after, buckets_after = _step_means(last), _step_buckets(last)
+    deadline, listed = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         listed = cli("traces", "--url", url, "list")
         if " ok " in listed:
@@ -229,7 +244,9 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
     counts = {p: sum(1 for s in trace_steps if s["phase"] == p) for p in phases}
     plugin_counts = {p: after[p][1] - before.get(p, (0, 0))[1] for p in after}
     record("step_time_vs_trace", scenario=stack.name, capture=capture_id, trace_steps=counts,
-           plugin_steps=plugin_counts, plugin_mean_s=ours, trace_mean_s=theirs, trace_forward_mean_s=forward,
+           plugin_steps=plugin_counts, plugin_mean_s=ours,
+           plugin_buckets={p: {le: n - buckets_before.get(p, {}).get(le, 0.0) for le, n in row.items()}
+                           for p, row in buckets_after.items()}, trace_mean_s=theirs, trace_forward_mean_s=forward,
            categories=shares, steps=[(s["phase"], s["tokens"], round(s["step_s"] * 1e6)) for s in trace_steps][:80])
     if os.environ.get("MOE_MONITOR_GPU_ARTIFACTS"):
         import shutil
