@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .analyze import analyze
+from .record import BreakdownRecord
 from .trace import TraceError, read_trace
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class LatestBreakdown:
     def __init__(self, directory: str, settle_s: float = 2.0, clock=time.time):
         self.directory, self.settle_s, self._clock = directory, settle_s, clock
         self.capture: Capture | None = None
-        self.result: dict | None = None
+        self.result: BreakdownRecord | None = None
         self.errors = 0
         self._busy = threading.Lock()
 
@@ -81,7 +82,7 @@ class LatestBreakdown:
 
     def _analyze(self, capture: Capture) -> None:
         try:
-            result = analyze([read_trace(p) for p in capture.files])
+            result = BreakdownRecord.from_json(analyze([read_trace(p) for p in capture.files]))
             self.capture, self.result = capture, result
             log.info("analysed capture %r (%d rank files)", capture.prefix, len(capture.files))
         except (TraceError, ValueError, OSError) as e:
@@ -98,7 +99,7 @@ class CatalogLatest:
     def __init__(self, catalog):
         self.catalog, self.errors = catalog, 0
         self.capture: Capture | None = None
-        self.result: dict | None = None
+        self.result: BreakdownRecord | None = None
 
     def poll(self, background: bool = True) -> None:
         for meta in self.catalog.list():
@@ -110,9 +111,7 @@ class CatalogLatest:
                 try:
                     with open(path, "rb") as f:
                         result = json.load(f)
-                    if not valid_breakdown(result):
-                        raise ValueError("not a breakdown (categories, ranks, idle_us, moe_blocks)")
-                    self.result = result
+                    self.result = BreakdownRecord.from_json(result)
                 except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
                     self.errors += 1
                     log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
@@ -127,14 +126,9 @@ class CatalogLatest:
 
 
 def valid_breakdown(result) -> bool:
-    """The shape capture_t0 reads (what breakdown.analyze writes)."""
+    """The shape the capture metrics read (what breakdown.analyze writes)."""
     try:
-        return (all(isinstance(row["us"], (int, float)) and isinstance(row["share"], (int, float))
-                    for row in result["categories"].values())
-                and isinstance(result["ranks"], list) and isinstance(result["idle_us"], (int, float))
-                and isinstance(result["moe_blocks"]["count"], int)
-                and (result["moe_blocks"]["count"] == 0
-                     or all(isinstance(result["moe_blocks"][k], (int, float))
-                            for k in ("preamble_us", "first_expert_us"))))
-    except (KeyError, TypeError, AttributeError):
+        BreakdownRecord.from_json(result)
+        return True
+    except ValueError:
         return False

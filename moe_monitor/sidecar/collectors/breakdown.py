@@ -17,22 +17,21 @@ def collect(r: Reading) -> list[Family]:
     if result is None or capture is None:
         return out
     info = family("moe_capture_info")
-    info.add(1, [("capture", capture.prefix.rstrip("_") or "unnamed"), ("ranks", len(result["ranks"]))])
+    info.add(1, [("capture", capture.prefix.rstrip("_") or "unnamed"), ("ranks", result.ranks)])
     end = family("moe_capture_end_timestamp_seconds")
     end.add(capture.end)
     seconds, share = family("moe_capture_device_seconds"), family("moe_capture_share")
-    for category, row in result["categories"].items():
-        seconds.add(row["us"] / 1e6, [("category", category)])
-        share.add(row["share"], [("category", category)])
+    for category, row in result.categories.items():
+        seconds.add(row.us / 1e6, [("category", category)])
+        share.add(row.share, [("category", category)])
     idle = family("moe_capture_idle_seconds")
-    idle.add(result["idle_us"] / 1e6)
+    idle.add(result.idle_us / 1e6)
     out += [info, end, seconds, share, idle]
-    blocks = result["moe_blocks"]
-    if blocks["count"]:
+    if result.moe_blocks:
         pre = family("moe_capture_moe_preamble_seconds")
-        pre.add(blocks["preamble_us"] / 1e6)
+        pre.add(result.preamble_us / 1e6)
         first = family("moe_capture_first_expert_gemm_seconds")
-        first.add(blocks["first_expert_us"] / 1e6)
+        first.add(result.first_expert_us / 1e6)
         out += [pre, first]
     return out
 

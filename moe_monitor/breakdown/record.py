@@ -1,0 +1,53 @@
+"""The typed view of a breakdown (what `analyze` returns and the catalog stores as breakdown.json) that the
+metrics read: built once, checked once, so a damaged breakdown.json is refused with what is wrong instead of
+failing the exporter later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Category:
+    us: float
+    share: float
+
+
+@dataclass(frozen=True)
+class BreakdownRecord:
+    categories: dict[str, Category]
+    ranks: int
+    idle_us: float
+    moe_blocks: int
+    preamble_us: float | None  # per MoE layer, mean; None when no MoE block was found
+    first_expert_us: float | None
+
+    @classmethod
+    def from_json(cls, result) -> BreakdownRecord:
+        """Raises ValueError naming the first thing that is missing or of the wrong type."""
+        if not isinstance(result, dict):
+            raise ValueError(f"a {type(result).__name__}, not an object")
+        categories = result.get("categories")
+        if not isinstance(categories, dict):
+            raise ValueError("categories is not an object")
+        typed = {}
+        for name, row in categories.items():
+            if not isinstance(row, dict) or not _number(row.get("us")) or not _number(row.get("share")):
+                raise ValueError(f"category {name!r} lacks numeric us and share")
+            typed[name] = Category(float(row["us"]), float(row["share"]))
+        if not isinstance(result.get("ranks"), list):
+            raise ValueError("ranks is not a list")
+        if not _number(result.get("idle_us")):
+            raise ValueError("idle_us is not a number")
+        blocks = result.get("moe_blocks")
+        if not isinstance(blocks, dict) or not isinstance(blocks.get("count"), int):
+            raise ValueError("moe_blocks.count is not an integer")
+        figures = [blocks.get("preamble_us"), blocks.get("first_expert_us")]
+        if blocks["count"] and not all(_number(x) for x in figures):
+            raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
+        pre, first = (float(x) for x in figures) if blocks["count"] else (None, None)
+        return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
