@@ -3,8 +3,8 @@
 A writer process plays the 16 plugins (publishes every rank's cumulative snapshot every second); a real
 `moe-monitor serve` process reads them and is scraped with gzip every 15 s. Printed: the sidecar's CPU % of
 one core and RSS over the run, and /metrics scrape time (median of repeated GETs, plain and gzip), for T0+T1
-(default tiers) and full T2 (--expert-series all). Baseline in the same run: a straightforward prometheus-client custom collector that
-reads the segments and renders the same series at every scrape.
+(default tiers) and full T2 (--expert-series all). Baseline in the same run: a straightforward
+prometheus-client custom collector that reads the segments and renders the same series at every scrape.
 
     .venv/bin/python benchmarks/sidecar_scale.py [--seconds 30]
     .venv/bin/python benchmarks/sidecar_scale.py --compare /tmp/old   # another checkout, side by side
