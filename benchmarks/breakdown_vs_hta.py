@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,7 +65,9 @@ def main() -> None:
     if args.child:
         tool, path = args.child
         result = (ours if tool == "ours" else hta)(path)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM of this process: ru_maxrss would carry the parent's peak across fork and exec
+        with open("/proc/self/status") as f:
+            result["peak_rss_mb"] = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
         print(json.dumps(result))
         return
     a, b = child("ours", args.trace), child("hta", args.trace)
