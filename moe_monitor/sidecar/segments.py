@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from moe_monitor.channel import SegmentError, Snapshot, list_segments, read_segment
 
 from .aggregate import Aggregator, Totals
+from .vocabulary import SEGMENT_READ_ERRORS
 
 log = logging.getLogger(__name__)
 TORN_ROUNDS = 5  # reads of a file the writer keeps changing, per window
@@ -115,8 +116,7 @@ class SegmentSource:
             self.read_errors[result.kind] += 1
             self._log_once(path, result.kind, "cannot read segment %s (%s): %s", path, result.kind, result)
             return SegmentStatus(name, None, result.kind)
-        if self._logged:
-            self._logged = {x for x in self._logged if x[0] != path}
+        self._logged -= {(path, kind) for kind in SEGMENT_READ_ERRORS}  # it reads again: log a new failure
         return SegmentStatus(name, result, None)
 
     def _log_once(self, key: str, kind: str, message: str, *args) -> None:
