@@ -302,3 +302,25 @@ def test_many_torn_segments_cost_a_bounded_pause_per_window(tmp_path, monkeypatc
         assert [s.error for s in statuses] == ["torn"] * n
         totals[n] = sum(paused)
     assert totals[400] == totals[10] <= 0.02, totals
+
+
+def test_a_stage_that_keeps_failing_is_counted_every_window_and_logged_once(caplog):
+    """The window loop retries every window: a stage that stays broken is counted each time, its traceback is
+    logged once, and the previous exposition stays served."""
+    from conftest import parse_exposition
+
+    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.sidecar.exporter import Exporter
+
+    exporter = Exporter(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False)
+    good = exporter.tick()
+    exporter.source.read = lambda now: (_ for _ in ()).throw(OSError("disk gone"))
+    with caplog.at_level("ERROR"):
+        for _ in range(3):
+            assert not exporter.safe_tick()
+    assert exporter.latest() is good
+    assert exporter.errors["read"] == 3
+    assert sum("window stage 'read' failed" in r.getMessage() for r in caplog.records) == 1
+    del exporter.source.read  # it works again: the count is exported with the next exposition
+    m = parse_exposition(exporter.tick().body.decode())
+    assert samples(m, "moe_monitor_window_errors_total")[(("stage", "read"),)] == 3.0

@@ -29,6 +29,7 @@ from moe_monitor.stats.placement import Placement, PlacementError, contiguous, l
 from .collectors import ALL, Collector, Runner
 from .config import SidecarConfig
 from .exposition import Family, render
+from .once import OncePerCause
 from .reading import DetectorView, Reading
 from .segments import SegmentSource
 from .vocabulary import family
@@ -62,6 +63,7 @@ class Exporter:
         self._placement_file = load_placement(config.placement_file) if config.placement_file else None
         self.runner = Runner(collectors)
         self.errors: Counter[str] = Counter()
+        self._logged = OncePerCause()
         self._process = CollectorRegistry(auto_describe=False)  # the sidecar's own CPU, memory, fds
         if process_metrics:
             ProcessCollector(namespace="moe_monitor", registry=self._process)
@@ -135,14 +137,17 @@ class Exporter:
     # -- stages -----------------------------------------------------------------------------------
     def _stage(self, name: str, fn, *args, required: bool = False):
         try:
-            return fn(*args)
-        except Exception:
+            result = fn(*args)
+        except Exception as e:
             self.errors[name] += 1
-            log.exception("window stage %r failed (%d so far); the previous figures stay served", name,
-                          self.errors[name])
+            if self._logged.first(name, type(e).__name__):  # counted every window, logged once per cause
+                log.exception("window stage %r failed; the previous figures stay served (counted in "
+                              "moe_monitor_window_errors_total, logged again only for another error)", name)
             if required:
                 raise
             return None
+        self._logged.recovered(name)
+        return result
 
     def _close_window(self, boundary: float, statuses, totals) -> None:
         window = self.windower.close(boundary, totals)

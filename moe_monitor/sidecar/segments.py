@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from moe_monitor.channel import SegmentError, Snapshot, list_segments, read_segment
 
 from .aggregate import Aggregator, Totals
-from .vocabulary import SEGMENT_READ_ERRORS
+from .once import OncePerCause
 
 log = logging.getLogger(__name__)
 TORN_ROUNDS = 5  # reads of a file the writer keeps changing, per window
@@ -62,7 +62,7 @@ class SegmentSource:
         self.stale_after_ns = int(stale_after_s * 1e9)
         self.aggregator = Aggregator()
         self.read_errors: Counter[str] = Counter()
-        self._logged: set[tuple[str, str]] = set()
+        self._logged = OncePerCause()
 
     def read(self, now: float) -> tuple[list[SegmentStatus], Totals]:
         statuses = self._read_all(list_segments(self.segment_dir))
@@ -75,10 +75,9 @@ class SegmentSource:
                 s.ignored = "other_model"
         for s in statuses:
             if not s.ignored:
-                self._logged -= {(s.name, "no_layers"), (s.name, "other_model")}
-            else:
-                self._log_once(s.name, s.ignored, "segment %s left out of the model's metrics (%s; serving %r)",
-                               s.name, s.ignored, model)
+                self._logged.recovered(s.name)
+            elif self._logged.first(s.name, s.ignored):
+                log.warning("segment %s left out of the model's metrics (%s; serving %r)", s.name, s.ignored, model)
         usable = {s.name: s.snapshot for s in statuses if s.snapshot is not None and s.ignored is None}
         counted = self.aggregator.update(usable)
         for s in statuses:
@@ -114,13 +113,8 @@ class SegmentSource:
         name = label_of(path)
         if isinstance(result, SegmentError):
             self.read_errors[result.kind] += 1
-            self._log_once(path, result.kind, "cannot read segment %s (%s): %s", path, result.kind, result)
+            if self._logged.first(path, result.kind):
+                log.warning("cannot read segment %s (%s): %s", path, result.kind, result)
             return SegmentStatus(name, None, result.kind)
-        self._logged -= {(path, kind) for kind in SEGMENT_READ_ERRORS}  # it reads again: log a new failure
+        self._logged.recovered(path)  # it reads again: a new failure is logged
         return SegmentStatus(name, result, None)
-
-    def _log_once(self, key: str, kind: str, message: str, *args) -> None:
-        """Once per file and kind, not every window."""
-        if (key, kind) not in self._logged:
-            self._logged.add((key, kind))
-            log.warning(message, *args)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import SidecarConfig
 from ..exposition import DenseLabels, Family
+from ..once import OncePerCause
 from ..reading import Reading
 from ..vocabulary import family
 
@@ -35,7 +36,7 @@ class Runner:
 
     def __init__(self, collectors: tuple[Collector, ...]):
         self.collectors = collectors
-        self._logged: set[tuple[str, str]] = set()
+        self._logged = OncePerCause()
 
     def run(self, reading: Reading) -> tuple[list[Family], list[Family]]:
         """(families of the collectors that succeeded, the success/duration families)."""
@@ -48,12 +49,10 @@ class Runner:
             try:
                 families = c.collect(reading)
                 ok = 1
-                self._logged = {x for x in self._logged if x[0] != c.name}
+                self._logged.recovered(c.name)
             except Exception as e:  # noqa: BLE001 - a failing collector must not fail the scrape
                 families, ok = [], 0
-                key = (c.name, type(e).__name__)
-                if key not in self._logged:
-                    self._logged.add(key)
+                if self._logged.first(c.name, type(e).__name__):
                     log.exception("collector %s failed; its metrics are left out until it recovers", c.name)
             out += families
             success.add(ok, [("collector", c.name)])
