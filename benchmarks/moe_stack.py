@@ -98,8 +98,9 @@ class MoEStack:
         return counts
 
 
-def capture(fn, x: torch.Tensor, warmup: int = 2):
-    """Capture fn(x) in a CUDA graph (after warm-up on a side stream, as torch recommends)."""
+def capture(fn, x: torch.Tensor, warmup: int = 2, pool=None):
+    """Capture fn(x) in a CUDA graph (after warm-up on a side stream, as torch recommends); `pool` shares
+    another graph's memory pool, as vLLM's graphs of every batch size share one."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -107,6 +108,6 @@ def capture(fn, x: torch.Tensor, warmup: int = 2):
             fn(x)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn(x)
     return graph, out

@@ -56,6 +56,31 @@ def check_graph_replays_count_exactly_the_valid_tokens(mode):
     assert (rec.host_counts() == expected.numpy()).all(), mode
 
 
+def check_graphs_sharing_one_pool_count_their_own_ids(mode):
+    """vLLM captures a graph per batch size, largest first, all in one memory pool: what one capture frees, the
+    next reuses. The recorder holds a step's ids only until its flush (inside the capture), so a later capture
+    may place its own tensors where an earlier graph's ids were: each replay must still count its own ids."""
+    from moe_stack import capture
+
+    stack = _stack()
+    rec = _recorder(stack, mode)
+    rec.set_valid_tokens(0)
+    big = torch.randn(32, SMALL["hidden"], device="cuda", dtype=torch.bfloat16)
+    g_big, _ = capture(lambda x: stack.step(x, tap=rec.record), big)
+    small = torch.randn(8, SMALL["hidden"], device="cuda", dtype=torch.bfloat16)
+    g_small, _ = capture(lambda x: stack.step(x, tap=rec.record), small, pool=g_big.pool())
+    expected = torch.zeros(SMALL["layers"], SMALL["experts"], dtype=torch.int64)
+    for graph, x, valid in [(g_big, big, 32), (g_small, small, 8), (g_big, big, 20), (g_small, small, 5),
+                            (g_small, small, 8), (g_big, big, 32)]:
+        rec.set_valid_tokens(valid)
+        graph.replay()
+        expected += stack.reference_counts(x, valid)
+    rec.set_valid_tokens(0)
+    torch.cuda.synchronize()
+    got = rec.counts[:, :SMALL["experts"]].cpu()
+    assert torch.equal(got, expected), (mode, got.sum().item(), expected.sum().item())
+
+
 def check_eager_step_never_syncs_with_the_host(mode):
     stack = _stack()
     rec = _recorder(stack, mode)
@@ -113,7 +138,8 @@ def check_no_kernel_compiles_after_the_recorder_is_built(mode):
     assert compiled == [], compiled
 
 
-CHECKS = (check_graph_replays_count_exactly_the_valid_tokens, check_eager_step_never_syncs_with_the_host,
+CHECKS = (check_graph_replays_count_exactly_the_valid_tokens, check_graphs_sharing_one_pool_count_their_own_ids,
+          check_eager_step_never_syncs_with_the_host,
           check_a_step_that_never_reaches_the_last_layer_is_counted_at_the_next_boundary,
           check_no_kernel_compiles_after_the_recorder_is_built)
 

@@ -68,7 +68,7 @@ def gpu_model(tmp_path_factory):
 def plugin_log_problems(log: str) -> list[str]:
     """Lines that show the plugin hurting vLLM: publish failures, capture errors, JIT compiles of our kernel."""
     bad = re.compile(r"moe-monitor cannot publish|StreamCapture|operation not permitted when stream is capturing|"
-                     r"JIT compil\w*.*_count_kernel|moe-monitor .* failed")
+                     r"JIT compil\w*.*moe_monitor_count_routing|moe-monitor .* failed")
     return [line for line in log.splitlines() if bad.search(line)]
 
 

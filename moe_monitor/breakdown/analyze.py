@@ -109,10 +109,34 @@ def _bisect(ranges: list[Event], ts: float) -> int:
     return lo
 
 
+def merge_step_projections(trace: Trace) -> None:
+    """One step range per vLLM step. The profiler projects a range onto every stream its kernels ran on (vLLM's
+    shared-experts stream gives each step a second, shorter `execute_context_*` range inside the first): ranges
+    of the same name that overlap are one step, spanning both. Idempotent."""
+    if not trace.is_gpu or len(trace.steps) < 2:
+        return
+    merged: list[Event] = []
+    for s in trace.steps:
+        last = merged[-1] if merged else None
+        if last is not None and s.name == last.name and s.ts <= last.ts + last.dur:
+            end = max(last.ts + last.dur, s.ts + s.dur)
+            merged[-1] = Event(last.name, last.ts, end - last.ts, last.stream, last.cat)
+        else:
+            merged.append(s)
+    trace.steps = merged
+
+
 def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
     """Fill unit.category (and unit.tokens); returns the MoE blocks found: {preamble_us, gate_us, first_us,
-    experts_us} per block."""
+    experts_us, ts} per block."""
+    merge_step_projections(trace)
     anchor = rules.anchors
+    by_stream = defaultdict(list)
+    for u in units:
+        by_stream[u.event.stream].append(u)
+    for seq in by_stream.values():  # 0. moe-monitor's own kernels, and the copy that feeds its counting kernel
+        _monitoring(seq, anchor)
+    tails = _sampling_tails(trace, units, anchor) if trace.is_gpu and trace.steps else set()
     for u in units:  # 1. annotations
         a = _containing(trace.annotations, u.event.ts) if trace.annotations else None
         if a is not None:
@@ -127,18 +151,89 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
         if not u.category and u.parents:
             u.category = next((c for c in map(functools.partial(_owner, rules), u.parents) if c), "")
     blocks = []
-    by_stream = defaultdict(list)
-    for u in units:
-        by_stream[u.event.stream].append(u)
-    for seq in by_stream.values():  # 2. structure
-        blocks += _structure(seq, anchor)
+    for seq in by_stream.values():  # 2. structure (the sampling tails are not part of any MoE block)
+        blocks += _structure([u for u in seq if id(u) not in tails], anchor)
+    _shared_experts(by_stream, blocks, anchor)
     for u in units:  # 3. patterns
         if not u.category:
             if u.event.cat in ("gpu_memcpy", "gpu_memset"):
                 u.category = "memory"
                 continue
             u.category = next((c for c, p in rules.patterns if _matches(p, u.event.name)), "other")
+            if id(u) in tails and u.category not in KEEP_IN_TAIL:
+                u.category = "sampling"
     return blocks
+
+
+KEEP_IN_TAIL = ("memory", "monitoring", *COMM_CATEGORIES)
+
+
+def _monitoring(seq: list[Unit], anchor: dict[str, re.Pattern]) -> None:
+    """moe-monitor's kernels (named `moe_monitor_*`) and the copy right before its counting kernel on the same
+    stream (the fused recorder's torch.stack: a `CatArrayBatchedCopy`) are `monitoring`."""
+    own, feeder = anchor.get("monitoring"), anchor.get("monitoring_feeder")
+    if own is None:
+        return
+    for i, u in enumerate(seq):
+        if _matches(own, u.event.name):
+            u.category = "monitoring"
+            if feeder is not None and i and not seq[i - 1].category and _matches(feeder, seq[i - 1].event.name):
+                seq[i - 1].category = "monitoring"
+
+
+def _shared_experts(by_stream: dict, blocks: list[dict], anchor: dict[str, re.Pattern]) -> None:
+    """Work on another stream that starts inside a MoE block (from its norm or gate GEMM to its last expert
+    kernel) is expert work: vLLM runs shared experts (DeepSeek, Qwen2-MoE) on a second stream beside the routed
+    ones (their GEMMs, activation and split-K reduction). Communication, memory and monitoring are left alone."""
+    spans = sorted((b["ts"], b["end"], b["stream"]) for b in blocks if b.get("end"))
+    if not spans:
+        return
+    starts = [s[0] for s in spans]
+    for stream, seq in by_stream.items():
+        for u in seq:
+            if u.category or u.event.cat in ("gpu_memcpy", "gpu_memset") or _is(anchor, "communication", u):
+                continue
+            i = bisect.bisect_right(starts, u.event.ts) - 1
+            if i >= 0 and u.event.ts <= spans[i][1] and spans[i][2] != stream:
+                u.category = "experts"
+
+
+def _step_windows(trace: Trace, units: list[Unit]) -> list[list[Unit]]:
+    """The units of each vLLM step: from its range's start to the next step's start. A range's device
+    projection can end before the step's work does (vLLM 0.26, CUDA graphs, a second stream: the last layer and
+    the sampler fall after it), but its start is the step's first kernel (input preparation)."""
+    starts = [s.ts for s in trace.steps]
+    windows: list[list[Unit]] = [[] for _ in starts]
+    for u in units:
+        i = bisect.bisect_right(starts, u.event.ts) - 1
+        if i >= 0:
+            windows[i].append(u)
+    return windows
+
+
+def _sampling_tails(trace: Trace, units: list[Unit], anchor: dict[str, re.Pattern]) -> set[int]:
+    """The units (by id) of each engine step's lm_head and sampling, on a GPU trace with vLLM's step ranges: the
+    last GEMM of the step's window when no expert kernel follows it and a norm (the final norm) lies between
+    the step's last expert kernel and it, with everything after it in the window (the sampler, which vLLM 0.26
+    runs after `execute_model`, and the output copies). The sampler's softmax would otherwise look like a
+    router, and the lm_head before it like a gate."""
+    tails: set[int] = set()
+    for window in _step_windows(trace, units):
+        per_stream = defaultdict(list)
+        for u in window:
+            per_stream[u.event.stream].append(u)
+        for seq in per_stream.values():
+            last_gemm = next((j for j in range(len(seq) - 1, -1, -1) if _is(anchor, "gemm", seq[j])
+                              and not _is(anchor, "attention", seq[j]) and not _is(anchor, "experts", seq[j])), None)
+            if last_gemm is None:
+                continue
+            experts = [j for j, u in enumerate(seq) if _is(anchor, "experts", u)]
+            if not experts or experts[-1] > last_gemm:
+                continue
+            if any(_is(anchor, "norm", u) or ("boundary" in anchor and _is(anchor, "boundary", u))
+                   for u in seq[experts[-1] + 1:last_gemm]):
+                tails.update(id(u) for u in seq[last_gemm:] if not u.category)
+    return tails
 
 
 def _owner(rules: Rules, name: str) -> str:
@@ -167,22 +262,28 @@ def _matches(pattern: re.Pattern, name: str) -> bool:
 
 def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
     blocks = []
-    last_gemm = last_norm = None
+    last_gemm = prev_gemm = last_norm = None
     state, pending, block = "idle", [], None
     for i, u in enumerate(seq):
-        if _is(anchor, "communication", u):  # EP dispatch/combine sit inside MoE blocks: never align/permute
-            continue
+        if _is(anchor, "communication", u) or u.category == "monitoring":  # EP dispatch/combine sit inside MoE
+            continue  # blocks, and so does moe-monitor's counting kernel: never align/permute
         if _is(anchor, "router", u):
             if state == "experts":
                 _close(pending, "align_permute")
+            if state == "router":  # a second selection kernel (grouped or masked top-k): what ran between is routing
+                _close(pending, "gate")
             if state != "router":  # a new MoE block: the GEMM right before the router is its gate
-                start = last_norm if last_norm is not None and last_gemm is not None and last_norm < last_gemm \
-                    else last_gemm
-                if last_gemm is not None:  # the gate GEMM and what feeds the router after it (casts)
-                    for x in seq[last_gemm:i]:
+                gate = last_gemm
+                if gate is not None and prev_gemm is not None and "gemm_tail" in anchor and \
+                        _is(anchor, "gemm_tail", seq[gate]):  # a split-K gate GEMM: its GEMM, then its reduction
+                    gate = prev_gemm
+                start = last_norm if last_norm is not None and gate is not None and last_norm < gate else gate
+                if gate is not None:  # the gate GEMM and what feeds the router after it (casts)
+                    for x in seq[gate:i]:
                         x.category = x.category or "gate"
-                block = {"start": start if start is not None else i, "gate_us": seq[last_gemm].us
-                         if last_gemm is not None else 0.0, "first_us": 0.0, "experts_us": 0.0, "end": None}
+                block = {"start": start if start is not None else i, "gate_us": sum(
+                    x.us for x in seq[gate:last_gemm + 1]) if gate is not None else 0.0, "first_us": 0.0,
+                         "experts_us": 0.0, "end": None}
                 blocks.append(block)
             u.category = u.category or "gate"
             state, pending = "router", []
@@ -200,9 +301,11 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
                 block["first_us"] += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
             _close(pending, "experts" if state == "experts" else "align_permute")
             block["experts_us"] += u.us
+            block["end"] = u.event.ts + u.event.dur
             state, pending = "experts", []
             continue
-        boundary = _is(anchor, "norm", u) or _is(anchor, "attention", u) or _is(anchor, "gemm", u)
+        boundary = _is(anchor, "norm", u) or _is(anchor, "attention", u) or _is(anchor, "gemm", u) or \
+            ("boundary" in anchor and _is(anchor, "boundary", u))
         if state == "experts" and boundary:
             _close(pending, "align_permute")
             state, pending = "idle", []
@@ -211,7 +314,7 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
         elif state == "router" and boundary:  # a GEMM between router and experts: permute-side work
             pending.append(u)
         if _is(anchor, "gemm", u) and not _is(anchor, "attention", u):
-            last_gemm = i
+            prev_gemm, last_gemm = last_gemm, i
         if _is(anchor, "norm", u):
             last_norm = i
     if state == "experts":
@@ -222,7 +325,8 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
             continue
         pre = seq[b["start"]:b["first_idx"]]
         out.append({"preamble_us": sum(x.us for x in pre), "gate_us": b["gate_us"], "first_expert_us": b["first_us"],
-                    "experts_us": b["experts_us"]})
+                    "experts_us": b["experts_us"], "ts": seq[b["start"]].event.ts, "end": b["end"],
+                    "stream": seq[b["start"]].event.stream})
     return out
 
 
@@ -250,34 +354,60 @@ def _idle(trace: Trace, units: list[Unit], span: Event) -> tuple[float, float]:
     return busy, max(0.0, (hi - lo) - busy)
 
 
+BLOCK_FIGURES = ("preamble_us", "gate_us", "first_expert_us", "experts_us")
+
+
+def _block_means(blocks: list[dict]) -> dict:
+    n = len(blocks)
+    return {"count": n, **({k: sum(b[k] for b in blocks) / n for k in BLOCK_FIGURES} if n else {})}
+
+
+def _label_blocks(trace: Trace, blocks: list[dict]) -> None:
+    """Each MoE block's tokens-per-step bucket: the tokens of the vLLM step range it starts in ("" outside)."""
+    starts = [s.ts for s in trace.steps]
+    for b in blocks:
+        i = bisect.bisect_right(starts, b["ts"]) - 1
+        inside = i >= 0 and b["ts"] < trace.steps[i].ts + trace.steps[i].dur
+        tokens = step_phase(trace.steps[i].name)[1] if inside else 0
+        b["bucket"] = token_bucket(tokens) if tokens else ""
+
+
+def _bucket_order(bucket: str) -> int:
+    return int(bucket.lstrip("<=>")) + (bucket[0] == ">")
+
+
 def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> dict:
     rules = rules or load_rules()
     cats = list(rules.categories)
     overall = dict.fromkeys(cats, 0.0)
     by_phase: dict[str, dict[str, float]] = {}
     per_rank, steps, blocks = [], [], []
-    kernels: dict[str, list] = {}
+    kernels: dict[tuple[str, str], list] = {}  # (name, category): one kernel can be in two rows (a GEMM
+    # config serves the attention projections and the lm_head)
     expert_tokens: dict[str, float] = defaultdict(float)
     idle_total = 0.0
     for trace in traces:
         units = units_of(trace)
-        blocks += classify(trace, units, rules)
+        trace_blocks = classify(trace, units, rules)
+        _label_blocks(trace, trace_blocks)
+        blocks += trace_blocks
         rank_cats = dict.fromkeys(cats, 0.0)
         for u in units:
             rank_cats[u.category] = rank_cats.get(u.category, 0.0) + u.us
-            k = kernels.setdefault(u.event.name, [u.category, 0, 0.0])
+            k = kernels.setdefault((u.event.name, u.category), [0, 0, 0.0])
             k[1] += 1
             k[2] += u.us
             if u.category == "experts" and u.tokens:
                 expert_tokens[token_bucket(u.tokens)] += u.us
         starts = [u.event.ts for u in units]
+        windows = _step_windows(trace, units) if trace.is_gpu else None
         rank_idle = 0.0
-        for s in trace.steps:
+        for i, s in enumerate(trace.steps):
             phase, tokens = step_phase(s.name)
             lo, hi = bisect.bisect_left(starts, s.ts), bisect.bisect_right(starts, s.ts + s.dur)
-            inside = units[lo:hi]
+            inside = units[lo:hi]  # CPU: the step's range; GPU: also what runs after its device projection
             step_cats = dict.fromkeys(cats, 0.0)
-            for u in inside:
+            for u in (windows[i] if windows is not None else inside):
                 step_cats[u.category] = step_cats.get(u.category, 0.0) + u.us
             busy, idle = _idle(trace, inside, s) if trace.is_gpu else (sum(step_cats.values()), 0.0)
             rank_idle += idle
@@ -295,7 +425,6 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
                          "categories": rank_cats})
     total = sum(overall.values())
     top_rows = sorted(kernels.items(), key=lambda kv: -kv[1][2])[:top]
-    n = len(blocks)
     return {
         "total_us": total,
         "idle_us": idle_total,
@@ -304,8 +433,10 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
         "phases": by_phase,
         "steps": steps,
         "top": [{"name": name, "category": cat, "count": cnt, "total_us": us, "mean_us": us / cnt,
-                 "share": us / total if total else 0.0} for name, (cat, cnt, us) in top_rows],
-        "moe_blocks": {"count": n, **({k: sum(b[k] for b in blocks) / n for k in
-                                       ("preamble_us", "gate_us", "first_expert_us", "experts_us")} if n else {})},
+                 "share": us / total if total else 0.0} for (name, cat), (_, cnt, us) in top_rows],
+        "moe_blocks": _block_means(blocks),
+        "moe_blocks_by_tokens": {bucket: _block_means([b for b in blocks if b["bucket"] == bucket])
+                                 for bucket in sorted({b["bucket"] for b in blocks if b["bucket"]},
+                                                      key=_bucket_order)},
         "expert_tokens": dict(sorted(expert_tokens.items())),
     }

@@ -34,6 +34,12 @@ def render_table(result: dict, top: int = 15) -> str:
         lines += ["", f"MoE pre-amble per layer (mean of {blocks['count']} MoE blocks): norm→first expert GEMM "
                   f"{blocks['preamble_us']:.1f} us (gate GEMM {blocks['gate_us']:.1f} us) vs first expert GEMM "
                   f"{blocks['first_expert_us']:.1f} us, all expert kernels {blocks['experts_us']:.1f} us"]
+    by_tokens = result.get("moe_blocks_by_tokens") or {}
+    if len(by_tokens) > 1 or (by_tokens and not blocks["count"]):
+        lines += ["", "MoE pre-amble per layer by tokens per step (vLLM steps):"] + [
+            f"  {bucket:>7s} tokens: {b['count']:5d} blocks, pre-amble {b['preamble_us']:.1f} us "
+            f"(gate GEMM {b['gate_us']:.1f} us) vs first expert GEMM {b['first_expert_us']:.1f} us, "
+            f"all expert kernels {b['experts_us']:.1f} us" for bucket, b in by_tokens.items()]
     if result["expert_tokens"]:
         lines += ["", "expert time by tokens per call: " + ", ".join(
             f"{b}: {us / 1000:.3f} ms" for b, us in result["expert_tokens"].items())]

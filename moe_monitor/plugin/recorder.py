@@ -12,17 +12,24 @@ Strategies, same counts (tests/test_plugin_cpu.py, tests/test_recorder_gpu.py, b
   The CPU strategy, traced by torch.compile there. The counters are host memory.
 - `fused` (CUDA default): each layer's tap only keeps a reference to its `topk_ids`; the last MoE layer's
   tap stacks the step's ids and counts them all with one Triton kernel (triton_flush.py): a constant number
-  of kernels per step, none per layer. Under CUDA-graph capture the references are kept for the graph's
-  lifetime, so the captured tensors are never reused by the allocator and every replay's flush reads that
-  replay's ids.
+  of kernels per step, none per layer. The references live until that flush and no longer: under CUDA-graph
+  capture that keeps a layer's ids from being reused by a later allocation of the same graph, and frees them
+  for the next capture in the pool (vLLM captures every batch size into one pool; its graphs replay one at a
+  time, each writing its ids before its flush reads them: tests/test_recorder_gpu.py). Keeping them for the
+  graph's lifetime instead (until 2026-11-30) held memory per captured size and shifted the pool's layout
+  for every later, smaller capture (benchmarks/results/vllm_cost_h200.md).
 - `staged` (CUDA): each tap copies its ids into a persistent staging buffer allocated before any capture
   (one copy kernel per layer), and the same kernel counts the buffer after the last layer. Nothing is held
   in the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
   recorder (docs/recorder.md: why that matters for measurement).
 
-On CUDA the kernel also writes every counter it changes into `mirror`, pinned host memory: the publisher
-thread reads counts from there with no CUDA call, so nothing but vLLM's own worker thread ever calls CUDA
-(docs/recorder.md, "Capture safety"). The kernel variants are compiled when the recorder is built.
+On CUDA the recorder's own kernels are Triton kernels named `moe_monitor_*` (the step's token count is set by
+one too, not by `fill_`), so profiler traces show them by name in the breakdown's `monitoring` row. The
+exceptions are copies: the fused mode's `torch.stack` (one `CatArrayBatchedCopy`, right before the counting
+kernel: attributed by its position) and the staged mode's per-layer copies. The counting kernel also writes
+every counter it changes into `mirror`, pinned host memory: the publisher thread reads counts from there with
+no CUDA call, so nothing but vLLM's own worker thread ever calls CUDA (docs/recorder.md, "Capture safety").
+The kernel variants are compiled when the recorder is built.
 """
 
 from __future__ import annotations
@@ -64,13 +71,13 @@ class Recorder:
         self._tapped_rows = list(range(num_layers))
         self._pending: dict[int, torch.Tensor] = {}
         self._staged_tokens = 0  # staged mode: tokens of the step whose ids are in the buffer, not yet counted
-        self._captured: list[dict[int, torch.Tensor]] = []  # ids referenced by captured CUDA graphs
         self.mirror = None  # CUDA: pinned host copy of counts[:, :E], written by the counting kernel
         if self.device.type == "cuda":
             from . import triton_flush
 
             self.mirror = torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=True)
             self._count_stacked = triton_flush.count_stacked
+            self._set_valid_tokens = triton_flush.set_valid_tokens
             triton_flush.warm_up(self.device, num_experts, top_k)
 
     def _grow(self, tokens: int) -> None:
@@ -92,7 +99,10 @@ class Recorder:
             self.flush()
         if self.mode == "staged" and self._staged_tokens:
             self._flush_staged()
-        self.valid_tokens.fill_(n)
+        if self.mirror is not None:
+            self._set_valid_tokens(self.valid_tokens, n)
+        else:
+            self.valid_tokens.fill_(n)
 
     def record(self, row: int, topk_ids: torch.Tensor) -> None:
         """One layer's routing decisions. topk_ids: [T, k] logical expert ids (int32 or int64)."""
@@ -120,8 +130,6 @@ class Recorder:
         pending, self._pending = self._pending, {}
         if not pending:
             return
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._captured.append(pending)  # replays read these exact buffers: keep them allocated
         by_shape: dict[tuple, list[int]] = {}
         for row, ids in pending.items():
             by_shape.setdefault((tuple(ids.shape), ids.dtype), []).append(row)
