@@ -123,8 +123,8 @@ def test_the_lm_head_is_sampling_once_per_step_and_never_a_gate(classified, path
 
 @pytest.mark.parametrize("path", [QWEN3_GRAPHS, QWEN3_EAGER, MIXTRAL], ids=os.path.basename)
 def test_gate_is_the_router_gemm_and_the_top_k_and_nothing_else(classified, path):
-    """Before the fix the sampler's softmax was taken for a router and the lm_head for its gate GEMM: 20.9 %
-    of a real step in `gate` where the router is ~7 %."""
+    """A sampler softmax must not be taken for a router, nor the lm_head for its gate GEMM (issue #15: 20.9 % of
+    a real step in `gate` where the router is ~7 %)."""
     _, units = classified[path]
     gate = Counter(u.event.name for u in units if u.category == "gate")
     allowed = ("void vllm::moe::topkGating", GATE_GEMM[path], "nvjet_sm90_tst_", "void cublasLt::splitKreduce_kernel")
@@ -201,3 +201,31 @@ def test_every_step_window_holds_its_sampler(classified):
     for s in result["steps"]:
         by_step[s["phase"]] += sum(s["categories"].values())
     assert sum(by_step.values()) == pytest.approx(result["total_us"], rel=0.02)  # all but pre-first-step work
+
+
+def test_a_sampler_softmax_after_the_lm_head_is_not_a_router(tmp_path):
+    """The shape of the step issue #15 saw: the sampler's `softmax_warp_forward` (a router anchor) right after
+    the lm_head GEMM. Synthetic events in vLLM's order, one step range that ends before the sampler."""
+    names = ["vllm::rms_norm_kernel", "nvjet_sm90_tst_64x8_gate", "void vllm::moe::topkGating<8>",
+             "void vllm::moe::moe_align_block_size_kernel<int>", "fused_moe_kernel", "vllm::act_and_mul_kernel",
+             "fused_moe_kernel", "void vllm::moe::moe_sum_vec_kernel", "triton_red_fused_add_rms_norm_3",
+             "nvjet_sm90_tst_384x16_lm_head", "void at::native::softmax_warp_forward<float>",
+             "void at::native::reduce_kernel<ArgMaxOps>", "moe_monitor_set_valid_tokens"]
+    events = [{"ph": "X", "cat": "kernel", "name": n, "pid": 0, "tid": 7, "ts": 1000.0 + 10 * i, "dur": 5.0}
+              for i, n in enumerate(names)]
+    events.append({"ph": "X", "cat": "gpu_user_annotation", "name": "execute_context_0(0)_generation_8(8)",
+                   "pid": 0, "tid": 7, "ts": 1000.0, "dur": 95.0})  # ends after the final norm (vLLM 0.26)
+    path = tmp_path / "step.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    trace = read_trace(str(path))
+    units = units_of(trace)
+    classify(trace, units, load_rules())
+    got = {u.event.name: u.category for u in units}
+    assert got["nvjet_sm90_tst_64x8_gate"] == got["void vllm::moe::topkGating<8>"] == "gate"
+    assert got["nvjet_sm90_tst_384x16_lm_head"] == "sampling"
+    assert got["void at::native::softmax_warp_forward<float>"] == "sampling"
+    assert got["void at::native::reduce_kernel<ArgMaxOps>"] == "sampling"
+    assert got["moe_monitor_set_valid_tokens"] == "monitoring"
+    assert got["void vllm::moe::moe_sum_vec_kernel"] == "align_permute"
+    result = analyze([read_trace(str(path))])
+    assert result["moe_blocks"]["count"] == 1 and result["steps"][0]["categories"]["sampling"] == 15.0
