@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -276,3 +277,106 @@ def test_the_guard_agrees_with_a_plain_lexer(tmp_path, monkeypatch, events, info
         refused = str(e).split("(limit ")[1].split("=")[0] if ": refused: " in str(e) else None
     expected = breaks(doc, limits)
     assert (refused in expected) if refused else not expected, (refused, expected)
+
+
+# read_trace decodes the events with msgspec and falls back to ijson (the previous reader, parser="ijson") for a
+# batch it cannot type: the two must agree on any document, odd field types and layouts included, except on
+# integers outside yajl's range (-2**63, 2**63): yajl refuses the trace ("integer overflow"), msgspec reads them.
+FIELD_VALUES = {
+    "ph": st.sampled_from(["X", "X", "X", "f", "M", "i"]),
+    "cat": st.sampled_from(["kernel", "cpu_op", "gpu_memcpy", "gpu_memset", "gpu_user_annotation", "user_annotation",
+                            "cuda_runtime", "ac2g"]),
+    "name": st.sampled_from(["k", "aten::mm", "execute_context_1(2)_generation_0(0)", "nccl:all_reduce",
+                             "gloo:all_to_all", "é✓"]) | st.text(ALPHABET, max_size=6),
+    "ts": st.floats(-1e6, 1e12, allow_nan=False) | st.integers(-10**6, 10**12),
+    "dur": st.floats(0, 1e4, allow_nan=False) | st.integers(0, 10**4),
+    "tid": st.integers(-2**63 + 1, 2**63 - 1) | st.sampled_from(["PyTorch Profiler", ""]),
+}
+ODD = SCALARS | st.lists(SCALARS, max_size=2) | st.dictionaries(st.text(ALPHABET, max_size=3), SCALARS, max_size=2) \
+    | st.sampled_from([1e308, -0.0, 2**63 - 1, -2**63 + 1, "1.5", "7", True])
+EVENT = st.fixed_dictionaries(
+    {k: v | ODD if k != "ph" else v for k, v in FIELD_VALUES.items()},
+    optional={"args": VALUES, "pid": st.integers(0, 9)}).flatmap(
+    lambda e: st.sets(st.sampled_from(sorted(e)), max_size=2).map(lambda drop: {k: e[k] for k in e if k not in drop}))
+
+
+def members(pairs) -> bytes:
+    """A JSON object from (key, JSON text) pairs: keys may repeat."""
+    return ("{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}").encode()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(EVENT | ODD, max_size=8), more=st.lists(st.tuples(
+           st.sampled_from(["traceEvents", "deviceProperties", "distributedInfo", "traceName"]), VALUES), max_size=3),
+       as_object=st.integers(0, 15), indent=st.sampled_from([None, 1]), ascii_only=st.booleans(),
+       block=st.sampled_from([1, 2, 5, 16, 70, 1 << 20]), max_events=st.integers(1, 12), max_names=st.integers(1, 60),
+       in_array=st.integers(0, 15))
+def test_the_msgspec_and_ijson_readers_agree(tmp_path, monkeypatch, events, more, as_object, indent, ascii_only,
+                                             block, max_events, max_names, in_array):
+    dump = lambda v: json.dumps(v, indent=indent, ensure_ascii=ascii_only)  # noqa: E731
+    trace_events = dump({str(i): e for i, e in enumerate(events)} if as_object == 0 else events)
+    doc = members([("traceEvents", trace_events)] + [(k, dump(v)) for k, v in more])  # more may repeat traceEvents
+    doc = b"[" + doc + b"]" if in_array == 0 else doc
+    try:
+        doc.decode()
+    except UnicodeDecodeError:
+        return
+    (tmp_path / "t.json").write_bytes(doc)
+    monkeypatch.setattr(trace_module, "_BLOCK", block)
+    outcomes = []
+    for parser in ("msgspec", "ijson"):
+        for limits in (TraceLimits(), TraceLimits(max_events=max_events, max_name_bytes=max_names)):
+            try:
+                t = read_trace(str(tmp_path / "t.json"), limits, parser=parser)
+                outcomes.append([[(e.name, e.ts, e.dur, e.stream, e.cat) for e in evs]
+                                 for evs in (t.device, t.cpu_ops, t.steps, t.annotations)])
+            except TraceError as e:  # yajl's context snippet differs: it parsed another piece of the file
+                outcomes.append(str(e).split(" (parse error")[0].split(" (lexical error")[0])
+    assert outcomes[:2] == outcomes[2:], doc[:2000]
+
+
+def test_integers_past_64_bits_are_read_where_yajl_refused_the_trace(tmp_path):
+    """Valid JSON that yajl cannot represent (it stops at 2**63): the previous reader refused the whole trace;
+    msgspec reads it (an unused field here, as a uint64 id in args could be)."""
+    path = write_trace(tmp_path / "big_int.json", json.dumps(dict(KERNEL, args={"id": 2**64})).encode())
+    assert len(read_trace(str(path)).device) == 1
+    with pytest.raises(TraceError, match="integer overflow"):
+        read_trace(str(path), parser="ijson")
+
+
+def test_gzip_is_read_as_gzip_file_reads_it(tmp_path):
+    """The msgspec path inflates in a thread with zlib (GzipFile's small reads would hand the GIL over at every
+    8 KiB): members one after another, zero padding between them; cut short or corrupt, a TraceError."""
+    doc = json.dumps({"traceEvents": [dict(KERNEL, ts=float(i)) for i in range(30_000)]}).encode()
+    one, half = gzip.compress(doc, mtime=0), len(doc) // 2
+    two = gzip.compress(doc[:half], mtime=0) + b"\0" * 9 + gzip.compress(doc[half:], mtime=0) + b"\0" * 3
+    cases = {"one": one, "two": two, "empty_member": one + gzip.compress(b"", mtime=0), "cut": one[:-5],
+             "garbage": one + b"xy", "crc": one[:-8] + bytes([one[-8] ^ 1]) + one[-7:], "header": one[:12]}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.json.gz"
+        path.write_bytes(data)
+        outcomes = []
+        for parser in ("msgspec", "ijson"):
+            try:
+                outcomes.append(len(read_trace(str(path), parser=parser).device))
+            except TraceError as e:
+                outcomes.append(str(e).split(" (")[0])
+        assert outcomes[0] == outcomes[1], (name, outcomes)
+        assert outcomes[0] == (30_000 if name in ("one", "two", "empty_member") else
+                               f"{path}: truncated or corrupt gzip"), (name, outcomes)
+    assert not [t for t in threading.enumerate() if t.name == "trace-inflate"]  # it ends with the read, refused or not
+
+
+def test_an_unusual_layout_falls_back_to_the_ijson_reader(tmp_path, monkeypatch):
+    """Where the msgspec path's assumptions fail (not seen on valid JSON: the guard cuts every element of a
+    top-level array out), read_trace reads the file again with the ijson path instead of failing."""
+    path = REAL[0]
+    expected = read_trace(path, parser="ijson")
+
+    def unusual(self):
+        raise trace_module._Unusual("forced by the test")
+
+    monkeypatch.setattr(trace_module._Document, "close", unusual)
+    t = read_trace(path)
+    assert [(e.name, e.ts, e.dur) for e in t.cpu_ops] == [(e.name, e.ts, e.dur) for e in expected.cpu_ops]
+    assert t.device == expected.device and t.steps == expected.steps

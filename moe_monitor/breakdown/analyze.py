@@ -21,6 +21,21 @@ TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048)
 COMM_CATEGORIES = ("all_to_all", "collective")
 
 
+class Anchors(dict):
+    """The [anchors] patterns by kind, with the kinds each kernel name matches memoised: a trace repeats a few
+    hundred names hundreds of thousands of times, and the classifier asks several kinds of each."""
+
+    def __init__(self, patterns: dict[str, re.Pattern]):
+        super().__init__(patterns)
+        self._kinds: dict[str, frozenset[str]] = {}
+
+    def kinds(self, name: str) -> frozenset[str]:
+        got = self._kinds.get(name)
+        if got is None:
+            got = self._kinds[name] = frozenset(k for k, p in self.items() if p.search(name))
+        return got
+
+
 @dataclass(frozen=True)
 class Rules:
     categories: tuple[str, ...]
@@ -40,7 +55,7 @@ def load_rules(path: str | None = None) -> Rules:
         return Rules(
             tuple(doc["categories"]),
             tuple((c, re.compile(p, flags)) for c, p in doc.get("annotations", {}).items()),
-            {k: re.compile(p, flags) for k, p in doc["anchors"].items()},
+            Anchors({k: re.compile(p, flags) for k, p in doc["anchors"].items()}),
             tuple((c["name"], re.compile(c["pattern"], flags)) for c in doc["category"]),
         )
     except (KeyError, TypeError, re.error) as e:
@@ -159,7 +174,7 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
             if u.event.cat in ("gpu_memcpy", "gpu_memset"):
                 u.category = "memory"
                 continue
-            u.category = next((c for c, p in rules.patterns if _matches(p, u.event.name)), "other")
+            u.category = _pattern_category(rules.patterns, u.event.name)
             if id(u) in tails and u.category not in KEEP_IN_TAIL:
                 u.category = "sampling"
     return blocks
@@ -246,12 +261,17 @@ def _owner(rules: Rules, name: str) -> str:
     return ""
 
 
-def _is(anchor: dict[str, re.Pattern], kind: str, u: Unit) -> bool:
+def _is(anchor: Anchors, kind: str, u: Unit) -> bool:
     if kind == "experts" and u.category == "experts":
         return True
     if kind == "communication":
-        return u.category in COMM_CATEGORIES or ("communication" in anchor and _matches(anchor[kind], u.event.name))
-    return _matches(anchor[kind], u.event.name)
+        return u.category in COMM_CATEGORIES or kind in anchor.kinds(u.event.name)
+    return kind in anchor.kinds(u.event.name)
+
+
+@functools.lru_cache(maxsize=65536)
+def _pattern_category(patterns: tuple, name: str) -> str:
+    return next((c for c, p in patterns if p.search(name)), "other")
 
 
 @functools.lru_cache(maxsize=65536)

@@ -60,8 +60,9 @@ def _latest(cfg) -> Row:
                    "the pre-amble.", SECONDS, [query(f"avg({sel('moe_capture_first_expert_gemm_seconds')})")],
                    graph=False),
         bar_gauge("Share of device time by category", "Latest capture: gate, experts, align_permute, attention, "
-                  "all_to_all, monitoring (moe-monitor's own kernels), other and the other categories of docs/breakdown.md, as shares of the capture's "
-                  "device time (mean over the selected instances).", SHARE,
+                  "all_to_all, monitoring (moe-monitor's own kernels), other and the other categories of "
+                  "docs/breakdown.md, as shares of the capture's device time (mean over the selected instances).",
+                  SHARE,
                   [query(f"sort_desc(avg by (category) ({sel('moe_capture_share')}))", "{{category}}", instant=True)],
                   max_=1, h=9),
         bar_gauge("Device time by category", "Latest capture: device seconds by category, all ranks, summed over "
