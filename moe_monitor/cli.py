@@ -160,10 +160,43 @@ def traces_list(ctx) -> None:
 
 @traces.command("show")
 @click.argument("capture_id")
+@click.option("--json", "as_json", is_flag=True, help="The capture's metadata as JSON (no flight record).")
+@click.option("--top", default=1, show_default=True, type=click.IntRange(1, 20),
+              help="Hottest experts listed per window of the flight record.")
 @click.pass_context
-def traces_show(ctx, capture_id: str) -> None:
-    """One capture's metadata (reason, evidence, window statistics, files, breakdown) as JSON."""
-    click.echo(_api(ctx, "GET", f"/api/captures/{capture_id}").read().decode())
+def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
+    """One capture: reason, evidence, breakdown, files, and its flight record (routing in the minutes before the
+    trigger, one line per window: the most imbalanced layer, the hottest experts, the busiest EP rank)."""
+    import json
+    import time as _time
+    import urllib.parse
+
+    from moe_monitor.sidecar.flight import FlightError, parse, render_summary
+
+    quoted = urllib.parse.quote(capture_id)
+    raw = _api(ctx, "GET", f"/api/captures/{quoted}").read()
+    if as_json:
+        click.echo(raw.decode())
+        return
+    meta = json.loads(raw)
+    when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(meta["created"]))
+    click.echo(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, {when}, "
+               f"{meta.get('duration_s', 0):.1f} s, {len(meta['files'])} files, {meta['total_bytes'] / 1e6:.1f} MB")
+    evidence = meta.get("evidence") or {}
+    if evidence:
+        click.echo("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items()))
+    shares = meta.get("breakdown") or {}
+    if shares:
+        click.echo("breakdown: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in
+                                             sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001))
+    if not any(f["name"] == "flight.json.gz" for f in meta["files"]):
+        click.echo("flight record: none (the flight recorder was off, or the capture is older than it)")
+        return
+    try:
+        doc = parse(_api(ctx, "GET", f"/api/captures/{quoted}/flight").read())
+    except FlightError as e:
+        raise click.ClickException(f"capture {capture_id}: {e}") from None
+    click.echo(render_summary(doc, top))
 
 
 @traces.command("pull")

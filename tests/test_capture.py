@@ -5,6 +5,7 @@ cannot be made to show on demand. The real-vLLM captures are in tests/test_e2e_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -196,14 +197,23 @@ def api(tmp_path):
                             detector=DetectorConfig(max_per_hour=2, cooldown_s=0))
         exporter = Exporter(cfg, process_metrics=False)
         exporter.capturer.run("20261123T120000Z-imbalance-abcdef", "imbalance", {"signal": "x"}, {})
-        port = free_port()
-        loop = asyncio.new_event_loop()
-        runner = web.AppRunner(build_app(exporter))
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        yield f"http://127.0.0.1:{port}", exporter
+        with serve_app(exporter) as url:
+            yield url, exporter
+
+
+@contextlib.contextmanager
+def serve_app(exporter):
+    """The sidecar's real HTTP app for `exporter`, on a free port, on its own event loop thread."""
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(build_app(exporter))
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
 

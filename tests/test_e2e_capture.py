@@ -158,6 +158,32 @@ def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path)
                               capture_output=True, text=True, check=True, timeout=120).stdout
     assert json.loads(analysed)["categories"]["experts"]["us"] > 0
 
+    # the flight record: routing in the minutes before the trigger, stored with the capture
+    assert "flight.json.gz" in pulled
+    with urllib.request.urlopen(f"{sidecar.url}/api/captures/{capture['id']}/flight", timeout=30) as r:
+        record = json.load(r)
+    windows = record["windows"]
+    assert record["format"] == "moe-monitor-flight/1" and len(record["layer_ids"]) == meta["num_layers"]
+    assert record["experts"] == meta["num_experts"] and record["trigger"] <= capture["created"] + 1
+    assert len(windows) >= 10 and all(w["end"] <= record["trigger"] + 1e-6 for w in windows)
+    hot = meta["hot_expert"]
+    before = [w for w in windows if w["end"] <= onset and sum(map(sum, w["counts"]))]
+    after = [w for w in windows if w["start"] >= onset and sum(map(sum, w["counts"]))]
+    assert before and after, [(w["start"] - onset, sum(map(sum, w["counts"]))) for w in windows]
+
+    def hot_share(ws):
+        return sum(w["counts"][i][hot] for w in ws for i in range(len(w["counts"]))) / sum(
+            sum(map(sum, w["counts"])) for w in ws)
+    print(f"flight record: {len(windows)} windows; expert {hot}'s share {hot_share(before):.2f} before the onset, "
+          f"{hot_share(after):.2f} after")
+    assert hot_share(after) > hot_share(before) + 0.1
+    shown = subprocess.run(cli + ["show", capture["id"]], capture_output=True, text=True, check=True,
+                           timeout=60).stdout
+    assert f"flight record: {len(windows)} windows" in shown and f"/{hot}: " in shown
+    with urllib.request.urlopen(sidecar.url + "/api/flight?windows=3", timeout=30) as r:
+        live = json.load(r)
+    assert len(live["windows"]) == 3 and live["windows"][-1]["end"] > record["trigger"]
+
 
 # A CPU hog in its own interpreter (not a fork of this multi-threaded test process: a fork can inherit a lock
 # held by another thread and hang before burning anything, which is what made this test flaky).

@@ -143,14 +143,17 @@ class Capturer:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def trigger(self, reason: str, evidence: dict, context: dict | None = None) -> str | None:
-        """Start a capture in the background; returns its id, or None when one is already running."""
+    def trigger(self, reason: str, evidence: dict, context: dict | None = None,
+                extra: dict | None = None) -> str | None:
+        """Start a capture in the background; returns its id, or None when one is already running. `extra`:
+        files stored with the traces, name -> bytes or a callable making them (the flight record)."""
         with self._lock:
             if self.busy:
                 self.outcomes[(reason, "skipped_busy")] += 1
                 return None
             capture_id = new_capture_id(reason, self._clock())
-            self._thread = threading.Thread(target=self.run, args=(capture_id, reason, evidence, context or {}),
+            self._thread = threading.Thread(target=self.run, args=(capture_id, reason, evidence, context or {},
+                                                                   extra or {}),
                                             name=f"moe-monitor-capture-{capture_id}", daemon=True)
             self._thread.start()
             return capture_id
@@ -159,12 +162,12 @@ class Capturer:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def run(self, capture_id: str, reason: str, evidence: dict, context: dict) -> str:
+    def run(self, capture_id: str, reason: str, evidence: dict, context: dict, extra: dict | None = None) -> str:
         """One capture, start to stored. Ends with exactly one outcome, whatever fails on the way."""
         start, deadline = self._clock(), time.monotonic() + self.cfg.timeout_s
         try:
             with capture_span(capture_id, reason, evidence) as span:
-                outcome, meta = self._capture(capture_id, reason, evidence, context, start, deadline)
+                outcome, meta = self._capture(capture_id, reason, evidence, context, start, deadline, extra or {})
                 span.set_attribute("moe_monitor.outcome", outcome)
                 if meta:
                     span.set_attribute("moe_monitor.files", len(meta["files"]))
@@ -189,7 +192,7 @@ class Capturer:
         except OSError as e:
             log.warning("cannot clean the profile dir of unfinished captures %s: %s", capture_ids, e)
 
-    def _capture(self, capture_id, reason, evidence, context, start, deadline) -> tuple[str, dict | None]:
+    def _capture(self, capture_id, reason, evidence, context, start, deadline, extra) -> tuple[str, dict | None]:
         prefix, before = f"{capture_id}_", self._names()  # every rank file there now is not this capture's
         refused = self._start(capture_id, prefix, deadline)
         if refused:
@@ -198,7 +201,7 @@ class Capturer:
             files, stopped = self._collect(capture_id, prefix, before, deadline)
             if not files:
                 return "no_trace", None
-            return self._store(capture_id, files, reason, evidence, context, start, stopped)
+            return self._store(capture_id, files, reason, evidence, context, start, stopped, extra)
         finally:  # stored, refused or failed: what is left of this capture's own files goes
             remove_regular_files(rank_files(self.cfg.profile_dir, prefix, before), capture_id)
 
@@ -253,7 +256,7 @@ class Capturer:
             log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
             return False
 
-    def _store(self, capture_id, files, reason, evidence, context, start, stopped) -> tuple[str, dict | None]:
+    def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, dict | None]:
         outcome = "ok" if len(files) >= self.expected_ranks() else "partial"
         breakdown = self._analyse(capture_id, files)
         if breakdown is None:
@@ -262,7 +265,8 @@ class Capturer:
                     "stopped_by_sidecar": stopped, "duration_s": self._clock() - start, **context,
                     "breakdown": {c: round(v["share"], 6) for c, v in breakdown["categories"].items()}
                     if breakdown else None}
-        extra = {"breakdown.json": json.dumps(breakdown).encode()} if breakdown else {}
+        extra = dict(self._materialise(capture_id, extra),
+                     **({"breakdown.json": json.dumps(breakdown).encode()} if breakdown else {}))
         try:
             return outcome, self.catalog.store(capture_id, files, metadata, extra)
         except QuotaError as e:
@@ -272,6 +276,18 @@ class Capturer:
             log.error("capture %s: storing it failed, its traces are dropped: %s", capture_id, e,
                       exc_info=not isinstance(e, OSError))
             return "store_failed", None
+
+    @staticmethod
+    def _materialise(capture_id: str, extra: dict) -> dict[str, bytes]:
+        """Extra files given as bytes or as a callable that makes them (the flight record); one that fails is
+        left out (logged), the capture is stored without it."""
+        out = {}
+        for name, value in extra.items():
+            try:
+                out[name] = value() if callable(value) else value
+            except Exception:  # noqa: BLE001
+                log.exception("capture %s: cannot write %s; stored without it", capture_id, name)
+        return out
 
     def _analyse(self, capture_id: str, files: list[str]) -> dict | None:
         """The kernel breakdown, or None when the traces cannot be analysed (they are stored all the same)."""

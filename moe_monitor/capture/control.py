@@ -10,6 +10,7 @@ import time
 
 from moe_monitor.detect.detector import Detector
 from moe_monitor.detect.signals import signals_of
+from moe_monitor.sidecar.flight import FILE as FLIGHT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class CaptureControl:
     def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time):
         self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
         self.ranks = 1  # ranks that reported in the last window: a capture expects one trace per rank
+        self.flight = None  # (trigger time) -> bytes of the flight record a capture stores, when it is on
         self._window = self._stats = None
 
     def observe(self, window, stats, ranks: int) -> None:
@@ -44,7 +46,8 @@ class CaptureControl:
         if capturer is None:
             log.warning("regression detected (captures not configured): %s", decision.evidence())
             self.detector.record_capture(window.end)  # cooldown and budget also pace the log
-        elif capturer.trigger(decision.reason, decision.evidence(), self._context()) is not None:
+        elif capturer.trigger(decision.reason, decision.evidence(), self._context(),
+                              self._extra(window.end)) is not None:
             log.warning("regression detected, capturing: %s", decision.evidence())
             self.detector.record_capture(window.end)
 
@@ -55,11 +58,24 @@ class CaptureControl:
             return 503, {"error": "captures are not configured: start the sidecar with --vllm-url and --profile-dir"}
         if not self.detector.allow_manual(now):
             return 429, {"error": "capture budget exhausted (--max-captures-per-hour)"}
-        capture_id = self.capturer.trigger("manual", {"reason": "manual", "note": reason}, self._context())
+        capture_id = self.capturer.trigger("manual", {"reason": "manual", "note": reason}, self._context(),
+                                           self._extra(now))
         if capture_id is None:
             return 409, {"error": "a capture is already running"}
         self.detector.record_capture(now)
         return 202, {"id": capture_id}
+
+    def _extra(self, trigger: float) -> dict:
+        """Files a capture stores beside its traces: the flight record of the minutes before the trigger (its
+        windows taken now, serialised by the capture's thread). A failure here costs the capture its record,
+        never the capture."""
+        if self.flight is None:
+            return {}
+        try:
+            return {FLIGHT_FILE: self.flight(trigger)}
+        except Exception:  # noqa: BLE001
+            log.exception("cannot snapshot the flight record; the capture goes on without it")
+            return {}
 
     def _context(self) -> dict:
         return window_context(self.vllm_url, self._window, self._stats)

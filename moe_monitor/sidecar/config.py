@@ -4,6 +4,7 @@ here (moe_monitor/settings.py); the CLI builds `moe-monitor serve`'s options fro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moe_monitor.detect.detector import DetectorConfig
@@ -45,6 +46,9 @@ class SidecarConfig:
                                          group="series")
     max_series: int = setting(20000, "--max-series", "Series budget: T2, then T1 are dropped beyond it "
                               "(moe_monitor_series_truncated says so).", minimum=100, group="series")
+    flight_minutes: float = setting(10.0, "--flight-minutes", "Routing flight recorder: minutes of closed windows "
+                                    "(layer x expert counts, EP-rank load, steps) kept in memory, stored with "
+                                    "every capture and served at /api/flight; 0 turns it off.", minimum=0.0)
     max_segment_bytes: int | None = setting(None, "--max-segment-bytes", "Refuse segments larger than this "
                                             "(default 256 MiB).", minimum=4096)
     profile_dir: str | None = setting(None, "--profile-dir", "vLLM's torch_profiler_dir (--profiler-config): the "
@@ -84,6 +88,11 @@ class SidecarConfig:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def flight_windows(self) -> int:
+        """Windows the flight recorder keeps: --flight-minutes of --window."""
+        return math.ceil(self.flight_minutes * 60 / self.window_s - 1e-9) if self.flight_minutes > 0 else 0
 
     @property
     def captures_enabled(self) -> bool:

@@ -29,6 +29,7 @@ from moe_monitor.stats.placement import Placement, PlacementError, contiguous, l
 from .collectors import ALL, Collector, Runner
 from .config import SidecarConfig
 from .exposition import Family, render
+from .flight import FlightRecorder
 from .once import OncePerCause
 from .reading import DetectorView, Reading
 from .segments import SegmentSource
@@ -80,6 +81,9 @@ class Exporter:
         else:
             self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
         self.control = CaptureControl(self.detector, self.capturer, config.vllm_url, clock)
+        self.flight = FlightRecorder(config.flight_windows)
+        self.control.flight = self._flight_file if self.flight.enabled else None
+        self.model = ""
         self.window = self._stats = None
         self._placement_warning: str | None = None
         self._lock = threading.Lock()
@@ -158,6 +162,10 @@ class Exporter:
         self.window, self._stats = window, stats
         if self.config.load_histogram:
             self.load_histogram.observe(window, stats.imbalance_ratio)
+        counted = [s.snapshot for s in statuses if s.counted]
+        self.model = counted[0].header.model if counted else self.model
+        if self.flight.enabled:
+            self.flight.record(window, self._window_rank_load(statuses, window))
         ranks = sum(1 for s in statuses if s.snapshot is not None and not s.ignored)
         self._stage("detect", self.control.observe, window, stats, ranks)
 
@@ -190,6 +198,21 @@ class Exporter:
         except PlacementError:
             return None
 
+    def _window_rank_load(self, statuses, window):
+        placement = self.placement(statuses, window.counts.shape[1])
+        try:
+            return placement.rank_load(window.counts) if placement is not None else None
+        except PlacementError:
+            return None  # logged once by _rank_load
+
+    def _flight_file(self, trigger: float):
+        """The flight record a capture stores: the windows are taken now (on the window thread, when the capture
+        starts), serialised later on the capture's thread (seconds at 61 x 256 x 120 windows)."""
+        return self.flight.snapshot(model=self.model, trigger=trigger).gzipped
+
+    def flight_json(self, last: int | None = None, since: float | None = None) -> bytes:
+        return self.flight.snapshot(model=self.model, last=last, since=since).encode()
+
     def _rank_load(self, statuses, totals):
         """(window, cumulative) EP-rank loads under the placement; (None, None) when it does not fit."""
         if totals.counts is None:
@@ -217,7 +240,10 @@ class Exporter:
         t.add(1 if truncated else 0)
         d = family("moe_monitor_build_duration_seconds")
         d.add(seconds)
-        return [errors, s, t, d]
+        fw, fb = family("moe_monitor_flight_windows"), family("moe_monitor_flight_bytes")
+        fw.add(len(self.flight))
+        fb.add(self.flight.nbytes)
+        return [errors, s, t, d, fw, fb]
 
 
 def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family], dict[str, int], bool]:

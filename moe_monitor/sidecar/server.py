@@ -1,6 +1,6 @@
-"""HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz and a
-landing page, served behind limits (a connection cap, idle and header timeouts) that keep clients which hold
-connections from starving the scrapes (issue #14, defect 6).
+"""HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz, a landing
+page, the captures API and the flight recorder (/api/flight), served behind limits (a connection cap, idle and
+header timeouts) that keep clients which hold connections from starving the scrapes (issue #14, defect 6).
 
 aiohttp rather than prometheus_client's built-in server because the sidecar grows more routes (the trace
 catalog streams files) and aiohttp gives routing, streaming and a production-grade server in one package.
@@ -9,9 +9,11 @@ catalog streams files) and aiohttp gives routing, streaming and a production-gra
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hmac
 import json
 import logging
+import math
 import resource
 import signal
 import socket
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .exporter import Exporter
+from .flight import FILE as FLIGHT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LANDING = """<html><head><title>moe-monitor</title></head><body>
 <h1>moe-monitor sidecar</h1><p>Segments: {segment_dir}; window {window}s</p>
 <ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
-<li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li></ul></body></html>"""
+<li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li>
+<li><a href="/api/flight?windows=12">/api/flight</a> (the routing flight recorder)</li></ul></body></html>"""
 
 # HTTP limits (issue #14, defect 6): misbehaving clients must not stop /metrics from answering. The three
 # tunable ones are settings too (--http-idle-timeout, --http-header-timeout, --http-max-connections).
@@ -116,6 +120,42 @@ def build_app(exporter: Exporter) -> web.Application:
         disposition = f'attachment; filename="{request.match_info["name"]}"'
         return web.FileResponse(path, headers={"Content-Disposition": disposition})
 
+    def json_body(request: web.Request, body: bytes, gzipped: bool) -> web.Response:
+        """JSON bytes, sent gzipped when the client accepts it (a flight record is large and compresses ~10x)."""
+        headers = {"Content-Type": "application/json"}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            if not gzipped:
+                body = gzip.compress(body, compresslevel=3)
+            headers["Content-Encoding"] = "gzip"
+        elif gzipped:
+            body = gzip.decompress(body)
+        return web.Response(body=body, headers=headers)
+
+    async def flight(request: web.Request) -> web.Response:
+        if not exporter.flight.enabled:
+            return web.json_response({"error": "the flight recorder is off (--flight-minutes 0)"}, status=404)
+        try:
+            last = int(request.query["windows"]) if "windows" in request.query else None
+            since = float(request.query["since"]) if "since" in request.query else None
+            if (last is not None and last < 1) or (since is not None and not math.isfinite(since)):
+                raise ValueError
+        except ValueError:
+            return web.json_response({"error": "windows must be an integer >= 1 and since a unix time in seconds"},
+                                     status=400)
+        # a record is MBs of JSON at scale: built off the event loop, so /metrics keeps answering meanwhile
+        body = await asyncio.get_running_loop().run_in_executor(None, exporter.flight_json, last, since)
+        return json_body(request, body, gzipped=False)
+
+    async def capture_flight(request: web.Request) -> web.Response:
+        catalog = catalog_or_503()
+        path = catalog.file_path(request.match_info["id"], FLIGHT_FILE)
+        if path is None:
+            return web.json_response({"error": "no such capture, or it has no flight record (the flight recorder "
+                                               "was off, or the capture is older than it)"}, status=404)
+        with open(path, "rb") as f:
+            data = f.read()
+        return json_body(request, data, gzipped=data[:2] == b"\x1f\x8b")
+
     async def trigger(request: web.Request) -> web.Response:
         denied = refused(request, "trigger a capture")
         if denied is not None:
@@ -135,6 +175,8 @@ def build_app(exporter: Exporter) -> web.Application:
     app.router.add_post("/api/captures", trigger)
     app.router.add_get("/api/captures/{id}", show_capture)
     app.router.add_get("/api/captures/{id}/files/{name}", download)
+    app.router.add_get("/api/captures/{id}/flight", capture_flight)
+    app.router.add_get("/api/flight", flight)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", landing)

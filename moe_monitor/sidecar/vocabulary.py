@@ -190,6 +190,10 @@ METRICS: tuple[Metric, ...] = (
        "1 when the series budget (--max-series) dropped T2 and then T1 families from this exposition."),
     _M("moe_monitor_build_duration_seconds", "gauge", (), "t0", "exporter",
        "Time the last exposition took to build (read segments, fold, statistics, render)."),
+    _M("moe_monitor_flight_windows", "gauge", (), "t0", "exporter",
+       "Windows the routing flight recorder holds (at most --flight-minutes of --window; /api/flight)."),
+    _M("moe_monitor_flight_bytes", "gauge", (), "t0", "exporter",
+       "Memory those windows take (layer x expert counts, EP-rank load, step statistics)."),
 )
 BY_NAME = {m.name: m for m in METRICS}
 if len(BY_NAME) != len(METRICS):

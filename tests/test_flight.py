@@ -1,0 +1,181 @@
+"""The routing flight recorder (issue #17, part 1): the pure ring buffer, its JSON and summary, and the real
+`moe-monitor serve` process fed by the plugin's segment writer (/api/flight, bounds, a model change). The
+capture path (flight record stored with a capture, `traces show`) runs on real vLLM in tests/test_e2e_capture.py
+and with the sidecar's app in test_capture_stores_the_flight_record_of_the_minutes_before_it below."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import free_port
+
+from moe_monitor.channel import Ranks, SegmentWriter, Shape
+from moe_monitor.demo import launch
+from moe_monitor.plugin.steps import StepStats
+from moe_monitor.sidecar.config import SidecarConfig
+from moe_monitor.sidecar.flight import FlightError, FlightRecorder, parse, render_summary, summary
+from moe_monitor.sidecar.windows import Window
+
+
+def window(t: float, counts, layers=(1, 3), steps=True) -> Window:
+    counts = np.asarray(counts, dtype=np.int64)
+    sc = np.arange(6, dtype=np.int64).reshape(3, 2) if steps else None
+    ss = sc * 0.01 if steps else None
+    return Window(t, t + 5, np.asarray(layers), counts, sc, ss, np.array([8.0, np.inf]))
+
+
+def test_ring_keeps_the_newest_windows_within_its_capacity():
+    rec = FlightRecorder(3)
+    for i in range(5):
+        rec.record(window(100 + 5 * i, [[i, 1, 2, 3], [4, 5, 6, 7]]), np.array([[1.0, 2.0], [3.0, 4.0]]))
+    kept = rec.windows()
+    assert len(rec) == 3 and [w.start for w in kept] == [110, 115, 120]
+    assert kept[-1].counts.dtype == np.uint32 and kept[-1].rank_load.dtype == np.float32
+    per_window = 2 * 4 * 4 + 2 * 2 * 4 + 6 * 4 + 6 * 4  # counts, rank load, step counts, step seconds
+    assert rec.nbytes == 3 * per_window
+    assert [w.start for w in rec.windows(last=2)] == [115, 120]
+    assert [w.start for w in rec.windows(since=118)] == [115, 120]
+
+
+def test_another_model_starts_a_new_record_and_zero_minutes_turns_it_off():
+    rec = FlightRecorder(10)
+    rec.record(window(0, [[1, 2], [3, 4]]), None)
+    rec.record(window(5, [[1, 2, 3], [3, 4, 5]]), None)  # more experts: another model
+    assert len(rec) == 1 and rec.windows()[0].counts.shape == (2, 3)
+    rec.record(window(10, [[1, 2, 3]], layers=(7,)), None)
+    assert len(rec) == 1 and rec.layer_ids == (7,)
+    off = FlightRecorder(0)
+    off.record(window(0, [[1, 2]], layers=(0,)), None)
+    assert not off.enabled and len(off) == 0 and off.record_json()["windows"] == []
+    assert SidecarConfig(window_s=5, flight_minutes=10).flight_windows == 120
+    assert SidecarConfig(window_s=7, flight_minutes=1).flight_windows == 9
+    assert SidecarConfig(flight_minutes=0).flight_windows == 0
+
+
+def test_json_round_trip_and_the_summary_an_engineer_reads():
+    rec = FlightRecorder(10)
+    rec.record(window(1000, [[10, 10, 10, 10], [10, 10, 10, 10]]), np.array([[20.0, 20.0], [20.0, 20.0]]))
+    rec.record(window(1005, [[10, 10, 10, 10], [5, 5, 50, 20]]), np.array([[20.0, 20.0], [10.0, 70.0]]))
+    doc = parse(rec.gzipped(model="m", trigger=1010.0))
+    assert doc["layer_ids"] == [1, 3] and doc["experts"] == 4 and doc["ep_ranks"] == 2 and doc["model"] == "m"
+    assert doc["token_bounds"] == [8.0, None] and doc["phases"] == ["prefill", "decode", "mixed"]
+    assert doc["windows"][1]["counts"] == [[10, 10, 10, 10], [5, 5, 50, 20]]
+    rows = summary(doc, top=2)
+    assert rows[0]["worst_imbalance"] == pytest.approx(1.0) and rows[0]["routed"] == 80
+    assert rows[1]["worst_layer"] == 3 and rows[1]["worst_imbalance"] == pytest.approx(50 / 20)
+    assert rows[1]["hottest"][0] == (3, 2, pytest.approx(50 / 80))
+    assert rows[1]["ep_rank_max_over_mean"] == pytest.approx(90 / 60)
+    text = render_summary(doc)
+    assert "2 windows of m" in text and "-5s" in text and "3/2: 62.5 %" in text and "1.50" in text
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "not a readable"), (b"\x1f\x8b\x08\x00garbage", "not a readable"), (b"[1, 2]", "not a flight record"),
+    (json.dumps({"format": "other"}).encode(), "not a flight record"),
+    (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [0], "experts": 2,
+                 "windows": [{"counts": [[1, 2, 3]]}]}).encode(), "window 0"),
+])
+def test_a_bad_flight_record_is_a_clear_error(data, why):
+    with pytest.raises(FlightError, match=why):
+        parse(data)
+
+
+def test_memory_at_deepseek_v3_scale():
+    """61 layers x 256 experts, 16 EP ranks, 10 minutes of 5 s windows: the bound docs/flight.md states."""
+    rec = FlightRecorder(SidecarConfig(window_s=5, flight_minutes=10).flight_windows)
+    counts = np.random.default_rng(0).integers(0, 10**6, size=(61, 256))
+    for i in range(130):
+        rec.record(window(5 * i, counts, layers=tuple(range(61))), np.zeros((61, 16)))
+    assert len(rec) == 120 and rec.nbytes < 8.2e6
+
+
+def write(writer: SegmentWriter, counts: np.ndarray, steps: StepStats) -> None:
+    arrays = steps.snapshot()
+    arrays.update(counts=counts, layer_ids=np.array([0, 1, 2], dtype=np.int32),
+                  layer_flags=np.ones(3, dtype=np.uint8))
+    writer.publish(arrays)
+
+
+def test_real_sidecar_serves_the_flight_record(tmp_path):
+    """`moe-monitor serve` with 1 s windows and a 4-window recorder, fed by the plugin's segment writer with
+    expert 5 of layer 2 turning hot: /api/flight holds the newest 4 windows, in order, with the counts that
+    were written, gzipped on request; bad queries get 400."""
+    seg = tmp_path / "seg"
+    steps = StepStats()
+    writer = SegmentWriter(str(seg), "flight/test", Ranks(0, 1, 0, 1, 0, 1, 0, 1, 0, 1),
+                           Shape(3, 8, len(steps.token_bounds), len(steps.duration_bounds)), top_k=2)
+    counts = np.zeros((3, 8), dtype=np.int64)
+    write(writer, counts, steps)
+    sidecar = launch.start_sidecar(str(seg), free_port(), str(tmp_path / "sidecar.log"),
+                                   ["--window", "1", "--flight-minutes", str(4 / 60)])
+    try:
+        sidecar.wait_ready("/healthz", 20)
+        for i in range(8):  # 8 s: every expert gets 10 more a second, and from the 5th on layer 2's expert 5 500
+            counts += 10
+            if i >= 4:
+                counts[2, 5] += 500
+            write(writer, counts, steps)
+            time.sleep(1.0)
+        with urllib.request.urlopen(sidecar.url + "/api/flight", timeout=10) as r:
+            doc = json.load(r)
+        windows = doc["windows"]
+        assert doc["model"] == "flight/test" and doc["layer_ids"] == [0, 1, 2] and doc["experts"] == 8
+        assert len(windows) == 4 and [w["end"] - w["start"] for w in windows] == [1.0] * 4
+        assert all(b["start"] == a["end"] for a, b in zip(windows, windows[1:]))
+        assert windows[-1]["counts"][2][5] >= 500 and windows[-1]["counts"][0] == [windows[-1]["counts"][0][0]] * 8
+        assert doc["ep_ranks"] == 1 and windows[-1]["rank_load"][2] == [sum(windows[-1]["counts"][2])]
+        req = urllib.request.Request(sidecar.url + "/api/flight?windows=2", headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert len(json.loads(gzip.decompress(r.read()))["windows"]) == 2
+        for bad in ("windows=0", "windows=x", "since=nan"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{sidecar.url}/api/flight?{bad}", timeout=10)
+            assert e.value.code == 400
+    finally:
+        sidecar.stop()
+        writer.close()
+
+
+def test_capture_stores_the_flight_record_of_the_minutes_before_it(tmp_path):
+    """A manual capture through the sidecar's app: the record is stored beside the traces, served at
+    /api/captures/<id>/flight, and `traces show` prints its summary."""
+    from test_capture import FakeProfiler, http, serve_app
+
+    from moe_monitor.detect.detector import DetectorConfig
+    from moe_monitor.sidecar.exporter import Exporter
+
+    with FakeProfiler(str(tmp_path / "profiles")) as vllm:
+        os.makedirs(vllm.profile_dir, exist_ok=True)
+        cfg = SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=vllm.profile_dir, vllm_url=vllm.url,
+                            capture_dir=str(tmp_path / "store"), api_token="t", window_s=5, flight_minutes=1,
+                            detector=DetectorConfig(max_per_hour=5, cooldown_s=0))
+        exporter = Exporter(cfg, process_metrics=False)
+        for i in range(15):
+            exporter.flight.record(window(1000 + 5 * i, [[10, 10, 10, 10 + 40 * (i > 10)], [1, 1, 1, 1]]), None)
+        with serve_app(exporter) as url:
+            status, body = http(url + "/api/captures", "POST", token="t", body={"reason": "look"})
+            assert status == 202
+            exporter.capturer.wait(20)
+            capture_id = json.loads(body)["id"]
+            meta = exporter.catalog.get(capture_id)
+            assert any(f["name"] == "flight.json.gz" for f in meta["files"])
+            status, body = http(f"{url}/api/captures/{capture_id}/flight")
+            doc = json.loads(body)
+            assert status == 200 and len(doc["windows"]) == 12 and doc["windows"][-1]["counts"][0][3] == 50
+            assert http(f"{url}/api/captures/20261123T120000Z-manual-abcdef/flight")[0] == 404
+            cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", url]
+            shown = subprocess.run(cli + ["show", capture_id], capture_output=True, text=True, check=True,
+                                   timeout=60).stdout
+            assert "flight record: 12 windows" in shown and "1/3: " in shown and "evidence: " in shown
+            raw = subprocess.run(cli + ["show", capture_id, "--json"], capture_output=True, text=True, check=True,
+                                 timeout=60).stdout
+            assert json.loads(raw)["id"] == capture_id
