@@ -232,6 +232,92 @@ def traces_trigger(ctx, reason: str) -> None:
     click.echo(json.load(_api(ctx, "POST", "/api/captures", {"reason": reason}))["id"])
 
 
+@main.command()
+@click.option("--capture", "capture_id", help="Plan from this capture's flight record (through the sidecar --url).")
+@click.option("--live", is_flag=True, help="Plan from the live sidecar's flight record (--url), optionally "
+              "only its last --minutes.")
+@click.option("--flight", "flight_file", type=click.Path(exists=True, dir_okay=False),
+              help="Plan from a flight record file (a pulled capture's flight.json.gz).")
+@click.option("--prometheus", "prometheus_url", help="Plan from Prometheus: per-expert series (the sidecars' "
+              "--expert-series all) increased over --range.")
+@click.option("--range", "range_", default="6h", show_default=True, help="With --prometheus: the history range.")
+@click.option("--selector", default="", help="With --prometheus: label matchers, e.g. 'model=\"...\"'.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="With --live: the last minutes only.")
+@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
+              help="The sidecar's base URL (--capture, --live).")
+@click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None, help="Bearer token, if required.")
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="EP ranks (GPUs) the experts spread over.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes (the hierarchical policy packs expert groups per node).")
+@click.option("--groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Expert groups of the model (DeepSeek-V3: 8); 1 for models without group-limited routing.")
+@click.option("--redundant", help="Redundant experts to compare, e.g. 0,16,32 (default: a sweep from the "
+              "smallest count that fills every GPU evenly, in steps of --gpus).")
+@click.option("--strategy", type=click.Choice(["linear", "round_robin"]), default="linear", show_default=True,
+              help="vLLM's placement without EPLB (--expert-placement-strategy), the baseline.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write the recommended placement here (SGLang, sidecar and vLLM-state files; docs/eplb.md).")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minutes, url, token, gpus, nodes, groups,
+         redundant, strategy, out_dir, as_json) -> None:
+    """Should this deployment enable EPLB, and with how many redundant experts? Plans DeepSeek's EPLB placement
+    from recorded routing and predicts per-EP-rank load, balancedness and the straggler factor (docs/eplb.md)."""
+    import json
+    import shlex
+
+    from moe_monitor.eplb import advise, plan_placement, vllm_args, write_placement_files
+    from moe_monitor.eplb.history import HistoryError, from_capture, from_file, from_prometheus, from_sidecar
+
+    chosen = [x for x in (capture_id, live or None, flight_file, prometheus_url) if x]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one history: --capture ID, --live, --flight FILE or --prometheus URL")
+    try:
+        if capture_id:
+            history = from_capture(url, capture_id, token)
+        elif live:
+            history = from_sidecar(url, minutes, token)
+        elif flight_file:
+            history = from_file(flight_file)
+        else:
+            history = from_prometheus(prometheus_url, range_, selector)
+        values = None if not redundant else [int(x) for x in redundant.split(",") if x.strip()]
+        advice = advise(history.load, num_gpus=gpus, num_nodes=nodes, num_groups=groups, redundant=values,
+                        strategy=strategy)
+        written = {}
+        if out_dir:
+            placement = plan_placement(history.load, num_gpus=gpus, num_redundant=advice.recommended.num_redundant,
+                                       num_nodes=nodes, num_groups=groups)
+            written = write_placement_files(out_dir, placement, history.load, moe_layer_ids=list(history.layer_ids))
+    except HistoryError as e:
+        raise click.ClickException(str(e)) from None
+    except ValueError as e:  # the deployment does not fit the model (experts vs GPUs, groups vs nodes, ...)
+        raise click.ClickException(f"cannot plan for this deployment: {e}") from None
+    head = (f"history: {history.source}; {history.assignments:,} assignments over {len(history.layer_ids)} MoE "
+            f"layers x {history.load.shape[1]} experts")
+    if as_json:
+        click.echo(json.dumps({"history": {"source": history.source, "model": history.model,
+                                           "start": history.start, "end": history.end,
+                                           "layer_ids": list(history.layer_ids),
+                                           "assignments": history.assignments},
+                               "advice": advice.to_dict(), "files": {k: str(v) for k, v in written.items()}},
+                              indent=1))
+        return
+    click.echo(head)
+    click.echo(advice.format_table())
+    best = advice.recommended
+    if advice.enable_eplb:
+        click.echo(f"enable EPLB: yes, with {best.num_redundant} redundant experts: mean straggler factor "
+                   f"{advice.baseline.summary.mean_straggler:.3f} -> {best.summary.mean_straggler:.3f} "
+                   f"(x{advice.predicted_gain:.2f} on the slowest rank's expert time); vLLM: "
+                   + " ".join(shlex.quote(a) for a in vllm_args(best.num_redundant)))
+    else:
+        click.echo(f"enable EPLB: no: the best setting ({best.num_redundant} redundant experts, mean straggler "
+                   f"{best.summary.mean_straggler:.3f}) does not beat EPLB off "
+                   f"({advice.baseline.summary.mean_straggler:.3f}) by more than {100 * advice.tolerance:.0f} %")
+    for name, path in written.items():
+        click.echo(f"wrote {name}: {path}")
+
+
 @main.command("gen-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--arch", type=click.Choice(["qwen3_moe", "mixtral", "qwen2_moe"]), default="qwen3_moe")

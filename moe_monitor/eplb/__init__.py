@@ -1,0 +1,76 @@
+"""EPLB advisor core (`moe-monitor eplb`): from a recorded load history [MoE layers, logical experts] and a
+deployment, the expert placement DeepSeek's EPLB algorithm gives, the per-EP-rank load before and after it, the
+balance figures vLLM and SGLang log, a sweep over redundant experts with a recommendation, and the placement in
+the files SGLang (and moe-monitor's sidecar) load. Pure numpy, no torch. See docs/eplb.md."""
+
+from moe_monitor.eplb.balance import (
+    Advice,
+    BalanceReport,
+    LoadSummary,
+    SweepPoint,
+    advise,
+    balance_report,
+    identity_rank_load,
+    layer_balancedness,
+    placement_rank_load,
+    redundancy_sweep,
+    sglang_balancedness,
+    straggler_factor,
+    summarize,
+    vllm_balancedness,
+    vllm_balancedness_layer_axis,
+)
+from moe_monitor.eplb.formats import (
+    FILE_NAMES,
+    sglang_init_expert_location,
+    sglang_logical_count,
+    sidecar_placement,
+    vllm_args,
+    vllm_eplb_state,
+    write_json,
+    write_placement_files,
+)
+from moe_monitor.eplb.placement import (
+    Placement,
+    balanced_packing,
+    check_load,
+    log2phy_from_phy2log,
+    plan_placement,
+    rebalance_experts,
+    rebalance_experts_hierarchical,
+    replicate_experts,
+)
+
+__all__ = [
+    "FILE_NAMES",
+    "Advice",
+    "BalanceReport",
+    "LoadSummary",
+    "Placement",
+    "SweepPoint",
+    "advise",
+    "balance_report",
+    "balanced_packing",
+    "check_load",
+    "identity_rank_load",
+    "layer_balancedness",
+    "log2phy_from_phy2log",
+    "placement_rank_load",
+    "plan_placement",
+    "rebalance_experts",
+    "rebalance_experts_hierarchical",
+    "redundancy_sweep",
+    "replicate_experts",
+    "sglang_balancedness",
+    "sglang_init_expert_location",
+    "sglang_logical_count",
+    "sidecar_placement",
+    "straggler_factor",
+    "summarize",
+    "vllm_args",
+    "vllm_balancedness",
+    "vllm_balancedness_layer_axis",
+    "vllm_eplb_state",
+    "write_json",
+    "write_placement_files",
+]
