@@ -258,3 +258,25 @@ def test_redundancy_sweep():
 def test_bad_input_is_a_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_placement_equals_vllms_own_eplb_policy_on_random_loads():
+    """vLLM ships the same algorithm (vllm/distributed/eplb/policy/default.py): on loads without ties ours must
+    give vLLM's placement slot for slot, hierarchical and global, across shapes."""
+    pytest.importorskip("vllm")
+    torch = pytest.importorskip("torch")
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    from moe_monitor.eplb.placement import rebalance_experts
+
+    rng = np.random.default_rng(1)
+    cases = [(12, 16, 4, 2, 8), (64, 72, 8, 2, 8), (128, 144, 8, 4, 16), (256, 288, 8, 4, 32), (16, 24, 1, 1, 8),
+             (60, 64, 3, 2, 8)]  # (logical, physical, groups, nodes, gpus); the last one takes the global policy
+    for logical, physical, groups, nodes, gpus in cases:
+        for _ in range(5):
+            weight = rng.permutation(logical * 3)[:logical].reshape(1, logical) + rng.random((1, logical))
+            weight = np.vstack([weight, rng.random((2, logical)) * 1000])  # distinct values: no ties
+            ours = rebalance_experts(weight, physical, groups, nodes, gpus).phy2log
+            theirs = DefaultEplbPolicy.rebalance_experts(torch.tensor(weight), physical, groups, nodes, gpus)
+            theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+            assert np.array_equal(ours, np.asarray(theirs)), (logical, physical, groups, nodes, gpus)
