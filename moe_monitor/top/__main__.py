@@ -1,0 +1,30 @@
+"""`python -m moe_monitor.top`: `moe-monitor top` (the same options) without the CLI around it."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from moe_monitor import env
+
+from . import run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--url", "urls", multiple=True, envvar=env.SIDECAR_URL, show_envvar=True,
+              default=["http://127.0.0.1:9464"],
+              help="A sidecar's base URL; repeat for several (n/p switch between them).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between refreshes [default: the sidecar's --window, 2 s until it is known].")
+@click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
+              help="Bearer token sent to the sidecar (top downloads no traces, so it needs none itself).")
+@click.option("--no-color", is_flag=True,
+              help="No colours (also when NO_COLOR is set); the heat map keeps its shade characters.")
+def top(urls: tuple[str, ...], interval: float | None, token: str | None, no_color: bool) -> None:
+    """Live terminal view of sidecars: per-layer imbalance, heat map, EP ranks, step time, detector, captures."""
+    sys.exit(run(urls, interval, token, no_color))
+
+
+if __name__ == "__main__":
+    top()
