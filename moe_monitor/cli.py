@@ -10,6 +10,7 @@ import click
 
 from moe_monitor import __version__, env
 from moe_monitor.sidecar.config import SidecarConfig
+from moe_monitor.top.__main__ import top as top_command
 
 
 def _setup_logging(level: str) -> None:
@@ -318,22 +319,7 @@ def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minute
         click.echo(f"wrote {name}: {path}")
 
 
-@main.command()
-@click.option("--url", "urls", multiple=True, envvar=env.SIDECAR_URL, show_envvar=True,
-              default=["http://127.0.0.1:9464"],
-              help="A sidecar's base URL; repeat for several (n/p switch between them).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
-              help="Seconds between refreshes [default: the sidecar's --window, 2 s until it is known].")
-@click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
-              help="Bearer token sent to the sidecar (top downloads no traces, so it needs none itself).")
-@click.option("--no-color", is_flag=True,
-              help="No colours (also when NO_COLOR is set); the heat map keeps its shade characters.")
-def top(urls: tuple[str, ...], interval: float | None, token: str | None, no_color: bool) -> None:
-    """Live terminal view of sidecars: per-layer imbalance, heat map, EP ranks, step time, detector, captures
-    (docs/top.md; needs `pip install 'moe-monitor[top]'`)."""
-    from moe_monitor.top import run
-
-    sys.exit(run(urls, interval, token, no_color))
+main.add_command(top_command, "top")  # defined once, in moe_monitor/top/__main__.py (Textual loads on run)
 
 
 @main.command("gen-model")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_monitor.eplb.placement import Placement, _count, check_load, plan_placement
+from moe_monitor.eplb.placement import Placement, _count, check_load, nonnegative_matrix, plan_placement
 from moe_monitor.stats.imbalance import rank_imbalance, sglang_balancedness, vllm_balancedness
 
 __all__ = [
@@ -84,12 +84,7 @@ def placement_rank_load(load: object, placement: Placement) -> np.ndarray:
 
 
 def _rank_load(rank_load: object) -> np.ndarray:
-    r = np.asarray(rank_load, dtype=np.float64)
-    if r.ndim != 2 or r.shape[0] < 1 or r.shape[1] < 1:
-        raise ValueError(f"rank_load must be [layers, ranks], got shape {r.shape}")
-    if not np.isfinite(r).all() or (r < 0).any():
-        raise ValueError("rank_load must be finite and >= 0")
-    return r
+    return nonnegative_matrix(rank_load, "rank_load", "[layers, ranks]")
 
 
 def straggler_factor(rank_load: object) -> np.ndarray:

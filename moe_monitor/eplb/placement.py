@@ -68,14 +68,19 @@ def check_load(load: object, name: str = "load") -> np.ndarray:
     return w
 
 
+def nonnegative_matrix(x: object, name: str, dims: str) -> np.ndarray:
+    """x as float64 [rows, columns] with every value finite and >= 0; ValueError naming `name` otherwise."""
+    w = np.asarray(x, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"{name} must be a 2-D array {dims}, got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    return w
+
+
 def _weights(weight: object) -> np.ndarray:
     """Like check_load, but zero rows and an all-zero matrix are fine (a building block may see them)."""
-    w = np.asarray(weight, dtype=np.float64)
-    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
-        raise ValueError(f"weight must be a 2-D array [rows, items], got shape {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("weight must be finite and >= 0")
-    return w
+    return nonnegative_matrix(weight, "weight", "[rows, items]")
 
 
 def balanced_packing(weight: object, num_packs: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""`python -m moe_monitor.top`: `moe-monitor top` (the same options) without the CLI around it."""
+"""`moe-monitor top`'s command (the CLI registers this one), also runnable as `python -m moe_monitor.top`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from . import run
 @click.option("--no-color", is_flag=True,
               help="No colours (also when NO_COLOR is set); the heat map keeps its shade characters.")
 def top(urls: tuple[str, ...], interval: float | None, token: str | None, no_color: bool) -> None:
-    """Live terminal view of sidecars: per-layer imbalance, heat map, EP ranks, step time, detector, captures."""
+    """Live terminal view of sidecars: per-layer imbalance, heat map, EP ranks, step time, detector, captures
+    (docs/top.md; needs `pip install 'moe-monitor[top]'`)."""
     sys.exit(run(urls, interval, token, no_color))
 
 
