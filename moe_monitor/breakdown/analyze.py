@@ -245,7 +245,7 @@ def _sampling_tails(trace: Trace, units: list[Unit], anchor: dict[str, re.Patter
             experts = [j for j, u in enumerate(seq) if _is(anchor, "experts", u)]
             if not experts or experts[-1] > last_gemm:
                 continue
-            if any(_is(anchor, "norm", u) or ("boundary" in anchor and _is(anchor, "boundary", u))
+            if any(_is(anchor, "norm", u) or _is(anchor, "boundary", u)
                    for u in seq[experts[-1] + 1:last_gemm]):
                 tails.update(id(u) for u in seq[last_gemm:] if not u.category)
     return tails
@@ -294,7 +294,7 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
                 _close(pending, "gate")
             if state != "router":  # a new MoE block: the GEMM right before the router is its gate
                 gate = last_gemm
-                if gate is not None and prev_gemm is not None and "gemm_tail" in anchor and \
+                if gate is not None and prev_gemm is not None and \
                         _is(anchor, "gemm_tail", seq[gate]):  # a split-K gate GEMM: its GEMM, then its reduction
                     gate = prev_gemm
                 start = last_norm if last_norm is not None and gate is not None and last_norm < gate else gate
@@ -325,7 +325,7 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
             state, pending = "experts", []
             continue
         boundary = _is(anchor, "norm", u) or _is(anchor, "attention", u) or _is(anchor, "gemm", u) or \
-            ("boundary" in anchor and _is(anchor, "boundary", u))
+            _is(anchor, "boundary", u)
         if state == "experts" and boundary:
             _close(pending, "align_permute")
             state, pending = "idle", []
