@@ -70,6 +70,9 @@ class MixinConfig:
     # Health of the sidecar and the channel.
     sidecar_down_for: str = "5m"
     segments_stale_for: str = "15m"
+    # Self-test against silent zeros: an observable layer that routes nothing in any window of rate_window while
+    # the instance routes tokens in every one, for this long.
+    silent_layer_for: str = "10m"
 
     # Captures: at least capture_failures captures ending in one of these outcomes within the window.
     capture_failure_outcomes: tuple[str, ...] = ("partial", "analysis_failed", "no_trace", "start_failed",

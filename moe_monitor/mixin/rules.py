@@ -92,7 +92,8 @@ def worst_layer(cfg: MixinConfig, gauge: str, threshold: float) -> str:
 def alert_rules(cfg: MixinConfig) -> dict:
     alerts = [
         _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
-        _sidecar_down(cfg), _segments_stale(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
+        _sidecar_down(cfg), _segments_stale(cfg), _silent_layer(cfg), _captures_failing(cfg),
+        _profiler_disabled(cfg),
     ]
     return {"name": ALERTING_GROUP, "rules": alerts}
 
@@ -190,6 +191,20 @@ def _segments_stale(cfg: MixinConfig) -> dict:
         f"For {cfg.segments_stale_for}, {{{{ $value }}}} segment file(s) have been {{{{ $labels.state }}}}: "
         f"a rank stopped publishing or a file cannot be read, and its load is missing from every "
         f"figure.{{{{ end }}}} Per segment: moe_monitor_segment_up{{instance=\"{INSTANCE}\"}}.")
+
+
+def _silent_layer(cfg: MixinConfig) -> dict:
+    w = cfg.rate_window
+    return _alert(
+        cfg, "MoeLayerSilent", "warning", cfg.silent_layer_for,
+        f"(\n  max_over_time({sel(cfg, 'moe_layer_window_routed_tokens')}[{w}]) == 0\n"
+        f"  and on (job, instance, layer) {sel(cfg, 'moe_layer_observable')} == 1\n)\n"
+        f"and on (job, instance)\n  min_over_time({sel(cfg, 'moe_window_routed_tokens')}[{w}]) > 0",
+        f"MoE layer {LAYER} counts nothing on {INSTANCE} while tokens flow.",
+        f"For {cfg.silent_layer_for}, layer {LAYER} routed no assignment in any window while the instance's other "
+        f"layers routed tokens in every one. moe-monitor reports the layer as observable, so its counts should "
+        f"not be zero: the plugin no longer sees that layer's routing (its MoE kernel was rebuilt, or another "
+        f"user of the router's hook replaced moe-monitor's). That layer's balance figures and alerts are blind.")
 
 
 def _captures_failing(cfg: MixinConfig) -> dict:

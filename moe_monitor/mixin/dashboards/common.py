@@ -26,7 +26,7 @@ from ..panels import (
 UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": "moe-kernel-breakdown"}
 TAGS = ["moe-monitor", "moe", "vllm"]
 ALERTS = ("MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
-          "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeCapturesFailing",
+          "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
           "MoeProfilerDisabled")
 LAYER = 'layer=~"$layer"'
 TOP1 = 'rank="1"'
