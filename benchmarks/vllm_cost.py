@@ -75,10 +75,18 @@ SHAPES = {
                    "tie_word_embeddings": False, "hidden_act": "silu", "sliding_window": None},
     },
 }
-# variant -> environment of its engine; a variant named off* runs vLLM without the plugin
-VARIANTS = {"on": {}, "off_a": {}, "off_b": {},
+# variant kind -> environment of its engine; an engine is named KIND or KIND_<suffix> (on_a, on_b, off_c: several
+# engines of one kind, since engine instances differ by up to a few % in TPOT); off* engines run without the plugin
+VARIANTS = {"on": {}, "off": {},
             "staged": {"MOE_MONITOR_RECORDER": "staged"}}  # the recorder that holds nothing in graph pools
 REFERENCE = "off_a"
+
+
+def variant_kind(name: str) -> str:
+    kind = name.split("_")[0]
+    if kind not in VARIANTS:
+        raise ValueError(f"engine {name!r}: its kind {kind!r} is not one of {sorted(VARIANTS)}")
+    return kind
 PLUGIN_PATH = "/tmp/plug"  # where .gpu/device-env.sh registers the plugin's dist-info
 
 
@@ -109,7 +117,7 @@ def engine_main(model: str, kv_gib: float, replies_fd: int, eager: bool, backend
               **({"profiler_config": {"profiler": "torch", "torch_profiler_dir": profile_dir, "ignore_frontend": True,
                                       "torch_profiler_with_stack": False}} if profile_dir else {}),
               **({"attention_config": {"backend": backend}, "kv_cache_memory_bytes": int(kv_gib * 2**30),
-                  "gpu_memory_utilization": 0.1} if on_gpu else {"gpu_memory_utilization": 0.2}))
+                  "gpu_memory_utilization": 0.1} if on_gpu else {"gpu_memory_utilization": 0.12}))
     replies = os.fdopen(replies_fd, "w", buffering=1)
     replies.write(json.dumps({"event": "ready", "seconds": time.time() - started, "pid": os.getpid()}) + "\n")
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
@@ -168,7 +176,7 @@ class Engine:
         self.segments = os.path.join(work, f"segments_{variant}")
         env.update(MOE_MONITOR_SEGMENT_DIR=self.segments)
         self.profiles = os.path.join(work, f"profiles_{variant}")
-        env.update(VARIANTS[variant])
+        env.update(VARIANTS[variant_kind(variant)])
         if variant.startswith("off"):  # not installed; and disabled, were it installed some other way (pip)
             paths = [p for p in paths if os.path.abspath(p) != PLUGIN_PATH]
             env["MOE_MONITOR_ENABLED"] = "0"
@@ -266,6 +274,17 @@ def versus_offs(rows: list[dict], batch: int, a: str) -> list[float]:
     return out
 
 
+def pooled(rows: list[dict], batch: int) -> list[float]:
+    """The mean of the plugin's engines against the mean of the plugin-less ones, per round."""
+    out = []
+    for v in per_round(rows, batch):
+        ons = [t for k, t in v.items() if not k.startswith("off")]
+        offs = [t for k, t in v.items() if k.startswith("off")]
+        if ons and offs:
+            out.append(statistics.fmean(ons) / statistics.fmean(offs) - 1)
+    return out
+
+
 def spread(xs: list[float]) -> str:
     return f"{100 * statistics.median(xs):+.2f} % [{100 * min(xs):+.2f}, {100 * max(xs):+.2f}]" if xs else "n/a"
 
@@ -290,12 +309,14 @@ def summarize(shape: str, rows: list[dict], meta: dict) -> str:
              f"- routed assignments the plugin counted: {meta['routed']:,}", "",
              "TPOT per round, median [min, max]:", "",
              f"| batch | TPOT {ref} | " + " | ".join(f"{v} vs {ref}" for v in others) + " | "
-             + " | ".join(f"{v} vs mean(off)" for v in plugged) + " |",
-             "|---|---|" + "---|" * (len(others) + len(plugged))]
+             + " | ".join(f"{v} vs mean(off)" for v in plugged)
+             + (f" | mean of {len(plugged)} plugin engines vs mean(off)" if len(plugged) > 1 else "") + " |",
+             "|---|---|" + "---|" * (len(others) + len(plugged) + (len(plugged) > 1))]
     for batch in meta["batches"]:
         base = [r["tpot_ms"] for r in rows if r["batch"] == batch and r["variant"] == ref and r.get("tpot_ms")]
         cells = [spread(ratios(rows, batch, v, ref)) for v in others] + \
-            [spread(versus_offs(rows, batch, v)) for v in plugged]
+            [spread(versus_offs(rows, batch, v)) for v in plugged] + \
+            ([spread(pooled(rows, batch))] if len(plugged) > 1 else [])
         lines.append(f"| {batch} | {statistics.median(base):.3f} ms | " + " | ".join(cells) + " |" if base
                      else f"| {batch} | n/a |")
     return "\n".join(lines)
@@ -387,7 +408,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--variants", type=lambda s: s.split(","), default=["on", "off_a", "off_b"],
-                    help=f"engines to compare, from {sorted(VARIANTS)}; {REFERENCE} is the reference")
+                    help=f"engines to compare, each KIND or KIND_<suffix> with KIND in {sorted(VARIANTS)} (e.g. "
+                    f"on_a,on_b,off_a,off_b,off_c); {REFERENCE} is the reference and must be one of them")
     ap.add_argument("--profile-batch", type=int, help="after the rounds, profile one run at this batch size on "
                     "every engine (vLLM's torch profiler; traces under --work)")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs, no torch.compile)")
@@ -403,6 +425,13 @@ def main() -> None:
     ap.add_argument("--kv-gib", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--replies-fd", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.engine and not args.report:
+        try:
+            [variant_kind(v) for v in args.variants]
+        except ValueError as e:
+            ap.error(str(e))
+        if REFERENCE not in args.variants:
+            ap.error(f"--variants must include the reference engine {REFERENCE}")
     if args.report:
         print(report(args.report))
         return
