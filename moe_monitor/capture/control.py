@@ -31,7 +31,8 @@ class CaptureControl:
     def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time):
         self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
         self.ranks = 1  # ranks that reported in the last window: a capture expects one trace per rank
-        self.flight = None  # (trigger time) -> bytes of the flight record a capture stores, when it is on
+        self.flight = None  # (trigger time) -> a callable making the flight record's bytes (the capture's
+        # thread calls it), when the flight recorder is on
         self._window = self._stats = None
 
     def observe(self, window, stats, ranks: int) -> None:

@@ -84,7 +84,7 @@ class Exporter:
         self.flight = FlightRecorder(config.flight_windows)
         self.control.flight = self._flight_file if self.flight.enabled else None
         self.model = ""
-        self.window = self._stats = None
+        self.window = self._stats = self._window_load = None
         self._placement_warning: str | None = None
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
@@ -164,8 +164,9 @@ class Exporter:
             self.load_histogram.observe(window, stats.imbalance_ratio)
         counted = [s.snapshot for s in statuses if s.counted]
         self.model = counted[0].header.model if counted else self.model
-        if self.flight.enabled:
-            self.flight.record(window, self._window_rank_load(statuses, window))
+        self._window_load = self._window_rank_load(statuses, window)  # once per window: the flight record and
+        if self.flight.enabled:  # every reading until the next window use it
+            self.flight.record(window, self._window_load)
         ranks = sum(1 for s in statuses if s.snapshot is not None and not s.ignored)
         self._stage("detect", self.control.observe, window, stats, ranks)
 
@@ -221,8 +222,7 @@ class Exporter:
         if placement is None:
             return None, None
         try:
-            window = placement.rank_load(self.window.counts) if self.window is not None else None
-            return window, placement.rank_load(totals.counts)
+            return self._window_load, placement.rank_load(totals.counts)
         except PlacementError as e:
             if self._placement_warning != str(e):  # once per cause, not every window
                 log.warning("expert placement does not fit the model (%s): no EP-rank metrics", e)

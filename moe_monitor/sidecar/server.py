@@ -120,16 +120,18 @@ def build_app(exporter: Exporter) -> web.Application:
         disposition = f'attachment; filename="{request.match_info["name"]}"'
         return web.FileResponse(path, headers={"Content-Disposition": disposition})
 
-    def json_body(request: web.Request, body: bytes, gzipped: bool) -> web.Response:
-        """JSON bytes, sent gzipped when the client accepts it (a flight record is large and compresses ~10x)."""
-        headers = {"Content-Type": "application/json"}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            if not gzipped:
-                body = gzip.compress(body, compresslevel=3)
-            headers["Content-Encoding"] = "gzip"
-        elif gzipped:
-            body = gzip.decompress(body)
-        return web.Response(body=body, headers=headers)
+    async def json_body(request: web.Request, body: bytes, gzipped: bool) -> web.Response:
+        """JSON bytes, sent gzipped when the client accepts it (a flight record is large and compresses ~10x).
+        (De)compressing MBs runs off the event loop, so /metrics keeps answering meanwhile."""
+        accepts = "gzip" in request.headers.get("Accept-Encoding", "")
+
+        def encode() -> bytes:
+            if accepts and not gzipped:
+                return gzip.compress(body, compresslevel=3)
+            return gzip.decompress(body) if gzipped and not accepts else body
+
+        headers = {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if accepts else {})}
+        return web.Response(body=await asyncio.get_running_loop().run_in_executor(None, encode), headers=headers)
 
     async def flight(request: web.Request) -> web.Response:
         if not exporter.flight.enabled:
@@ -144,7 +146,7 @@ def build_app(exporter: Exporter) -> web.Application:
                                      status=400)
         # a record is MBs of JSON at scale: built off the event loop, so /metrics keeps answering meanwhile
         body = await asyncio.get_running_loop().run_in_executor(None, exporter.flight_json, last, since)
-        return json_body(request, body, gzipped=False)
+        return await json_body(request, body, gzipped=False)
 
     async def capture_flight(request: web.Request) -> web.Response:
         catalog = catalog_or_503()
@@ -152,9 +154,12 @@ def build_app(exporter: Exporter) -> web.Application:
         if path is None:
             return web.json_response({"error": "no such capture, or it has no flight record (the flight recorder "
                                                "was off, or the capture is older than it)"}, status=404)
-        with open(path, "rb") as f:
-            data = f.read()
-        return json_body(request, data, gzipped=data[:2] == b"\x1f\x8b")
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        data = await asyncio.get_running_loop().run_in_executor(None, read)  # MBs at scale: off the event loop
+        return await json_body(request, data, gzipped=data[:2] == b"\x1f\x8b")
 
     async def trigger(request: web.Request) -> web.Response:
         denied = refused(request, "trigger a capture")
