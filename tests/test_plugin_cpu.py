@@ -3,6 +3,9 @@ and the publisher surviving an unwritable segment directory."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,6 +104,88 @@ def test_tap_chains_an_existing_capture_fn_in_either_order(theirs_first):
     _, ids = router._select_experts(torch.zeros(4, 16), logits)
     assert len(seen) == 1 and torch.equal(seen[0], ids)
     np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 4, 8))
+
+
+def monolithic_runner(reports: bool, sink=None):
+    """What attach needs of a MoERunner whose experts kernel is monolithic: the kernel behind its quant
+    method (the test plugin's class, tests/fixtures/monolithic_plugin) and the RoutedExperts sink holder."""
+    import types
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "monolithic_plugin"))
+    try:
+        from moe_monitor_test_monolithic import known_ids_experts
+    finally:
+        sys.path.pop(0)
+    experts = known_ids_experts().__new__(known_ids_experts())  # its __init__ wants vLLM's full configs
+    experts.supports_routing_replay_capture = (lambda: reports)
+    experts.moe_config = types.SimpleNamespace(use_ep=False, ep_size=1, dp_size=1, max_num_tokens=16,
+                                               experts_per_token=2, device="cpu")
+    quant = types.SimpleNamespace(is_monolithic=True, moe_kernel=types.SimpleNamespace(
+        impl=types.SimpleNamespace(fused_experts=experts)))
+    holder = torch.nn.Module()
+    holder.routing_sink = sink
+    runner = torch.nn.Module()
+    runner._quant_method, runner.routed_experts = quant, holder
+    return runner
+
+
+def kernel_writes(sink, ids: torch.Tensor) -> None:
+    """What vLLM's FusedMoEKernelMonolithicImpl.apply does with a sink around the kernel call."""
+    out = sink.buffer[: ids.shape[0]]
+    out.copy_(ids)  # the kernel's routing_replay_out
+    sink.capture_fn(out)
+
+
+@pytest.mark.parametrize("theirs_first", [True, False])
+def test_a_monolithic_layer_is_counted_through_the_routed_experts_sink_beside_another_user(theirs_first):
+    sinks = pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer")
+    from moe_monitor.plugin.attach import Attachment, MoELayer, retap_sinks, sink_unusable, tap_layers
+
+    seen = []
+    runner = monolithic_runner(True)
+    cfg = runner._quant_method.moe_kernel.impl.fused_experts.moe_config
+    if theirs_first:  # e.g. vLLM's capturer bound before moe-monitor attached
+        runner.routed_experts.routing_sink = sinks.RoutedExpertsSink(cfg, seen.append)
+    assert sink_unusable(runner) == ""
+    rec = Recorder(1, 8, 2, "cpu", id_dtypes=(torch.int32, torch.int64, torch.int16))
+    tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, runner, True, via="sink")]), rec)
+    tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, runner, True, via="sink")]), rec)
+    if not theirs_first:  # vLLM's bind_routed_experts_capturer gives the layer a new sink; our patch re-taps
+        runner.routed_experts.routing_sink = sinks.RoutedExpertsSink(cfg, seen.append)
+        retap_sinks(runner)
+    sink = runner.routed_experts.routing_sink
+    assert sink.buffer.dtype == torch.int16
+    rec.set_valid_tokens(3)
+    ids = torch.tensor([[1, 2], [2, 7], [1, 0], [5, 5]], dtype=torch.int16)  # the 4th row is padding
+    kernel_writes(sink, ids)
+    assert len(seen) == 1 and torch.equal(seen[0], ids), "the other user still gets every id, once"
+    np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 3, 8))
+
+
+def test_a_monolithic_layer_is_created_a_sink_when_nobody_else_asked_for_one():
+    sinks = pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer")
+    from moe_monitor.plugin.attach import Attachment, MoELayer, tap_layers
+
+    runner = monolithic_runner(True)
+    rec = Recorder(1, 8, 2, "cpu")
+    tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, runner, True, via="sink")]), rec)
+    sink = runner.routed_experts.routing_sink
+    assert isinstance(sink, sinks.RoutedExpertsSink) and tuple(sink.buffer.shape) == (16, 2)
+    rec.set_valid_tokens(2)
+    kernel_writes(sink, torch.tensor([[3, 4], [4, 6]], dtype=torch.int16))
+    assert rec.host_counts()[0].tolist() == [0, 0, 0, 1, 2, 0, 1, 0]
+
+
+def test_monolithic_kernels_that_do_not_report_their_routing_stay_unobservable():
+    pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer")
+    import types
+
+    from moe_monitor.plugin.attach import sink_unusable
+
+    assert "does not report its routing" in sink_unusable(monolithic_runner(False))
+    foreign = monolithic_runner(True)
+    foreign._quant_method.moe_kernel.impl.fused_experts = types.SimpleNamespace()  # not FusedMoEExpertsMonolithic
+    assert "exposes no routed-experts sink" in sink_unusable(foreign)
 
 
 def test_publisher_survives_unwritable_directory_and_recovers(tmp_path):

@@ -26,9 +26,9 @@ def _stack():
     return MoEStack(MoEShape(**SMALL))
 
 
-def _recorder(stack, mode, capacity=64):
+def _recorder(stack, mode, capacity=64, id_dtypes=(torch.int32, torch.int64)):
     s = stack.shape
-    rec = Recorder(s.layers, s.experts, s.top_k, "cuda", capacity=capacity, mode=mode)
+    rec = Recorder(s.layers, s.experts, s.top_k, "cuda", capacity=capacity, mode=mode, id_dtypes=id_dtypes)
     rec.set_rows(list(range(s.layers)))
     return rec
 
@@ -81,6 +81,34 @@ def check_graphs_sharing_one_pool_count_their_own_ids(mode):
     assert torch.equal(got, expected), (mode, got.sum().item(), expected.sum().item())
 
 
+def check_sink_ids_count_exactly_under_graphs(mode):
+    """Layers counted through vLLM's routed-experts sink: the kernel writes int16 ids into the leading rows
+    of a persistent per-layer buffer ([max tokens, k], allocated before capture) and the tap gets that view."""
+    from moe_stack import capture
+
+    stack = _stack()
+    rec = _recorder(stack, mode, id_dtypes=(torch.int32, torch.int64, torch.int16))
+    sinks = [torch.full((64, SMALL["top_k"]), -1, dtype=torch.int16, device="cuda") for _ in range(SMALL["layers"])]
+
+    def sink_tap(row, ids):  # what FusedMoEKernelMonolithicImpl.apply does: the kernel writes, then capture_fn
+        out = sinks[row][: ids.shape[0]]
+        out.copy_(ids)
+        rec.record(row, out)
+
+    x = torch.randn(32, SMALL["hidden"], device="cuda", dtype=torch.bfloat16)
+    rec.set_valid_tokens(0)
+    graph, _ = capture(lambda x: stack.step(x, tap=sink_tap), x)
+    expected = torch.zeros(SMALL["layers"], SMALL["experts"], dtype=torch.int64)
+    for valid in (32, 17, 1, 0, 32):
+        rec.set_valid_tokens(valid)
+        graph.replay()
+        expected += stack.reference_counts(x, valid)
+    rec.set_valid_tokens(0)
+    torch.cuda.synchronize()
+    assert torch.equal(rec.counts[:, :SMALL["experts"]].cpu(), expected), mode
+    assert (rec.host_counts() == expected.numpy()).all(), mode
+
+
 def check_eager_step_never_syncs_with_the_host(mode):
     stack = _stack()
     rec = _recorder(stack, mode)
@@ -116,16 +144,18 @@ def check_a_step_that_never_reaches_the_last_layer_is_counted_at_the_next_bounda
 
 
 def check_no_kernel_compiles_after_the_recorder_is_built(mode):
-    """Every Triton variant is compiled at attach time: steps of any size, int32 or int64 ids, compile nothing
-    (vLLM's JIT monitor would otherwise warn during inference and the step would stall)."""
+    """Every Triton variant is compiled at attach time: steps of any size, with router ids (int32/int64) or
+    sink ids (int16), compile nothing (vLLM's JIT monitor would otherwise warn during inference and the step
+    would stall)."""
     import triton
 
     compiled = []
     previous = triton.knobs.runtime.jit_post_compile_hook
-    rec = _recorder(_stack(), mode, capacity=4096)
+    dtypes = (torch.int32, torch.int64, torch.int16)
+    rec = _recorder(_stack(), mode, capacity=4096, id_dtypes=dtypes)
     triton.knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(getattr(kw.get("fn"), "name", "?"))
     try:
-        for dtype in (torch.int32, torch.int64):
+        for dtype in dtypes:
             for tokens in (0, 1, 3, 17, 37, 100, 500, 1500, 4096):
                 rec.set_valid_tokens(tokens)
                 ids = torch.randint(0, SMALL["experts"], (tokens, SMALL["top_k"]), device="cuda", dtype=dtype)
@@ -139,6 +169,7 @@ def check_no_kernel_compiles_after_the_recorder_is_built(mode):
 
 
 CHECKS = (check_graph_replays_count_exactly_the_valid_tokens, check_graphs_sharing_one_pool_count_their_own_ids,
+          check_sink_ids_count_exactly_under_graphs,
           check_eager_step_never_syncs_with_the_host,
           check_a_step_that_never_reaches_the_last_layer_is_counted_at_the_next_boundary,
           check_no_kernel_compiles_after_the_recorder_is_built)

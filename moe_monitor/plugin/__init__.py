@@ -12,8 +12,23 @@ import sys
 log = logging.getLogger(__name__)
 
 
+def log_through_vllm() -> None:
+    """Our log lines go where vLLM's go, in its format and at its level (VLLM_LOGGING_LEVEL): vLLM configures
+    only its own logger, so without this only our warnings would reach its log, through Python's last-resort
+    handler. Left alone when the deployment configured the `moe_monitor` logger itself."""
+    ours, theirs = logging.getLogger("moe_monitor"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
 def register() -> None:
     from moe_monitor import env
+
+    log_through_vllm()
 
     if not env.env_bool(env.ENABLED, True):
         log.info("moe-monitor plugin disabled by %s", env.ENABLED)

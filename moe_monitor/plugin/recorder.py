@@ -47,7 +47,10 @@ def default_mode(device: torch.device) -> str:
 
 class Recorder:
     def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device | str,
-                 capacity: int = 8192, mode: str | None = None):
+                 capacity: int = 8192, mode: str | None = None,
+                 id_dtypes: tuple[torch.dtype, ...] = (torch.int32, torch.int64)):
+        """id_dtypes: the dtypes of the ids taps will record (routers give int32/int64, routed-experts sinks
+        int16); on CUDA the counting kernel is compiled for each of them here, before any capture."""
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.device = torch.device(device)
         self.mode = mode or default_mode(self.device)
@@ -78,7 +81,7 @@ class Recorder:
             self.mirror = torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=True)
             self._count_stacked = triton_flush.count_stacked
             self._set_valid_tokens = triton_flush.set_valid_tokens
-            triton_flush.warm_up(self.device, num_experts, top_k)
+            triton_flush.warm_up(self.device, num_experts, top_k, id_dtypes)
 
     def _grow(self, tokens: int) -> None:
         if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated

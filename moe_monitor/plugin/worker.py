@@ -9,10 +9,12 @@ import atexit
 import functools
 import logging
 
+import torch
+
 from moe_monitor import env
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 
-from .attach import find_moe_layers, patch_set_capture_fn, tap_layers
+from .attach import find_moe_layers, patch_bind_routed_experts_capturer, patch_set_capture_fn, tap_layers
 from .publisher import Publisher
 from .recorder import MODES, Recorder
 from .step_timer import CudaEventTimer, HostTimer
@@ -95,12 +97,17 @@ def build_monitor(worker) -> WorkerMonitor | None:
     top_k = max(x.top_k for x in attachment.layers)
     capacity = max(int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0), 8192)
     mode = env.env_choice(env.RECORDER, MODES)  # default: fused on CUDA, per_layer on CPU
+    via_sink = sum(1 for x in attachment.observable if x.via == "sink")
+    id_dtypes = (torch.int32, torch.int64) + ((torch.int16,) if via_sink else ())  # sinks hold int16 ids
     try:
-        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity, mode=mode)
+        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity, mode=mode,
+                            id_dtypes=id_dtypes)
     except ValueError as e:
         log.warning("moe-monitor: %s=%s is not usable here (%s); using the default recorder", env.RECORDER, mode, e)
-        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity)
+        recorder = Recorder(len(attachment.layers), num_experts, top_k, runner.device, capacity=capacity,
+                            id_dtypes=id_dtypes)
     patch_set_capture_fn()
+    patch_bind_routed_experts_capturer()
     tap_layers(attachment, recorder)
     steps = StepStats()
     ranks = read_ranks(vllm_config)
@@ -112,8 +119,9 @@ def build_monitor(worker) -> WorkerMonitor | None:
     publisher.publish_once()  # the segment exists (with zeros) as soon as the model is loaded
     publisher.start()
     atexit.register(publisher.stop)
-    log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s with the %s recorder, "
-             "%d unobservable; segment %s", len(attachment.observable), num_experts, top_k, ranks, recorder.mode,
+    log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s with the %s recorder "
+             "(%d through the kernel's routed-experts sink), %d unobservable; segment %s",
+             len(attachment.observable), num_experts, top_k, ranks, recorder.mode, via_sink,
              len(attachment.layers) - len(attachment.observable), writer.path)
     timer = CudaEventTimer(steps) if recorder.device.type == "cuda" else HostTimer(steps)
     return WorkerMonitor(recorder, publisher, timer)
