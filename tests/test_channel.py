@@ -838,3 +838,29 @@ def test_layer_flags_wrong_length_within_padding_raises_value_error(tmp_path, le
             w.publish(arrays)
     finally:
         w.close()
+
+
+def test_the_live_placement_section_round_trips_and_version_1_segments_still_read(tmp_path):
+    from moe_monitor.channel import SegmentWriter, read_segment
+    from moe_monitor.channel.layout import VERSION
+
+    shape = Shape(num_layers=2, num_experts=4, num_token_buckets=1, num_duration_buckets=1, num_physical=6)
+    arrays = dict(layer_ids=np.arange(2, dtype=np.int32), layer_flags=np.ones(2, dtype=np.uint8),
+                  counts=np.arange(8).reshape(2, 4), token_bounds=np.array([2**63 - 1]),
+                  duration_bounds=np.array([np.inf]), step_hist=np.zeros((3, 1, 1)), step_seconds=np.zeros((3, 1)),
+                  step_tokens=np.zeros((3, 1)), physical_to_logical=np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 0, 0]]))
+    w = SegmentWriter(str(tmp_path), "m", Ranks(ep_size=2), shape, top_k=2)
+    w.publish(arrays)
+    snap = read_segment(w.path)
+    assert VERSION == 2 and snap.header.shape.num_physical == 6
+    assert snap.physical_to_logical.tolist() == arrays["physical_to_logical"].tolist()
+
+    plain = Shape(num_layers=2, num_experts=4, num_token_buckets=1, num_duration_buckets=1)
+    arrays.pop("physical_to_logical")
+    w1 = SegmentWriter(str(tmp_path / "v1"), "m", Ranks(), plain, top_k=2)
+    w1.publish(arrays)
+    with open(w1.path, "r+b") as f:  # what moe-monitor before the placement section wrote: version 1
+        f.seek(8)
+        f.write(struct.pack("<I", 1))
+    old = read_segment(w1.path)
+    assert old.physical_to_logical is None and old.counts.tolist() == arrays["counts"].tolist()

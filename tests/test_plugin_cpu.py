@@ -285,3 +285,34 @@ def test_a_tap_whose_recording_fails_never_raises_into_the_forward_pass(caplog):
     assert rec.failed
     assert sum("stops counting" in r.getMessage() for r in caplog.records) == 1
     assert int(rec.counts[:, 7].sum()) == 0, "nothing is recorded after the failure"
+
+
+def test_the_plugin_follows_vllms_eplb_commits_without_touching_the_device():
+    """vLLM's own commit functions (sync: all layers; async: one layer) applied to a model state: the host copy
+    the publisher writes follows both, and a state of another model (a drafter) is ignored."""
+    es = pytest.importorskip("vllm.distributed.eplb.eplb_state")
+    import types
+
+    from moe_monitor.plugin.placement import LivePlacement, follow_commits
+
+    def state(p2l):
+        p2l = torch.tensor(p2l)
+        E = int(p2l.max()) + 1
+        return types.SimpleNamespace(physical_to_logical_map=p2l.clone(), physical_to_logical_map_buffer=p2l.clone(),
+                                     logical_to_physical_map=torch.full((p2l.shape[0], E, 3), -1),
+                                     logical_replica_count=torch.zeros(p2l.shape[0], E, dtype=torch.long))
+
+    initial = [[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 2, 3]]
+    mine, drafter = state(initial), state(initial)
+    live = LivePlacement(mine, mine.physical_to_logical_map.numpy())
+    follow_commits(live)
+    follow_commits(live)  # idempotent: wrapped once
+    es._commit_eplb_maps(mine, torch.tensor([[3, 2, 1, 0, 3, 3], [1, 0, 3, 2, 1, 1]]))
+    assert live.current.tolist() == [[3, 2, 1, 0, 3, 3], [1, 0, 3, 2, 1, 1]]
+    assert mine.physical_to_logical_map.tolist() == live.current.tolist(), "vLLM's own commit still happened"
+    before = live.current
+    es._commit_eplb_maps_for_layer(mine, torch.tensor([0, 0, 1, 2, 3, 0]), layer=1)
+    assert live.current.tolist() == [[3, 2, 1, 0, 3, 3], [0, 0, 1, 2, 3, 0]]
+    assert before.tolist()[1] == [1, 0, 3, 2, 1, 1], "a snapshot the publisher holds is never written in place"
+    es._commit_eplb_maps(drafter, torch.tensor(initial[::-1]))
+    assert live.current.tolist()[1] == [0, 0, 1, 2, 3, 0] and live.changes == 2

@@ -18,13 +18,17 @@ L, E = 2, 4
 
 
 def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps: StepStats | None = None,
-            writer: SegmentWriter | None = None) -> SegmentWriter:
+            writer: SegmentWriter | None = None, placement=None) -> SegmentWriter:
     steps = steps or StepStats()
-    shape = Shape(len(layer_ids), counts.shape[1], len(steps.token_bounds), len(steps.duration_bounds))
+    slots = np.asarray(placement).shape[1] if placement is not None else 0
+    shape = Shape(len(layer_ids), counts.shape[1], len(steps.token_bounds), len(steps.duration_bounds),
+                  num_physical=slots)
     writer = writer or SegmentWriter(str(directory), "tiny-moe", ranks, shape, top_k=2)
     arrays = steps.snapshot()
     arrays.update(counts=np.asarray(counts, dtype=np.int64), layer_ids=np.asarray(layer_ids, dtype=np.int32),
                   layer_flags=np.asarray(flags if flags is not None else [LAYER_HOOKED] * len(layer_ids)))
+    if placement is not None:
+        arrays["physical_to_logical"] = np.asarray(placement, dtype=np.int32)
     writer.publish(arrays)
     return writer
 
@@ -82,6 +86,33 @@ def test_tp_duplicates_counted_once_dp_ranks_summed(tmp_path, scrape):
     assert tokens(scrape, 1, 2) == 7  # 5 from DP rank 0 + 2 from DP rank 1, each TP pair counted once
     assert scrape("moe_monitor_rank_info", segment="dp0-pp0-tp1", model="tiny-moe", dp_rank=0, pp_rank=0,
                   tp_rank=1, ep_rank=0, counted="false") == 1
+
+
+def test_ep_rank_load_follows_the_placement_the_ranks_publish(tmp_path, scrape):
+    """vLLM's EPLB: 4 logical experts in 6 physical slots over 2 EP ranks (3 each). The segments carry the live
+    placement; a rearrangement changes it, and the next window's load follows."""
+    counts = np.array([[40, 10, 6, 4], [8, 8, 8, 8]])
+    # layer 0: rank 0 holds 0, 1, 0 (expert 0 twice: its 40 split 20/20), rank 1 holds 2, 3, 1
+    # layer 1: rank 0 holds 0, 1, 2; rank 1 holds 3, 3, 2
+    before = [[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]]
+    w0 = publish(tmp_path, Ranks(dp_rank=0, dp_size=2, ep_rank=0, ep_size=2), counts, placement=before)
+    w1 = publish(tmp_path, Ranks(dp_rank=1, dp_size=2, ep_rank=1, ep_size=2), counts, placement=before)
+    # both DP ranks routed `counts`: 2x in total
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 2 * (40 + 5)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * (6 + 4 + 5)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=1, ep_rank=1) == 2 * (8 + 4)
+    after = [[2, 1, 3, 0, 0, 0], [0, 1, 2, 3, 3, 2]]  # expert 0 now only on rank 1, three times
+    for w, rank in ((w0, 0), (w1, 1)):
+        publish(tmp_path, Ranks(dp_rank=rank, dp_size=2, ep_rank=rank, ep_size=2), counts, writer=w, placement=after)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 2 * (6 + 10 + 4)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * 40
+
+
+def test_a_published_placement_that_does_not_fit_drops_ep_metrics_not_the_scrape(tmp_path, scrape):
+    counts = np.array([[4, 3, 2, 1], [1, 1, 1, 1]])
+    publish(tmp_path, Ranks(ep_size=2), counts, placement=[[0, 1, 2, 3, 9, 0], [0, 1, 2, 3, 0, 1]])  # expert 9?
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) is None
+    assert tokens(scrape, 0, 0) == 4  # everything else is still exported
 
 
 def test_pp_stages_hold_disjoint_layers(tmp_path, scrape):

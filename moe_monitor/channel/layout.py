@@ -12,6 +12,9 @@ sidecar. Everything is little-endian. The header is fixed-size; the payload foll
     step_hist        int64  [P, TB, DB]   cumulative step counts (non-cumulative over buckets)
     step_seconds     float64[P, TB]       cumulative step duration
     step_tokens      int64  [P, TB]       cumulative tokens computed in those steps
+    physical_to_logical int32 [L, S]      version 2, only when S > 0: the live expert placement (vLLM's EPLB):
+                                          the logical expert in each of the S physical slots, slots dealt to
+                                          the EP ranks contiguously (S / ep_size each)
 
 Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
 payload, so a reader that copies the file while a write is under way detects it and retries.
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"MOEMSEG\x00"
-VERSION = 1
+VERSION = 2  # 2: the header's last reserved word is num_physical (S), and the placement section follows
+READABLE_VERSIONS = (1, 2)  # version 1 (moe-monitor before the placement section) reads as S = 0
 HEADER_SIZE = 512
 MODEL_NAME_BYTES = 192
 PHASES = ("prefill", "decode", "mixed")
@@ -57,7 +61,7 @@ HEADER = struct.Struct(
     "I"  # flags (reserved, 0)
     "Q"  # payload_size
     "I"  # payload_crc32
-    "I"  # reserved
+    "I"  # num_physical (S): physical expert slots of the placement section; 0 = none (version 1: reserved, 0)
     "Q"  # publish_errors: snapshots the writer failed to publish since it started
     f"{MODEL_NAME_BYTES}s"  # model name, utf-8, NUL padded
 )
@@ -98,6 +102,7 @@ class Shape:
     num_token_buckets: int
     num_duration_buckets: int
     num_phases: int = len(PHASES)
+    num_physical: int = 0  # slots of the placement section (0: no section, the sidecar assumes contiguous)
 
     def sections(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         L, E, P = self.num_layers, self.num_experts, self.num_phases
@@ -111,7 +116,7 @@ class Shape:
             ("step_hist", np.dtype("<i8"), (P, TB, DB)),
             ("step_seconds", np.dtype("<f8"), (P, TB)),
             ("step_tokens", np.dtype("<i8"), (P, TB)),
-        ]
+        ] + ([("physical_to_logical", np.dtype("<i4"), (L, self.num_physical))] if self.num_physical else [])
 
     @property
     def payload_size(self) -> int:
@@ -152,6 +157,7 @@ class Snapshot:
     step_hist: np.ndarray
     step_seconds: np.ndarray
     step_tokens: np.ndarray
+    physical_to_logical: np.ndarray | None = None  # [L, S] live placement, when the writer published one
 
 
 def pack_header(h: Header) -> bytes:
@@ -160,7 +166,7 @@ def pack_header(h: Header) -> bytes:
     raw = HEADER.pack(
         MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
         s.num_layers, s.num_experts, h.top_k, *h.ranks.as_tuple(), s.num_phases, s.num_token_buckets,
-        s.num_duration_buckets, 0, h.payload_size, h.payload_crc32, 0, h.publish_errors, model,
+        s.num_duration_buckets, 0, h.payload_size, h.payload_crc32, s.num_physical, h.publish_errors, model,
     )
     return raw.ljust(HEADER_SIZE, b"\x00")
 
@@ -178,16 +184,19 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
     magic, version, header_size = f[0], f[1], f[2]
     if magic != MAGIC:
         raise SegmentError("magic", f"not a moe-monitor segment (magic {magic!r})")
-    if version != VERSION:
-        raise SegmentError("version", f"segment format version {version}, this reader understands {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise SegmentError("version", f"segment format version {version}, this reader understands "
+                                      f"{', '.join(map(str, READABLE_VERSIONS))}")
     if header_size != HEADER_SIZE:
         raise SegmentError("corrupt", f"header_size {header_size} != {HEADER_SIZE}")
     seq, generation, created, updated, pid, L, E, top_k = f[3:11]
     ranks = Ranks(*f[11:21])
-    P, TB, DB, _flags, payload_size, crc, _res, publish_errors, model = f[21:30]
+    P, TB, DB, _flags, payload_size, crc, S, publish_errors, model = f[21:30]
     if P != len(PHASES) or TB < 1 or DB < 1:
         raise SegmentError("corrupt", f"bad histogram dimensions phases={P} token_buckets={TB} duration_buckets={DB}")
-    shape = Shape(L, E, TB, DB, P)
+    if version == 1:
+        S = 0
+    shape = Shape(L, E, TB, DB, P, S)
     if payload_size > max_payload:
         raise SegmentError("oversized", f"payload of {payload_size} bytes exceeds the limit of {max_payload}")
     if payload_size != shape.payload_size:

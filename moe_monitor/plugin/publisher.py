@@ -18,6 +18,7 @@ import numpy as np
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, SegmentWriter
 
 from .attach import Attachment
+from .placement import LivePlacement
 from .recorder import Recorder
 from .steps import StepStats
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(self, writer: SegmentWriter, recorder: Recorder, steps: StepStats, attachment: Attachment,
-                 interval_s: float):
+                 interval_s: float, placement: LivePlacement | None = None):
         self.writer, self.recorder, self.steps, self.attachment = writer, recorder, steps, attachment
+        self.placement = placement
         self.interval_s = interval_s
         self.errors = 0
         self._failing = False
@@ -64,6 +66,8 @@ class Publisher:
             arrays = self.steps.snapshot()
             arrays.update(layer_ids=self._layer_ids, counts=self.recorder.host_counts(),
                           layer_flags=self.layer_flags(bool(arrays["step_hist"].any())))
+            if self.placement is not None:
+                arrays["physical_to_logical"] = self.placement.current  # swapped whole by each commit
             self.writer.publish(arrays, publish_errors=self.errors)
         except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise
             self.errors += 1

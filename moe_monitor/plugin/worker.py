@@ -15,6 +15,7 @@ from moe_monitor import env
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 
 from .attach import find_moe_layers, patch_bind_routed_experts_capturer, patch_set_capture_fn, tap_layers
+from .placement import read_live_placement
 from .publisher import Publisher
 from .recorder import MODES, Recorder
 from .step_timer import CudaEventTimer, HostTimer
@@ -111,18 +112,22 @@ def build_monitor(worker) -> WorkerMonitor | None:
     tap_layers(attachment, recorder)
     steps = StepStats()
     ranks = read_ranks(vllm_config)
-    shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds))
+    placement = read_live_placement(runner, runner.get_model(), len(attachment.layers))  # None without EPLB
+    shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds),
+                  num_physical=placement.num_physical if placement else 0)
     writer = SegmentWriter(env.env_str(env.SEGMENT_DIR, env.DEFAULT_SEGMENT_DIR), model_name(vllm_config), ranks,
                            shape, top_k)
     interval = env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01)
-    publisher = Publisher(writer, recorder, steps, attachment, interval)
+    publisher = Publisher(writer, recorder, steps, attachment, interval, placement)
     publisher.publish_once()  # the segment exists (with zeros) as soon as the model is loaded
     publisher.start()
     atexit.register(publisher.stop)
     log.info("moe-monitor: counting %d MoE layers x %d experts (top-%d) on %s with the %s recorder "
-             "(%d through the kernel's routed-experts sink), %d unobservable; segment %s",
+             "(%d through the kernel's routed-experts sink), %d unobservable; %s; segment %s",
              len(attachment.observable), num_experts, top_k, ranks, recorder.mode, via_sink,
-             len(attachment.layers) - len(attachment.observable), writer.path)
+             len(attachment.layers) - len(attachment.observable),
+             f"EPLB placement of {placement.num_physical} physical experts published live" if placement
+             else "contiguous expert placement", writer.path)
     timer = CudaEventTimer(steps) if recorder.device.type == "cuda" else HostTimer(steps)
     return WorkerMonitor(recorder, publisher, timer)
 

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from moe_monitor.breakdown.latest import CatalogLatest, LatestBreakdown
@@ -191,9 +192,14 @@ class Exporter:
         return counted[0].header.top_k if counted else 1
 
     def placement(self, statuses, num_experts: int) -> Placement | None:
+        """The live placement the ranks publish (vLLM's EPLB), else --placement, else vLLM's contiguous one."""
+        ranks = max((s.snapshot.header.ranks.ep_size for s in statuses if s.counted), default=1)
+        live = next((s.snapshot.physical_to_logical for s in statuses
+                     if s.counted and s.snapshot.physical_to_logical is not None), None)
+        if live is not None:
+            return Placement(ranks, live.astype(np.int64))
         if self._placement_file:
             return self._placement_file
-        ranks = max((s.snapshot.header.ranks.ep_size for s in statuses if s.counted), default=1)
         try:
             return contiguous(num_experts, ranks)
         except PlacementError:

@@ -42,6 +42,10 @@ class Placement:
         p2l = np.broadcast_to(self.physical_to_logical, (L, self.physical_to_logical.shape[1]))
         if p2l.max(initial=-1) >= E:
             raise PlacementError(f"placement names logical expert {int(p2l.max())}, the model has {E}")
+        if p2l.min(initial=0) < 0:
+            raise PlacementError(f"placement names logical expert {int(p2l.min())}: ids start at 0")
+        if p2l.shape[1] % self.num_ranks:
+            raise PlacementError(f"{p2l.shape[1]} physical slots do not split evenly over {self.num_ranks} EP ranks")
         replicas = np.stack([np.bincount(row, minlength=E) for row in self.physical_to_logical]).astype(np.float64)
         replicas = np.broadcast_to(replicas, (L, E))
         if (replicas == 0).any():
