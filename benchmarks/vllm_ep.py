@@ -49,6 +49,7 @@ def post(url: str, body: dict | None = None, timeout: float = 120) -> int:
 def run_config(name: str, args: list[str], model: str, meta: dict, out: str) -> dict:
     work = os.path.join("/tmp/vllm_ep", name)
     shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
     segments, profiles, reference = (os.path.join(work, d) for d in ("segments", "profiles", "eplb_reference"))
     env = launch.vllm_env(segments, publish_interval=0.2)
     env["MOE_EPLB_REFERENCE_DIR"] = reference
