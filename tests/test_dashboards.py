@@ -28,13 +28,20 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RECORDING_RULES = {
     "moe:step_duration_seconds:p50_rate5m", "moe:step_duration_seconds:p99_rate5m", "moe:step_tokens:rate5m",
     "moe:ep_rank_routed_tokens:rate5m", "moe:layer_ep_rank_imbalance_ratio:rate5m", "moe:routed_assignments:rate5m",
-    "moe:worst_layer_imbalance_ratio:max_over_time5m",
+    "moe:worst_layer_imbalance_ratio:max_over_time5m", "moe:deployment_ep_rank_routed_tokens:rate5m",
+    "moe:deployment_layer_ep_rank_imbalance_ratio:rate5m", "moe:deployment_expert_routed_tokens:rate5m",
+    "moe:deployment_layer_expert_imbalance_ratio:rate5m",
 }
 PROMETHEUS_BUILTINS = {"up", "ALERTS"}
 # Values that survive substitution unchanged, so the scoping check can find them in the parsed matchers.
 SAMPLE = {"job": ["moejob"], "instance": ["sidecar-a:9464", "sidecar-b:9464"], "model": ["tiny"],
-          "layer": ["1", "3"], "datasource": "prom"}
-SINGLE = {"job": "moejob", "instance": "sidecar-a:9464", "model": "tiny", "layer": "5", "datasource": "prom"}
+          "layer": ["1", "3"], "datasource": "prom", "deployment": "inference/dsv3-0"}
+SINGLE = {"job": "moejob", "instance": "sidecar-a:9464", "model": "tiny", "layer": "5", "datasource": "prom",
+          "deployment": "inference/dsv3-0"}
+DEPLOYMENT = "moe-deployment"  # uid of the one dashboard scoped by job and deployment instead of job and instance
+# Template variables of each dashboard, in order, and the ones each variable's query uses.
+VARIABLES = {"per instance": {"job": set(), "model": {"job"}, "instance": {"job", "model"}, "layer": {"job", "instance"}},
+             DEPLOYMENT: {"job": set(), "deployment": {"job"}, "layer": {"job", "deployment"}}}
 
 BUILT = dashboards.build()
 
@@ -63,11 +70,17 @@ def content_panels(d: dict) -> list[dict]:
 
 # -- structure ---------------------------------------------------------------------------------------
 
-def test_three_dashboards_with_stable_uids_tags_refresh_and_time():
-    assert set(BUILT) == {"moe-overview.json", "moe-expert-load.json", "moe-kernel-breakdown.json"}
+def scope(d: dict) -> str:
+    """The variable that scopes a dashboard's queries besides job: `deployment` or `instance`."""
+    return "deployment" if d["uid"] == DEPLOYMENT else "instance"
+
+
+def test_four_dashboards_with_stable_uids_tags_refresh_and_time():
+    assert set(BUILT) == {"moe-overview.json", "moe-expert-load.json", "moe-kernel-breakdown.json",
+                          "moe-deployment.json"}
     uids = {name: d["uid"] for name, d in BUILT.items()}
     assert uids == {"moe-overview.json": "moe-overview", "moe-expert-load.json": "moe-expert-load",
-                    "moe-kernel-breakdown.json": "moe-kernel-breakdown"}
+                    "moe-kernel-breakdown.json": "moe-kernel-breakdown", "moe-deployment.json": DEPLOYMENT}
     for d in BUILT.values():
         assert "moe-monitor" in d["tags"] and d["refresh"] and d["time"]["from"].startswith("now-")
         assert d["title"].startswith("MoE ") and d["description"]
@@ -107,20 +120,22 @@ def test_every_panel_has_unit_description_and_the_datasource_variable():
 
 
 def test_template_variables_are_chained():
-    expected_order = ["datasource", "job", "model", "instance", "layer"]
     for d in BUILT.values():
+        needs = VARIABLES.get(d["uid"], VARIABLES["per instance"])
         variables = d["templating"]["list"]
-        assert [v["name"] for v in variables] == expected_order
-        assert [v["id"] for v in variables] == expected_order  # Grafana keys variables by id
+        assert [v["name"] for v in variables] == ["datasource", *needs]
+        assert [v["id"] for v in variables] == ["datasource", *needs]  # Grafana keys variables by id
         assert variables[0]["type"] == "datasource" and variables[0]["query"] == "prometheus"
         defined = {"datasource"}
-        needs = {"job": set(), "model": {"job"}, "instance": {"job", "model"}, "layer": {"job", "instance"}}
         for v in variables[1:]:
             used = set(re.findall(r"\$\{?(\w+)", v["query"]))
             assert used == needs[v["name"]], v["name"]
             assert used <= defined, f"{v['name']} refers to a variable defined after it"
             assert v["datasource"] == DATASOURCE and v["refresh"] == 2
-            assert v["multi"] and v["includeAll"] and "allValue" not in v
+            if v["name"] == "deployment":  # one deployment at a time: its panels sum over its sidecars
+                assert not v["multi"] and not v["includeAll"]
+            else:
+                assert v["multi"] and v["includeAll"] and "allValue" not in v
             defined.add(v["name"])
         layer = variables[-1]
         assert layer["sort"] == 3  # numerical
@@ -154,7 +169,7 @@ def test_panel_queries_cover_every_target_annotation_and_variable():
         targets = sum(len(p.get("targets") or []) for p in content_panels(d))
         assert len(panel_queries(d, [PANEL])) == targets
         assert len(panel_queries(d, [ANNOTATION])) == len(d["annotations"]["list"])
-        assert len(panel_queries(d, [VARIABLE])) == 4
+        assert len(panel_queries(d, [VARIABLE])) == len(d["templating"]["list"]) - 1  # all but the data source
 
 
 def test_panel_queries_reach_panels_inside_collapsed_rows():
@@ -181,18 +196,21 @@ def test_every_query_parses_after_substitution(values):
             pytest.fail(f"{q.dashboard} / {q.panel} / {q.ref_id}: {e}\n{expr}")
 
 
-def test_every_selector_is_scoped_by_job_and_instance():
-    values = {"job": ["J"], "instance": ["I"], "model": ["M"], "layer": ["L"], "datasource": "prom"}
-    for q in all_queries([PANEL, ANNOTATION]):
-        expr = promql_parser.parse(substitute(q.expr, values))
-        selectors = []
-        promql_parser.walk(expr, lambda n, selectors=selectors:
-                           selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
-        assert selectors, q
-        for s in selectors:
-            matchers = {(m.name, str(m.op), m.value) for m in s.matchers.matchers}
-            assert {("job", str(promql_parser.MatchOp.Re), "J"), ("instance", str(promql_parser.MatchOp.Re), "I")} \
-                <= matchers, f"{q.dashboard} / {q.panel}: {s}"
+def test_every_selector_is_scoped_by_job_and_instance_or_deployment():
+    values = {"job": ["J"], "instance": ["I"], "model": ["M"], "layer": ["L"], "datasource": "prom", "deployment": "D"}
+    for d in BUILT.values():
+        scoped_by = {"instance": ("instance", "I"), "deployment": ("deployment", "D")}[scope(d)]
+        for q in panel_queries(d, [PANEL, ANNOTATION]):
+            expr = promql_parser.parse(substitute(q.expr, values))
+            selectors = []
+            promql_parser.walk(expr, lambda n, selectors=selectors:
+                               selectors.append(n) if isinstance(n, promql_parser.VectorSelector) else None)
+            assert selectors, q
+            for s in selectors:
+                matchers = {(m.name, str(m.op), m.value) for m in s.matchers.matchers}
+                assert {("job", str(promql_parser.MatchOp.Re), "J"),
+                        (scoped_by[0], str(promql_parser.MatchOp.Re), scoped_by[1])} <= matchers, \
+                    f"{q.dashboard} / {q.panel}: {s}"
 
 
 def test_every_metric_is_documented_or_a_recording_rule():
@@ -208,8 +226,8 @@ def test_every_metric_is_documented_or_a_recording_rule():
 
 
 def test_per_layer_series_are_filtered_by_the_layer_variable():
-    per_layer = re.compile(r"^moe(_layer_|_expert_|_ep_rank_|:ep_rank_|:layer_)")
-    values = {"job": ["J"], "instance": ["I"], "model": ["M"], "layer": ["L"], "datasource": "prom"}
+    per_layer = re.compile(r"^moe(_layer_|_expert_|_ep_rank_|:ep_rank_|:layer_|:deployment_)")
+    values = {"job": ["J"], "instance": ["I"], "model": ["M"], "layer": ["L"], "datasource": "prom", "deployment": "D"}
     checked = 0
     for q in all_queries([PANEL]):
         selectors = []
@@ -266,8 +284,10 @@ def test_capture_table_links_to_the_sidecar_trace_api_route():
     assert "max_over_time(moe_capture_info{" in table["targets"][0]["expr"]  # the id: moe_capture_info{capture}
 
 
-def test_capture_annotations_on_every_dashboard():
+def test_capture_annotations_on_every_per_instance_dashboard():
     for d in BUILT.values():
+        if scope(d) != "instance":
+            continue  # the deployment view's only annotation is its alert (test_deployment_dashboard_*)
         exprs = [a["expr"] for a in d["annotations"]["list"]]
         assert any("moe_captures_total" in e for e in exprs)
         assert any("moe_capture_last_end_timestamp_seconds" in e for e in exprs)
@@ -289,6 +309,30 @@ def test_config_is_honoured():
         assert panels[title]["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed"
     assert dashboards.build(MixinConfig()) == BUILT  # None means the defaults
     assert dashboards.build(SimpleNamespace()) == BUILT  # a config lacking fields: their defaults
+
+
+def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label():
+    from moe_monitor.mixin.config import MixinConfig
+    from moe_monitor.mixin.rules import recording_rules
+
+    deployment_records = {r["record"] for r in recording_rules(MixinConfig())["rules"] if ":deployment_" in r["record"]}
+    d = BUILT["moe-deployment.json"]
+    used = set()
+    for q in panel_queries(d, [PANEL]):
+        used |= metric_names(substitute(q.expr, SAMPLE))
+    assert deployment_records <= used, f"not on the deployment dashboard: {deployment_records - used}"
+    (alert,) = d["annotations"]["list"]
+    assert 'alertname="MoeDeploymentEPRankImbalance"' in alert["expr"] and alert["enable"]
+
+    cfg = MixinConfig(deployment_label="lws_group", ep_rank_imbalance_ratio=1.7)
+    other = dashboards.build(cfg)["moe-deployment.json"]
+    variable = next(v for v in other["templating"]["list"] if v["name"] == "deployment")
+    assert variable["query"] == 'label_values(moe_monitor_build_info{job=~"$job", lws_group!=""}, lws_group)'
+    for q in panel_queries(other, [PANEL, ANNOTATION]):
+        assert 'lws_group=~"$deployment"' in q.expr and not re.search(r"\bdeployment(=~|!=|=)", q.expr), q
+    panels = {p["title"]: p for p in content_panels(other)}
+    imbalance = panels["EP-rank imbalance by layer (deployment)"]["fieldConfig"]["defaults"]
+    assert imbalance["thresholds"]["steps"][-1]["value"] == 1.7 and imbalance["custom"]["thresholdsStyle"]["mode"] == "dashed"
 
 
 # -- substitute ----------------------------------------------------------------------------------------

@@ -393,6 +393,12 @@ def test_ports_and_paths_agree(pod, serve_options):
 
 
 def test_shared_volumes_are_wired(pod):
+    assert_volumes_wired(pod, vllm_args(container(pod, VLLM_CONTAINER)))
+
+
+def assert_volumes_wired(pod: dict, vllm_argv: list[str]) -> None:
+    """Segments and traces on volumes shared by vLLM (args `vllm_argv`) and the sidecar; the catalog, if any, on the
+    sidecar's own volume within its size limit; every emptyDir bounded, every volume mounted."""
     vllm, sidecar = container(pod, VLLM_CONTAINER), container(pod, SIDECAR_CONTAINER)
     flags = sidecar_flags(sidecar)
 
@@ -406,7 +412,7 @@ def test_shared_volumes_are_wired(pod):
     assert segments["medium"] == "Memory" and quantity(segments["sizeLimit"]) <= 256 * 2**20
 
     # Traces: vLLM's torch_profiler_dir is the sidecar's --profile-dir, one shared volume.
-    profile_dir = profiler_config(vllm)["torch_profiler_dir"]
+    profile_dir = json.loads(arg_value(vllm_argv, "--profiler-config"))["torch_profiler_dir"]
     assert flags["--profile-dir"] == profile_dir
     m_vllm, m_side = mount_of(vllm, profile_dir), mount_of(sidecar, profile_dir)
     assert m_vllm and m_side and m_vllm["name"] == m_side["name"], "profile dir must be one shared volume"
@@ -414,10 +420,11 @@ def test_shared_volumes_are_wired(pod):
 
     # The catalog: on a volume of the sidecar only, its quota below the volume's size limit (going over a sizeLimit
     # evicts the pod).
-    m_cat = mount_of(sidecar, flags["--capture-dir"])
-    assert m_cat and not mount_of(vllm, flags["--capture-dir"])
-    limit = quantity(volume(pod, m_cat["name"])["emptyDir"]["sizeLimit"])
-    assert int(flags["--max-capture-bytes"]) < limit
+    if "--capture-dir" in flags:
+        m_cat = mount_of(sidecar, flags["--capture-dir"])
+        assert m_cat and not mount_of(vllm, flags["--capture-dir"])
+        limit = quantity(volume(pod, m_cat["name"])["emptyDir"]["sizeLimit"])
+        assert int(flags["--max-capture-bytes"]) < limit
 
     for v in pod["volumes"]:
         assert "sizeLimit" in v.get("emptyDir", {"sizeLimit": "n/a"}), f"emptyDir {v['name']} without sizeLimit"
@@ -426,6 +433,14 @@ def test_shared_volumes_are_wired(pod):
 
 
 def test_security_and_resources(pod):
+    assert_secure(pod)
+    vllm = container(pod, VLLM_CONTAINER)
+    gpus = vllm["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(arg_value(vllm_args(vllm), "--tensor-parallel-size")) == int(gpus)
+
+
+def assert_secure(pod: dict) -> None:
+    """The pod's security settings and resources (deploy/README.md, "What the manifests choose")."""
     assert not pod.get("shareProcessNamespace") and not pod.get("hostNetwork") and not pod.get("hostPID")
     assert pod["automountServiceAccountToken"] is False
     sc = pod["securityContext"]
@@ -447,7 +462,6 @@ def test_security_and_resources(pod):
     vllm = container(pod, VLLM_CONTAINER)
     gpus = vllm["resources"]["limits"]["nvidia.com/gpu"]
     assert vllm["resources"]["requests"]["nvidia.com/gpu"] == gpus and int(gpus) >= 1
-    assert int(arg_value(vllm_args(vllm), "--tensor-parallel-size")) == int(gpus)
     shm = mount_of(vllm, "/dev/shm")
     assert shm and volume(pod, shm["name"])["emptyDir"]["medium"] == "Memory", "NCCL needs more than 64 MB of /dev/shm"
     assert "nvidia.com/gpu" not in sidecar["resources"].get("limits", {})
@@ -691,3 +705,222 @@ def test_generated_prometheus_starts_loads_the_rules_and_finds_alertmanager(tmp_
         assert [a["url"] for a in ams] == [f"{am_base}/api/v2/alerts"]
     finally:
         stop(proc, log)
+
+
+# -- several nodes: deploy/kubernetes/multinode (a LeaderWorkerSet) -------------------------------------------
+
+MULTINODE = K8S / "multinode"
+LWS_CRD = "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
+# What LWS (v0.6+) sets in every container of a group's pods, here for group 0 of `vllm-moe-ep` in `inference`.
+LWS_LEADER_ADDRESS = "vllm-moe-ep-0.vllm-moe-ep.inference"
+
+
+def multinode_manifests() -> list[tuple[str, dict]]:
+    k = load(MULTINODE / "kustomization.yaml")
+    return [(name, doc) for name in k["resources"] for doc in load_all(MULTINODE / name)]
+
+
+def multinode(kind: str) -> list[dict]:
+    return [doc for _, doc in multinode_manifests() if doc["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def lws() -> dict:
+    (doc,) = multinode("LeaderWorkerSet")
+    return doc
+
+
+@pytest.fixture(scope="module")
+def templates(lws) -> dict[str, dict]:
+    """The pod templates: {"leader": ..., "worker": ...}."""
+    t = lws["spec"]["leaderWorkerTemplate"]
+    return {"leader": t["leaderTemplate"], "worker": t["workerTemplate"]}
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of a container's command and args (k8s.io/kubernetes third_party/forked/golang/
+    expansion): `$$` is `$`, `$(NAME)` a defined variable's value; anything else, undefined names included, stays."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "$" and i + 1 < len(text):
+            if text[i + 1] == "$":
+                out.append("$")
+                i += 2
+                continue
+            if text[i + 1] == "(":
+                end = text.find(")", i + 2)
+                if end != -1:
+                    name = text[i + 2:end]
+                    out.append(env.get(name, f"$({name})"))
+                    i = end + 1
+                    continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def lws_env(lws: dict, worker_index: int) -> dict[str, str]:
+    return {"LWS_LEADER_ADDRESS": LWS_LEADER_ADDRESS, "LWS_WORKER_INDEX": str(worker_index),
+            "LWS_GROUP_SIZE": str(lws["spec"]["leaderWorkerTemplate"]["size"])}
+
+
+def run_argv(c: dict, env: dict[str, str], tmp_path: Path) -> list[str]:
+    """The argv the container's process really gets: the kubelet's $(VAR) expansion, then, for a `sh -c` command,
+    the shell itself run with a stand-in program that prints the argv of whatever the script executes."""
+    env = {**{e["name"]: e["value"] for e in c.get("env", []) if "value" in e}, **env}
+    cmd = [kubelet_expand(a, env) for a in [*c["command"], *c.get("args", [])]]
+    if cmd[0] not in ("/bin/sh", "sh"):
+        return cmd
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / "vllm"
+    stand_in.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(['vllm', *sys.argv[1:]]))\n")
+    stand_in.chmod(0o755)
+    out = subprocess.run(cmd, env={**env, "PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return json.loads(out)
+
+
+def test_multinode_kustomization_lists_every_manifest(templates):
+    k = load(MULTINODE / "kustomization.yaml")
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    on_disk = {p.name for p in MULTINODE.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert sorted(k["resources"]) == sorted(on_disk)
+    images = {c["image"].rsplit(":", 1)[0] for t in templates.values() for c in t["spec"]["containers"]}
+    assert {i["name"] for i in k["images"]} == images == {"moe-monitor-vllm"}
+    # The same image and tag as the single-node pod (one Dockerfile).
+    assert {c["image"] for t in templates.values() for c in t["spec"]["containers"]} == \
+        {c["image"] for c in one("Deployment")["spec"]["template"]["spec"]["containers"]}
+
+
+def test_leaderworkerset_matches_the_lws_crd(lws):
+    validate_against_crd(lws, LWS_CRD)
+    broken = json.loads(json.dumps(lws))
+    broken["spec"]["leaderWorkerTemplate"]["sise"] = 4  # size
+    with pytest.raises(jsonschema.ValidationError, match="sise"):
+        validate_against_crd(broken, LWS_CRD)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_multinode_pod_templates_and_services_validate_strictly(templates, version):
+    """The vendored CRD leaves the pod templates open: they are checked as Kubernetes PodTemplateSpecs here."""
+    for role, template in templates.items():
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"vllm-moe-ep-{role}"},
+               "template": template}
+        kubernetes_validate.validate(doc, version, strict=True)
+    broken = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+              "template": json.loads(json.dumps(templates["worker"]))}
+    broken["template"]["spec"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(kubernetes_validate.ValidationError, match="volumeMount"):
+        kubernetes_validate.validate(broken, version, strict=True)
+    services = multinode("Service")
+    assert len(services) == 2
+    for doc in services:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_multinode_servicemonitor_matches_the_operator_crd():
+    (monitor,) = multinode("ServiceMonitor")
+    validate_against_crd(monitor, "monitoring.coreos.com_servicemonitors.yaml")
+
+
+def test_multinode_pods_are_secure(templates):
+    for template in templates.values():
+        assert_secure(template["spec"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, on importing vLLM
+def test_multinode_vllm_args_parse_and_make_one_data_parallel_group(lws, templates, tmp_path):
+    """Leader and workers, as their processes get them (the workers' shell run), parse with vLLM 0.32's parser and
+    describe one DP x EP group: size x local ranks, consecutive start ranks, one master address and port."""
+    pytest.importorskip("vllm")
+    from vllm.config.profiler import ProfilerConfig
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    size = lws["spec"]["leaderWorkerTemplate"]["size"]
+    roles = [("leader", 0)] + [("worker", i) for i in range(1, size)]
+    parsed = {}
+    for role, index in roles:
+        c = container(templates[role]["spec"], VLLM_CONTAINER)
+        argv = run_argv(c, lws_env(lws, index), tmp_path)
+        assert argv[:2] == ["vllm", "serve"], argv
+        args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(argv[2:])
+        gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+        assert args.data_parallel_size_local * args.tensor_parallel_size == gpus, role
+        assert isinstance(args.profiler_config, ProfilerConfig)
+        sidecar = sidecar_flags(container(templates[role]["spec"], SIDECAR_CONTAINER))
+        assert args.profiler_config.torch_profiler_dir == sidecar["--profile-dir"], role
+        assert_volumes_wired(templates[role]["spec"], argv[2:])
+        parsed[index] = args
+
+    leader = parsed[0]
+    assert not leader.headless and not leader.data_parallel_start_rank
+    assert leader.port == container_port(container(templates["leader"]["spec"], VLLM_CONTAINER), "http")
+    assert leader.data_parallel_size == size * leader.data_parallel_size_local
+    for index, args in parsed.items():
+        assert args.enable_expert_parallel, index
+        assert args.data_parallel_address == LWS_LEADER_ADDRESS, index
+        for field in ("model_tag", "data_parallel_size", "data_parallel_size_local", "data_parallel_rpc_port",
+                      "tensor_parallel_size", "max_model_len", "profiler_config"):
+            assert getattr(args, field) == getattr(leader, field), (index, field)
+        if index:
+            assert args.headless and args.data_parallel_start_rank == index * args.data_parallel_size_local
+    assert leader.model_tag == env_of(container(templates["leader"]["spec"], VLLM_CONTAINER))["MODEL"]["value"]
+
+
+def test_multinode_sidecars_read_their_node_and_only_the_leader_captures(templates, serve_options):
+    known_env = {o["env"] for o in serve_options.values() if o["env"]} | {o["env"] for o in cli_options().values()
+                                                                          if o["env"]}
+    for role, template in templates.items():
+        c = container(template["spec"], SIDECAR_CONTAINER)
+        flags = sidecar_flags(c)
+        assert not set(flags) - set(serve_options), (role, sorted(set(flags) - set(serve_options)))
+        assert not {n for n in env_of(c) if n.startswith("MOE_MONITOR_")} - known_env, role
+        assert int(flags["--listen"].rsplit(":", 1)[1]) == container_port(c, "metrics"), role
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, (role, probe)
+        vllm_env = {n for n in env_of(container(template["spec"], VLLM_CONTAINER)) if n.startswith("MOE_MONITOR_")}
+        assert vllm_env <= PLUGIN_ENV and moe_env.SEGMENT_DIR in vllm_env, role
+    leader = sidecar_flags(container(templates["leader"]["spec"], SIDECAR_CONTAINER))
+    vllm_port = container_port(container(templates["leader"]["spec"], VLLM_CONTAINER), "http")
+    assert leader["--vllm-url"] == f"http://localhost:{vllm_port}" and "--capture-dir" in leader
+    worker = sidecar_flags(container(templates["worker"]["spec"], SIDECAR_CONTAINER))
+    assert "--vllm-url" not in worker and "--capture-dir" not in worker, \
+        "a worker serves no /start_profile: its sidecar must not try to capture"
+    assert not any(p.get("name") == "http" for p in container(templates["worker"]["spec"], VLLM_CONTAINER).get(
+        "ports", [])), "a headless worker serves no HTTP"
+
+
+def test_multinode_services_and_servicemonitor_label_every_sidecar_with_its_deployment(templates):
+    """Both templates' pods are scraped as job="moe-monitor" with a `deployment` label (the mixin's
+    deployment_label) made from the LWS name and group-index pod labels; only leaders serve the API. The real
+    Prometheus applies these relabelings in tests/test_deployment_view.py."""
+    from moe_monitor.mixin.config import MixinConfig
+
+    labels = {role: t["metadata"]["labels"] for role, t in templates.items()}
+    services = {s["metadata"]["name"]: s for s in multinode("Service")}
+    ports = {p["name"]: (name, p) for name, s in services.items() for p in s["spec"]["ports"]}
+    metrics_service, metrics_port = ports["metrics"]
+    api_service, _ = ports["http"]
+    assert all(services[metrics_service]["spec"]["selector"].items() <= lab.items() for lab in labels.values())
+    assert services[api_service]["spec"]["selector"].items() <= labels["leader"].items()
+    assert not services[api_service]["spec"]["selector"].items() <= labels["worker"].items()
+    assert metrics_port["port"] == container_port(container(templates["worker"]["spec"], SIDECAR_CONTAINER),
+                                                  "metrics")
+
+    (monitor,) = multinode("ServiceMonitor")
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+               for s in services.values())
+    assert monitor["metadata"]["labels"]["release"] == one("ServiceMonitor")["metadata"]["labels"]["release"]
+    endpoints = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+    assert set(endpoints) == {"metrics", "http"}
+    assert endpoints["metrics"]["interval"] == load(PROMETHEUS_YML)["global"]["scrape_interval"]
+    for port, job in (("metrics", "moe-monitor"), ("http", "vllm")):
+        relabel = {r["targetLabel"]: r for r in endpoints[port]["relabelings"]}
+        assert relabel["job"]["replacement"] == job
+        deployment = relabel[MixinConfig().deployment_label]
+        assert deployment["sourceLabels"] == [
+            "__meta_kubernetes_namespace", "__meta_kubernetes_pod_label_leaderworkerset_sigs_k8s_io_name",
+            "__meta_kubernetes_pod_label_leaderworkerset_sigs_k8s_io_group_index"]

@@ -316,3 +316,15 @@ def test_the_plugin_follows_vllms_eplb_commits_without_touching_the_device():
     assert before.tolist()[1] == [1, 0, 3, 2, 1, 1], "a snapshot the publisher holds is never written in place"
     es._commit_eplb_maps(drafter, torch.tensor(initial[::-1]))
     assert live.current.tolist()[1] == [0, 0, 1, 2, 3, 0] and live.changes == 2
+
+
+def test_attach_helpers_leave_a_vllm_without_routed_experts_sinks_alone(monkeypatch):
+    """vLLM 0.26 has routed_experts_capturer but neither bind_routed_experts_capturer nor RoutedExpertsSink (an
+    AttributeError here once failed the whole attach on the GPU)."""
+    rec = pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer")
+    from moe_monitor.plugin.attach import patch_bind_routed_experts_capturer, sink_unusable
+
+    monkeypatch.delattr(rec, "bind_routed_experts_capturer")
+    monkeypatch.delattr(rec, "RoutedExpertsSink")
+    patch_bind_routed_experts_capturer()  # no error, nothing to wrap
+    assert "has no routed-experts sink" in sink_unusable(monolithic_runner(True))

@@ -24,11 +24,13 @@ from moe_monitor.mixin.rules import alert_rules, recording_rules, rules_document
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT_TESTS = sorted(glob.glob(os.path.join(REPO, "tests", "rules", "*.yml")))
 ALERTS = ["MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
-          "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
+          "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
           "MoeProfilerDisabled"]
 RECORDS = ["moe:step_duration_seconds:p50_rate5m", "moe:step_duration_seconds:p99_rate5m", "moe:step_tokens:rate5m",
            "moe:ep_rank_routed_tokens:rate5m", "moe:layer_ep_rank_imbalance_ratio:rate5m",
-           "moe:routed_assignments:rate5m", "moe:worst_layer_imbalance_ratio:max_over_time5m"]
+           "moe:routed_assignments:rate5m", "moe:worst_layer_imbalance_ratio:max_over_time5m",
+           "moe:deployment_ep_rank_routed_tokens:rate5m", "moe:deployment_layer_ep_rank_imbalance_ratio:rate5m",
+           "moe:deployment_expert_routed_tokens:rate5m", "moe:deployment_layer_expert_imbalance_ratio:rate5m"]
 DEFAULT_CONFIG = MixinConfig()
 
 
@@ -224,6 +226,23 @@ def test_overrides_reach_the_rules(tmp_path):
     assert 'outcome=~"start_failed"' in failing["expr"]
 
 
+def test_the_deployment_label_is_configurable():
+    cfg = MixinConfig(deployment_label="lws_group")
+    rules = {r.get("alert") or r["record"]: r for r in all_rules(cfg)}
+    per_deployment = [name for name in rules if ":deployment_" in name or name == "MoeDeploymentEPRankImbalance"]
+    assert len(per_deployment) == 5
+    for name in [*per_deployment, "MoeEPRankImbalance"]:
+        expr = rules[name]["expr"]
+        assert "lws_group" in expr and not re.search(r"\bdeployment\b", expr), name
+        for vs in selectors(expr):
+            if vs.name in RECORDS or (name == "MoeEPRankImbalance" and vs.name != "up"):
+                continue
+            # raw series of a deployment figure: only the targets that carry the label
+            assert ("lws_group", str(promql_parser.MatchOp.NotEqual), "") in \
+                {(m.name, str(m.op), m.value) for m in vs.matchers.matchers}, (name, vs.name)
+    assert "{{ $labels.lws_group }}" in rules["MoeDeploymentEPRankImbalance"]["annotations"]["summary"]
+
+
 def test_a_zero_for_leaves_for_out():
     rule = next(r for r in alert_rules(MixinConfig(sidecar_down_for="0s"))["rules"] if r["alert"] == "MoeSidecarDown")
     assert "for" not in rule
@@ -243,6 +262,8 @@ def test_a_zero_for_leaves_for_out():
     ("hot_expert_share = 1.5", "hot_expert_share: 1.5 must be in (0, 1]"),
     ('capture_failure_outcomes = ["ok"]', "capture_failure_outcomes: ['ok'] not allowed"),
     ("selector = 'job=moe'", "selector: 'job=moe' is not a list of PromQL label matchers"),
+    ('deployment_label = "instance"', "deployment_label: 'instance' is not a free Prometheus label name"),
+    ('deployment_label = "lws-group"', "deployment_label: 'lws-group' is not a free Prometheus label name"),
     ("[imbalance]\nratio = 2", "unknown key 'imbalance'"),
     ("imbalance_ratio = ", "not valid TOML"),
 ])

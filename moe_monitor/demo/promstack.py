@@ -57,10 +57,12 @@ class Timing:
     repeat_interval: str | None = None
 
 
-def prometheus_config(sidecars: list[str], alertmanager: str | None, rule_file: str, vllm: str | None = None,
-                      timing: Timing = Timing()) -> dict:
-    """deploy/prometheus/prometheus.yml with these sidecar targets (HOST:PORT, job moe-monitor), this
-    Alertmanager (None: no alerting), this rule file and this vLLM target (None: its job is dropped)."""
+def prometheus_config(sidecars: list[str | dict], alertmanager: str | None, rule_file: str, vllm: str | None = None,
+                      timing: Timing = Timing(), relabel_configs: list[dict] | None = None) -> dict:
+    """deploy/prometheus/prometheus.yml with these sidecar targets (job moe-monitor), this Alertmanager (None: no
+    alerting), this rule file and this vLLM target (None: its job is dropped). A sidecar is HOST:PORT, or a static
+    config group {"targets": [HOST:PORT, ...], "labels": {...}} (target labels, e.g. a deployment's);
+    relabel_configs, if given, are the sidecar job's."""
     cfg = copy.deepcopy(_load(PROMETHEUS_YML))
     if timing.interval:
         cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = timing.interval
@@ -72,14 +74,26 @@ def prometheus_config(sidecars: list[str], alertmanager: str | None, rule_file: 
         cfg.pop("alerting", None)
     jobs = []
     for job in cfg["scrape_configs"]:
-        targets = {"moe-monitor": list(sidecars), "vllm": [vllm] if vllm else None}.get(job["job_name"], "keep")
-        if targets is None:
-            continue  # no vLLM address given: drop its job rather than scrape a wrong port
-        if targets != "keep":
-            job["static_configs"][0]["targets"] = targets
+        if job["job_name"] == "moe-monitor":
+            job["static_configs"] = _static_configs(sidecars)
+            if relabel_configs is not None:
+                job["relabel_configs"] = copy.deepcopy(relabel_configs)
+        elif job["job_name"] == "vllm":
+            if not vllm:
+                continue  # no vLLM address given: drop its job rather than scrape a wrong port
+            job["static_configs"][0]["targets"] = [vllm]
         jobs.append(job)
     cfg["scrape_configs"] = jobs
     return cfg
+
+
+def _static_configs(sidecars: list[str | dict]) -> list[dict]:
+    """HOST:PORT strings as one group (first), groups with labels as given."""
+    plain = [s for s in sidecars if isinstance(s, str)]
+    groups = [copy.deepcopy(s) for s in sidecars if not isinstance(s, str)]
+    if plain or not groups:
+        groups.insert(0, {"targets": plain})
+    return groups
 
 
 def alertmanager_config(webhook_url: str, timing: Timing = Timing()) -> dict:
@@ -100,13 +114,15 @@ def _write(path: str, doc: dict | str) -> str:
     return path
 
 
-def start_prometheus(workdir: str, port: int, sidecars: list[str], alertmanager: str | None, rules_yaml: str,
-                     vllm: str | None = None, timing: Timing = Timing()) -> Proc:
-    """rules_yaml: the rules document (moe_monitor.mixin's output). Storage lives in workdir/prometheus."""
+def start_prometheus(workdir: str, port: int, sidecars: list[str | dict], alertmanager: str | None, rules_yaml: str,
+                     vllm: str | None = None, timing: Timing = Timing(),
+                     relabel_configs: list[dict] | None = None) -> Proc:
+    """rules_yaml: the rules document (moe_monitor.mixin's output). Storage lives in workdir/prometheus. Sidecars
+    and relabel_configs as for prometheus_config."""
     home = os.path.join(workdir, "prometheus")
     rule_file = _write(os.path.join(home, "rules", "moe-monitor.rules.yml"), rules_yaml)
     config = _write(os.path.join(home, "prometheus.yml"),
-                    prometheus_config(sidecars, alertmanager, rule_file, vllm, timing))
+                    prometheus_config(sidecars, alertmanager, rule_file, vllm, timing, relabel_configs))
     cmd = [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={os.path.join(home, 'data')}",
            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     return spawn("prometheus", cmd, dict(os.environ), os.path.join(workdir, "prometheus.log"),

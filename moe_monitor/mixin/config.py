@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass
 
 from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES as _OUTCOMES
+from moe_monitor.sidecar.vocabulary import METRICS as _METRICS
 
 RUNBOOK_URL = "https://github.com/moe-monitor/moe-monitor/blob/main/docs/runbooks.md"
 
@@ -29,6 +30,10 @@ CAPTURE_OUTCOMES = tuple(_OUTCOMES)
 _DURATION = re.compile(r"^(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?$")
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
 _SELECTOR = re.compile(rf"^({_MATCHER}(,{_MATCHER})*,?\s*)?$")
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Labels the deployment label cannot be: Prometheus' own and every label the sidecar exports.
+_TAKEN_LABELS = tuple(sorted({"job", "instance", "le", "quantile", "alertname", "alertstate", "severity",
+                               *(n for m in _METRICS for n in m.labels)}))
 
 
 class ConfigError(ValueError):
@@ -47,6 +52,11 @@ class MixinConfig:
     # Where a Grafana user's browser reaches a sidecar's trace API (capture links on the dashboards);
     # {instance} is the scraped instance label. In Kubernetes, point it at an ingress or a port-forward.
     trace_api_url: str = "http://{instance}"
+    # Target label naming the deployment a sidecar belongs to when one model's ranks span several pods/nodes (one
+    # sidecar per node): the deployment recording rules, MoeDeploymentEPRankImbalance and the MoE deployment
+    # dashboard sum the sidecars that share its value. Set it by relabeling (deploy/kubernetes/multinode/); targets
+    # without it are left out of those figures. Recording rule names do not change with it.
+    deployment_label: str = "deployment"
 
     # Routing alerts read the per-window gauges of the layers whose window was "loaded": on average at least
     # this many assignments per expert (below it max/mean and dead counts are mostly chance). Windows below
@@ -91,6 +101,10 @@ class MixinConfig:
         if not _SELECTOR.match(self.selector):
             raise ConfigError(f"selector: {self.selector!r} is not a list of PromQL label matchers "
                               "(e.g. 'job=\"moe-monitor\", namespace=\"inference\"')")
+        if (not _LABEL.match(self.deployment_label) or self.deployment_label.startswith("__")
+                or self.deployment_label in _TAKEN_LABELS):
+            raise ConfigError(f"deployment_label: {self.deployment_label!r} is not a free Prometheus label name "
+                              f"(letters, digits, _; not __* nor one of {', '.join(_TAKEN_LABELS)})")
         _at_least("min_expert_load", self.min_expert_load, 0)
         _at_least("imbalance_ratio", self.imbalance_ratio, 1)
         _at_least("ep_rank_imbalance_ratio", self.ep_rank_imbalance_ratio, 1)

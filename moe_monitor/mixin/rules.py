@@ -22,6 +22,13 @@ EP_RANK_ROUTED_RATE = "moe:ep_rank_routed_tokens:rate5m"
 LAYER_EP_RANK_IMBALANCE = "moe:layer_ep_rank_imbalance_ratio:rate5m"
 ROUTED_ASSIGNMENTS_RATE = "moe:routed_assignments:rate5m"
 WORST_LAYER_IMBALANCE_MAX = "moe:worst_layer_imbalance_ratio:max_over_time5m"
+# Deployment-wide: one model's ranks spread over several sidecars (one per node), summed over the sidecars that
+# share the deployment label (cfg.deployment_label). Each sidecar's per-EP-rank (per-expert) counters are the load
+# its own ranks' tokens put on every EP rank (expert), so the deployment's load is their sum.
+DEPLOYMENT_EP_RANK_ROUTED_RATE = "moe:deployment_ep_rank_routed_tokens:rate5m"
+DEPLOYMENT_LAYER_EP_RANK_IMBALANCE = "moe:deployment_layer_ep_rank_imbalance_ratio:rate5m"
+DEPLOYMENT_EXPERT_ROUTED_RATE = "moe:deployment_expert_routed_tokens:rate5m"
+DEPLOYMENT_LAYER_EXPERT_IMBALANCE = "moe:deployment_layer_expert_imbalance_ratio:rate5m"
 
 RECORDING_GROUP = "moe-monitor.rules"
 ALERTING_GROUP = "moe-monitor.alerts"
@@ -36,6 +43,11 @@ def sel(cfg: MixinConfig, metric: str, *matchers: str) -> str:
     """`metric{<cfg.selector>, <matchers>}`."""
     parts = [m for m in (cfg.selector.strip().rstrip(","), *matchers) if m]
     return f"{metric}{{{', '.join(parts)}}}" if parts else metric
+
+
+def labelled(cfg: MixinConfig) -> str:
+    """The matcher that keeps only targets carrying the deployment label."""
+    return f'{cfg.deployment_label}!=""'
 
 
 def recording_rules(cfg: MixinConfig) -> dict:
@@ -65,8 +77,29 @@ def recording_rules(cfg: MixinConfig) -> dict:
         (ROUTED_ASSIGNMENTS_RATE, assignments),
         (WORST_LAYER_IMBALANCE_MAX,
          f"max by (job, instance) (max_over_time({sel(cfg, 'moe_worst_layer_imbalance_ratio')}[{w}]))"),
+        *deployment_recording_rules(cfg),
     ]
     return {"name": RECORDING_GROUP, "rules": [{"record": name, "expr": expr} for name, expr in rules]}
+
+
+def deployment_recording_rules(cfg: MixinConfig) -> list[tuple[str, str]]:
+    """Per deployment (targets with cfg.deployment_label): the summed EP-rank and expert rates and their
+    max/mean per layer. Targets without the label are left out (they are not part of a multi-sidecar model)."""
+    w, by = cfg.rate_window, f"job, {cfg.deployment_label}"
+
+    def summed(counter: str, label: str) -> str:
+        return f"sum by ({by}, layer, {label}) (rate({sel(cfg, counter, labelled(cfg))}[{w}]))"
+
+    def imbalance(rate: str) -> str:  # NaN for a layer that routed nothing (0 / 0)
+        return f"max by ({by}, layer) ({rate})\n/\navg by ({by}, layer) ({rate})"
+
+    return [
+        (DEPLOYMENT_EP_RANK_ROUTED_RATE, summed("moe_ep_rank_routed_tokens_total", "ep_rank")),
+        (DEPLOYMENT_LAYER_EP_RANK_IMBALANCE, imbalance(DEPLOYMENT_EP_RANK_ROUTED_RATE)),
+        # T2 (--expert-series all on every sidecar of the deployment); nothing is recorded without it.
+        (DEPLOYMENT_EXPERT_ROUTED_RATE, summed("moe_expert_routed_tokens_total", "expert")),
+        (DEPLOYMENT_LAYER_EXPERT_IMBALANCE, imbalance(DEPLOYMENT_EXPERT_ROUTED_RATE)),
+    ]
 
 
 def loaded(cfg: MixinConfig, gauge: str) -> str:
@@ -91,9 +124,9 @@ def worst_layer(cfg: MixinConfig, gauge: str, threshold: float) -> str:
 
 def alert_rules(cfg: MixinConfig) -> dict:
     alerts = [
-        _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
-        _sidecar_down(cfg), _segments_stale(cfg), _silent_layer(cfg), _captures_failing(cfg),
-        _profiler_disabled(cfg),
+        _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg),
+        _deployment_ep_rank_imbalance(cfg), _step_time(cfg), _sidecar_down(cfg), _segments_stale(cfg),
+        _silent_layer(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
     ]
     return {"name": ALERTING_GROUP, "rules": alerts}
 
@@ -137,14 +170,43 @@ def _dead_experts(cfg: MixinConfig) -> dict:
 
 
 def _ep_rank_imbalance(cfg: MixinConfig) -> dict:
+    # A sidecar with the deployment label sees only its node's ranks' tokens: MoeDeploymentEPRankImbalance judges
+    # the EP ranks of such a deployment instead.
     return _alert(
         cfg, "MoeEPRankImbalance", "warning", cfg.ep_rank_imbalance_for,
-        worst_layer(cfg, "moe_layer_ep_rank_imbalance_ratio", cfg.ep_rank_imbalance_ratio),
+        worst_layer(cfg, "moe_layer_ep_rank_imbalance_ratio", cfg.ep_rank_imbalance_ratio)
+        + f"\nunless on (job, instance) {sel(cfg, 'up', labelled(cfg))}",
         f"EP-rank load imbalanced on {INSTANCE}.",
         f"For {cfg.ep_rank_imbalance_for}, in every loaded window, the busiest EP rank of some MoE layer "
         f"served more than {_num(cfg.ep_rank_imbalance_ratio)}x the mean rank load (worst layer now at least "
         f"{VALUE}x): every step waits for that rank. Per layer: "
         f"{LAYER_EP_RANK_IMBALANCE}{{instance=\"{INSTANCE}\"}}.")
+
+
+def _deployment_ep_rank_imbalance(cfg: MixinConfig) -> dict:
+    """The deployment's EP-rank imbalance over cfg.rate_window, in every window in which the deployment's layer
+    was loaded (the sum over its sidecars of each one's per-window mean load per expert, N * top1 / ratio, at
+    least cfg.min_expert_load; NaN windows left out of the sum), worst layer per deployment. Not while one of
+    its sidecars is down: the sum would miss that node's tokens."""
+    w, d = cfg.rate_window, cfg.deployment_label
+    by = f"job, {d}"
+    mean = (f"{sel(cfg, 'moe_layer_window_routed_tokens', labelled(cfg))}\n"
+            f"* {sel(cfg, 'moe_layer_top1_share', labelled(cfg))}\n"
+            f"/ {sel(cfg, 'moe_layer_imbalance_ratio', labelled(cfg))}")
+    loaded = f"sum by ({by}, layer) (\n  (\n{_indent(mean, '    ')}\n  ) >= 0\n) >= {_num(cfg.min_expert_load)}"
+    window = f"{DEPLOYMENT_LAYER_EP_RANK_IMBALANCE}\nand on ({by}, layer)\n{loaded}"
+    down = f"min by ({by}) ({sel(cfg, 'up', labelled(cfg))}) == 0"
+    name = f"{{{{ $labels.{d} }}}}"
+    return _alert(
+        cfg, "MoeDeploymentEPRankImbalance", "warning", cfg.ep_rank_imbalance_for,
+        f"max without (layer) (\n  min_over_time((\n{_indent(window, '    ')}\n  )[{w}:])\n) > "
+        f"{_num(cfg.ep_rank_imbalance_ratio)}\nunless on ({by})\n({down})",
+        f"EP-rank load imbalanced across deployment {name}.",
+        f"For {cfg.ep_rank_imbalance_for}, in every loaded window, the busiest EP rank of some MoE layer of "
+        f"deployment {name} served more than {_num(cfg.ep_rank_imbalance_ratio)}x the mean rank load over the "
+        f"last {w}, all its sidecars' ranks summed (worst layer now at least {VALUE}x): every step of the "
+        f"deployment waits for that rank. Per layer: "
+        f"{DEPLOYMENT_LAYER_EP_RANK_IMBALANCE}{{{d}=\"{name}\"}}.")
 
 
 def _step_time(cfg: MixinConfig) -> dict:

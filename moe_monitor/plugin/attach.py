@@ -172,10 +172,10 @@ def patch_bind_routed_experts_capturer() -> None:
     name where it is used, so every module holding the original gets the wrapper."""
     try:
         from vllm.model_executor.layers.fused_moe import routed_experts_capturer as rec
-    except ImportError:  # vLLM < 0.32: no sinks
+    except ImportError:  # no routed-experts capture in this vLLM
         return
-    original = rec.bind_routed_experts_capturer
-    if getattr(original, "_moe_monitor", False):
+    original = getattr(rec, "bind_routed_experts_capturer", None)
+    if original is None or getattr(original, "_moe_monitor", False):  # vLLM < 0.32 has no sinks to bind
         return
 
     @functools.wraps(original)

@@ -1,4 +1,4 @@
-"""What the three dashboards share: uids, tags, template variables, annotations, the dashboard frame."""
+"""What the dashboards share: uids, tags, template variables, annotations, the dashboard frame."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from ..panels import (
     sel,
 )
 
-UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": "moe-kernel-breakdown"}
+UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": "moe-kernel-breakdown",
+        "deployment": "moe-deployment"}
 TAGS = ["moe-monitor", "moe", "vllm"]
 ALERTS = ("MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
-          "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
+          "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
           "MoeProfilerDisabled")
 LAYER = 'layer=~"$layer"'
 TOP1 = 'rank="1"'
@@ -99,11 +100,15 @@ def annotations() -> list:
     ]
 
 
-def frame(uid: str, title: str, description: str, cfg, rows: list[Row], time_from: str) -> dict:
+def frame(uid: str, title: str, description: str, cfg, rows: list[Row], time_from: str, *,
+          template: list | None = None, notes: list | None = None) -> dict:
+    """The dashboard: `template` variables (default: the per-instance ones) and `notes` annotations (default:
+    captures and alerts of the selected instances) around the rows."""
     d = (db.Dashboard(title).uid(uid).description(description).tags(TAGS).refresh(opt(cfg, "refresh"))
          .time(time_from, "now").timezone("browser").editable().tooltip(dm.DashboardCursorSync.CROSSHAIR)
          .timepicker(db.TimePicker().refresh_intervals(["10s", "30s", "1m", "5m", "15m", "1h"]))
-         .variables(variables(cfg)).annotations(annotations())
+         .variables(variables(cfg) if template is None else template)
+         .annotations(annotations() if notes is None else notes)
          .link(db.DashboardLink("MoE dashboards").type(dm.DashboardLinkType.DASHBOARDS).tags(["moe-monitor"])
                .as_dropdown(True).include_vars(True).keep_time(True).target_blank(False).icon("external link")
                .tooltip("The other moe-monitor dashboards")))
