@@ -40,7 +40,8 @@ SINGLE = {"job": "moejob", "instance": "sidecar-a:9464", "model": "tiny", "layer
           "deployment": "inference/dsv3-0"}
 DEPLOYMENT = "moe-deployment"  # uid of the one dashboard scoped by job and deployment instead of job and instance
 # Template variables of each dashboard, in order, and the ones each variable's query uses.
-VARIABLES = {"per instance": {"job": set(), "model": {"job"}, "instance": {"job", "model"}, "layer": {"job", "instance"}},
+VARIABLES = {"per instance": {"job": set(), "model": {"job"}, "instance": {"job", "model"},
+                              "layer": {"job", "instance"}},
              DEPLOYMENT: {"job": set(), "deployment": {"job"}, "layer": {"job", "deployment"}}}
 
 BUILT = dashboards.build()
@@ -332,7 +333,8 @@ def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label
         assert 'lws_group=~"$deployment"' in q.expr and not re.search(r"\bdeployment(=~|!=|=)", q.expr), q
     panels = {p["title"]: p for p in content_panels(other)}
     imbalance = panels["EP-rank imbalance by layer (deployment)"]["fieldConfig"]["defaults"]
-    assert imbalance["thresholds"]["steps"][-1]["value"] == 1.7 and imbalance["custom"]["thresholdsStyle"]["mode"] == "dashed"
+    assert imbalance["thresholds"]["steps"][-1]["value"] == 1.7
+    assert imbalance["custom"]["thresholdsStyle"]["mode"] == "dashed"
 
 
 # -- substitute ----------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """deploy/: the Kubernetes manifests, the Prometheus and Alertmanager configurations.
 
 Offline: every built-in manifest against the Kubernetes OpenAPI schemas (kubernetes-validate, strict, pinned
-versions); the ServiceMonitor and PrometheusRule against prometheus-operator's CRD schemas vendored in
-tests/fixtures/crds/; promtool and amtool on the configs; the sidecar's args against `moe-monitor serve --help`;
-vLLM's args against vLLM 0.32's own argument parser; ports, paths and volumes consistent between containers,
-Service, ServiceMonitor and probes. Live: the sidecar container's command run as written (paths moved to a
-temporary directory), and the real Prometheus and Alertmanager started with these configs.
+versions); the ServiceMonitors and PrometheusRule against prometheus-operator's CRD schemas vendored in
+tests/fixtures/crds/; the multi-node LeaderWorkerSet (deploy/kubernetes/multinode/) against LWS's vendored CRD
+schema and its pod templates as Kubernetes PodTemplateSpecs; promtool and amtool on the configs; the sidecar's args
+against `moe-monitor serve --help`; vLLM's args against vLLM 0.32's own argument parser; ports, paths and volumes
+consistent between containers, Service, ServiceMonitor and probes. Live: the sidecar container's command run as
+written (paths moved to a temporary directory), and the real Prometheus and Alertmanager started with these configs.
 
 GENERATED FILES (lead, please note): deploy/prometheus/rules/moe-monitor.rules.yml and
 deploy/kubernetes/prometheusrule.yaml are written by moe_monitor/mixin (`make mixin`), never by hand. The tests

@@ -5,7 +5,7 @@ load is checked against. Not part of moe-monitor: it syncs with the device every
 rank's tokens per physical expert slot, [moe layers, physical experts], padding excluded by vLLM) into its
 window, it is added to a cumulative host array, saved with the placement in force to
 `$MOE_EPLB_REFERENCE_DIR/ep<rank>.npz` (`load`: cumulative [L, S]; `steps`; `physical_to_logical`: [L, S] now;
-`placements`: how many different placements this rank saw). Set vLLM's `--eplb-config` window_size >=
+`placements`: how many different placements this rank saw, at any step). Set vLLM's `--eplb-config` window_size >=
 step_interval, or vLLM records (and zeroes) the pass only near a rearrangement.
 """
 
@@ -26,7 +26,8 @@ def register() -> None:
     totals: dict = {}
 
     def step(self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False):
-        if not (is_dummy or is_profile) and self.model_states:
+        result = original(self, is_dummy, is_profile, log_stats) if is_profile else None
+        if not is_profile and self.model_states:
             import numpy as np
             from vllm.distributed.parallel_state import get_ep_group
 
@@ -34,15 +35,16 @@ def register() -> None:
             load = state.expert_load_pass.cpu().numpy().astype(np.int64)
             p2l = state.physical_to_logical_map.cpu().numpy()
             t = totals.setdefault("t", {"load": np.zeros_like(load), "steps": 0, "placements": set()})
-            t["load"] += load
-            t["steps"] += 1
+            if not is_dummy:  # dummy steps (an idle DP rank) route padding: vLLM discards their load too
+                t["load"] += load
+                t["steps"] += 1
             t["placements"].add(p2l.tobytes())
             os.makedirs(out, exist_ok=True)
             path = os.path.join(out, f"ep{get_ep_group().rank_in_group}.npz")
             np.savez(path + ".tmp.npz", load=t["load"], steps=t["steps"], physical_to_logical=p2l,
                      placements=len(t["placements"]))
             os.replace(path + ".tmp.npz", path)
-        return original(self, is_dummy=is_dummy, is_profile=is_profile, log_stats=log_stats)
+        return result if is_profile else original(self, is_dummy, is_profile, log_stats)
 
     step._eplb_reference = True
     EplbState.step = step

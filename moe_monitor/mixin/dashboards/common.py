@@ -27,8 +27,8 @@ UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": 
         "deployment": "moe-deployment"}
 TAGS = ["moe-monitor", "moe", "vllm"]
 ALERTS = ("MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
-          "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale", "MoeLayerSilent", "MoeCapturesFailing",
-          "MoeProfilerDisabled")
+          "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale",
+          "MoeLayerSilent", "MoeCapturesFailing", "MoeProfilerDisabled")
 LAYER = 'layer=~"$layer"'
 TOP1 = 'rank="1"'
 STEP_TIME = 'signal="step_time"'
