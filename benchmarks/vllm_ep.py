@@ -29,8 +29,8 @@ sys.path.insert(0, ROOT)
 from moe_monitor.demo import launch, workload  # noqa: E402
 
 # Every step recorded (window_size >= step_interval), balancedness logged every step. `dp2ep_eplb`: a
-# rearrangement every 16 steps (churn: several per 1 s sidecar window); `dp2ep_eplb_rare`: every 60 steps (two or three per run), closer
-# to vLLM's default of 3000.
+# rearrangement every 16 steps (churn: several per 1 s sidecar window); `dp2ep_eplb_rare`: every 60 steps
+# (two or three per run), closer to vLLM's default of 3000.
 EPLB = {"num_redundant_experts": 2, "window_size": 16, "step_interval": 16, "log_balancedness": True,
         "log_balancedness_interval": 1}
 EPLB_RARE = dict(EPLB, window_size=60, step_interval=60)
