@@ -90,7 +90,8 @@ def test_tp_duplicates_counted_once_dp_ranks_summed(tmp_path, scrape):
 
 def test_ep_rank_load_follows_the_placement_the_ranks_publish(tmp_path, scrape):
     """vLLM's EPLB: 4 logical experts in 6 physical slots over 2 EP ranks (3 each). The segments carry the live
-    placement; a rearrangement changes it, and the next window's load follows."""
+    placement; after a rearrangement, new assignments go by the new placement and earlier ones keep theirs (the
+    counter never re-attributes history, so it never decreases)."""
     counts = np.array([[40, 10, 6, 4], [8, 8, 8, 8]])
     # layer 0: rank 0 holds 0, 1, 0 (expert 0 twice: its 40 split 20/20), rank 1 holds 2, 3, 1
     # layer 1: rank 0 holds 0, 1, 2; rank 1 holds 3, 3, 2
@@ -102,10 +103,12 @@ def test_ep_rank_load_follows_the_placement_the_ranks_publish(tmp_path, scrape):
     assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * (6 + 4 + 5)
     assert scrape("moe_ep_rank_routed_tokens_total", layer=1, ep_rank=1) == 2 * (8 + 4)
     after = [[2, 1, 3, 0, 0, 0], [0, 1, 2, 3, 3, 2]]  # expert 0 now only on rank 1, three times
+    more = counts + np.array([[30, 2, 2, 2], [0, 0, 0, 0]])
     for w, rank in ((w0, 0), (w1, 1)):
-        publish(tmp_path, Ranks(dp_rank=rank, dp_size=2, ep_rank=rank, ep_size=2), counts, writer=w, placement=after)
-    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 2 * (6 + 10 + 4)
-    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * 40
+        publish(tmp_path, Ranks(dp_rank=rank, dp_size=2, ep_rank=rank, ep_size=2), more, writer=w, placement=after)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 2 * (40 + 5) + 2 * (2 + 2 + 2)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * (6 + 4 + 5) + 2 * 30
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=1, ep_rank=1) == 2 * (8 + 4)
 
 
 def test_a_published_placement_that_does_not_fit_drops_ep_metrics_not_the_scrape(tmp_path, scrape):

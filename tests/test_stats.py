@@ -178,3 +178,18 @@ def test_model_change_restarts_the_baseline():
     assert w.close(2, totals({0: [1, 1, 1]})) is None
     assert w.close(3, totals({0: [2, 1, 1]})).counts.tolist() == [[1, 0, 0]]
     assert w.close(4, Totals()) is None
+
+
+def test_rank_load_ledger_attributes_each_assignment_under_the_placement_of_its_time():
+    from moe_monitor.stats.placement import Placement, RankLoadLedger, contiguous
+
+    fixed, ledger = contiguous(4, 2), RankLoadLedger()
+    c1, c2 = np.array([[5, 1, 2, 0]]), np.array([[9, 1, 2, 6]])
+    assert ledger.update(c1, fixed).tolist() == fixed.rank_load(c1).tolist() == [[6, 2]]
+    assert ledger.update(c2, fixed).tolist() == fixed.rank_load(c2).tolist() == [[10, 8]]
+    swapped = Placement(2, np.array([[3, 2, 1, 0]]))  # a rearrangement: experts 0 and 3 change ranks
+    c3 = c2 + np.array([[1, 0, 0, 5]])
+    assert ledger.update(c3, swapped).tolist() == [[15, 9]]  # 10 + 5 (expert 3 now on rank 0), 8 + 1
+    assert ledger.resets == 1
+    assert ledger.update(c1, swapped).tolist() == swapped.rank_load(c1).tolist()  # counters went down: afresh
+    assert ledger.resets == 2

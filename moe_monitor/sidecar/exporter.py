@@ -25,7 +25,7 @@ from moe_monitor.capture.catalog import Catalog, Retention
 from moe_monitor.capture.control import CaptureControl
 from moe_monitor.detect.detector import Detector
 from moe_monitor.stats.imbalance import layer_stats
-from moe_monitor.stats.placement import Placement, PlacementError, contiguous, load_placement
+from moe_monitor.stats.placement import Placement, PlacementError, RankLoadLedger, contiguous, load_placement
 
 from .collectors import ALL, Collector, Runner
 from .config import SidecarConfig
@@ -87,6 +87,9 @@ class Exporter:
         self.model = ""
         self.window = self._stats = self._window_load = None
         self._placement_warning: str | None = None
+        self._ledger = RankLoadLedger()  # cumulative EP-rank load, attributed under the placement of its time
+        self._cumulative_load = None  # the ledger's load after this tick's read; None when there is no placement
+        self._at_close: tuple[int, np.ndarray] | None = None  # (ledger resets, load) at the last window boundary
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
         self._stop = threading.Event()
@@ -98,6 +101,7 @@ class Exporter:
         start = time.perf_counter()
         statuses, totals = self._stage("read", self.source.read, self._clock(), required=True)
         now = self._clock()
+        self._cumulative_load = self._attribute(statuses, totals)
         if boundary is not None:
             self._stage("window", self._close_window, boundary, statuses, totals)
         if self.captures is not None:
@@ -206,11 +210,19 @@ class Exporter:
             return None
 
     def _window_rank_load(self, statuses, window):
+        """The window's EP-rank load: the ledger's growth since the previous boundary (each tick's new counts
+        under the placement in force at that tick), or, right after the ledger started afresh, the window's
+        counts under the current placement."""
+        cumulative, previous = self._cumulative_load, self._at_close
+        self._at_close = None if cumulative is None else (self._ledger.resets, cumulative)
+        if cumulative is not None and previous is not None and previous[0] == self._ledger.resets \
+                and previous[1].shape == cumulative.shape:
+            return cumulative - previous[1]
         placement = self.placement(statuses, window.counts.shape[1])
         try:
             return placement.rank_load(window.counts) if placement is not None else None
         except PlacementError:
-            return None  # logged once by _rank_load
+            return None  # logged once by _attribute
 
     def _flight_file(self, trigger: float):
         """The flight record a capture stores: the windows are taken now (on the window thread, when the capture
@@ -220,20 +232,27 @@ class Exporter:
     def flight_json(self, last: int | None = None, since: float | None = None) -> bytes:
         return self.flight.snapshot(model=self.model, last=last, since=since).encode()
 
-    def _rank_load(self, statuses, totals):
-        """(window, cumulative) EP-rank loads under the placement; (None, None) when it does not fit."""
+    def _attribute(self, statuses, totals):
+        """Attribute the counts that arrived since the last tick to EP ranks under the current placement; the
+        cumulative load, or None when there is no placement that fits (logged once per cause)."""
         if totals.counts is None:
-            return None, None
+            return None
         placement = self.placement(statuses, totals.counts.shape[1])
         if placement is None:
-            return None, None
+            return None
         try:
-            return self._window_load, placement.rank_load(totals.counts)
+            return self._ledger.update(totals.counts, placement)
         except PlacementError as e:
             if self._placement_warning != str(e):  # once per cause, not every window
                 log.warning("expert placement does not fit the model (%s): no EP-rank metrics", e)
             self._placement_warning = str(e)
+            return None
+
+    def _rank_load(self, statuses, totals):
+        """(window, cumulative) EP-rank loads; (None, None) when no placement fits."""
+        if self._cumulative_load is None:
             return None, None
+        return self._window_load, self._cumulative_load
 
     def _self_metrics(self, series: dict[str, int], truncated: bool, seconds: float) -> list[Family]:
         errors = family("moe_monitor_window_errors_total")

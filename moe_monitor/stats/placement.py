@@ -98,3 +98,32 @@ def load_placement(path: str, num_layers: int | None = None) -> Placement:
     except json.JSONDecodeError as e:
         raise PlacementError(f"placement file {path} is not JSON: {e}") from None
     return parse_placement(doc, num_layers)
+
+
+class RankLoadLedger:
+    """Cumulative per-EP-rank load when the placement changes at run time (vLLM's EPLB): each assignment is
+    attributed once, under the placement in force when it was first seen, so the cumulative load never
+    decreases and a rearrangement does not re-attribute history. Under a fixed placement it equals
+    `placement.rank_load(counts)`.
+
+    `update` takes the cumulative logical counts [L, E]; when they are not a continuation of the previous ones
+    (another shape, a counter that went down, another EP size) everything is attributed afresh and `resets`
+    grows, so a caller taking differences between two readings can tell."""
+
+    def __init__(self):
+        self.counts: np.ndarray | None = None
+        self.load: np.ndarray | None = None
+        self.resets = 0
+
+    def update(self, counts: np.ndarray, placement: Placement) -> np.ndarray:
+        """Raises PlacementError (state unchanged) when the placement does not fit the counts."""
+        counts = np.asarray(counts, dtype=np.int64)
+        fresh = (self.counts is None or self.load is None or counts.shape != self.counts.shape
+                 or self.load.shape[1] != placement.num_ranks or bool((counts < self.counts).any()))
+        if fresh:
+            load = placement.rank_load(counts)
+            self.resets += 1
+        else:
+            load = self.load + placement.rank_load(counts - self.counts)
+        self.counts, self.load = counts.copy(), load
+        return load
