@@ -93,6 +93,8 @@ def run_config(name: str, args: list[str], model: str, meta: dict, out: str) -> 
         time.sleep(2.5)
         with open(os.path.join(work, "metrics.txt"), "wb") as f:
             f.write(urllib.request.urlopen(sidecar.url + "/metrics", timeout=30).read())
+        with open(os.path.join(work, "flight.json"), "wb") as f:
+            f.write(urllib.request.urlopen(sidecar.url + "/api/flight", timeout=30).read())
     except Exception as e:  # noqa: BLE001 - keep what we have
         result["error"] = f"{type(e).__name__}: {e}"[:500]
     finally:

@@ -5,8 +5,10 @@ load is checked against. Not part of moe-monitor: it syncs with the device every
 rank's tokens per physical expert slot, [moe layers, physical experts], padding excluded by vLLM) into its
 window, it is added to a cumulative host array, saved with the placement in force to
 `$MOE_EPLB_REFERENCE_DIR/ep<rank>.npz` (`load`: cumulative [L, S]; `steps`; `physical_to_logical`: [L, S] now;
-`placements`: how many different placements this rank saw, at any step). Set vLLM's `--eplb-config` window_size >=
-step_interval, or vLLM records (and zeroes) the pass only near a rearrangement.
+`placements`: how many different placements this rank saw, at any step; `even_split_rank_load`: [L, R] this
+rank's tokens split evenly over the replicas of each step's placement, moe-monitor's method with exact timing).
+Set vLLM's `--eplb-config` window_size >= step_interval, or vLLM records (and zeroes) the pass only near a
+rearrangement.
 """
 
 from __future__ import annotations
@@ -35,14 +37,26 @@ def register() -> None:
             load = state.expert_load_pass.cpu().numpy().astype(np.int64)
             p2l = state.physical_to_logical_map.cpu().numpy()
             t = totals.setdefault("t", {"load": np.zeros_like(load), "steps": 0, "placements": set()})
+            ranks = get_ep_group().world_size
             if not is_dummy:  # dummy steps (an idle DP rank) route padding: vLLM discards their load too
                 t["load"] += load
                 t["steps"] += 1
+                # what moe-monitor computes, with perfect timing: this step's logical counts split evenly over
+                # the replicas of the placement in force (isolates the replica-split assumption)
+                L, S = load.shape
+                logical = np.zeros((L, int(p2l.max()) + 1))
+                replicas = np.zeros_like(logical)
+                for layer in range(L):
+                    np.add.at(logical[layer], p2l[layer], load[layer])
+                    np.add.at(replicas[layer], p2l[layer], 1)
+                per_slot = np.take_along_axis(logical / replicas, p2l, axis=1)
+                even = per_slot.reshape(L, ranks, S // ranks).sum(axis=2)
+                t["even"] = t.get("even", 0) + even
             t["placements"].add(p2l.tobytes())
             os.makedirs(out, exist_ok=True)
             path = os.path.join(out, f"ep{get_ep_group().rank_in_group}.npz")
             np.savez(path + ".tmp.npz", load=t["load"], steps=t["steps"], physical_to_logical=p2l,
-                     placements=len(t["placements"]))
+                     placements=len(t["placements"]), even_split_rank_load=t.get("even", 0))
             os.replace(path + ".tmp.npz", path)
         return result if is_profile else original(self, is_dummy, is_profile, log_stats)
 
