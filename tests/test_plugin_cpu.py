@@ -304,7 +304,8 @@ def test_the_plugin_follows_vllms_eplb_commits_without_touching_the_device():
 
     initial = [[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 2, 3]]
     mine, drafter = state(initial), state(initial)
-    live = LivePlacement(mine, mine.physical_to_logical_map.numpy())
+    routed = {"counts": np.zeros((2, 4), dtype=np.int64)}  # the recorder's host counts [L, E]
+    live = LivePlacement(mine, mine.physical_to_logical_map.numpy(), 2, lambda: routed["counts"])
     follow_commits(live)
     follow_commits(live)  # idempotent: wrapped once
     es._commit_eplb_maps(mine, torch.tensor([[3, 2, 1, 0, 3, 3], [1, 0, 3, 2, 1, 1]]))
@@ -328,3 +329,23 @@ def test_attach_helpers_leave_a_vllm_without_routed_experts_sinks_alone(monkeypa
     monkeypatch.delattr(rec, "RoutedExpertsSink")
     patch_bind_routed_experts_capturer()  # no error, nothing to wrap
     assert "has no routed-experts sink" in sink_unusable(monolithic_runner(True))
+
+
+def test_the_plugin_attributes_each_placements_tokens_to_the_ranks_that_served_them():
+    """Epochs: what was routed before a commit stays with the placement that served it; after the commit, new
+    tokens go by the new one. A per-layer (async EPLB) commit closes only that layer's epoch."""
+    from moe_monitor.plugin.placement import LivePlacement
+
+    counts = np.zeros((2, 4), dtype=np.int64)
+    live = LivePlacement(None, np.array([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 0, 1]]), 2, lambda: counts.copy())
+    # ranks hold slots [0:3] and [3:6]: layer rows 0, 1, 2 | 3, 0, 1 (experts 0 and 1 replicated on both)
+    counts[:] = [[10, 4, 6, 2], [0, 0, 0, 8]]
+    assert live.rank_load().tolist() == [[5 + 2 + 6, 5 + 2 + 2], [0, 8]]
+    live.commit(np.array([[3, 3, 3, 0, 1, 2], [2, 2, 2, 0, 1, 3]]))  # expert 3 all on rank 0 now, ...
+    counts += [[0, 0, 0, 9], [1, 1, 1, 1]]
+    assert live.rank_load().tolist() == [[13 + 9, 9], [0 + 1, 8 + 1 + 1 + 1]]
+    live.commit(np.array([0, 1, 3, 2, 2, 2]), layer=1)  # async: layer 1 alone
+    counts += [[0, 0, 0, 1], [0, 0, 4, 0]]
+    load = live.rank_load()
+    assert load[0].tolist() == [13 + 10, 9] and load[1].tolist() == [1, 11 + 4]
+    assert live.changes == 2 and live.current[1].tolist() == [0, 1, 3, 2, 2, 2]

@@ -18,17 +18,19 @@ L, E = 2, 4
 
 
 def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps: StepStats | None = None,
-            writer: SegmentWriter | None = None, placement=None) -> SegmentWriter:
+            writer: SegmentWriter | None = None, placement=None, rank_load=None) -> SegmentWriter:
     steps = steps or StepStats()
     slots = np.asarray(placement).shape[1] if placement is not None else 0
     shape = Shape(len(layer_ids), counts.shape[1], len(steps.token_bounds), len(steps.duration_bounds),
-                  num_physical=slots)
+                  num_physical=slots, num_load_ranks=np.asarray(rank_load).shape[1] if rank_load is not None else 0)
     writer = writer or SegmentWriter(str(directory), "tiny-moe", ranks, shape, top_k=2)
     arrays = steps.snapshot()
     arrays.update(counts=np.asarray(counts, dtype=np.int64), layer_ids=np.asarray(layer_ids, dtype=np.int32),
                   layer_flags=np.asarray(flags if flags is not None else [LAYER_HOOKED] * len(layer_ids)))
     if placement is not None:
         arrays["physical_to_logical"] = np.asarray(placement, dtype=np.int32)
+    if rank_load is not None:
+        arrays["ep_rank_load"] = np.asarray(rank_load, dtype=np.float64)
     writer.publish(arrays)
     return writer
 
@@ -109,6 +111,21 @@ def test_ep_rank_load_follows_the_placement_the_ranks_publish(tmp_path, scrape):
     assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 2 * (40 + 5) + 2 * (2 + 2 + 2)
     assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=1) == 2 * (6 + 4 + 5) + 2 * 30
     assert scrape("moe_ep_rank_routed_tokens_total", layer=1, ep_rank=1) == 2 * (8 + 4)
+
+
+def test_the_ep_rank_load_the_plugin_attributed_is_exported_as_is(tmp_path, scrape):
+    """With EPLB the plugin attributes each placement's tokens itself: the sidecar sums the ranks' figures
+    (DP ranks: their own tokens) instead of splitting counts under the placement it sees now."""
+    counts, placement = np.array([[40, 10, 6, 4], [8, 8, 8, 8]]), [[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]]
+    w0 = publish(tmp_path, Ranks(dp_rank=0, dp_size=2, ep_rank=0, ep_size=2), counts, placement=placement,
+                 rank_load=[[31, 29], [20, 12]])
+    publish(tmp_path, Ranks(dp_rank=1, dp_size=2, ep_rank=1, ep_size=2), counts, placement=placement,
+            rank_load=[[45, 15], [16, 16]])
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 31 + 45  # not 2 * 45 (the split)
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=1, ep_rank=1) == 12 + 16
+    publish(tmp_path, Ranks(dp_rank=0, dp_size=2, ep_rank=0, ep_size=2), counts + 10, writer=w0,
+            placement=placement, rank_load=[[71, 29], [40, 32]])
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 71 + 45
 
 
 def test_a_published_placement_that_does_not_fit_drops_ep_metrics_not_the_scrape(tmp_path, scrape):

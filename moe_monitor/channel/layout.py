@@ -15,6 +15,9 @@ sidecar. Everything is little-endian. The header is fixed-size; the payload foll
     physical_to_logical int32 [L, S]      version 2, only when S > 0: the live expert placement (vLLM's EPLB):
                                           the logical expert in each of the S physical slots, slots dealt to
                                           the EP ranks contiguously (S / ep_size each)
+    ep_rank_load     float64[L, R]        version 2, only when R > 0 (with the placement): cumulative assignments
+                                          each EP rank served, attributed by the plugin under the placement in
+                                          force at the time (R = ep_size)
 
 Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
 payload, so a reader that copies the file while a write is under way detects it and retries.
@@ -58,7 +61,7 @@ HEADER = struct.Struct(
     "I"  # num_phases (P)
     "I"  # num_token_buckets (TB)
     "I"  # num_duration_buckets (DB)
-    "I"  # flags (reserved, 0)
+    "I"  # num_load_ranks (R): columns of the ep_rank_load section; 0 = none (version 1: reserved flags, 0)
     "Q"  # payload_size
     "I"  # payload_crc32
     "I"  # num_physical (S): physical expert slots of the placement section; 0 = none (version 1: reserved, 0)
@@ -103,6 +106,7 @@ class Shape:
     num_duration_buckets: int
     num_phases: int = len(PHASES)
     num_physical: int = 0  # slots of the placement section (0: no section, the sidecar assumes contiguous)
+    num_load_ranks: int = 0  # EP ranks of the ep_rank_load section (0: none)
 
     def sections(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         L, E, P = self.num_layers, self.num_experts, self.num_phases
@@ -116,7 +120,8 @@ class Shape:
             ("step_hist", np.dtype("<i8"), (P, TB, DB)),
             ("step_seconds", np.dtype("<f8"), (P, TB)),
             ("step_tokens", np.dtype("<i8"), (P, TB)),
-        ] + ([("physical_to_logical", np.dtype("<i4"), (L, self.num_physical))] if self.num_physical else [])
+        ] + ([("physical_to_logical", np.dtype("<i4"), (L, self.num_physical))] if self.num_physical else []) \
+          + ([("ep_rank_load", np.dtype("<f8"), (L, self.num_load_ranks))] if self.num_load_ranks else [])
 
     @property
     def payload_size(self) -> int:
@@ -158,6 +163,7 @@ class Snapshot:
     step_seconds: np.ndarray
     step_tokens: np.ndarray
     physical_to_logical: np.ndarray | None = None  # [L, S] live placement, when the writer published one
+    ep_rank_load: np.ndarray | None = None  # [L, R] cumulative EP-rank load the writer attributed itself
 
 
 def pack_header(h: Header) -> bytes:
@@ -166,7 +172,8 @@ def pack_header(h: Header) -> bytes:
     raw = HEADER.pack(
         MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
         s.num_layers, s.num_experts, h.top_k, *h.ranks.as_tuple(), s.num_phases, s.num_token_buckets,
-        s.num_duration_buckets, 0, h.payload_size, h.payload_crc32, s.num_physical, h.publish_errors, model,
+        s.num_duration_buckets, s.num_load_ranks, h.payload_size, h.payload_crc32, s.num_physical,
+        h.publish_errors, model,
     )
     return raw.ljust(HEADER_SIZE, b"\x00")
 
@@ -191,12 +198,12 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
         raise SegmentError("corrupt", f"header_size {header_size} != {HEADER_SIZE}")
     seq, generation, created, updated, pid, L, E, top_k = f[3:11]
     ranks = Ranks(*f[11:21])
-    P, TB, DB, _flags, payload_size, crc, S, publish_errors, model = f[21:30]
+    P, TB, DB, R, payload_size, crc, S, publish_errors, model = f[21:30]
     if P != len(PHASES) or TB < 1 or DB < 1:
         raise SegmentError("corrupt", f"bad histogram dimensions phases={P} token_buckets={TB} duration_buckets={DB}")
     if version == 1:
-        S = 0
-    shape = Shape(L, E, TB, DB, P, S)
+        S = R = 0
+    shape = Shape(L, E, TB, DB, P, S, R)
     if payload_size > max_payload:
         raise SegmentError("oversized", f"payload of {payload_size} bytes exceeds the limit of {max_payload}")
     if payload_size != shape.payload_size:

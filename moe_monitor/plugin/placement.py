@@ -10,53 +10,100 @@ per model, whose `physical_to_logical_map` is `[moe layers, physical experts]` o
 at attach (on the worker thread, before any CUDA-graph capture). After that, every change goes through
 `vllm.distributed.eplb.eplb_state._commit_eplb_maps` (sync EPLB: all layers) or `_commit_eplb_maps_for_layer`
 (async EPLB: one layer), which get the new map as a **host** tensor: the wrappers below copy it from there,
-with no CUDA call, on whatever thread vLLM commits from. The publisher reads `LivePlacement.current`, a
-reference swapped whole at each change (never an array written in place while it is read).
+with no CUDA call, on whatever thread vLLM commits from. At each commit the plugin also closes the
+placement's epoch: the counts routed under it (the recorder's host mirror, read then) are attributed to EP
+ranks under it. A rearrangement every few seconds made the sidecar's own attribution (per 1 s window, with
+the placement at the window's end) 6-11 % wrong on real vLLM (benchmarks/results/vllm_ep_h200.md). The
+publisher reads `LivePlacement.epoch`, swapped whole at each change (never written in place while read).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
+
+from moe_monitor.stats.placement import Placement
 
 log = logging.getLogger(__name__)
 
 
-class LivePlacement:
-    """Host copy of one model's physical→logical expert map, int32 [moe layers, physical experts]."""
+@dataclass(frozen=True)
+class Epoch:
+    """One placement and what was attributed before it: swapped whole, read without a lock."""
 
-    def __init__(self, model_state, physical_to_logical: np.ndarray):
+    physical_to_logical: np.ndarray  # int32 [L, S] in force now
+    base: np.ndarray  # float64 [L, R] assignments attributed under earlier placements
+    counts_at_start: np.ndarray  # int64 [L, E] the counts when this placement took effect (per layer)
+
+
+class LivePlacement:
+    """Host copy of one model's physical→logical expert map, and the EP-rank load attributed under it.
+
+    At each commit the counts routed since the previous one are attributed under the placement that served
+    them (logical counts split evenly over an expert's replicas, as vLLM's replica choice does on average:
+    benchmarks/results/vllm_ep_h200.md), so the published EP-rank load is exact up to that split and to the
+    steps whose counting kernel had not reached the host mirror at the commit. `counts` reads the recorder's
+    host counts (host memory only)."""
+
+    def __init__(self, model_state, physical_to_logical: np.ndarray, num_ranks: int, counts):
         self.model_state = model_state  # the EplbModelState whose commits we follow
-        self.current = np.ascontiguousarray(physical_to_logical, dtype=np.int32)
+        self.num_ranks = num_ranks
+        self._counts = counts
+        p2l = np.ascontiguousarray(physical_to_logical, dtype=np.int32)
+        zeros = np.zeros((p2l.shape[0], 0), dtype=np.int64)
+        self.epoch = Epoch(p2l, np.zeros((p2l.shape[0], num_ranks)), zeros)  # counts_at_start: read lazily
         self.changes = 0
         self._warned = False
+
+    @property
+    def current(self) -> np.ndarray:
+        return self.epoch.physical_to_logical
 
     @property
     def num_physical(self) -> int:
         return self.current.shape[1]
 
+    def _split(self, counts: np.ndarray, p2l: np.ndarray) -> np.ndarray:
+        return Placement(self.num_ranks, p2l.astype(np.int64)).rank_load(counts)
+
+    def _since(self, epoch: Epoch, counts: np.ndarray) -> np.ndarray:
+        start = epoch.counts_at_start
+        return counts if start.shape != counts.shape else counts - start
+
+    def rank_load(self) -> np.ndarray:
+        """Cumulative load per EP rank, float64 [L, R]. The epoch is read before the counts: counts only grow,
+        so the counts read are never older than the epoch's start."""
+        epoch = self.epoch
+        counts = np.asarray(self._counts(), dtype=np.int64)
+        return epoch.base + self._split(self._since(epoch, counts), epoch.physical_to_logical)
+
     def commit(self, new: np.ndarray, layer: int | None = None) -> None:
         new = np.asarray(new, dtype=np.int32)
-        shape = self.current.shape[1:] if layer is not None else self.current.shape
+        epoch = self.epoch
+        shape = epoch.physical_to_logical.shape[1:] if layer is not None else epoch.physical_to_logical.shape
         if new.shape != shape:  # the GPU count changed (elastic EP): the segment's shape cannot follow
             if not self._warned:
                 log.warning("moe-monitor: vLLM's expert placement changed shape (%s -> %s); per-EP-rank load is "
                             "published with the last placement of the old shape until vLLM restarts",
-                            self.current.shape, new.shape)
+                            epoch.physical_to_logical.shape, new.shape)
                 self._warned = True
             return
-        if layer is None:
-            updated = new.copy()
-        else:
-            updated = self.current.copy()
-            updated[layer] = new
-        self.current = updated
+        counts = np.asarray(self._counts(), dtype=np.int64)
+        rows = slice(None) if layer is None else slice(layer, layer + 1)
+        attributed = self._split(self._since(epoch, counts), epoch.physical_to_logical)
+        base, p2l = epoch.base.copy(), epoch.physical_to_logical.copy()
+        start = epoch.counts_at_start.copy() if epoch.counts_at_start.shape == counts.shape else np.zeros_like(counts)
+        base[rows] += attributed[rows]
+        start[rows] = counts[rows]
+        p2l[rows] = new
+        self.epoch = Epoch(p2l, base, start)
         self.changes += 1
 
 
-def read_live_placement(runner, model, num_layers: int) -> LivePlacement | None:
+def read_live_placement(runner, model, num_layers: int, num_ranks: int, counts) -> LivePlacement | None:
     """The placement of `model` when vLLM runs it with EPLB; None without EPLB (or when it cannot be read: one
     warning, and the sidecar falls back to the contiguous placement)."""
     state = getattr(runner, "eplb_state", None)
@@ -74,7 +121,11 @@ def read_live_placement(runner, model, num_layers: int) -> LivePlacement | None:
         log.warning("moe-monitor: vLLM's EPLB placement has shape %s, the model has %d MoE layers; EP-rank load "
                     "assumes the contiguous placement", p2l.shape, num_layers)
         return None
-    live = LivePlacement(mine[0], p2l)
+    if p2l.shape[1] % num_ranks:
+        log.warning("moe-monitor: vLLM's EPLB placement has %d physical experts for %d EP ranks; EP-rank load "
+                    "assumes the contiguous placement", p2l.shape[1], num_ranks)
+        return None
+    live = LivePlacement(mine[0], p2l, num_ranks, counts)
     follow_commits(live)
     return live
 

@@ -112,9 +112,11 @@ def build_monitor(worker) -> WorkerMonitor | None:
     tap_layers(attachment, recorder)
     steps = StepStats()
     ranks = read_ranks(vllm_config)
-    placement = read_live_placement(runner, runner.get_model(), len(attachment.layers))  # None without EPLB
+    placement = read_live_placement(runner, runner.get_model(), len(attachment.layers), ranks.ep_size,
+                                    recorder.host_counts)  # None without EPLB
     shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds),
-                  num_physical=placement.num_physical if placement else 0)
+                  num_physical=placement.num_physical if placement else 0,
+                  num_load_ranks=placement.num_ranks if placement else 0)
     writer = SegmentWriter(env.env_str(env.SEGMENT_DIR, env.DEFAULT_SEGMENT_DIR), model_name(vllm_config), ranks,
                            shape, top_k)
     interval = env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01)

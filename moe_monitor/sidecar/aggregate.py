@@ -33,6 +33,23 @@ class Totals:
     step_tokens: np.ndarray | None = None  # [P, TB]
     token_bounds: np.ndarray | None = None
     duration_bounds: np.ndarray | None = None
+    rank_load: np.ndarray | None = None  # float64 [L, R] EP-rank load the plugin attributed (EPLB); None when
+    # any counted part lacks it
+
+    def _add_rank_load(self, other: Totals, union: tuple[int, ...] | None) -> None:
+        """Called before the counts are merged (self.layer_ids still the old rows)."""
+        mine, theirs = self.rank_load, other.rank_load
+        if self.counts is None:
+            self.rank_load = None if theirs is None else theirs.copy()
+        elif mine is None or theirs is None or mine.shape[1] != theirs.shape[1]:
+            self.rank_load = None
+        elif union is None:
+            self.rank_load = mine + theirs
+        else:
+            merged = np.zeros((len(union), mine.shape[1]))
+            merged[[union.index(x) for x in self.layer_ids]] += mine
+            merged[[union.index(x) for x in other.layer_ids]] += theirs
+            self.rank_load = merged
 
     def compatible(self, other: Totals) -> bool:
         if self.counts is not None and other.counts is not None and self.counts.shape[1] != other.counts.shape[1]:
@@ -49,6 +66,9 @@ class Totals:
         if not self.compatible(other):
             return False
         if other.counts is not None:
+            same_rows = self.counts is None or self.layer_ids == other.layer_ids
+            self._add_rank_load(other, None if same_rows else
+                                tuple(sorted(set(self.layer_ids) | set(other.layer_ids))))
             if self.counts is None:
                 self.layer_ids, self.counts = other.layer_ids, other.counts.copy()
             elif self.layer_ids == other.layer_ids:
@@ -74,8 +94,9 @@ class Totals:
 def totals_of(snap: Snapshot) -> Totals:
     order = np.argsort(snap.layer_ids, kind="stable")
     counts = snap.counts[order, : snap.header.shape.num_experts].astype(np.int64)
+    load = None if snap.ep_rank_load is None else snap.ep_rank_load[order].astype(np.float64)
     return Totals(tuple(int(x) for x in snap.layer_ids[order]), counts, snap.step_hist, snap.step_seconds,
-                  snap.step_tokens, snap.token_bounds, snap.duration_bounds)
+                  snap.step_tokens, snap.token_bounds, snap.duration_bounds, load)
 
 
 @dataclass

@@ -88,6 +88,7 @@ class Exporter:
         self.window = self._stats = self._window_load = None
         self._placement_warning: str | None = None
         self._ledger = RankLoadLedger()  # cumulative EP-rank load, attributed under the placement of its time
+        self._published_shape = None  # shape of the plugin-attributed load last used, None when the ledger ran
         self._cumulative_load = None  # the ledger's load after this tick's read; None when there is no placement
         self._at_close: tuple[int, np.ndarray] | None = None  # (ledger resets, load) at the last window boundary
         self._lock = threading.Lock()
@@ -237,6 +238,12 @@ class Exporter:
         cumulative load, or None when there is no placement that fits (logged once per cause)."""
         if totals.counts is None:
             return None
+        if totals.rank_load is not None:  # the plugin attributed it at each rearrangement (EPLB): exact epochs
+            if self._ledger.counts is not None or self._published_shape != totals.rank_load.shape:
+                self._ledger = RankLoadLedger(resets=self._ledger.resets + 1)  # another source: no window diff
+            self._published_shape = totals.rank_load.shape
+            return totals.rank_load
+        self._published_shape = None
         placement = self.placement(statuses, totals.counts.shape[1])
         if placement is None:
             return None

@@ -110,10 +110,10 @@ class RankLoadLedger:
     (another shape, a counter that went down, another EP size) everything is attributed afresh and `resets`
     grows, so a caller taking differences between two readings can tell."""
 
-    def __init__(self):
+    def __init__(self, resets: int = 0):
         self.counts: np.ndarray | None = None
         self.load: np.ndarray | None = None
-        self.resets = 0
+        self.resets = resets
 
     def update(self, counts: np.ndarray, placement: Placement) -> np.ndarray:
         """Raises PlacementError (state unchanged) when the placement does not fit the counts."""
