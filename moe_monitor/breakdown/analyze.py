@@ -285,8 +285,12 @@ def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
     last_gemm = prev_gemm = last_norm = None
     state, pending, block = "idle", [], None
     for i, u in enumerate(seq):
-        if _is(anchor, "communication", u) or u.category == "monitoring":  # EP dispatch/combine sit inside MoE
-            continue  # blocks, and so does moe-monitor's counting kernel: never align/permute
+        if u.category == "monitoring":  # moe-monitor's counting kernel sits inside MoE blocks: never align/permute
+            continue
+        if _is(anchor, "communication", u):  # never align/permute; inside a MoE block it is the block's EP traffic:
+            if state in ("router", "experts") and not u.category:  # dispatch (router → experts), combine (after)
+                u.category = "all_to_all"
+            continue
         if _is(anchor, "router", u):
             if state == "experts":
                 _close(pending, "align_permute")
