@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from importlib import resources
 
+from .straggler import collectives_of, ep_wait
 from .trace import Event, Trace, step_phase
 
 MNK_RE = re.compile(r"(\d+)x(\d+)x(\d+)")
@@ -410,6 +411,7 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
     # config serves the attention projections and the lm_head)
     expert_tokens: dict[str, float] = defaultdict(float)
     idle_total = 0.0
+    ep_ops: dict[str, list] = {}  # rank -> its EP collectives (straggler.py)
     for trace in traces:
         units = units_of(trace)
         trace_blocks = classify(trace, units, rules)
@@ -433,6 +435,9 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
             step_cats = dict.fromkeys(cats, 0.0)
             for u in (windows[i] if windows is not None else inside):
                 step_cats[u.category] = step_cats.get(u.category, 0.0) + u.us
+            if trace.is_gpu:
+                ep_ops.setdefault(trace.rank, []).extend(collectives_of(
+                    [windows[i]], [sum(1 for b in trace_blocks if s.ts <= b["ts"] <= s.ts + s.dur)]))
             busy, idle = _idle(trace, inside, s) if trace.is_gpu else (sum(step_cats.values()), 0.0)
             rank_idle += idle
             steps.append({"rank": trace.rank, "name": s.name, "phase": phase, "tokens": tokens, "span_us": s.dur,
@@ -463,4 +468,5 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
                                  for bucket in sorted({b["bucket"] for b in blocks if b["bucket"]},
                                                       key=_bucket_order)},
         "expert_tokens": dict(sorted(expert_tokens.items())),
+        "ep_wait": ep_wait(ep_ops),
     }

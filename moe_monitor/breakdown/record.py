@@ -21,6 +21,8 @@ class BreakdownRecord:
     moe_blocks: int
     preamble_us: float | None  # per MoE layer, mean; None when no MoE block was found
     first_expert_us: float | None
+    ep_wait_us: dict[str, float] | None = None  # per rank: waited in EP collectives (straggler.py); None: no EP
+    ep_caused_share: dict[str, float] | None = None  # per rank: share of that waiting it caused
 
     @classmethod
     def from_json(cls, result) -> BreakdownRecord:
@@ -46,6 +48,15 @@ class BreakdownRecord:
         if blocks["count"] and not all(_number(x) for x in figures):
             raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
         pre, first = (float(x) for x in figures) if blocks["count"] else (None, None)
+        wait = result.get("ep_wait")  # absent in breakdowns stored before it existed
+        if wait is not None:
+            if not isinstance(wait, dict) or not all(
+                    isinstance(wait.get(k), dict) and all(isinstance(r, str) and _number(v) for r, v in wait[k].items())
+                    for k in ("wait_us", "caused_share")):
+                raise ValueError("ep_wait lacks per-rank numeric wait_us and caused_share")
+            return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first,
+                       {r: float(v) for r, v in wait["wait_us"].items()},
+                       {r: float(v) for r, v in wait["caused_share"].items()})
         return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first)
 
 

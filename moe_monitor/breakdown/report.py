@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .straggler import render as render_ep_wait
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:5.1f} %"
@@ -43,6 +45,7 @@ def render_table(result: dict, top: int = 15) -> str:
     if result["expert_tokens"]:
         lines += ["", "expert time by tokens per call: " + ", ".join(
             f"{b}: {us / 1000:.3f} ms" for b, us in result["expert_tokens"].items())]
+    lines += render_ep_wait(result.get("ep_wait"))
     lines += ["", f"{'top kernels / ops':60s} {'category':16s} {'calls':>6s} "
                   f"{'total ms':>9s} {'mean us':>8s} {'share':>7s}"]
     for row in result["top"][:top]:

@@ -131,6 +131,10 @@ METRICS: tuple[Metric, ...] = (
        "Per MoE layer (mean): device time from the layer's input norm to the first expert GEMM."),
     _M("moe_capture_first_expert_gemm_seconds", "gauge", (), "t0", "breakdown",
        "Per MoE layer (mean): the first expert GEMM kernel."),
+    _M("moe_capture_ep_wait_seconds", "gauge", ("rank",), "t0", "breakdown",
+       "Time the rank's EP collectives (MoE dispatch/combine) waited for the last rank to join, in the capture."),
+    _M("moe_capture_ep_wait_caused_share", "gauge", ("rank",), "t0", "breakdown",
+       "Share of the capture's EP-collective waiting that this rank caused by joining last (the straggler)."),
     # -- detector
     _M("moe_detector_state", "gauge", ("state",), "t0", "detector",
        "Regression detector state (1 for the current one)."),

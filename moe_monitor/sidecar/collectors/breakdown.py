@@ -33,6 +33,12 @@ def collect(r: Reading) -> list[Family]:
         first = family("moe_capture_first_expert_gemm_seconds")
         first.add(result.first_expert_us / 1e6)
         out += [pre, first]
+    if result.ep_wait_us:
+        wait, caused = family("moe_capture_ep_wait_seconds"), family("moe_capture_ep_wait_caused_share")
+        for rank, us in result.ep_wait_us.items():
+            wait.add(us / 1e6, [("rank", rank)])
+            caused.add(result.ep_caused_share.get(rank, 0.0), [("rank", rank)])
+        out += [wait, caused]
     return out
 
 
