@@ -30,16 +30,21 @@ def exported(path: str) -> np.ndarray:
     return np.array([[ep[(layer, r)] for r in range(ranks)] for layer in range(layers)])
 
 
+def figures(run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """(moe-monitor's exported EP-rank load, vLLM's physical load per EP rank, the even split with exact timing,
+    the ranks' reference files), each [layers, ranks]."""
+    ref_dir = os.path.join(run, "eplb_reference") if os.path.isdir(os.path.join(run, "eplb_reference")) else run
+    ours = exported(os.path.join(run, "metrics.txt"))
+    R = ours.shape[1]
+    refs = [np.load(os.path.join(ref_dir, f"ep{r}.npz")) for r in range(R)]
+    load = sum(r["load"] for r in refs)
+    L, S = load.shape
+    return ours, load.reshape(L, R, S // R).sum(axis=2), sum(r["even_split_rank_load"] for r in refs), refs
+
+
 def main(dirs: list[str]) -> None:
     for d in dirs:
-        ref_dir = os.path.join(d, "eplb_reference") if os.path.isdir(os.path.join(d, "eplb_reference")) else d
-        ours = exported(os.path.join(d, "metrics.txt"))
-        R = ours.shape[1]
-        refs = [np.load(os.path.join(ref_dir, f"ep{r}.npz")) for r in range(R)]
-        load = sum(r["load"] for r in refs)
-        L, S = load.shape
-        truth = load.reshape(L, R, S // R).sum(axis=2)
-        even = sum(r["even_split_rank_load"] for r in refs)
+        ours, truth, even, refs = figures(d)
         total = truth.sum(axis=1).min()
         print(f"{d}: vLLM steps per rank {[int(r['steps']) for r in refs]}, placements seen "
               f"{[int(r['placements']) for r in refs]}; assignments per layer: moe-monitor "

@@ -35,3 +35,40 @@ def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "qwen3-moe-tiny"
     meta = generate(out, "qwen3_moe", hot_expert=3, hot_words=["hot", "blaze"], seed=0)
     return str(out), meta
+
+
+def prom_api(prom, path: str, **params) -> dict:
+    """GET /api/v1/<path> of a real Prometheus (promstack); the `data` of a successful answer."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url = f"{prom.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def queries_without_data(prom, dash: dict, variables: dict, start: float, end: float, step: float,
+                         **ranges) -> tuple[int, list[str]]:
+    """Run every query of a generated dashboard (variables' queries as series matches, panel queries as range
+    queries with `ranges`: rate_interval, range_, interval) against Prometheus. (queries run, those without data)."""
+    import math
+
+    from moe_monitor.mixin import queries
+
+    checked, empty = 0, []
+    for q in queries.panel_queries(dash):
+        if q.kind == queries.VARIABLE:
+            data = prom_api(prom, "series", **{"match[]": queries.substitute(q.expr, variables), "start": start,
+                                               "end": end})
+            ok = bool(data)
+        else:
+            expr = queries.substitute(q.expr, variables, **ranges)
+            data = prom_api(prom, "query_range", query=expr, start=start, end=end, step=step)["result"]
+            ok = any(not math.isnan(float(v)) for series in data for _, v in series["values"])
+        checked += 1
+        if not ok:
+            empty.append(f"{q.panel} [{q.kind} {q.ref_id}]: {q.expr}")
+    return checked, empty

@@ -19,25 +19,22 @@ series are checked against them too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, prom_api, queries_without_data
 from fixtures.make_segments import segment
 
 from moe_monitor.channel.layout import Ranks
 from moe_monitor.demo import launch, promstack
-from moe_monitor.mixin import dashboards, queries
+from moe_monitor.mixin import dashboards
 from moe_monitor.mixin.build import to_yaml
 from moe_monitor.mixin.config import config_from_dict
 from moe_monitor.mixin.rules import (
@@ -122,14 +119,6 @@ def servicemonitor_relabel_configs() -> list[dict]:
     keys = {"action": "action", "sourceLabels": "source_labels", "separator": "separator", "regex": "regex",
             "replacement": "replacement", "targetLabel": "target_label", "modulus": "modulus"}
     return [{keys[k]: v for k, v in r.items()} for r in endpoint["relabelings"]]
-
-
-def prom_api(prom, path: str, **params) -> dict:
-    url = f"{prom.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return body["data"]
 
 
 def instant(prom, expr: str, at: float | None = None) -> list[dict]:
@@ -338,18 +327,7 @@ def test_every_deployment_dashboard_query_returns_data(stack, steady):
     assert deployments == [DSV3, SINGLE]
     variables = {"datasource": "prometheus", "job": ["moe-monitor"], "deployment": DSV3, "layer": layers}
     dash = dashboards.build(stack["cfg"])["moe-deployment.json"]
-    end, empty, checked = time.time(), [], 0
-    for q in queries.panel_queries(dash):
-        if q.kind == queries.VARIABLE:
-            data = prom_api(prom, "series", **{"match[]": queries.substitute(q.expr, variables), "start": started,
-                                               "end": end})
-            ok = bool(data)
-        else:
-            expr = queries.substitute(q.expr, variables, rate_interval="4s", range_="60s", interval="1s")
-            data = prom_api(prom, "query_range", query=expr, start=started, end=end, step=1)["result"]
-            ok = any(not math.isnan(float(v)) for series in data for _, v in series["values"])
-        checked += 1
-        if not ok:
-            empty.append(f"{q.panel} [{q.kind} {q.ref_id}]: {q.expr}")
+    checked, empty = queries_without_data(prom, dash, variables, started, time.time(), 1, rate_interval="4s",
+                                          range_="60s", interval="1s")
     print(f"\n{checked} deployment dashboard queries checked, {len(empty)} without data")
     assert checked >= 15 and not empty, "queries without data:\n" + "\n".join(empty)

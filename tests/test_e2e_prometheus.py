@@ -10,21 +10,20 @@ would, returns data from Prometheus (the MoE deployment dashboard's in tests/tes
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import free_port, prom_api, queries_without_data
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("vllm")
 
 from moe_monitor.demo import launch, promstack, workload  # noqa: E402
 from moe_monitor.demo.alert_sink import AlertSink, describe  # noqa: E402
-from moe_monitor.mixin import dashboards, queries  # noqa: E402
+from moe_monitor.mixin import dashboards  # noqa: E402
 from moe_monitor.mixin.build import to_yaml  # noqa: E402
 from moe_monitor.mixin.config import config_from_dict  # noqa: E402
 from moe_monitor.mixin.rules import rules_document  # noqa: E402
@@ -39,14 +38,6 @@ TEST_CONFIG = {
     "hot_expert_for": "4s", "dead_experts_for": "10s", "ep_rank_imbalance_for": "4s", "step_time_for": "4s",
     "sidecar_down_for": "10s", "segments_stale_for": "10s", "capture_failures_window": "5m",
 }
-
-
-def prom_api(prom, path: str, **params) -> dict:
-    url = f"{prom.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return body["data"]
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +179,9 @@ def test_every_dashboard_query_returns_data(stack):
     for name, dash in dashboards.build(stack["cfg"]).items():
         if dash["uid"] == dashboards.UIDS["deployment"]:
             continue  # needs sidecars with a deployment label: tests/test_deployment_view.py runs all its queries
-        for q in queries.panel_queries(dash):
-            if q.kind == queries.VARIABLE:
-                data = prom_api(prom, "series", **{"match[]": queries.substitute(q.expr, variables),
-                                                   "start": start, "end": end})
-                ok = bool(data)
-            else:
-                expr = queries.substitute(q.expr, variables, rate_interval="10s", range_="10m", interval="2s")
-                data = prom_api(prom, "query_range", query=expr, start=start, end=end, step=2)["result"]
-                ok = any(not math.isnan(float(v)) for series in data for _, v in series["values"])
-            checked += 1
-            if not ok:
-                empty.append(f"{name} / {q.panel} [{q.kind} {q.ref_id}]: {q.expr}")
+        n, missing = queries_without_data(prom, dash, variables, start, end, 2, rate_interval="10s", range_="10m",
+                                          interval="2s")
+        checked += n
+        empty += [f"{name} / {line}" for line in missing]
     print(f"\n{checked} dashboard queries checked against Prometheus, {len(empty)} without data")
     assert not empty, "queries without data:\n" + "\n".join(empty)

@@ -17,25 +17,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from ep_compare import exported  # noqa: E402
+from ep_compare import figures  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "vllm_ep_h200", "run6_dp2ep_eplb")
 
 
-def figures(run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(moe-monitor's exported EP-rank load, vLLM's physical load per EP rank, even split with exact timing)."""
-    ref_dir = os.path.join(run, "eplb_reference") if os.path.isdir(os.path.join(run, "eplb_reference")) else run
-    ours = exported(os.path.join(run, "metrics.txt"))
-    R = ours.shape[1]
-    refs = [np.load(os.path.join(ref_dir, f"ep{r}.npz")) for r in range(R)]
-    load = sum(r["load"] for r in refs)
-    L, S = load.shape
-    return ours, load.reshape(L, R, S // R).sum(axis=2), sum(r["even_split_rank_load"] for r in refs)
-
-
 def check(run: str) -> None:
-    ours, truth, even = figures(run)
+    ours, truth, even, _ = figures(run)
     total = truth.sum(axis=1)
     assert (ours.sum(axis=1) == total).all(), "every assignment vLLM routed, on some EP rank"
     assert np.abs(ours - even).max() <= 0.001 * total.min(), "the plugin attributes each placement's tokens"
