@@ -53,8 +53,8 @@ class LivePlacement:
         self.num_ranks = num_ranks
         self._counts = counts
         p2l = np.ascontiguousarray(physical_to_logical, dtype=np.int32)
-        zeros = np.zeros((p2l.shape[0], 0), dtype=np.int64)
-        self.epoch = Epoch(p2l, np.zeros((p2l.shape[0], num_ranks)), zeros)  # counts_at_start: read lazily
+        start = np.asarray(counts(), dtype=np.int64)  # at attach, before any real step: zeros
+        self.epoch = Epoch(p2l, np.zeros((p2l.shape[0], num_ranks)), start)
         self.changes = 0
         self._warned = False
 
@@ -69,16 +69,12 @@ class LivePlacement:
     def _split(self, counts: np.ndarray, p2l: np.ndarray) -> np.ndarray:
         return Placement(self.num_ranks, p2l.astype(np.int64)).rank_load(counts)
 
-    def _since(self, epoch: Epoch, counts: np.ndarray) -> np.ndarray:
-        start = epoch.counts_at_start
-        return counts if start.shape != counts.shape else counts - start
-
     def rank_load(self) -> np.ndarray:
         """Cumulative load per EP rank, float64 [L, R]. The epoch is read before the counts: counts only grow,
         so the counts read are never older than the epoch's start."""
         epoch = self.epoch
         counts = np.asarray(self._counts(), dtype=np.int64)
-        return epoch.base + self._split(self._since(epoch, counts), epoch.physical_to_logical)
+        return epoch.base + self._split(counts - epoch.counts_at_start, epoch.physical_to_logical)
 
     def commit(self, new: np.ndarray, layer: int | None = None) -> None:
         new = np.asarray(new, dtype=np.int32)
@@ -93,9 +89,8 @@ class LivePlacement:
             return
         counts = np.asarray(self._counts(), dtype=np.int64)
         rows = slice(None) if layer is None else slice(layer, layer + 1)
-        attributed = self._split(self._since(epoch, counts), epoch.physical_to_logical)
-        base, p2l = epoch.base.copy(), epoch.physical_to_logical.copy()
-        start = epoch.counts_at_start.copy() if epoch.counts_at_start.shape == counts.shape else np.zeros_like(counts)
+        attributed = self._split(counts - epoch.counts_at_start, epoch.physical_to_logical)
+        base, p2l, start = epoch.base.copy(), epoch.physical_to_logical.copy(), epoch.counts_at_start.copy()
         base[rows] += attributed[rows]
         start[rows] = counts[rows]
         p2l[rows] = new

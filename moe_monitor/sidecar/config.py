@@ -41,9 +41,9 @@ class SidecarConfig:
                                   "multiple of the layer's mean.", minimum=1.0, group="series")
     min_window_assignments: int = setting(100, "--min-window-assignments", "Below this many assignments in a "
                                           "window a layer's statistics are NaN.", minimum=1, group="series")
-    placement_file: str | None = setting(None, "--placement", "JSON logical->physical expert map, for ranks that publish "
-                                         "none (with vLLM's EPLB the plugin publishes the live one); default: "
-                                         "experts split contiguously over the EP ranks.", path="file",
+    placement_file: str | None = setting(None, "--placement", "JSON logical->physical expert map, for ranks that "
+                                         "publish none (with vLLM's EPLB the plugin publishes the live one); "
+                                         "default: experts split contiguously over the EP ranks.", path="file",
                                          group="series")
     max_series: int = setting(20000, "--max-series", "Series budget: T2, then T1 are dropped beyond it "
                               "(moe_monitor_series_truncated says so).", minimum=100, group="series")
