@@ -203,3 +203,10 @@ def test_stale_segment(tmp_path):
     assert scrape("moe_monitor_segment_up", segment="dp0-pp0-tp0") == 0
     assert scrape("moe_monitor_segments", state="stale") == 1
     assert scrape("moe_monitor_snapshot_age_seconds", segment="dp0-pp0-tp0") >= 59
+
+
+def test_a_published_ep_rank_load_that_is_not_finite_is_not_exported(tmp_path, scrape, caplog):
+    counts, placement = np.array([[40, 10, 6, 4], [8, 8, 8, 8]]), [[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]]
+    publish(tmp_path, Ranks(ep_size=2), counts, placement=placement, rank_load=[[np.nan, 1], [-5, 2]])
+    assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 40 + 5  # split by the sidecar instead
+    assert "published EP-rank load is negative or not finite" in caplog.text

@@ -102,7 +102,7 @@ class Exporter:
         start = time.perf_counter()
         statuses, totals = self._stage("read", self.source.read, self._clock(), required=True)
         now = self._clock()
-        self._cumulative_load = self._attribute(statuses, totals)
+        self._cumulative_load = self._stage("window", self._attribute, statuses, totals)
         if boundary is not None:
             self._stage("window", self._close_window, boundary, statuses, totals)
         if self.captures is not None:
@@ -177,7 +177,8 @@ class Exporter:
         self._stage("detect", self.control.observe, window, stats, ranks)
 
     def _reading(self, statuses, totals, now: float) -> Reading:
-        window_load, cumulative_load = self._rank_load(statuses, totals)
+        window_load, cumulative_load = (None, None) if self._cumulative_load is None else (
+            self._window_load, self._cumulative_load)
         d = self.detector
         return Reading(now, self.config, tuple(statuses), totals, dict(self.source.read_errors),
                        self.source.aggregator.restarts, self.window, self._stats, window_load, cumulative_load,
@@ -238,11 +239,16 @@ class Exporter:
         cumulative load, or None when there is no placement that fits (logged once per cause)."""
         if totals.counts is None:
             return None
-        if totals.rank_load is not None:  # the plugin attributed it at each rearrangement (EPLB): exact epochs
-            if self._ledger.counts is not None or self._published_shape != totals.rank_load.shape:
+        published = totals.rank_load
+        if published is not None and not (np.isfinite(published).all() and (published >= 0).all()):
+            self._warn_placement("a segment's published EP-rank load is negative or not finite; the sidecar splits "
+                                 "the counts under the published placement itself")
+            published = None
+        if published is not None:  # the plugin attributed it at each rearrangement (EPLB): exact epochs
+            if self._ledger.counts is not None or self._published_shape != published.shape:
                 self._ledger = RankLoadLedger(resets=self._ledger.resets + 1)  # another source: no window diff
-            self._published_shape = totals.rank_load.shape
-            return totals.rank_load
+            self._published_shape = published.shape
+            return published
         self._published_shape = None
         placement = self.placement(statuses, totals.counts.shape[1])
         if placement is None:
@@ -250,16 +256,13 @@ class Exporter:
         try:
             return self._ledger.update(totals.counts, placement)
         except PlacementError as e:
-            if self._placement_warning != str(e):  # once per cause, not every window
-                log.warning("expert placement does not fit the model (%s): no EP-rank metrics", e)
-            self._placement_warning = str(e)
+            self._warn_placement(f"expert placement does not fit the model ({e}): no EP-rank metrics")
             return None
 
-    def _rank_load(self, statuses, totals):
-        """(window, cumulative) EP-rank loads; (None, None) when no placement fits."""
-        if self._cumulative_load is None:
-            return None, None
-        return self._window_load, self._cumulative_load
+    def _warn_placement(self, message: str) -> None:
+        if self._placement_warning != message:  # once per cause, not every window
+            log.warning("%s", message)
+        self._placement_warning = message
 
     def _self_metrics(self, series: dict[str, int], truncated: bool, seconds: float) -> list[Family]:
         errors = family("moe_monitor_window_errors_total")
