@@ -67,8 +67,8 @@ class Publisher:
             arrays.update(layer_ids=self._layer_ids, counts=self.recorder.host_counts(),
                           layer_flags=self.layer_flags(bool(arrays["step_hist"].any())))
             if self.placement is not None:
-                arrays["ep_rank_load"] = self.placement.rank_load()  # before the map: never an older epoch's
-                arrays["physical_to_logical"] = self.placement.current
+                arrays["ep_rank_load"] = self.placement.rank_load()  # what the sidecar exports (EPLB)
+                arrays["physical_to_logical"] = self.placement.current  # may be one commit newer: shown, not summed
             self.writer.publish(arrays, publish_errors=self.errors)
         except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise
             self.errors += 1
