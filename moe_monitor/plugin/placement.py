@@ -15,8 +15,9 @@ placement's epoch: the counts routed under it (the recorder's host mirror, read 
 ranks under it. A rearrangement every few seconds made the sidecar's own attribution (per 1 s window, with
 the placement at the window's end) 6-11 % wrong on real vLLM (benchmarks/results/vllm_ep_h200.md). The
 publisher reads `LivePlacement.epoch`, swapped whole at each change (never written in place while read).
-Host cost at DeepSeek-V3 scale (benchmarks/placement_cost.py): a per-layer commit 0.06 ms (async EPLB: one per
-step while layers move), a whole-model commit 0.8 ms (once per synchronous rearrangement), 0.8 ms per publish.
+Host cost at DeepSeek-V3 scale (benchmarks/placement_cost.py): 0.6 ms per commit, whole-model or per-layer (async
+EPLB: one per step while layers move, ~61 steps per rearrangement), 0.6 ms per publish. Splitting only the
+committed layer cuts the per-layer commit to 0.06 ms; that version is waiting for its run on real GPU vLLM.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class LivePlacement:
         self.num_ranks = num_ranks
         self._counts = counts
         p2l = np.ascontiguousarray(physical_to_logical, dtype=np.int32)
-        start = np.asarray(counts(), dtype=np.int64)  # at attach, before any real step: zeros
-        self.epoch = Epoch(p2l, np.zeros((p2l.shape[0], num_ranks)), start)
+        zeros = np.zeros((p2l.shape[0], 0), dtype=np.int64)
+        self.epoch = Epoch(p2l, np.zeros((p2l.shape[0], num_ranks)), zeros)  # counts_at_start: read lazily
         self.changes = 0
         self._warned = False
 
@@ -71,12 +72,16 @@ class LivePlacement:
     def _split(self, counts: np.ndarray, p2l: np.ndarray) -> np.ndarray:
         return Placement(self.num_ranks, p2l.astype(np.int64)).rank_load(counts)
 
+    def _since(self, epoch: Epoch, counts: np.ndarray) -> np.ndarray:
+        start = epoch.counts_at_start
+        return counts if start.shape != counts.shape else counts - start
+
     def rank_load(self) -> np.ndarray:
         """Cumulative load per EP rank, float64 [L, R]. The epoch is read before the counts: counts only grow,
         so the counts read are never older than the epoch's start."""
         epoch = self.epoch
         counts = np.asarray(self._counts(), dtype=np.int64)
-        return epoch.base + self._split(counts - epoch.counts_at_start, epoch.physical_to_logical)
+        return epoch.base + self._split(self._since(epoch, counts), epoch.physical_to_logical)
 
     def commit(self, new: np.ndarray, layer: int | None = None) -> None:
         new = np.asarray(new, dtype=np.int32)
@@ -91,8 +96,10 @@ class LivePlacement:
             return
         counts = np.asarray(self._counts(), dtype=np.int64)
         rows = slice(None) if layer is None else slice(layer, layer + 1)
-        base, p2l, start = epoch.base.copy(), epoch.physical_to_logical.copy(), epoch.counts_at_start.copy()
-        base[rows] += self._split(counts[rows] - start[rows], p2l[rows])  # an async commit: one layer's work
+        attributed = self._split(self._since(epoch, counts), epoch.physical_to_logical)
+        base, p2l = epoch.base.copy(), epoch.physical_to_logical.copy()
+        start = epoch.counts_at_start.copy() if epoch.counts_at_start.shape == counts.shape else np.zeros_like(counts)
+        base[rows] += attributed[rows]
         start[rows] = counts[rows]
         p2l[rows] = new
         self.epoch = Epoch(p2l, base, start)
