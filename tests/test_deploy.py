@@ -579,7 +579,7 @@ def test_amtool_accepts_the_alertmanager_config():
 def test_alertmanager_config_shape():
     am = load(ALERTMANAGER_YML)
     route = am["route"]
-    assert route["receiver"] == "moe-oncall" and route["group_by"] == ["alertname", "job", "instance"]
+    assert route["receiver"] == "moe-oncall" and route["group_by"] == ["alertname", "job", "instance", "deployment"]
     (receiver,) = [r for r in am["receivers"] if r["name"] == "moe-oncall"]
     assert receiver["webhook_configs"][0]["url"] == "http://127.0.0.1:9095/alerts"
     (inhibit,) = am["inhibit_rules"]
