@@ -134,3 +134,13 @@ def test_the_sidecar_exports_who_waited_for_whom(tmp_path):
     assert wait["dp0-pp0-tp1-ep1"] == pytest.approx(6.161e-3, rel=0.01) and wait["dp0-pp0-tp0-ep0"] < 1e-6
     assert caused["dp0-pp0-tp0-ep0"] > 0.99
     assert samples(m, "moe_capture_info") == {(("capture", "ep"), ("ranks", "2")): 1.0}
+
+
+def test_a_collective_pairs_with_one_partner_only():
+    """Two same-name collectives of rank A end 10 us apart, rank B's profile holds only the second: B's pairs
+    with the closer of A's two, not with the first one tried, and A's other stays unmatched."""
+    a = [Collective(100.0, 30.0, "ag", 0), Collective(110.0, 5.0, "ag", 0)]
+    b = [Collective(109.0, 12.0, "ag", 0)]
+    w = ep_wait({"A": a, "B": b})
+    assert w["collectives"] == 1 and w["unmatched"] == 1
+    assert w["wait_us"] == {"A": 0.0, "B": 7.0}

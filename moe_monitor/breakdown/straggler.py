@@ -9,11 +9,12 @@ arrival plus the transfer, and the last rank to arrive has the shortest kernel. 
 
 Pairing: the same collective on every rank ends at the same moment (measured on 2 H200s: within 0.4 us), so
 each of the first rank's EP collectives is paired with the collective of the same kernel name on each other rank
-whose end is nearest, within `tolerance_us`. Ranks need not have started profiling at the same vLLM step (DP
-engines do not). The ranks' timestamps must share a clock: ranks of one host do; across hosts, the clocks must
-agree within the tolerance (PTP), or their collectives stay unmatched (counted). The wait is then computed from
-durations, not from the clock. A collective's MoE layer: its position among its step's EP collectives divided
-by the collectives per MoE block (dispatch + combine: 2), when they divide evenly.
+whose end is nearest, within `tolerance_us` (closest pairs first; each collective in one pair at most). Ranks
+need not have started profiling at the same vLLM step (DP engines do not). The ranks' timestamps must share a
+clock: ranks of one host do; across hosts, the clocks must agree within the tolerance (PTP), or their
+collectives stay unmatched (counted). The wait is then computed from durations, not from the clock. A
+collective's MoE layer: its position among its step's EP collectives divided by the collectives per MoE block
+(dispatch + combine: 2), when they divide evenly.
 """
 
 from __future__ import annotations
@@ -50,18 +51,13 @@ def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) 
     caused = dict.fromkeys(ranks, 0.0)
     last = dict.fromkeys(ranks, 0)
     layers: dict[int, dict] = {}
-    others = {r: sorted(ranks_ops[r], key=lambda c: c.end) for r in ranks[1:]}
-    ends = {r: [c.end for c in ops] for r, ops in others.items()}
+    anchors = ranks_ops[ranks[0]]
+    partners = {r: _pair(anchors, ranks_ops[r], tolerance_us) for r in ranks[1:]}
     matched = 0
-    for anchor in ranks_ops[ranks[0]]:
-        group = [anchor]
-        for r in ranks[1:]:
-            c = _nearest(others[r], ends[r], anchor, tolerance_us)
-            if c is None:
-                break
-            group.append(c)
-        if len(group) < len(ranks):
+    for i, anchor in enumerate(anchors):
+        if any(i not in partners[r] for r in ranks[1:]):
             continue
+        group = [anchor] + [partners[r][i] for r in ranks[1:]]
         matched += 1
         durations = [c.us for c in group]
         shortest = min(durations)
@@ -93,14 +89,21 @@ def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) 
     }
 
 
-def _nearest(ops: list[Collective], ends: list[float], anchor: Collective, tolerance: float) -> Collective | None:
-    i = bisect.bisect_left(ends, anchor.end)
-    best = None
-    for j in (i - 1, i, i + 1):
-        if 0 <= j < len(ops) and ops[j].name == anchor.name and abs(ops[j].end - anchor.end) <= tolerance:
-            if best is None or abs(ops[j].end - anchor.end) < abs(best.end - anchor.end):
-                best = ops[j]
-    return best
+def _pair(anchors: list[Collective], ops: list[Collective], tolerance: float) -> dict[int, Collective]:
+    """anchor index -> its partner among `ops`: same kernel name, ends within `tolerance`, closest pairs first,
+    each collective in one pair at most."""
+    ordered = sorted(ops, key=lambda c: c.end)
+    ends = [c.end for c in ordered]
+    candidates = []
+    for i, a in enumerate(anchors):
+        lo, hi = bisect.bisect_left(ends, a.end - tolerance), bisect.bisect_right(ends, a.end + tolerance)
+        candidates += [(abs(ordered[j].end - a.end), i, j) for j in range(lo, hi) if ordered[j].name == a.name]
+    pairs, taken = {}, set()
+    for _, i, j in sorted(candidates):
+        if i not in pairs and j not in taken:
+            pairs[i] = ordered[j]
+            taken.add(j)
+    return pairs
 
 
 def render(result: dict | None) -> list[str]:
