@@ -150,7 +150,11 @@ def test_detector_and_capture_views():
     text = ("moe_capture_info{capture=\"c1\",ranks=\"2\"} 1\nmoe_capture_share{category=\"gate\"} 0.2\n"
             "moe_capture_share{category=\"experts\"} 0.7\nmoe_capture_device_seconds{category=\"experts\"} 0.007\n"
             "moe_captures_total{reason=\"imbalance\",outcome=\"ok\"} 2\n"
-            "moe_captures_total{reason=\"manual\",outcome=\"ok\"} 1\nmoe_capture_in_progress 0\n")
+            "moe_captures_total{reason=\"manual\",outcome=\"ok\"} 1\nmoe_capture_in_progress 0\n"
+            "moe_capture_ep_wait_seconds{rank=\"dp0-pp0-tp0-ep0\"} 0\n"
+            "moe_capture_ep_wait_seconds{rank=\"dp0-pp0-tp1-ep1\"} 0.00616\n"
+            "moe_capture_ep_wait_caused_share{rank=\"dp0-pp0-tp0-ep0\"} 1\n"
+            "moe_capture_ep_wait_caused_share{rank=\"dp0-pp0-tp1-ep1\"} 0\n")
     newest = {"id": "20261130T053301Z-imbalance-cca5f8", "reason": "imbalance", "outcome": "ok", "created": 5.0,
               "files": [{}], "evidence": {"signal": "worst_layer_imbalance_ratio", "current": 6.1, "layer": 30}}
     c = core.capture_view(core.parse_metrics(text, 0), [newest, {"id": "older"}])
@@ -159,6 +163,9 @@ def test_detector_and_capture_views():
     screen = render.detector_page(d, c, render.MONO, 10.0)
     lines = [t.plain for t in screen.head + screen.rows]
     assert "[warmup]" in lines[0] and any("evidence: worst_layer_imbalance_ratio 6.1, layer 30" in x for x in lines)
+    assert c.ep_wait[0] == ("dp0-pp0-tp0-ep0", 0.0, 1.0)  # the rank the others waited for comes first
+    waits = [x for x in lines if "dp0-pp0-tp" in x]
+    assert len(waits) == 2 and "100.0 %" in waits[0] and "6.16 ms" in waits[1], waits
     assert core.capture_view(s, None, "captures are not configured").captures_note == "captures are not configured"
     assert core.capture_view(s, []).captures_note == "no captures yet"
 

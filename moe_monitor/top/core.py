@@ -388,6 +388,7 @@ class CaptureView:
     analysed_end: float | None
     shares: list[tuple[str, float, float | None]]  # (category, share, device seconds), largest first
     idle_s: float | None
+    ep_wait: list[tuple[str, float, float]] = ()  # (rank, EP wait seconds, share of the waiting it caused)
 
 
 def capture_view(s: Scrape | None, captures: list | None, captures_note: str | None = None) -> CaptureView:
@@ -396,6 +397,7 @@ def capture_view(s: Scrape | None, captures: list | None, captures_note: str | N
         captures_note = "no captures yet"
     outcomes: dict[str, float] = defaultdict(float)
     shares: list[tuple[str, float, float | None]] = []
+    ep_wait: list[tuple[str, float, float]] = []
     info: dict[str, str] = {}
     if s is not None:
         for lab, v in s.series("moe_captures_total"):
@@ -404,11 +406,14 @@ def capture_view(s: Scrape | None, captures: list | None, captures_note: str | N
         shares = sorted(((lab.get("category", "?"), v, seconds.get(lab.get("category")))
                          for lab, v in s.series("moe_capture_share")), key=lambda x: -x[1])
         info = s.series("moe_capture_info")[0][0] if s.series("moe_capture_info") else {}
+        caused = {lab.get("rank"): v for lab, v in s.series("moe_capture_ep_wait_caused_share")}
+        ep_wait = sorted(((lab.get("rank", "?"), v, caused.get(lab.get("rank"), 0.0))
+                          for lab, v in s.series("moe_capture_ep_wait_seconds")), key=lambda x: -x[2])
     enabled = s.value("moe_capture_profiler_enabled") if s else None
     return CaptureView(newest, captures_note, dict(outcomes), bool(s and (s.value("moe_capture_in_progress") or 0)),
                        None if enabled is None else enabled > 0, info.get("capture"), info.get("ranks"),
                        s.value("moe_capture_end_timestamp_seconds") if s else None, shares,
-                       s.value("moe_capture_idle_seconds") if s else None)
+                       s.value("moe_capture_idle_seconds") if s else None, ep_wait)
 
 
 # -- heat map (/api/flight) ------------------------------------------------------------------------------

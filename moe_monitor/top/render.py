@@ -451,6 +451,11 @@ def detector_page(d: core.DetectorView, c: core.CaptureView, st, now: float) -> 
                              (bar(share / top, 30), st["bar"])))
         if c.idle_s is not None:
             rows.append(line(f"   idle inside steps {seconds(c.idle_s):>16}"))
+        if c.ep_wait:  # several ranks' traces: who waited in EP communication, and for whom
+            rows.append(line("   EP wait per rank (waited, share of the waiting it caused):"))
+            for rank, wait_s, caused in c.ep_wait:
+                rows.append(line(f"     {rank:<22}{seconds(wait_s):>11}  ", (f"{100 * caused:5.1f} %",
+                                 st["warn"] if caused > 0.5 else "")))
     else:
         rows.append(line(" kernel breakdown: none yet (no analysed capture)"))
     return Page([line(*states)], rows, [], "lines")
