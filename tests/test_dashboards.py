@@ -244,9 +244,10 @@ def test_per_layer_series_are_filtered_by_the_layer_variable():
 
 def test_alert_table_covers_the_mixin_alerts_and_links_to_their_runbooks():
     from moe_monitor.mixin.config import MixinConfig
-    from moe_monitor.mixin.rules import alert_rules
+    from moe_monitor.mixin.rules import rules_document
 
-    rules = {r["alert"]: r["annotations"]["runbook_url"] for r in alert_rules(MixinConfig())["rules"]}
+    rules = {r["alert"]: r["annotations"]["runbook_url"] for g in rules_document(MixinConfig())["groups"]
+             for r in g["rules"] if "alert" in r}
     assert set(dashboards.ALERTS) == set(rules)
     overview = BUILT["moe-overview.json"]
     table = next(p for p in content_panels(overview) if "ALERTS" in p["targets"][0]["expr"])
@@ -314,9 +315,10 @@ def test_config_is_honoured():
 
 def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label():
     from moe_monitor.mixin.config import MixinConfig
-    from moe_monitor.mixin.rules import recording_rules
+    from moe_monitor.mixin.rules import rules_document
 
-    deployment_records = {r["record"] for r in recording_rules(MixinConfig())["rules"] if ":deployment_" in r["record"]}
+    deployment_records = {r["record"] for g in rules_document(MixinConfig())["groups"] for r in g["rules"]
+                          if ":deployment_" in r.get("record", "")}
     d = BUILT["moe-deployment.json"]
     used = set()
     for q in panel_queries(d, [PANEL]):

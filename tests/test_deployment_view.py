@@ -44,7 +44,6 @@ from moe_monitor.mixin.rules import (
     DEPLOYMENT_LAYER_EXPERT_IMBALANCE,
     EP_RANK_ROUTED_RATE,
     LAYER_EP_RANK_IMBALANCE,
-    recording_rules,
     rules_document,
 )
 from moe_monitor.plugin.steps import StepStats
@@ -133,7 +132,7 @@ def by(result: list[dict], *labels: str) -> dict[tuple, float]:
 def inlined(cfg, name: str) -> str:
     """A recording rule's expression with the records it reads replaced by their own expressions: the rule as the
     query API evaluates it, from raw series only."""
-    exprs = {r["record"]: r["expr"] for r in recording_rules(cfg)["rules"]}
+    exprs = {r["record"]: r["expr"] for g in rules_document(cfg)["groups"] for r in g["rules"] if "record" in r}
     expr = exprs[name]
     while True:
         inner = next((n for n in exprs if re.search(re.escape(n) + r"(?![\w:])", expr)), None)

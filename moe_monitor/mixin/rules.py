@@ -12,6 +12,8 @@ Conventions (docs/alerts.md has the why of each alert):
 
 from __future__ import annotations
 
+import re
+
 from .config import MixinConfig
 
 # Recording rule names: dashboards (moe_monitor/mixin/queries.py) query these. Stable whatever the window.
@@ -30,7 +32,12 @@ DEPLOYMENT_LAYER_EP_RANK_IMBALANCE = "moe:deployment_layer_ep_rank_imbalance_rat
 DEPLOYMENT_EXPERT_ROUTED_RATE = "moe:deployment_expert_routed_tokens:rate5m"
 DEPLOYMENT_LAYER_EXPERT_IMBALANCE = "moe:deployment_layer_expert_imbalance_ratio:rate5m"
 
+# Rules of one group run one after the other at the same evaluation time; groups run concurrently (Prometheus) or in
+# an unspecified order (promtool), each at its own offset. A rule that reads a recording rule therefore sits in the
+# same group, after it (check_rule_order): read across groups it would see the recording one evaluation late, or
+# not, by chance (issue #23: the deployment alert fired at 16m or 17m depending on promtool's group order).
 RECORDING_GROUP = "moe-monitor.rules"
+DEPLOYMENT_GROUP = "moe-monitor.deployment"
 ALERTING_GROUP = "moe-monitor.alerts"
 
 # Go-template pieces of the annotations.
@@ -77,9 +84,14 @@ def recording_rules(cfg: MixinConfig) -> dict:
         (ROUTED_ASSIGNMENTS_RATE, assignments),
         (WORST_LAYER_IMBALANCE_MAX,
          f"max by (job, instance) (max_over_time({sel(cfg, 'moe_worst_layer_imbalance_ratio')}[{w}]))"),
-        *deployment_recording_rules(cfg),
     ]
-    return {"name": RECORDING_GROUP, "rules": [{"record": name, "expr": expr} for name, expr in rules]}
+    return {"name": RECORDING_GROUP, "rules": _records(rules)}
+
+
+def deployment_rules(cfg: MixinConfig) -> dict:
+    """The deployment-wide recording rules and, after them in the same group, the alert that reads them."""
+    return {"name": DEPLOYMENT_GROUP,
+            "rules": [*_records(deployment_recording_rules(cfg)), _deployment_ep_rank_imbalance(cfg)]}
 
 
 def deployment_recording_rules(cfg: MixinConfig) -> list[tuple[str, str]]:
@@ -124,15 +136,33 @@ def worst_layer(cfg: MixinConfig, gauge: str, threshold: float) -> str:
 
 def alert_rules(cfg: MixinConfig) -> dict:
     alerts = [
-        _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg),
-        _deployment_ep_rank_imbalance(cfg), _step_time(cfg), _sidecar_down(cfg), _segments_stale(cfg),
-        _silent_layer(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
+        _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
+        _sidecar_down(cfg), _segments_stale(cfg), _silent_layer(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
     ]
     return {"name": ALERTING_GROUP, "rules": alerts}
 
 
 def rules_document(cfg: MixinConfig) -> dict:
-    return {"groups": [recording_rules(cfg), alert_rules(cfg)]}
+    doc = {"groups": [recording_rules(cfg), deployment_rules(cfg), alert_rules(cfg)]}
+    check_rule_order(doc)
+    return doc
+
+
+def check_rule_order(doc: dict) -> None:
+    """Raise ValueError when a rule reads a recording rule that is not recorded before it in its own group: its
+    result would depend on the order in which groups happen to run."""
+    recorded = {r["record"]: g["name"] for g in doc["groups"] for r in g["rules"] if "record" in r}
+    for group in doc["groups"]:
+        before: set[str] = set()
+        for rule in group["rules"]:
+            for name in recorded:
+                if re.search(rf"(?<![\w:]){re.escape(name)}(?![\w:])", rule["expr"]) and name not in before:
+                    where = ("later in the same group" if recorded[name] == group["name"]
+                             else f"in group {recorded[name]}")
+                    raise ValueError(f"{rule.get('record') or rule.get('alert')} (group {group['name']}) reads "
+                                     f"{name}, recorded {where}: record it earlier in group {group['name']}")
+            if "record" in rule:
+                before.add(rule["record"])
 
 
 # -- alerts --------------------------------------------------------------------------------------------
@@ -292,6 +322,10 @@ def _profiler_disabled(cfg: MixinConfig) -> dict:
         "vLLM answered /start_profile with 404 (started without --profiler-config): automatic and manual "
         "captures end as profiler_disabled. Monitoring continues; restart vLLM with --profiler-config to get "
         "traces.")
+
+
+def _records(rules: list[tuple[str, str]]) -> list[dict]:
+    return [{"record": name, "expr": expr} for name, expr in rules]
 
 
 def _alert(cfg: MixinConfig, name: str, severity: str, for_: str | None, expr: str, summary: str,
