@@ -230,7 +230,11 @@ def http(url, method="GET", token=None, body=None):
 
 def test_api_list_show_download_and_auth(api):
     url, _ = api
-    status, body = http(url + "/api/captures")
+    for path in ("/api/captures", "/api/captures/20261123T120000Z-imbalance-abcdef", "/api/flight",
+                 "/api/captures/20261123T120000Z-imbalance-abcdef/flight"):  # one rule: the whole API needs it
+        assert http(url + path)[0] == 401, path
+        assert http(url + path, token="wrong")[0] == 401, path
+    status, body = http(url + "/api/captures", token="s3cret")
     capture = json.loads(body)["captures"][0]
     assert status == 200 and capture["id"] == "20261123T120000Z-imbalance-abcdef"
     name = next(f["name"] for f in capture["files"] if f["name"].endswith(".gz"))
@@ -241,7 +245,7 @@ def test_api_list_show_download_and_auth(api):
     for bad in ("..%2F..%2F..%2Fetc%2Fpasswd", "metadata.json.tmp", "%2Fetc%2Fpasswd", "..", "nope.gz"):
         assert http(f"{url}/api/captures/{capture['id']}/files/{bad}", token="s3cret")[0] == 404, bad
     for bad_id in ("..%2F..%2Fetc", "20261123T120000Z-imbalance-zzzzzz", "x"):
-        assert http(f"{url}/api/captures/{bad_id}")[0] == 404
+        assert http(f"{url}/api/captures/{bad_id}", token="s3cret")[0] == 404
 
 
 def test_api_trigger_auth_validation_busy_and_budget(api):
@@ -324,8 +328,9 @@ def test_retention_never_deletes_a_path_that_metadata_names(tmp_path):
 @pytest.mark.parametrize("insecure", [False, True])
 def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path, insecure):
     """Defect: with no token configured anyone reaching the port could trigger captures and download traces,
-    and nothing was logged. The real `moe-monitor serve`: without --api-token, trigger and download answer
-    403 (listing and /metrics stay open); --captures-api-insecure opens them, with a loud log line."""
+    and nothing was logged. The real `moe-monitor serve`: without --api-token, every /api/ route answers 403
+    (/metrics stays open; issue #24: one rule for the whole API); --captures-api-insecure opens them, with a loud
+    log line and an audit trail of downloads and triggers."""
     from moe_monitor.demo import launch
 
     store = tmp_path / "store"
@@ -341,19 +346,23 @@ def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path
     try:
         sidecar.wait_ready("/healthz", 30)
         url = sidecar.url
-        assert http(url + "/api/captures")[0] == 200 and http(url + "/metrics")[0] == 200
+        assert http(url + "/metrics")[0] == 200
+        listing = http(url + "/api/captures")
         name = meta["files"][0]["name"]
         download = http(f"{url}/api/captures/{meta['id']}/files/{name}")
         trigger = http(url + "/api/captures", "POST", body={"reason": "probe"})
         if insecure:
+            assert listing[0] == 200
             assert download[0] == 200 and download[1] == open(TRACE, "rb").read()
             assert trigger[0] == 202
         else:
-            assert download[0] == 403 and b"--api-token" in download[1]
-            assert trigger[0] == 403
+            assert listing[0] == download[0] == trigger[0] == 403 and b"--api-token" in download[1]
         time.sleep(0.3)
         log = sidecar.log_tail(200)
         assert ("INSECURE" in log) == insecure
-        assert "127.0.0.1 trigger a capture" in log and f"download {meta['id']}/{name}" in log  # audit trail
+        if insecure:  # the audit trail
+            assert "127.0.0.1 POST /api/captures" in log and f"GET /api/captures/{meta['id']}/files/{name}" in log
+        else:
+            assert "refused 127.0.0.1 GET /api/captures" in log and "answers 403 until --api-token is set" in log
     finally:
         sidecar.stop()

@@ -38,9 +38,10 @@ def test_ring_keeps_the_newest_windows_within_its_capacity():
         rec.record(window(100 + 5 * i, [[i, 1, 2, 3], [4, 5, 6, 7]]), np.array([[1.0, 2.0], [3.0, 4.0]]))
     kept = rec.windows()
     assert len(rec) == 3 and [w.start for w in kept] == [110, 115, 120]
-    assert kept[-1].counts.dtype == np.uint32 and kept[-1].rank_load.dtype == np.float32
-    per_window = 2 * 4 * 4 + 2 * 2 * 4 + 6 * 4 + 6 * 4  # counts, rank load, step counts, step seconds
-    assert rec.nbytes == 3 * per_window
+    assert json.loads(kept[-1].json) == {"start": 120, "end": 125, "counts": [[4, 1, 2, 3], [4, 5, 6, 7]],
+                                         "rank_load": [[1.0, 2.0], [3.0, 4.0]], "step_count": [[0, 1], [2, 3], [4, 5]],
+                                         "step_seconds": [[0.0, 0.01], [0.02, 0.03], [0.04, 0.05]]}
+    assert rec.nbytes == sum(len(w.json) for w in kept)
     assert [w.start for w in rec.windows(last=2)] == [115, 120]
     assert [w.start for w in rec.windows(since=118)] == [115, 120]
 
@@ -49,7 +50,7 @@ def test_another_model_starts_a_new_record_and_zero_minutes_turns_it_off():
     rec = FlightRecorder(10)
     rec.record(window(0, [[1, 2], [3, 4]]), None)
     rec.record(window(5, [[1, 2, 3], [3, 4, 5]]), None)  # more experts: another model
-    assert len(rec) == 1 and rec.windows()[0].counts.shape == (2, 3)
+    assert len(rec) == 1 and rec.windows()[0].experts == 3
     rec.record(window(10, [[1, 2, 3]], layers=(7,)), None)
     assert len(rec) == 1 and rec.layer_ids == (7,)
     off = FlightRecorder(0)
@@ -89,12 +90,38 @@ def test_a_bad_flight_record_is_a_clear_error(data, why):
 
 
 def test_memory_at_deepseek_v3_scale():
-    """61 layers x 256 experts, 16 EP ranks, 10 minutes of 5 s windows: the bound docs/flight.md states."""
+    """61 layers x 256 experts, 16 EP ranks, 10 minutes of 5 s windows fit the default byte bound whole."""
     rec = FlightRecorder(SidecarConfig(window_s=5, flight_minutes=10).flight_windows)
     counts = np.random.default_rng(0).integers(0, 10**6, size=(61, 256))
     for i in range(130):
         rec.record(window(5 * i, counts, layers=tuple(range(61))), np.zeros((61, 16)))
-    assert len(rec) == 120 and rec.nbytes < 8.2e6
+    assert len(rec) == 120 and rec.nbytes < 16e6 and not rec.trimmed
+
+
+def test_the_ring_is_bounded_in_bytes_not_only_in_windows(caplog):
+    """Issue #24: 1000 layers x 1024 experts in 0.2 s windows would have kept 3000 windows (~11.5 GB). The byte
+    bound drops the oldest windows instead, says so once, and a request still gets a valid record."""
+    rec = FlightRecorder(3000, max_bytes=4 << 20)
+    counts = np.full((100, 1024), 123456)  # ~0.7 MB of JSON a window
+    with caplog.at_level("WARNING"):
+        for i in range(20):
+            rec.record(window(i, counts, layers=tuple(range(100))), None)
+    assert rec.nbytes <= 4 << 20 and 1 <= len(rec) < 20 and rec.trimmed
+    assert [w.start for w in rec.windows()] == list(range(20 - len(rec), 20))
+    assert sum("byte bound" in r.message for r in caplog.records) == 1
+    doc = parse(rec.body("m", None, None, gzipped=True))
+    assert len(doc["windows"]) == len(rec) and doc["experts"] == 1024
+
+
+def test_repeated_requests_are_served_from_one_encoding():
+    rec = FlightRecorder(10)
+    for i in range(3):
+        rec.record(window(5 * i, [[1, 2], [3, 4]]), None)
+    first = rec.body("m", 2, None, gzipped=True)
+    assert rec.body("m", 2, None, gzipped=True) is first  # the same bytes object: nothing re-encoded
+    assert parse(first)["windows"][0]["start"] == 5
+    rec.record(window(15, [[1, 2], [3, 4]]), None)
+    assert parse(rec.body("m", 2, None, gzipped=True))["windows"][0]["start"] == 10  # a new window: a new answer
 
 
 def write(writer: SegmentWriter, counts: np.ndarray, steps: StepStats) -> None:
@@ -115,7 +142,7 @@ def test_real_sidecar_serves_the_flight_record(tmp_path):
     counts = np.zeros((3, 8), dtype=np.int64)
     write(writer, counts, steps)
     sidecar = launch.start_sidecar(str(seg), free_port(), str(tmp_path / "sidecar.log"),
-                                   ["--window", "1", "--flight-minutes", str(4 / 60)])
+                                   ["--window", "1", "--flight-minutes", str(4 / 60), "--captures-api-insecure"])
     try:
         sidecar.wait_ready("/healthz", 20)
         for i in range(8):  # 8 s: every expert gets 10 more a second, and from the 5th on layer 2's expert 5 500
@@ -168,11 +195,11 @@ def test_capture_stores_the_flight_record_of_the_minutes_before_it(tmp_path):
             capture_id = json.loads(body)["id"]
             meta = exporter.catalog.get(capture_id)
             assert any(f["name"] == "flight.json.gz" for f in meta["files"])
-            status, body = http(f"{url}/api/captures/{capture_id}/flight")
+            status, body = http(f"{url}/api/captures/{capture_id}/flight", token="t")
             doc = json.loads(body)
             assert status == 200 and len(doc["windows"]) == 12 and doc["windows"][-1]["counts"][0][3] == 50
-            assert http(f"{url}/api/captures/20261123T120000Z-manual-abcdef/flight")[0] == 404
-            cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", url]
+            assert http(f"{url}/api/captures/20261123T120000Z-manual-abcdef/flight", token="t")[0] == 404
+            cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", url, "--token", "t"]
             shown = subprocess.run(cli + ["show", capture_id], capture_output=True, text=True, check=True,
                                    timeout=60).stdout
             assert "flight record: 12 windows" in shown and "1/3: " in shown and "evidence: " in shown

@@ -18,7 +18,7 @@ import urllib.request
 from conftest import free_port
 
 from moe_monitor.demo import launch
-from moe_monitor.sidecar import server
+from moe_monitor.sidecar import http_guard as server
 from moe_monitor.sidecar.config import SidecarConfig
 
 SEGMENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "segments", "t0", "dp0-pp0-tp0.moeseg")
@@ -166,7 +166,7 @@ def test_a_repeated_event_loop_error_is_logged_once_a_minute_with_a_count(monkey
     monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
     loop = asyncio.new_event_loop()
     try:
-        loop.set_exception_handler(server._LoopErrorLog())
+        loop.set_exception_handler(server.LoopErrorLog(server.Refusals()))
         emfile = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
         for _ in range(1000):
             loop.call_exception_handler(emfile)

@@ -255,7 +255,7 @@ def test_damaged_capture_metadata_and_a_deleted_catalog_never_freeze_the_sidecar
             json.dump(meta, f)
     (tmp_path / "profiles").mkdir()
     sidecar = serve(tmp_path, segments, ["--profile-dir", str(tmp_path / "profiles"), "--capture-dir", store.root,
-                                         "--vllm-url", f"http://127.0.0.1:{free_port()}"])
+                                         "--vllm-url", f"http://127.0.0.1:{free_port()}", "--captures-api-insecure"])
     try:
         m = scrape(sidecar.url + "/metrics")
         assert samples(m, "moe_capture_catalog_captures") == {(): 1.0}
@@ -324,3 +324,40 @@ def test_a_stage_that_keeps_failing_is_counted_every_window_and_logged_once(capl
     del exporter.source.read  # it works again: the count is exported with the next exposition
     m = parse_exposition(exporter.tick().body.decode())
     assert samples(m, "moe_monitor_window_errors_total")[(("stage", "read"),)] == 3.0
+
+
+def test_a_segment_with_ep_size_0_and_a_placement_keeps_the_flight_recorder_recording(tmp_path):
+    """Issue #24 item 6: a segment whose header says ep_size 0 but carries a placement raised in the window stage
+    every window, outside the placement handling, so no window reached the flight recorder. Now the placement is
+    refused (one warning, a reason in /metrics) and the windows, their routing and the flight record go on."""
+    import json
+    import urllib.request
+
+    import numpy as np
+    from test_sidecar import publish
+
+    from moe_monitor.channel import Ranks
+
+    segments = tmp_path / "seg"
+    counts = np.array([[40, 10, 6, 4], [8, 8, 8, 8]])
+    writer = publish(segments, Ranks(ep_size=0), counts, placement=[[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]])
+    sidecar = serve(tmp_path, segments, ["--captures-api-insecure", "--min-window-assignments", "1"])
+    try:
+        windows, deadline = [], time.monotonic() + 20
+        while len(windows) < 3 and time.monotonic() < deadline:
+            counts = counts + 1
+            publish(segments, Ranks(ep_size=0), counts, writer=writer,
+                    placement=[[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]])
+            time.sleep(0.5)
+            with urllib.request.urlopen(sidecar.url + "/api/flight", timeout=10) as r:
+                windows = json.load(r)["windows"]
+        assert len(windows) >= 3, sidecar.log_tail(40)
+        assert sum(windows[-1]["counts"][0]) > 0 and windows[-1]["rank_load"] is None
+        m = scrape(sidecar.url + "/metrics")
+        assert samples(m, "moe_monitor_window_errors_total")[(("stage", "window"),)] == 0.0
+        assert samples(m, "moe_monitor_segment_sections_refused") == {
+            (("reason", "ep_size"), ("section", "physical_to_logical"), ("segment", "dp0-pp0-tp0")): 1.0}
+        assert sidecar.log_tail(400).count("refused") == 1, "logged once"
+    finally:
+        sidecar.stop()
+        writer.close()

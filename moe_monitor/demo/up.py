@@ -118,7 +118,9 @@ def _demo(workdir, model_dir, segments, meta, procs, vllm_port, sidecar_port, ke
                                [] if gpu else ["--enforce-eager"], gpu=gpu)
     procs.append(server)
     sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"),
-                                   ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20"])
+                                   ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20",
+                                    # loopback only: `moe-monitor top` and `traces` need no token here
+                                    "--captures-api-insecure"])
     procs.append(sidecar)
     metrics_url = f"{sidecar.url}/metrics"
     extra, sink = ([], None)

@@ -50,6 +50,9 @@ class SidecarConfig:
     flight_minutes: float = setting(10.0, "--flight-minutes", "Routing flight recorder: minutes of closed windows "
                                     "(layer x expert counts, EP-rank load, steps) kept in memory, stored with "
                                     "every capture and served at /api/flight; 0 turns it off.", minimum=0.0)
+    flight_max_bytes: int = setting(64 << 20, "--flight-max-bytes", "Routing flight recorder: bytes of JSON it "
+                                    "keeps at most; a model of many layers x experts in short windows keeps fewer "
+                                    "than --flight-minutes (logged once).", minimum=1 << 20)
     max_segment_bytes: int | None = setting(None, "--max-segment-bytes", "Refuse segments larger than this "
                                             "(default 256 MiB).", minimum=4096)
     profile_dir: str | None = setting(None, "--profile-dir", "vLLM's torch_profiler_dir (--profiler-config): the "
@@ -74,12 +77,13 @@ class SidecarConfig:
                                      "never exceeded.", minimum=1, group="captures")
     max_capture_age_s: float = setting(7 * 24 * 3600.0, "--max-capture-age", "Retention: seconds a capture is "
                                        "kept.", minimum=60, group="captures")
-    api_token: str | None = setting(None, "--api-token", "Bearer token required to download traces and trigger "
-                                    "captures.", secret=True, group="captures")
-    captures_api_insecure: bool = setting(False, "--captures-api-insecure", "Without --api-token, let anyone who "
-                                          "reaches the port trigger captures and download traces (trusted "
-                                          "networks only; logged loudly). Off: they answer 403 until a token is "
-                                          "set.", group="captures")
+    api_token: str | None = setting(None, "--api-token", "Bearer token every /api/ route requires (captures, "
+                                    "traces, flight record); /metrics and /healthz stay open.", secret=True,
+                                    group="captures")
+    captures_api_insecure: bool = setting(False, "--captures-api-insecure", "Without --api-token, open every /api/ "
+                                          "route to anyone who reaches the port: list, trigger captures, download "
+                                          "traces, read flight records (trusted networks only; logged loudly). "
+                                          "Off: they answer 403 until a token is set.", group="captures")
     detector: DetectorConfig = setting(None, "", "", factory=DetectorConfig)
 
     @property

@@ -82,7 +82,7 @@ class Exporter:
         else:
             self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
         self.control = CaptureControl(self.detector, self.capturer, config.vllm_url, clock)
-        self.flight = FlightRecorder(config.flight_windows)
+        self.flight = FlightRecorder(config.flight_windows, config.flight_max_bytes)
         self.control.flight = self._flight_file if self.flight.enabled else None
         self.model = ""
         self.window = self._stats = self._window_load = None
@@ -94,6 +94,7 @@ class Exporter:
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
         self._stop = threading.Event()
+        self.http_refusals: dict[str, int] = {}  # the HTTP edge's refusals by reason (server.build_app sets it)
 
     # -- the loop ---------------------------------------------------------------------------------
     def tick(self, boundary: float | None = None) -> Exposition:
@@ -231,8 +232,8 @@ class Exporter:
         starts), serialised later on the capture's thread (seconds at 61 x 256 x 120 windows)."""
         return self.flight.snapshot(model=self.model, trigger=trigger).gzipped
 
-    def flight_json(self, last: int | None = None, since: float | None = None) -> bytes:
-        return self.flight.snapshot(model=self.model, last=last, since=since).encode()
+    def flight_json(self, last: int | None = None, since: float | None = None, gzipped: bool = False) -> bytes:
+        return self.flight.body(self.model, last, since, gzipped)
 
     def _attribute(self, statuses, totals):
         """Attribute the counts that arrived since the last tick to EP ranks under the current placement; the
@@ -278,7 +279,10 @@ class Exporter:
         fw, fb = family("moe_monitor_flight_windows"), family("moe_monitor_flight_bytes")
         fw.add(len(self.flight))
         fb.add(self.flight.nbytes)
-        return [errors, s, t, d, fw, fb]
+        refused = family("moe_monitor_http_refused_total")
+        for reason, n in sorted(self.http_refusals.items()):
+            refused.add(n, [("reason", reason)])
+        return [errors, s, t, d, fw, fb] + ([refused] if self.http_refusals else [])
 
 
 def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family], dict[str, int], bool]:

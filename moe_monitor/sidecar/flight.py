@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import math
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import msgspec
@@ -27,9 +28,13 @@ import numpy as np
 
 from moe_monitor.channel.layout import PHASES
 
+log = logging.getLogger(__name__)
+
 FILE = "flight.json.gz"  # the name a capture stores its flight record under
 FORMAT = "moe-monitor-flight/1"
 MAX_JSON_BYTES = 256 << 20  # a stored record larger than this is refused when read back (decompressed)
+SERVED_KEPT = 4  # answers body() keeps (each at most the ring's size, gzipped ones ~10x less)
+DEFAULT_MAX_BYTES = 64 << 20  # the ring's bound (--flight-max-bytes): its JSON, served and stored as it is
 
 
 class FlightError(ValueError):
@@ -38,31 +43,48 @@ class FlightError(ValueError):
 
 @dataclass(frozen=True)
 class FlightWindow:
+    """One closed window, kept as the JSON object the record serves (encoded once, when it is recorded: a
+    request or a capture then costs a join, not a serialisation; issue #24: 16 clients re-encoding a 12.6 MB
+    record took 37.5 CPU-s in 30 s)."""
     start: float
     end: float
-    counts: np.ndarray  # uint32 [L, E]
-    rank_load: np.ndarray | None  # float32 [L, R] under the placement, or None
-    step_count: np.ndarray | None  # uint32 [phase, tokens bucket]
-    step_seconds: np.ndarray | None  # float32 [phase, tokens bucket]
+    experts: int
+    ep_ranks: int  # 0: no EP-rank load
+    json: bytes
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.counts, self.rank_load, self.step_count, self.step_seconds)
-                   if a is not None)
+        return len(self.json)
+
+
+def _window_json(window, rank_load: np.ndarray | None) -> bytes:
+    counts = np.minimum(np.asarray(window.counts), np.iinfo(np.uint32).max).astype(np.uint32)
+    steps, seconds = window.step_count, window.step_seconds
+    return msgspec.json.encode({
+        "start": float(window.start), "end": float(window.end), "counts": counts.tolist(),
+        "rank_load": None if rank_load is None else np.round(np.asarray(rank_load, np.float64), 1).tolist(),
+        "step_count": None if steps is None else
+        np.minimum(np.asarray(steps), np.iinfo(np.uint32).max).astype(np.uint32).tolist(),
+        "step_seconds": None if seconds is None else np.round(np.asarray(seconds, np.float64), 6).tolist(),
+    })
 
 
 class FlightRecorder:
-    """The newest `capacity` windows of one model. A window of another model (other layers or expert count)
-    starts the record afresh: a record never mixes two models."""
+    """The newest `capacity` windows of one model, at most `max_bytes` of them (the oldest go first: a model of
+    many layers x experts in short windows keeps fewer minutes, never more memory). A window of another model
+    (other layers or expert count) starts the record afresh: a record never mixes two models."""
 
-    def __init__(self, capacity: int):
-        if capacity < 0:
-            raise ValueError("capacity must be >= 0")
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int = DEFAULT_MAX_BYTES):
+        if capacity < 0 or max_bytes < 1:
+            raise ValueError("capacity must be >= 0 and max_bytes >= 1")
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._windows: deque[FlightWindow] = deque(maxlen=max(capacity, 1))
+        self._bytes = 0
         self._lock = threading.Lock()
         self.layer_ids: tuple[int, ...] = ()
         self.token_bounds: tuple[float, ...] = ()
+        self._served: OrderedDict[tuple, bytes] = OrderedDict()  # body()'s newest answers
+        self.trimmed = False  # the byte bound has cut the record short of `capacity` windows (logged once)
 
     @property
     def enabled(self) -> bool:
@@ -73,28 +95,34 @@ class FlightRecorder:
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return sum(w.nbytes for w in self._windows) if self.enabled else 0
+        return self._bytes if self.enabled else 0
 
     def record(self, window, rank_load: np.ndarray | None) -> None:
         """Keep one closed window (`windows.Window`) and its per-EP-rank load [L, R]."""
         if not self.enabled:
             return
         layers = tuple(int(x) for x in window.layer_ids)
-        counts = np.minimum(np.asarray(window.counts), np.iinfo(np.uint32).max).astype(np.uint32)
-        entry = FlightWindow(
-            float(window.start), float(window.end), counts,
-            None if rank_load is None else np.asarray(rank_load, dtype=np.float32),
-            None if window.step_count is None else
-            np.minimum(np.asarray(window.step_count), np.iinfo(np.uint32).max).astype(np.uint32),
-            None if window.step_seconds is None else np.asarray(window.step_seconds, dtype=np.float32))
+        shape = np.shape(window.counts)
+        entry = FlightWindow(float(window.start), float(window.end), int(shape[1]) if len(shape) == 2 else 0,
+                             0 if rank_load is None else int(np.shape(rank_load)[-1]), _window_json(window, rank_load))
         with self._lock:
-            if self._windows and (layers != self.layer_ids or self._windows[-1].counts.shape != counts.shape):
+            if self._windows and (layers != self.layer_ids or self._windows[-1].experts != entry.experts):
                 self._windows.clear()
+                self._bytes = 0
             self.layer_ids = layers
             if window.token_bounds is not None:
                 self.token_bounds = tuple(float(x) for x in window.token_bounds)
+            if len(self._windows) == self._windows.maxlen:
+                self._bytes -= self._windows[0].nbytes
             self._windows.append(entry)
+            self._bytes += entry.nbytes
+            while self._bytes > self.max_bytes and len(self._windows) > 1:
+                self._bytes -= self._windows.popleft().nbytes
+                if not self.trimmed:
+                    self.trimmed = True
+                    log.warning("flight recorder: %d windows reach its byte bound (--flight-max-bytes %d): it "
+                                "keeps fewer than --flight-minutes asks (%d windows)", len(self._windows),
+                                self.max_bytes, self.capacity)
 
     def windows(self, last: int | None = None, since: float | None = None) -> list[FlightWindow]:
         with self._lock:
@@ -105,7 +133,7 @@ class FlightRecorder:
 
     def snapshot(self, model: str = "", last: int | None = None, since: float | None = None,
                  trigger: float | None = None) -> FlightSnapshot:
-        """The windows as they are now, cheap to take (the arrays are never changed once recorded): a capture
+        """The windows as they are now, cheap to take (windows are never changed once recorded): a capture
         takes it when it starts and serialises it later, on its own thread."""
         kept = self.windows(last, since)
         with self._lock:
@@ -113,6 +141,25 @@ class FlightRecorder:
 
     def record_json(self, **kw) -> dict:
         return self.snapshot(**kw).document()
+
+    def body(self, model: str, last: int | None, since: float | None, gzipped: bool) -> bytes:
+        """The JSON (or gzipped JSON) /api/flight serves. The newest answers are kept until the windows change,
+        so clients polling the same view cost one join and one compression per window between them."""
+        snap = self.snapshot(model=model, last=last, since=since)
+        w = snap.windows
+        key = (model, len(w), w[0].start if w else None, w[-1].end if w else None, gzipped)
+        with self._lock:
+            if key in self._served:
+                self._served.move_to_end(key)
+                return self._served[key]
+        data = snap.encode()
+        if gzipped:
+            data = gzip.compress(data, compresslevel=3)
+        with self._lock:
+            self._served[key] = data
+            while len(self._served) > SERVED_KEPT:
+                self._served.popitem(last=False)
+        return data
 
     def gzipped(self, **kw) -> bytes:
         return self.snapshot(**kw).gzipped()
@@ -126,24 +173,18 @@ class FlightSnapshot:
     token_bounds: tuple[float, ...]
     windows: tuple[FlightWindow, ...]
 
-    def document(self) -> dict:
-        """The record as a JSON-ready document (docs/flight.md)."""
-        kept = self.windows
-        return {
-            "format": FORMAT, "model": self.model, "trigger": self.trigger, "layer_ids": list(self.layer_ids),
-            "experts": int(kept[-1].counts.shape[1]) if kept else 0,
-            "ep_ranks": int(kept[-1].rank_load.shape[1]) if kept and kept[-1].rank_load is not None else 0,
-            "phases": list(PHASES), "token_bounds": [b if math.isfinite(b) else None for b in self.token_bounds],
-            "windows": [{
-                "start": w.start, "end": w.end, "counts": w.counts.tolist(),
-                "rank_load": None if w.rank_load is None else np.round(w.rank_load, 1).tolist(),
-                "step_count": None if w.step_count is None else w.step_count.tolist(),
-                "step_seconds": None if w.step_seconds is None else np.round(w.step_seconds, 6).tolist(),
-            } for w in kept],
-        }
-
     def encode(self) -> bytes:
-        return msgspec.json.encode(self.document())
+        """The record as JSON (docs/flight.md): its header, then the windows as they were encoded."""
+        kept = self.windows
+        header = msgspec.json.encode({
+            "format": FORMAT, "model": self.model, "trigger": self.trigger, "layer_ids": list(self.layer_ids),
+            "experts": kept[-1].experts if kept else 0, "ep_ranks": kept[-1].ep_ranks if kept else 0,
+            "phases": list(PHASES), "token_bounds": [b if math.isfinite(b) else None for b in self.token_bounds],
+        })
+        return b"".join((header[:-1], b',"windows":[', b",".join(w.json for w in kept), b"]}"))
+
+    def document(self) -> dict:
+        return msgspec.json.decode(self.encode())
 
     def gzipped(self) -> bytes:
         """What a capture stores. gzip level 1: a third of level 3's time for 4 % more bytes on these counts."""

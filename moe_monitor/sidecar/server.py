@@ -9,21 +9,35 @@ catalog streams files) and aiohttp gives routing, streaming and a production-gra
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hmac
+import html
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import socket
-import time
-from dataclasses import dataclass
+import zlib
 
 from aiohttp import web
 
 from .exporter import Exporter
 from .flight import FILE as FLIGHT_FILE
+from .flight import MAX_JSON_BYTES, FlightError
+from .http_guard import (
+    BACKLOG,
+    BODY_TIMEOUT_S,
+    CHUNK,
+    PROGRESS_TIMEOUT_S,
+    Admission,
+    AiohttpErrorFilter,
+    ConnectionGuard,
+    HttpLimits,
+    LoopErrorLog,
+    Refusals,
+    stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +48,18 @@ LANDING = """<html><head><title>moe-monitor</title></head><body>
 <li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li>
 <li><a href="/api/flight?windows=12">/api/flight</a> (the routing flight recorder)</li></ul></body></html>"""
 
-# HTTP limits (issue #14, defect 6): misbehaving clients must not stop /metrics from answering. The three
-# tunable ones are settings too (--http-idle-timeout, --http-header-timeout, --http-max-connections).
-IDLE_TIMEOUT_S = 15.0  # keep-alive: no new request for this long after a response -> closed. Prometheus reuses a
-# connection between scrapes; closing it costs one TCP handshake, and Go's client retries a GET on a connection
-# the server closed while idle, so 15 s (aiohttp's own default is 75 s) loses no scrape.
-HEADER_TIMEOUT_S = 10.0  # a new connection must complete its first request's headers within this (slowloris);
-# a real scraper sends them in one packet. Later requests on a kept-alive connection get IDLE_TIMEOUT_S.
-MAX_CONNECTIONS = 256  # open connections; at the cap the oldest one waiting for a request is closed to admit the
-# new one, and when none waits the new one is closed at once. A few scrapers need a handful.
-BACKLOG = 128  # the kernel's queue of connections not yet accepted (aiohttp's default); it holds no descriptors
-FD_HEADROOM = 64  # descriptors left to segments, captures and logs: the cap and the accept burst (see
-# HttpLimits.sized_to_fd_limit) fit in RLIMIT_NOFILE minus this
-MIN_CONNECTIONS = 8  # neither goes below this, however low the descriptor limit
 SHUTDOWN_TIMEOUT_S = 10.0  # in-flight requests (a trace download) get this long after SIGTERM; aiohttp's 60 s
 # would outlast Kubernetes' default 30 s grace period and end in SIGKILL anyway
-LOG_EVERY_S = 60.0  # a repeated event-loop error or cap event is logged at most once per this (with a count)
+ADMISSION = web.AppKey("admission", Admission)
 
 
-def build_app(exporter: Exporter) -> web.Application:
+def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Application:
+    refusals = refusals or Refusals()
+    exporter.http_refusals = refusals.counts  # exported as moe_monitor_http_refused_total
+    admission = Admission(refusals)
+    stored = StoredFlight(refusals)
+    cfg = exporter.config
+
     async def metrics(request: web.Request) -> web.Response:
         exposition = exporter.latest()
         if exposition is None:
@@ -69,30 +76,41 @@ def build_app(exporter: Exporter) -> web.Application:
         return web.Response(text="ok\n")
 
     async def landing(request: web.Request) -> web.Response:
-        cfg = exporter.config
-        return web.Response(text=LANDING.format(segment_dir=cfg.segment_dir, window=cfg.window_s),
+        return web.Response(text=LANDING.format(segment_dir=html.escape(cfg.segment_dir), window=cfg.window_s),
                             content_type="text/html")
 
-    def refused(request: web.Request, what: str) -> web.Response | None:
-        """None when the caller may `what` (trigger a capture, download a trace); else the refusal. Every
-        decision is logged with the caller's address (an audit trail of who pulled which trace)."""
-        cfg, peer = exporter.config, request.remote
+    def refused(request: web.Request) -> web.Response | None:
+        """None when the caller may use the API; else the refusal. One rule: every /api/ route needs the bearer
+        token when one is set; without one, the API is off unless --captures-api-insecure opens it to all."""
         if cfg.api_token:
             header = request.headers.get("Authorization", "")
             if header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(errors="replace"),
                                                                       cfg.api_token.encode()):
-                log.info("captures API: %s %s (token)", peer, what)
                 return None
-            log.warning("captures API: refused %s %s: missing or wrong bearer token", peer, what)
+            refusals.add("unauthorized", "API: refused %s %s %s: missing or wrong bearer token", request.remote,
+                         request.method, request.path)
             return web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         if cfg.captures_api_insecure:
-            log.warning("captures API: %s %s WITHOUT a token (--captures-api-insecure)", peer, what)
             return None
-        log.warning("captures API: refused %s %s: no --api-token is configured", peer, what)
-        return web.json_response({"error": "triggering captures and downloading traces are off: start the sidecar "
-                                           "with --api-token (or --captures-api-insecure on a trusted network)"},
-                                 status=403)
+        refusals.add("forbidden", "API: refused %s %s %s: no --api-token is configured", request.remote,
+                     request.method, request.path)
+        return web.json_response({"error": "the API is off: start the sidecar with --api-token (or "
+                                           "--captures-api-insecure on a trusted network)"}, status=403)
+
+    @web.middleware
+    async def guard(request: web.Request, handler):
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        denied = refused(request)
+        if denied is not None:
+            return denied
+        kind = "download" if "/files/" in request.path else "trigger" if request.method == "POST" else "read"
+        if kind != "read":  # the audit trail: who pulled which trace, who asked for a capture
+            log.info("API: %s %s %s%s", request.remote, request.method, request.path,
+                     "" if cfg.api_token else " WITHOUT a token (--captures-api-insecure)")
+        async with admission.slot(request, kind):
+            return await handler(request)
 
     def catalog_or_503():
         if exporter.catalog is None:
@@ -100,40 +118,45 @@ def build_app(exporter: Exporter) -> web.Application:
                                              content_type="application/json")
         return exporter.catalog
 
-    async def list_captures(request: web.Request) -> web.Response:
-        return web.json_response({"captures": catalog_or_503().list()})
+    async def off_loop(func, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    def json_answer(gzipped: bool = False) -> dict[str, str]:
+        return {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzipped else {})}
+
+    async def list_captures(request: web.Request) -> web.StreamResponse:
+        body = await off_loop(lambda: json.dumps({"captures": catalog_or_503().list()}).encode())
+        return await stream(request, [body], refusals, json_answer(), len(body))
 
     async def show_capture(request: web.Request) -> web.Response:
-        meta = catalog_or_503().get(request.match_info["id"])
+        meta = await off_loop(catalog_or_503().get, request.match_info["id"])
         if meta is None:
             return web.json_response({"error": "no such capture"}, status=404)
         return web.json_response(meta)
 
     async def download(request: web.Request) -> web.StreamResponse:
-        catalog = catalog_or_503()
-        denied = refused(request, f"download {request.match_info['id']}/{request.match_info['name']}")
-        if denied is not None:
-            return denied
-        path = catalog.file_path(request.match_info["id"], request.match_info["name"])
+        catalog, name = catalog_or_503(), request.match_info["name"]
+        path = await off_loop(catalog.file_path, request.match_info["id"], name)
         if path is None:
             return web.json_response({"error": "no such capture file"}, status=404)
-        disposition = f'attachment; filename="{request.match_info["name"]}"'
-        return web.FileResponse(path, headers={"Content-Disposition": disposition})
+        try:
+            f = await off_loop(open, path, "rb")
+        except OSError:
+            return web.json_response({"error": "no such capture file"}, status=404)
+        try:
+            size = os.fstat(f.fileno()).st_size
 
-    async def json_body(request: web.Request, body: bytes, gzipped: bool) -> web.Response:
-        """JSON bytes, sent gzipped when the client accepts it (a flight record is large and compresses ~10x).
-        (De)compressing MBs runs off the event loop, so /metrics keeps answering meanwhile."""
-        accepts = "gzip" in request.headers.get("Accept-Encoding", "")
+            async def chunks():
+                while piece := await off_loop(f.read, CHUNK):
+                    yield piece
 
-        def encode() -> bytes:
-            if accepts and not gzipped:
-                return gzip.compress(body, compresslevel=3)
-            return gzip.decompress(body) if gzipped and not accepts else body
+            headers = {"Content-Type": "application/octet-stream",
+                       "Content-Disposition": f'attachment; filename="{name}"'}
+            return await stream(request, chunks(), refusals, headers, size, deadline_s=None)
+        finally:
+            f.close()
 
-        headers = {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if accepts else {})}
-        return web.Response(body=await asyncio.get_running_loop().run_in_executor(None, encode), headers=headers)
-
-    async def flight(request: web.Request) -> web.Response:
+    async def flight(request: web.Request) -> web.StreamResponse:
         if not exporter.flight.enabled:
             return web.json_response({"error": "the flight recorder is off (--flight-minutes 0)"}, status=404)
         try:
@@ -144,30 +167,38 @@ def build_app(exporter: Exporter) -> web.Application:
         except ValueError:
             return web.json_response({"error": "windows must be an integer >= 1 and since a unix time in seconds"},
                                      status=400)
-        # a record is MBs of JSON at scale: built off the event loop, so /metrics keeps answering meanwhile
-        body = await asyncio.get_running_loop().run_in_executor(None, exporter.flight_json, last, since)
-        return await json_body(request, body, gzipped=False)
+        gz = accepts_gzip(request)
+        # built off the event loop, and kept: clients asking for the same view in one window share one answer
+        body = await off_loop(exporter.flight_json, last, since, gz)
+        return await stream(request, [body], refusals, json_answer(gz), len(body))
 
-    async def capture_flight(request: web.Request) -> web.Response:
-        catalog = catalog_or_503()
-        path = catalog.file_path(request.match_info["id"], FLIGHT_FILE)
+    async def capture_flight(request: web.Request) -> web.StreamResponse:
+        capture_id = request.match_info["id"]
+        path = await off_loop(catalog_or_503().file_path, capture_id, FLIGHT_FILE)
         if path is None:
             return web.json_response({"error": "no such capture, or it has no flight record (the flight recorder "
                                                "was off, or the capture is older than it)"}, status=404)
-        def read() -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
-
-        data = await asyncio.get_running_loop().run_in_executor(None, read)  # MBs at scale: off the event loop
-        return await json_body(request, data, gzipped=data[:2] == b"\x1f\x8b")
+        try:
+            gzipped = await off_loop(stored.check, path)  # inflated once, with a bound, before any byte is sent
+        except FlightError as e:
+            refusals.add("bad_stored_data", "capture %s: its stored flight record is unusable: %s", capture_id, e)
+            return web.json_response({"error": f"capture {capture_id}: its stored flight record is unusable: {e}"},
+                                     status=500)
+        gz = gzipped and accepts_gzip(request)
+        headers = json_answer(gz)
+        return await stream(request, stored.chunks(path, inflate=gzipped and not gz), refusals, headers)
 
     async def trigger(request: web.Request) -> web.Response:
-        denied = refused(request, "trigger a capture")
-        if denied is not None:
-            return denied
         try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S) if request.can_read_body else b"{}"
+        except TimeoutError:
+            refusals.add("bad_request", "API: %s sent no complete trigger body in %g s", request.remote,
+                         BODY_TIMEOUT_S)
+            return web.json_response({"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"},
+                                     status=408, headers={"Connection": "close"})
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's recursion limit
             return web.json_response({"error": "body must be UTF-8 JSON: {\"reason\": \"...\"}"}, status=400)
         reason = body.get("reason") if isinstance(body, dict) else None
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
@@ -175,7 +206,8 @@ def build_app(exporter: Exporter) -> web.Application:
         status, payload = exporter.trigger_manual(reason.strip())
         return web.json_response(payload, status=status)
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[guard])
+    app[ADMISSION] = admission
     app.router.add_get("/api/captures", list_captures)
     app.router.add_post("/api/captures", trigger)
     app.router.add_get("/api/captures/{id}", show_capture)
@@ -188,117 +220,92 @@ def build_app(exporter: Exporter) -> web.Application:
     return app
 
 
-@dataclass(frozen=True)
-class HttpLimits:
-    idle_timeout_s: float = IDLE_TIMEOUT_S
-    header_timeout_s: float = HEADER_TIMEOUT_S
-    max_connections: int = MAX_CONNECTIONS
-
-    @classmethod
-    def of(cls, cfg) -> HttpLimits:
-        return cls(cfg.http_idle_timeout_s, cfg.http_header_timeout_s, cfg.http_max_connections)
-
-    def sized_to_fd_limit(self) -> tuple[int, int]:
-        """(connection cap, accept burst) that fit the process's descriptor limit: a connection flood must run
-        into the cap, not into EMFILE (which fails every accept, segment read and capture alike). asyncio
-        accepts up to `burst` connections per wake-up before any of them reaches the cap, so both come out of
-        the budget, RLIMIT_NOFILE - FD_HEADROOM, a quarter of it at most to the burst."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return self.max_connections, BACKLOG
-        budget = soft - FD_HEADROOM
-        burst = max(MIN_CONNECTIONS, min(BACKLOG, budget // 4))
-        return max(MIN_CONNECTIONS, min(self.max_connections, budget - burst)), burst
+def accepts_gzip(request: web.Request) -> bool:
+    return "gzip" in request.headers.get("Accept-Encoding", "")
 
 
-def _waiting_for_request(handler: web.RequestHandler) -> bool:
-    """The connection is idle or its request headers are incomplete: nothing is lost by closing it. This is the
-    test aiohttp itself applies before expiring a keep-alive connection (RequestHandler._process_keepalive); it
-    has no public accessor. Should a release rename the attribute, this answers False: we then close nothing
-    early and aiohttp's keepalive_timeout still applies."""
-    waiter = getattr(handler, "_waiter", None)
-    return waiter is not None and not waiter.done()
+class StoredFlight:
+    """A capture's stored flight record, served as it is (gzip to a client that accepts it) or inflated on the
+    way out. The catalog is on disk, writable by others: a record is inflated once, in chunks, with a bound
+    (flight.MAX_JSON_BYTES) before it is served, and the verdict kept per file version. A 2 MB file that inflates
+    to 2 GiB took the sidecar from 64 MB to 6.36 GB (issue #24); now it costs at most one bounded pass."""
 
+    def __init__(self, refusals: Refusals) -> None:
+        self.refusals = refusals
+        self._verdicts: dict[tuple, str | None] = {}
 
-class _Refused(asyncio.Protocol):
-    """A connection over the cap with none idle to make way: closed at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # the descriptor is released now, not after a lingering close
-
-
-class _ConnectionGuard:
-    """The protocol factory handed to `loop.create_server`: aiohttp's own (runner.server), behind a connection cap
-    and a deadline for the first request's headers. aiohttp has no cap; its keepalive_timeout covers the time
-    after a response, and a connection that never sends a request only in its newest releases."""
-
-    def __init__(self, server: web.Server, cap: int, header_timeout_s: float) -> None:
-        self.server, self.cap, self.header_timeout_s = server, cap, header_timeout_s
-        self.evicted = self.refused = 0
-        self.reported = float("-inf")
-
-    def __call__(self) -> asyncio.Protocol:
-        live = [h for h in self.server.connections if h.transport is not None]  # oldest first
-        if len(live) >= self.cap:
-            idle = next((h for h in live if _waiting_for_request(h)), None)
-            if idle is None:
-                self.refused += 1
-                self.report()
-                return _Refused()
-            idle.force_close()
-            self.evicted += 1
-            self.report()
-        handler = self.server()
-        asyncio.get_running_loop().call_later(self.header_timeout_s, self.headers_due, handler)
-        return handler
+    def check(self, path: str) -> bool:
+        """True if the file is gzip, False if plain JSON; FlightError when it is neither, truncated or too large."""
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+        if key not in self._verdicts:
+            if len(self._verdicts) > 256:
+                self._verdicts.clear()
+            try:
+                self._verdicts[key] = None
+                self._inspect(path)
+            except FlightError as e:
+                self._verdicts[key] = str(e)
+        if self._verdicts[key] is not None:
+            raise FlightError(self._verdicts[key])
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
 
     @staticmethod
-    def headers_due(handler: web.RequestHandler) -> None:
-        if handler.transport is not None and getattr(handler, "_request_count", 1) == 0 and \
-                _waiting_for_request(handler):
-            log.debug("closing a connection that sent no complete request headers in time")
-            handler.force_close()
+    def _inspect(path: str) -> None:
+        size, first, last = 0, b"", b""
+        for piece in StoredFlight._inflated(path):
+            size += len(piece)
+            if size > MAX_JSON_BYTES:
+                raise FlightError(f"it inflates to more than {MAX_JSON_BYTES >> 20} MiB")
+            first = first or piece.lstrip()[:1]
+            last = piece.rstrip()[-1:] or last
+        if (first, last) != (b"{", b"}"):
+            raise FlightError("it is not a JSON object")
 
-    def report(self) -> None:
-        now = time.monotonic()
-        if now - self.reported >= LOG_EVERY_S:
-            log.warning("HTTP connection cap (%d) reached: %d idle connections closed to admit new ones, %d new "
-                        "ones refused (none idle) since the last such warning (at most one every %g s)", self.cap,
-                        self.evicted, self.refused, LOG_EVERY_S)
-            self.evicted = self.refused = 0
-            self.reported = now
+    @staticmethod
+    def _inflated(path: str):
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(0)
+            if head != b"\x1f\x8b":
+                while piece := f.read(CHUNK):
+                    yield piece
+                return
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            while data := f.read(CHUNK):
+                while data:
+                    yield inflater.decompress(data, CHUNK)
+                    data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if not inflater.eof:
+                raise FlightError("its gzip stream is truncated")
+
+    async def chunks(self, path: str, inflate: bool):
+        loop = asyncio.get_running_loop()
+        pieces = self._inflated(path) if inflate else _file_chunks(path)
+        try:
+            while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+                if piece:
+                    yield piece
+        except (FlightError, OSError) as e:  # changed on disk since it was checked: cut the answer short
+            self.refusals.add("bad_stored_data", "a stored flight record changed while it was served: %s", e)
+            raise ConnectionResetError(str(e)) from None
+        finally:
+            pieces.close()
 
 
-class _LoopErrorLog:
-    """The event loop's exception handler, logging each kind of error at most once per LOG_EVERY_S with a count of
-    the repeats. When accept() fails with EMFILE, CPython before gh-151615 reports it up to `backlog` times per
-    wake-up and reschedules as often: unthrottled that wrote hundreds of MB a minute and starved /metrics."""
-
-    def __init__(self) -> None:
-        self.last: dict[tuple, float] = {}
-        self.repeats: dict[tuple, int] = {}
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        exc = context.get("exception")
-        key = (type(exc), str(exc)) if exc is not None else (None, context.get("message"))
-        now = time.monotonic()
-        if len(self.last) > 1000:  # errors whose text is unique each time must not grow these without bound
-            self.last = {k: t for k, t in self.last.items() if now - t < LOG_EVERY_S}
-            self.repeats = {k: n for k, n in self.repeats.items() if k in self.last}
-        if now - self.last.get(key, float("-inf")) < LOG_EVERY_S:
-            self.repeats[key] = self.repeats.get(key, 0) + 1
-            return
-        self.last[key] = now
-        repeats = self.repeats.pop(key, 0)
-        if repeats:
-            context = {**context, "message": f"{context.get('message')} (and {repeats} more like it since it was "
-                                             f"last logged; at most one every {LOG_EVERY_S:g} s)"}
-        loop.default_exception_handler(context)
+def _file_chunks(path: str):
+    with open(path, "rb") as f:
+        while piece := f.read(CHUNK):
+            yield piece
 
 
-async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits) -> None:
+async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits,
+                      refusals: Refusals) -> None:
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_LoopErrorLog())
+    loop.set_exception_handler(LoopErrorLog(refusals))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -306,18 +313,21 @@ async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLi
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
+    admission = app[ADMISSION]
     try:
         # asyncio takes `backlog` both for listen() and for the accepts per wake-up: the burst here, and the
         # kernel's queue (no descriptors) set back to BACKLOG below, so that a burst of clients is not dropped.
-        listener = await loop.create_server(_ConnectionGuard(runner.server, cap, limits.header_timeout_s), host,
-                                            port, backlog=burst)
+        guard = ConnectionGuard(runner.server, cap, limits.header_timeout_s, admission, refusals)
+        listener = await loop.create_server(guard, host, port, backlog=burst)
         for s in listener.sockets:
             with socket.fromfd(s.fileno(), s.family, s.type) as same_socket:
                 same_socket.listen(BACKLOG)
         try:
             log.info("HTTP limits: %d connections, %d accepts at a time (RLIMIT_NOFILE %d), first request's "
-                     "headers within %gs, idle connections closed after %gs", cap, burst,
-                     resource.getrlimit(resource.RLIMIT_NOFILE)[0], limits.header_timeout_s, limits.idle_timeout_s)
+                     "headers within %gs, idle connections closed after %gs; API requests at once: %s; answers "
+                     "dropped after %gs without progress", cap, burst, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                     limits.header_timeout_s, limits.idle_timeout_s,
+                     ", ".join(f"{n} {k}" for k, n in admission.limits.items()), PROGRESS_TIMEOUT_S)
             await stop.wait()
         finally:
             listener.close()
@@ -325,19 +335,31 @@ async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLi
         await runner.cleanup()
 
 
+def access_summary(cfg) -> tuple[int, str]:
+    """The start-up line that says what is open to whom (log level, text)."""
+    where = f"{cfg.host}:{cfg.port}"
+    open_part = f"/metrics, /healthz and / are open to anyone who reaches {where}"
+    if cfg.api_token:
+        return logging.INFO, f"access: {open_part}; every /api/ route (captures, traces, flight record) needs the " \
+                             "bearer token (--api-token)"
+    if cfg.captures_api_insecure:
+        return logging.WARNING, f"INSECURE access: {open_part}, and so is every /api/ route: anyone can list " \
+                                "captures, read flight records, download traces and trigger profiler captures " \
+                                "(--captures-api-insecure without --api-token)"
+    return logging.WARNING, f"access: {open_part}; every /api/ route (captures, traces, flight record) answers " \
+                            "403 until --api-token is set"
+
+
 def serve(exporter: Exporter, limits: HttpLimits | None = None) -> None:
     """Serve until SIGTERM/SIGINT. `limits` default to the config's. Raises OSError if the port cannot be
     bound."""
     cfg = exporter.config
+    refusals = Refusals()
+    logging.getLogger("aiohttp.server").addFilter(AiohttpErrorFilter(refusals))
     exporter.safe_tick()  # the first exposition exists before the port opens (or the log says why not)
     exporter.start()
-    if exporter.catalog is not None and not cfg.api_token:
-        if cfg.captures_api_insecure:
-            log.warning("INSECURE: anyone who reaches %s:%d can trigger profiler captures and download traces "
-                        "(--captures-api-insecure without --api-token)", cfg.host, cfg.port)
-        else:
-            log.warning("triggering captures and downloading traces answer 403 until --api-token is set; "
-                        "listing captures and /metrics stay open")
+    log.log(*access_summary(cfg))
     log.info("moe-monitor sidecar listening on http://%s:%d/metrics, reading %s, %gs windows", cfg.host, cfg.port,
              cfg.segment_dir, cfg.window_s)
-    asyncio.run(_serve_http(build_app(exporter), cfg.host, cfg.port, limits or HttpLimits.of(cfg)))
+    app = build_app(exporter, refusals)
+    asyncio.run(_serve_http(app, cfg.host, cfg.port, limits or HttpLimits.of(cfg), refusals))

@@ -197,7 +197,13 @@ METRICS: tuple[Metric, ...] = (
     _M("moe_monitor_flight_windows", "gauge", (), "t0", "exporter",
        "Windows the routing flight recorder holds (at most --flight-minutes of --window; /api/flight)."),
     _M("moe_monitor_flight_bytes", "gauge", (), "t0", "exporter",
-       "Memory those windows take (layer x expert counts, EP-rank load, step statistics)."),
+       "Memory those windows take: their JSON, as /api/flight serves it (at most --flight-max-bytes)."),
+    _M("moe_monitor_http_refused_total", "counter", ("reason",), "t0", "exporter",
+       "HTTP requests and connections the sidecar refused or cut short, by reason (unauthorized: wrong or no "
+       "token; forbidden: the API is off without --api-token; busy: too many API requests of one kind at once, "
+       "503; slow_client: stopped reading its answer, dropped; evicted: closed at the connection cap to make room; "
+       "bad_request: malformed HTTP or a body that did not arrive in time; bad_stored_data: a capture's stored "
+       "file that cannot be served). Scrapes are never refused for these."),
 )
 BY_NAME = {m.name: m for m in METRICS}
 if len(BY_NAME) != len(METRICS):
