@@ -552,8 +552,9 @@ def test_sidecar_container_command_runs_and_answers_its_probes(pod, tmp_path):
         body = wait_http(base + "/metrics", 10, proc, log).decode()
         assert "moe_monitor_build_info" in body
         # Captures are configured (--vllm-url with --profile-dir): the catalog answers and its directory exists.
-        status, listing = call("GET", base + "/api/captures")
+        status, listing = call("GET", base + "/api/captures", token="test-api-token")
         assert status == 200 and isinstance(json.loads(listing), (list, dict)), (status, listing)
+        assert call("GET", base + "/api/captures")[0] == 401  # every /api/ route needs the Secret's token
         assert Path(relocate(sidecar_flags(c)["--capture-dir"])).is_dir()
         # The token from the Secret is in force: triggering without it, or with another one, is refused.
         assert call("POST", base + "/api/captures", {"reason": "test"})[0] == 401

@@ -55,8 +55,13 @@ def stack(server):
 
 
 def captures(sidecar) -> list[dict]:
-    with urllib.request.urlopen(sidecar.url + "/api/captures", timeout=10) as r:
-        return json.load(r)["captures"]
+    return json.load(api(sidecar.url + "/api/captures"))["captures"]
+
+
+def api(url: str, timeout: float = 30):
+    """A GET of the sidecar's API, with the test's token (every /api/ route needs it)."""
+    return urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer e2e-token"}),
+                                  timeout=timeout)
 
 
 def traffic(server, stop: threading.Event, hot_words=(), seed=0):
@@ -160,7 +165,7 @@ def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path)
 
     # the flight record: routing in the minutes before the trigger, stored with the capture
     assert "flight.json.gz" in pulled
-    with urllib.request.urlopen(f"{sidecar.url}/api/captures/{capture['id']}/flight", timeout=30) as r:
+    with api(f"{sidecar.url}/api/captures/{capture['id']}/flight") as r:
         record = json.load(r)
     windows = record["windows"]
     assert record["format"] == "moe-monitor-flight/1" and len(record["layer_ids"]) == meta["num_layers"]
@@ -180,7 +185,7 @@ def test_imbalance_regression_captures_a_trace_on_call_can_pull(stack, tmp_path)
     shown = subprocess.run(cli + ["show", capture["id"]], capture_output=True, text=True, check=True,
                            timeout=60).stdout
     assert f"flight record: {len(windows)} windows" in shown and f"/{hot}: " in shown
-    with urllib.request.urlopen(sidecar.url + "/api/flight?windows=3", timeout=30) as r:
+    with api(sidecar.url + "/api/flight?windows=3") as r:
         live = json.load(r)
     assert len(live["windows"]) == 3 and live["windows"][-1]["end"] > record["trigger"]
 

@@ -2,15 +2,14 @@
 engine steps by phase and tokens), kept in a bounded ring so that a capture can store what routing looked like
 before its trigger, and on-call engineers can see which expert went hot, when, and in which layers.
 
-Pure core: `FlightRecorder` keeps compact arrays (counts as uint32: a window's assignments per layer × expert
-stay far below 2^32; rank load and step seconds as float32); `record_json` renders a snapshot as a JSON document
-(docs/flight.md gives its schema); `parse` validates one read back from a capture; `summary` and
+Pure core: `FlightRecorder` keeps each window as the JSON object the record serves, encoded once when the window
+is recorded (counts clipped to uint32), within a window count and a byte bound; `body` joins them into the answer
+of /api/flight (the newest answers kept); `parse` validates a record read back from a capture; `summary` and
 `render_summary` turn it into the per-window lines `moe-monitor traces show` prints.
 
-Memory: (L·E·4 + L·R·4 + small) bytes per window; at the DeepSeek-V3 scale (61 layers × 256 experts, 16 EP
-ranks) 66 KB per window, 8.0 MB for the default 10 minutes of 5 s windows, stored with a capture as 5.3 MB of
-gzipped JSON; a capture's snapshot costs the window thread ~20 µs, its serialisation (0.2 s) runs on the capture's
-thread (benchmarks/flight_recorder.py, results/flight_recorder.txt).
+At the DeepSeek-V3 scale (61 layers × 256 experts, 16 EP ranks) a window is ~90 KB of JSON, 0.5 ms to encode on the
+window thread; 10 minutes of 5 s windows 10.7 MB, stored with a capture as 5.3 MB gzipped; the whole record served
+in 17 ms (benchmarks/flight_recorder.py, results/flight_recorder.txt).
 """
 
 from __future__ import annotations
