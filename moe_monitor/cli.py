@@ -108,55 +108,94 @@ def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
     click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
 
 
+MAX_GPUS = 1024  # eplb --gpus; with MAX_EXPERTS the placement files stay within hundreds of MB
+MAX_REDUNDANT = 16384  # eplb --redundant, each value
+TIMEOUT_HELP = ("Seconds a JSON answer may take in total (a trace download: 10 x this + 1 s per 256 KiB, and "
+                "at most 2 x this without a byte).")
+
+
+def _one_line_errors(func):
+    """A server answer that cannot be used (ClientError) as click's one-line error, exit 1."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kw):
+        from moe_monitor.client import ClientError
+
+        try:
+            return func(*args, **kw)
+        except ClientError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
 @main.group()
 @click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
               help="The sidecar's base URL.")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
               help="Bearer token (download and trigger, when the sidecar requires one).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0, help=TIMEOUT_HELP)
 @click.pass_context
-def traces(ctx, url: str, token: str | None) -> None:
-    """List, show, pull and trigger the profiler traces the sidecar captured."""
-    ctx.obj = {"url": url.rstrip("/"), "token": token}
+def traces(ctx, url: str, token: str | None, timeout: float) -> None:
+    """List, show, pull and trigger the profiler traces the sidecar captured. Nothing the sidecar answers is
+    trusted: sizes and deadlines are bounded, ids and file names checked, its strings printed with control
+    characters escaped."""
+    ctx.obj = {"url": url.rstrip("/"), "token": token, "timeout": timeout}
 
 
-def _api(ctx, method: str, path: str, body: dict | None = None):
-    import json
-    import urllib.error
-    import urllib.request
+def _sidecar(ctx):
+    from moe_monitor.client import Client
 
-    headers = {"Content-Type": "application/json"}
-    if ctx.obj["token"]:
-        headers["Authorization"] = f"Bearer {ctx.obj['token']}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(ctx.obj["url"] + path, data=data, method=method, headers=headers)
+    return Client(ctx.obj["url"], ctx.obj["token"], ctx.obj["timeout"])
+
+
+def _asked_id(capture_id: str) -> str:
+    from moe_monitor.client import capture_id as valid
+
+    if valid(capture_id) is None:
+        raise click.BadParameter(f"{capture_id!r} is not a capture id (like 20250101T120000Z-imbalance-1a2b3c)",
+                                 param_hint="CAPTURE_ID")
+    return capture_id
+
+
+def _capture(ctx, capture_id: str) -> tuple[dict, list[tuple[str, int]]]:
+    """A capture's metadata from the sidecar, checked (records.capture_metadata), and its files."""
+    from moe_monitor.client.records import METADATA_KEYS, capture_metadata
+
+    what = f"capture {capture_id}"
+    meta = _sidecar(ctx).get_json(f"/api/captures/{capture_id}", what, expect=METADATA_KEYS)
+    return meta, capture_metadata(meta, what, asked=capture_id)
+
+
+def _when(t: float) -> str:
+    import time as _time
+
     try:
-        return urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error", e.reason)
-        except ValueError:
-            message = e.reason
-        raise click.ClickException(f"{method} {path}: {e.code} {message}") from None
-    except urllib.error.URLError as e:
-        raise click.ClickException(f"cannot reach the sidecar at {ctx.obj['url']}: {e.reason}") from None
+        return _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 @traces.command("list")
 @click.pass_context
+@_one_line_errors
 def traces_list(ctx) -> None:
     """Captures, newest first: id, time, reason, outcome, size."""
-    import json
-    import time as _time
+    from moe_monitor.client import ClientError, printable
+    from moe_monitor.client.records import capture_metadata
 
-    captures = json.load(_api(ctx, "GET", "/api/captures"))["captures"]
+    captures = _sidecar(ctx).get_json("/api/captures", "the capture list", expect=("captures",))["captures"]
+    if not isinstance(captures, list):
+        raise ClientError("the capture list: not a moe-monitor sidecar (captures is not a list)")
     if not captures:
         click.echo("no captures")
-    for c in captures:
-        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(c["created"]))
-        evidence = c.get("evidence") or {}
+    for i, c in enumerate(captures):
+        files = capture_metadata(c, f"the capture list, entry {i}")
+        evidence = c.get("evidence") if isinstance(c.get("evidence"), dict) else {}
         signal = evidence.get("signal", evidence.get("note", ""))
-        click.echo(f"{c['id']}  {when}  {c.get('reason', '?'):10s} {c.get('outcome', '?'):8s} {len(c['files'])} files "
-                   f"{c['total_bytes'] / 1e6:.1f} MB  {signal}")
+        click.echo(printable(f"{c['id']}  {_when(c['created'])}  {str(c.get('reason', '?')):10} "
+                             f"{str(c.get('outcome', '?')):8} "
+                             f"{len(files)} files {c['total_bytes'] / 1e6:.1f} MB  {signal}"))
 
 
 @traces.command("show")
@@ -165,72 +204,126 @@ def traces_list(ctx) -> None:
 @click.option("--top", default=1, show_default=True, type=click.IntRange(1, 20),
               help="Hottest experts listed per window of the flight record.")
 @click.pass_context
+@_one_line_errors
 def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
     """One capture: reason, evidence, breakdown, files, and its flight record (routing in the minutes before the
     trigger, one line per window: the most imbalanced layer, the hottest experts, the busiest EP rank)."""
     import json
-    import time as _time
-    import urllib.parse
 
-    from moe_monitor.sidecar.flight import FlightError, parse, render_summary
+    from moe_monitor.client import printable
+    from moe_monitor.client.records import flight_record
+    from moe_monitor.sidecar.flight import FILE, MAX_JSON_BYTES, render_summary
 
-    quoted = urllib.parse.quote(capture_id)
-    raw = _api(ctx, "GET", f"/api/captures/{quoted}").read()
+    meta, files = _capture(ctx, _asked_id(capture_id))
     if as_json:
-        click.echo(raw.decode())
+        click.echo(json.dumps(meta, indent=1))  # re-encoded: control characters in strings come out as \u001b
         return
-    meta = json.loads(raw)
-    when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(meta["created"]))
-    click.echo(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, {when}, "
-               f"{meta.get('duration_s', 0):.1f} s, {len(meta['files'])} files, {meta['total_bytes'] / 1e6:.1f} MB")
+    duration = meta.get("duration_s") if isinstance(meta.get("duration_s"), int | float) else 0
+    click.echo(printable(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, "
+                         f"{_when(meta['created'])}, {duration:.1f} s, {len(files)} files, "
+                         f"{meta['total_bytes'] / 1e6:.1f} MB"))
     evidence = meta.get("evidence") or {}
-    if evidence:
-        click.echo("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items()))
+    if isinstance(evidence, dict) and evidence:
+        click.echo(printable("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items())))
     shares = meta.get("breakdown") or {}
-    if shares:
-        click.echo("breakdown: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in
-                                             sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001))
-    if not any(f["name"] == "flight.json.gz" for f in meta["files"]):
+    if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
+        shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
+        if shown:
+            click.echo(printable("breakdown: " + ", ".join(shown)))
+    if not any(name == FILE for name, _ in files):
         click.echo("flight record: none (the flight recorder was off, or the capture is older than it)")
         return
+    what = f"capture {capture_id}'s flight record"
+    doc = flight_record(_sidecar(ctx).get_bytes(f"/api/captures/{capture_id}/flight", what, MAX_JSON_BYTES), what)
+    click.echo("\n".join(printable(x) for x in render_summary(doc, top).splitlines()))
+
+
+def _write_new(dir_fd: int, name: str, write) -> None:
+    """Write `name` inside the directory `dir_fd` through `.name.part`, renamed once complete: the part file is
+    created anew (O_EXCL, O_NOFOLLOW: a link planted there is removed, never followed) and removed on failure,
+    so a name in the directory is always a complete file."""
+    import os
+
+    part = f".{name}.part"
     try:
-        doc = parse(_api(ctx, "GET", f"/api/captures/{quoted}/flight").read())
-    except FlightError as e:
-        raise click.ClickException(f"capture {capture_id}: {e}") from None
-    click.echo(render_summary(doc, top))
+        os.unlink(part, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            write(sink)
+        os.replace(part, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        os.unlink(part, dir_fd=dir_fd)
+        raise
+
+
+def _capture_dir(out_dir: str, capture_id: str) -> int:
+    """An open descriptor of OUT/<id>, created if needed, refused when it resolves outside OUT (a link)."""
+    import os
+
+    from moe_monitor.client import ClientError
+
+    out = os.path.realpath(out_dir)
+    target = os.path.join(out, capture_id)
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(target) or os.path.islink(target):
+            os.makedirs(target, exist_ok=True)
+        if os.path.realpath(target) != target or os.path.commonpath([out, os.path.realpath(target)]) != out:
+            raise ClientError(f"{target} resolves outside {out} (a symbolic link?): not writing there")
+        return os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ClientError(f"cannot write into {target}: {e.strerror}") from None
 
 
 @traces.command("pull")
 @click.argument("capture_id")
 @click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), help="Directory to write into.")
 @click.pass_context
+@_one_line_errors
 def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
-    """Download every file of a capture into OUT/<id>/."""
+    """Download every file of a capture into OUT/<id>/. Its id and file names are checked (the sidecar's formats:
+    no separators, no leading dot) before anything is written, each file must be the size the metadata declares,
+    and metadata.json is written last: a capture whose pull failed has none."""
     import json
     import os
-    import shutil
-    import urllib.parse
 
-    meta = json.load(_api(ctx, "GET", f"/api/captures/{urllib.parse.quote(capture_id)}"))
-    target = os.path.join(out_dir, meta["id"])
-    os.makedirs(target, exist_ok=True)
-    for f in meta["files"]:
-        with _api(ctx, "GET", f"/api/captures/{meta['id']}/files/{urllib.parse.quote(f['name'])}") as resp, \
-                open(os.path.join(target, os.path.basename(f["name"])), "wb") as out:
-            shutil.copyfileobj(resp, out)
-    with open(os.path.join(target, "metadata.json"), "w") as out:
-        json.dump(meta, out, indent=1)
-    click.echo(f"pulled {len(meta['files'])} files into {target}")
+    from moe_monitor.client import ClientError
+
+    meta, files = _capture(ctx, _asked_id(capture_id))
+    client = _sidecar(ctx)
+    dir_fd = _capture_dir(out_dir, capture_id)
+    try:
+        try:
+            os.unlink("metadata.json", dir_fd=dir_fd)  # written again once every file is in
+        except FileNotFoundError:
+            pass
+        for name, size in files:
+            _write_new(dir_fd, name, lambda sink, name=name, size=size: client.download(
+                f"/api/captures/{capture_id}/files/{name}", f"{capture_id}/{name}", sink, size))
+        _write_new(dir_fd, "metadata.json", lambda sink: sink.write(json.dumps(meta, indent=1).encode()))
+    except OSError as e:
+        raise ClientError(f"cannot write into {os.path.join(os.path.realpath(out_dir), capture_id)}: "
+                          f"{e.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    click.echo(f"pulled {len(files)} files into {os.path.join(out_dir, capture_id)}")
 
 
 @traces.command("trigger")
 @click.option("--reason", required=True, help="Why (stored with the capture).")
 @click.pass_context
+@_one_line_errors
 def traces_trigger(ctx, reason: str) -> None:
     """Ask the sidecar for a capture now (same budget as automatic ones)."""
-    import json
+    from moe_monitor.client import ClientError, printable
 
-    click.echo(json.load(_api(ctx, "POST", "/api/captures", {"reason": reason}))["id"])
+    answer = _sidecar(ctx).post_json("/api/captures", {"reason": reason}, "trigger a capture", expect=("id",))
+    if not isinstance(answer["id"], str):
+        raise ClientError("trigger a capture: not a moe-monitor sidecar (its id is not a string)")
+    click.echo(printable(answer["id"]))
 
 
 @main.command()
@@ -247,25 +340,30 @@ def traces_trigger(ctx, reason: str) -> None:
 @click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
               help="The sidecar's base URL (--capture, --live).")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None, help="Bearer token, if required.")
-@click.option("--gpus", type=click.IntRange(min=1), required=True, help="EP ranks (GPUs) the experts spread over.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0,
+              help="Seconds the sidecar's or Prometheus' answer may take in total.")
+@click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), required=True,
+              help="EP ranks (GPUs) the experts spread over.")
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes (the hierarchical policy packs expert groups per node).")
 @click.option("--groups", type=click.IntRange(min=1), default=1, show_default=True,
               help="Expert groups of the model (DeepSeek-V3: 8); 1 for models without group-limited routing.")
-@click.option("--redundant", help="Redundant experts to compare, e.g. 0,16,32 (default: a sweep from the "
-              "smallest count that fills every GPU evenly, in steps of --gpus).")
+@click.option("--redundant", callback=lambda ctx, param, value: _redundant(value),
+              help="Redundant experts to compare, e.g. 0,16,32 (default: a sweep from the smallest count that "
+              "fills every GPU evenly, in steps of --gpus).")
 @click.option("--strategy", type=click.Choice(["linear", "round_robin"]), default="linear", show_default=True,
               help="vLLM's placement without EPLB (--expert-placement-strategy), the baseline.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write the recommended placement here (SGLang, sidecar and vLLM-state files; docs/eplb.md).")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
-def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minutes, url, token, gpus, nodes, groups,
-         redundant, strategy, out_dir, as_json) -> None:
+def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minutes, url, token, timeout, gpus, nodes,
+         groups, redundant, strategy, out_dir, as_json) -> None:
     """Should this deployment enable EPLB, and with how many redundant experts? Plans DeepSeek's EPLB placement
     from recorded routing and predicts per-EP-rank load, balancedness and the straggler factor (docs/eplb.md)."""
     import json
     import shlex
 
+    from moe_monitor.client import printable
     from moe_monitor.eplb import advise, plan_placement, vllm_args, write_placement_files
     from moe_monitor.eplb.history import HistoryError, from_capture, from_file, from_prometheus, from_sidecar
 
@@ -274,25 +372,26 @@ def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minute
         raise click.UsageError("give exactly one history: --capture ID, --live, --flight FILE or --prometheus URL")
     try:
         if capture_id:
-            history = from_capture(url, capture_id, token)
+            history = from_capture(url, capture_id, token, timeout)
         elif live:
-            history = from_sidecar(url, minutes, token)
+            history = from_sidecar(url, minutes, token, timeout)
         elif flight_file:
             history = from_file(flight_file)
         else:
-            history = from_prometheus(prometheus_url, range_, selector)
-        values = None if not redundant else [int(x) for x in redundant.split(",") if x.strip()]
-        advice = advise(history.load, num_gpus=gpus, num_nodes=nodes, num_groups=groups, redundant=values,
+            history = from_prometheus(prometheus_url, range_, selector, timeout=timeout)
+        advice = advise(history.load, num_gpus=gpus, num_nodes=nodes, num_groups=groups, redundant=redundant,
                         strategy=strategy)
         written = {}
         if out_dir:
             placement = plan_placement(history.load, num_gpus=gpus, num_redundant=advice.recommended.num_redundant,
                                        num_nodes=nodes, num_groups=groups)
             written = write_placement_files(out_dir, placement, history.load, moe_layer_ids=list(history.layer_ids))
-    except HistoryError as e:
-        raise click.ClickException(str(e)) from None
+    except HistoryError as e:  # its text may quote a server's answer: printed with control characters escaped
+        raise click.ClickException(printable(e)) from None
     except ValueError as e:  # the deployment does not fit the model (experts vs GPUs, groups vs nodes, ...)
-        raise click.ClickException(f"cannot plan for this deployment: {e}") from None
+        raise click.ClickException(f"cannot plan for this deployment: {printable(e)}") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the placement files into {out_dir}: {e.strerror or e}") from None
     head = (f"history: {history.source}; {history.assignments:,} assignments over {len(history.layer_ids)} MoE "
             f"layers x {history.load.shape[1]} experts")
     if as_json:
@@ -317,6 +416,20 @@ def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minute
                    f"({advice.baseline.summary.mean_straggler:.3f}) by more than {100 * advice.tolerance:.0f} %")
     for name, path in written.items():
         click.echo(f"wrote {name}: {path}")
+
+
+def _redundant(value: str | None) -> list[int] | None:
+    """--redundant: whole numbers 0..MAX_REDUNDANT, comma-separated (a usage error otherwise)."""
+    if not value:
+        return None
+    try:
+        values = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give whole numbers, e.g. 0,16,32", param_hint="--redundant") from None
+    if not values or not all(0 <= v <= MAX_REDUNDANT for v in values) or len(values) > 64:
+        raise click.BadParameter(f"{value!r}: give 1 to 64 numbers of redundant experts, each 0-{MAX_REDUNDANT}",
+                                 param_hint="--redundant")
+    return values
 
 
 main.add_command(top_command, "top")  # defined once, in moe_monitor/top/__main__.py (Textual loads on run)

@@ -6,6 +6,7 @@ example, hand-computed cases)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -24,11 +25,12 @@ from moe_monitor.stats.placement import load_placement
 
 LAYERS, EXPERTS, GPUS = 2, 16, 8
 HOT = 3  # expert 3 of every layer gets 16x the load of the others: 1,600 + 15 x 100 per second and layer
+TOKEN = "eplb-token"  # the sidecar's API (its flight record too) needs the bearer token
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_monitor.cli", "eplb", *args], capture_output=True, text=True,
-                          timeout=120, check=check)
+                          timeout=120, check=check, env={**os.environ, "MOE_MONITOR_API_TOKEN": TOKEN})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def sidecar(tmp_path_factory):
     thread = threading.Thread(target=publish, daemon=True)
     thread.start()
     proc = launch.start_sidecar(str(work / "seg"), free_port(), str(work / "sidecar.log"),
-                                ["--window", "1", "--expert-series", "all"])
+                                ["--window", "1", "--expert-series", "all", "--api-token", TOKEN])
     try:
         proc.wait_ready("/healthz", 20)
         yield proc, work
@@ -70,7 +72,8 @@ def sidecar(tmp_path_factory):
 def wait_for_windows(url: str, n: int, timeout: float = 30) -> dict:
     deadline = time.time() + timeout
     while True:
-        with urllib.request.urlopen(url + "/api/flight", timeout=10) as r:
+        request = urllib.request.Request(url + "/api/flight", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
             doc = json.load(r)
         if len(doc["windows"]) >= n or time.time() > deadline:
             return doc

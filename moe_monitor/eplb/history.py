@@ -11,19 +11,23 @@ Every failure is a `HistoryError` whose message says what to do.
 
 from __future__ import annotations
 
-import json
+import math
 import re
-import urllib.error
+import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
-from moe_monitor.sidecar.flight import FlightError, parse
+from moe_monitor.client import DEFAULT_TIMEOUT_S, Client, ClientError
+from moe_monitor.client.records import MAX_CELLS, MAX_EXPERTS, MAX_LAYER_ID, check_flight, flight_record
+from moe_monitor.sidecar.flight import MAX_JSON_BYTES
 
 RANGE_RE = re.compile(r"^\d+[smhdw]$")
 EXPERT_METRIC = "moe_expert_routed_tokens_total"
+INFO_METRIC = "moe_model_info"
+PROMETHEUS_MAX_BYTES = 64 << 20  # a query answer: MAX_CELLS series are ~60 MB of JSON
+ID_RE = re.compile(r"^-?[0-9]{1,12}$")
 
 
 class HistoryError(ValueError):
@@ -45,96 +49,157 @@ class History:
 
 
 def from_flight(doc: dict, source: str) -> History:
+    """The summed windows of a parsed flight record (checked here: `records.check_flight`)."""
+    try:
+        doc = check_flight(doc, source)
+    except ClientError as e:
+        raise HistoryError(str(e)) from None
     windows = doc["windows"]
     if not windows:
         raise HistoryError(f"{source}: the flight record holds no windows (the sidecar had not closed one yet)")
     load = np.zeros((len(doc["layer_ids"]), doc["experts"]), dtype=np.float64)
-    for w in windows:
-        load += np.asarray(w["counts"], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        for w in windows:
+            load += w["counts"]
+        finite = np.isfinite(load.sum())
+    if not finite:
+        raise HistoryError(f"{source}: the flight record's counts are not finite once summed")
     if not load.any():
         raise HistoryError(f"{source}: no tokens were routed in the {len(windows)} windows of the flight record")
-    return History(tuple(int(x) for x in doc["layer_ids"]), load, source, windows[0]["start"], windows[-1]["end"],
+    return History(tuple(doc["layer_ids"]), load, source, windows[0]["start"], windows[-1]["end"],
                    doc.get("model", ""))
 
 
 def from_flight_bytes(data: bytes, source: str) -> History:
     try:
-        return from_flight(parse(data), source)
-    except FlightError as e:
-        raise HistoryError(f"{source}: {e}") from None
+        return from_flight(flight_record(data, source), source)
+    except ClientError as e:
+        raise HistoryError(str(e)) from None
 
 
 def from_file(path: str) -> History:
+    """A flight record file (a pulled capture's flight.json.gz); read at most flight.MAX_JSON_BYTES of it."""
     try:
         with open(path, "rb") as f:
-            return from_flight_bytes(f.read(), path)
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise HistoryError(f"cannot read {path}: {e.strerror}") from None
+    return from_flight_bytes(data, path)
 
 
-def _get(url: str, what: str, timeout: float = 60.0, token: str | None = None) -> bytes:
-    headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {token}"} if token else {})}
+def _fetch(call, *args, **kw):
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-            return r.read()
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("error", e.reason)
-        except (ValueError, AttributeError):
-            message = e.reason
-        raise HistoryError(f"{what}: {url} answered {e.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise HistoryError(f"{what}: cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        return call(*args, **kw)
+    except ClientError as e:
+        raise HistoryError(str(e)) from None
 
 
-def from_sidecar(url: str, minutes: float | None = None, token: str | None = None) -> History:
+def from_sidecar(url: str, minutes: float | None = None, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> History:
     """The live sidecar's flight record (all of it, or the last `minutes`)."""
-    query = ""
-    if minutes is not None:
-        import time
-
-        query = f"?since={time.time() - 60 * minutes:.3f}"
-    data = _get(url.rstrip("/") + "/api/flight" + query, "the sidecar's flight record", token=token)
+    query = "" if minutes is None else f"?since={time.time() - 60 * minutes:.3f}"
+    data = _fetch(Client(url, token, timeout).get_bytes, "/api/flight" + query, "the sidecar's flight record",
+                  MAX_JSON_BYTES)
     return from_flight_bytes(data, f"{url} (live flight record)")
 
 
-def from_capture(url: str, capture_id: str, token: str | None = None) -> History:
+def from_capture(url: str, capture_id: str, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> History:
     quoted = urllib.parse.quote(capture_id, safe="")
-    data = _get(f"{url.rstrip('/')}/api/captures/{quoted}/flight", f"capture {capture_id}'s flight record",
-                token=token)
+    data = _fetch(Client(url, token, timeout).get_bytes, f"/api/captures/{quoted}/flight",
+                  f"capture {capture_id}'s flight record", MAX_JSON_BYTES)
     return from_flight_bytes(data, f"capture {capture_id}")
 
 
-def from_prometheus(url: str, range_: str, selector: str = "", at: float | None = None) -> History:
-    """Per layer × expert `increase()` over `range_` (e.g. 6h) ending now (or at `at`), summed over instances
-    matching `selector` (PromQL label matchers, e.g. `job="moe-monitor",model="..."`)."""
-    if not RANGE_RE.match(range_):
-        raise HistoryError(f"range {range_!r} is not a Prometheus duration like 30m, 6h or 7d")
-    query = f"sum by (layer, expert) (increase({EXPERT_METRIC}{{{selector}}}[{range_}]))"
+def _query(prom: Client, query: str, at: float | None) -> list:
+    """An instant query's result vector (checked to be one: a list of {metric: {...}, value: [t, "v"]})."""
     params = {"query": query, **({"time": f"{at:.3f}"} if at is not None else {})}
-    body = _get(f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode(params)}", "Prometheus query")
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise HistoryError(f"Prometheus at {url} did not answer JSON") from None
+    doc = _fetch(prom.get_json, f"/api/v1/query?{urllib.parse.urlencode(params)}", "Prometheus query",
+                 limit=PROMETHEUS_MAX_BYTES)
+    if not isinstance(doc, dict):
+        raise HistoryError(f"Prometheus at {prom.base_url} did not answer a query result")
     if doc.get("status") != "success":
         raise HistoryError(f"Prometheus refused the query {query!r}: {doc.get('error', doc)}")
-    result = doc["data"]["result"]
+    result = doc.get("data", {}).get("result") if isinstance(doc.get("data"), dict) else None
+    if not isinstance(result, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("metric"), dict) and isinstance(r.get("value"), list)
+            and len(r["value"]) == 2 for r in result):
+        raise HistoryError(f"Prometheus at {prom.base_url} answered without a vector of series: "
+                           f"{str(doc)[:200]}")
+    return result
+
+
+def _label_id(series: dict, label: str, limit: int, why: str) -> int:
+    """The `label` of a series as an id in 0..limit-1; HistoryError naming the series otherwise."""
+    text = series["metric"].get(label)
+    if isinstance(text, str) and ID_RE.match(text) and 0 <= int(text) < limit:
+        return int(text)
+    shown = text if isinstance(text, str) and ID_RE.match(text) else repr(text)
+    where = ", ".join(f"{k}={v!r}" for k, v in series["metric"].items() if k in ("layer", "expert", "model"))
+    raise HistoryError(f"Prometheus series {{{where}}}: {label} id {shown} is not in 0-{limit - 1} ({why})")
+
+
+def _declared_experts(prom: Client, selector: str, range_: str, at: float | None) -> int | None:
+    """The expert count the sidecars declare (moe_model_info) over the range, None when none does."""
+    declared = _query(prom, f"count by (experts) (last_over_time({INFO_METRIC}{{{selector}}}[{range_}]))", at)
+    counts = {r["metric"]["experts"] for r in declared if "experts" in r["metric"]}
+    if len(counts) > 1:
+        raise HistoryError(f"the series{' for ' + selector if selector else ''} are of models with different "
+                           f"expert counts ({', '.join(sorted(map(str, counts)))}): narrow them with --selector")
+    if not counts:
+        return None
+    text = counts.pop()
+    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_EXPERTS:
+        raise HistoryError(f"{INFO_METRIC} declares experts={text!r}: not an expert count (1-{MAX_EXPERTS})")
+    return int(text)
+
+
+def from_prometheus(url: str, range_: str, selector: str = "", at: float | None = None,
+                    timeout: float = DEFAULT_TIMEOUT_S) -> History:
+    """Per layer × expert `increase()` over `range_` (e.g. 6h) ending now (or at `at`), summed over instances
+    matching `selector` (PromQL label matchers, e.g. `job="moe-monitor",model="..."`). Expert ids are checked
+    against the expert count the sidecars declare (moe_model_info), layer ids against MAX_LAYER_ID."""
+    if not RANGE_RE.match(range_):
+        raise HistoryError(f"range {range_!r} is not a Prometheus duration like 30m, 6h or 7d")
+    prom = Client(url, timeout=timeout, name="Prometheus")
+    query = f"sum by (layer, expert) (increase({EXPERT_METRIC}{{{selector}}}[{range_}]))"
+    result = _query(prom, query, at)
     if not result:
         raise HistoryError(f"Prometheus has no {EXPERT_METRIC} series{' for ' + selector if selector else ''} over "
                            f"the last {range_}: run the sidecars with --expert-series all (the per-expert series "
                            "are off by default), or use a capture's flight record (--capture ID)")
-    try:
-        cells = [(int(r["metric"]["layer"]), int(r["metric"]["expert"]), float(r["value"][1])) for r in result]
-    except (KeyError, ValueError, TypeError) as e:
-        raise HistoryError(f"unexpected series in Prometheus' answer ({e}): {result[0]}") from None
+    if len(result) > MAX_CELLS:
+        raise HistoryError(f"Prometheus answered {len(result)} series: more than the {MAX_CELLS} layer x expert "
+                           "cells a plan is made for")
+    experts = _declared_experts(prom, selector, range_, at)
+    why = f"the model's {experts} experts ({INFO_METRIC})" if experts else f"at most {MAX_EXPERTS} experts"
+    cells = []
+    for r in result:
+        layer = _label_id(r, "layer", MAX_LAYER_ID + 1, "a model layer id")
+        expert = _label_id(r, "expert", experts or MAX_EXPERTS, why)
+        try:
+            value = float(r["value"][1])
+        except (TypeError, ValueError):
+            raise HistoryError(f"Prometheus series layer={layer}, expert={expert}: value {r['value'][1]!r} is "
+                               "not a number") from None
+        if value < 0 or math.isinf(value):
+            raise HistoryError(f"Prometheus series layer={layer}, expert={expert}: increase {value} is negative "
+                               "or infinite")
+        cells.append((layer, expert, value))
     layers = sorted({c[0] for c in cells})
-    experts = max(c[1] for c in cells) + 1
-    load = np.zeros((len(layers), experts), dtype=np.float64)
+    width = experts or max(c[1] for c in cells) + 1
+    if len(layers) * width > MAX_CELLS:
+        raise HistoryError(f"{len(layers)} layers x {width} experts is more than the {MAX_CELLS} cells a plan is "
+                           "made for")
+    load = np.zeros((len(layers), width), dtype=np.float64)
     row = {layer: i for i, layer in enumerate(layers)}
     for layer, expert, value in cells:
-        if np.isfinite(value) and value > 0:
+        if value > 0:  # NaN (no samples) adds nothing
             load[row[layer], expert] += value
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(load.sum())
+    if not finite:
+        raise HistoryError(f"the increases over the last {range_} are not finite once summed")
     if not load.any():
         raise HistoryError(f"no tokens were routed over the last {range_} ({EXPERT_METRIC} did not increase)")
     return History(tuple(layers), load, f"Prometheus {url}, increase over {range_}")
