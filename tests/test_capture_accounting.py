@@ -123,7 +123,7 @@ def test_a_trace_the_analysis_cannot_read_is_stored_as_analysis_failed_not_ok(tm
 
         def broken(*args, **kwargs):
             raise TypeError("unhashable type: 'list'")
-        monkeypatch.setattr(capturer, "analyze", broken)
+        monkeypatch.setattr(capturer, "analyze_files", broken)
     source = trace(tmp_path)
     with Vllm(str(tmp_path / "profiles"), trace=source) as vllm:
         c = make(tmp_path, vllm.url)

@@ -146,6 +146,7 @@ def test_one_huge_number_is_refused(tmp_path):
     (TraceLimits(max_events=100), "more trace events than the limit .*max_events=100"),
     (TraceLimits(max_bytes=50_000), "more JSON than the limit .*max_bytes=50,000"),
     (TraceLimits(max_name_bytes=2_000), "more distinct event names .*max_name_bytes=2,000"),
+    (TraceLimits(max_kept_events=999), r"more events to analyse than the limit \(1,000 .*max_kept_events=999"),
 ])
 def test_count_and_size_limits(tmp_path, limits, match):
     events = [dict(KERNEL, name=f"kernel_{i}", ts=float(i)) for i in range(1000)]
@@ -325,7 +326,8 @@ def test_the_msgspec_and_ijson_readers_agree(tmp_path, monkeypatch, events, more
     monkeypatch.setattr(trace_module, "_BLOCK", block)
     outcomes = []
     for parser in ("msgspec", "ijson"):
-        for limits in (TraceLimits(), TraceLimits(max_events=max_events, max_name_bytes=max_names)):
+        for limits in (TraceLimits(), TraceLimits(max_events=max_events, max_name_bytes=max_names,
+                                                  max_kept_events=max_events // 2)):
             try:
                 t = read_trace(str(tmp_path / "t.json"), limits, parser=parser)
                 outcomes.append([[(e.name, e.ts, e.dur, e.stream, e.cat) for e in evs]

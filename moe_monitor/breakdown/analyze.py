@@ -11,11 +11,12 @@ import functools
 import re
 import tomllib
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
-from .straggler import collectives_of, ep_wait
-from .trace import Event, Trace, step_phase
+from .straggler import CollectiveTable, collectives_of, ep_wait
+from .trace import LIMITS, Event, Trace, TraceLimits, read_trace, step_phase
 
 MNK_RE = re.compile(r"(\d+)x(\d+)x(\d+)")
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048)
@@ -70,7 +71,7 @@ def token_bucket(m: int) -> str:
     return f">{TOKEN_BUCKETS[-1]}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Unit:
     """One classified piece of time: a device event, or the self time of a CPU op."""
 
@@ -382,11 +383,6 @@ def _idle(trace: Trace, units: list[Unit], span: Event) -> tuple[float, float]:
 BLOCK_FIGURES = ("preamble_us", "gate_us", "first_expert_us", "experts_us")
 
 
-def _block_means(blocks: list[dict]) -> dict:
-    n = len(blocks)
-    return {"count": n, **({k: sum(b[k] for b in blocks) / n for k in BLOCK_FIGURES} if n else {})}
-
-
 def _label_blocks(trace: Trace, blocks: list[dict]) -> None:
     """Each MoE block's tokens-per-step bucket: the tokens of the vLLM step range it starts in ("" outside)."""
     starts = [s.ts for s in trace.steps]
@@ -401,33 +397,48 @@ def _bucket_order(bucket: str) -> int:
     return int(bucket.lstrip("<=>")) + (bucket[0] == ">")
 
 
-def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> dict:
-    rules = rules or load_rules()
-    cats = list(rules.categories)
-    overall = dict.fromkeys(cats, 0.0)
-    by_phase: dict[str, dict[str, float]] = {}
-    per_rank, steps, blocks = [], [], []
-    kernels: dict[tuple[str, str], list] = {}  # (name, category): one kernel can be in two rows (a GEMM
-    # config serves the attention projections and the lm_head)
-    expert_tokens: dict[str, float] = defaultdict(float)
-    idle_total = 0.0
-    ep_ops: dict[str, list] = {}  # rank -> its EP collectives (straggler.py)
-    for trace in traces:
+class Breakdown:
+    """A capture's breakdown built one rank at a time. `add` classifies one rank's trace and keeps only what the
+    result needs of it (category and kernel sums, its steps, MoE block sums, its EP collectives as a compact
+    table for the pairing), so the caller can drop the trace, and its events, before reading the next one:
+    memory is one trace's, not one per rank. `result` combines the ranks."""
+
+    def __init__(self, rules: Rules | None = None, top: int = 20):
+        self.rules, self.top = rules or load_rules(), top
+        self.cats = cats = list(self.rules.categories)
+        self.overall = dict.fromkeys(cats, 0.0)
+        self.by_phase: dict[str, dict[str, float]] = {}
+        self.per_rank: list[dict] = []
+        self.steps: list[dict] = []
+        self.kernels: dict[tuple[str, str], list] = {}  # (name, category): one kernel can be in two rows (a GEMM
+        # config serves the attention projections and the lm_head)
+        self.expert_tokens: dict[str, float] = defaultdict(float)
+        self.idle_total = 0.0
+        self.blocks = _BlockSums()  # every MoE block
+        self.blocks_by_tokens: dict[str, _BlockSums] = {}  # those inside a step range, by its tokens bucket
+        self.ep_ops: dict[str, CollectiveTable] = {}  # rank -> its EP collectives (straggler.py)
+
+    def add(self, trace: Trace) -> None:
+        cats, rules = self.cats, self.rules
         units = units_of(trace)
         trace_blocks = classify(trace, units, rules)
         _label_blocks(trace, trace_blocks)
-        blocks += trace_blocks
+        for b in trace_blocks:
+            self.blocks.add(b)
+            if b["bucket"]:
+                self.blocks_by_tokens.setdefault(b["bucket"], _BlockSums()).add(b)
+        block_starts = sorted(b["ts"] for b in trace_blocks)
         rank_cats = dict.fromkeys(cats, 0.0)
         for u in units:
             rank_cats[u.category] = rank_cats.get(u.category, 0.0) + u.us
-            k = kernels.setdefault((u.event.name, u.category), [0, 0, 0.0])
+            k = self.kernels.setdefault((u.event.name, u.category), [0, 0, 0.0])
             k[1] += 1
             k[2] += u.us
             if u.category == "experts" and u.tokens:
-                expert_tokens[token_bucket(u.tokens)] += u.us
+                self.expert_tokens[token_bucket(u.tokens)] += u.us
         starts = [u.event.ts for u in units]
         windows = _step_windows(trace, units) if trace.is_gpu else None
-        rank_idle = 0.0
+        rank_idle, rank_ops = 0.0, []
         for i, s in enumerate(trace.steps):
             phase, tokens = step_phase(s.name)
             lo, hi = bisect.bisect_left(starts, s.ts), bisect.bisect_right(starts, s.ts + s.dur)
@@ -435,38 +446,76 @@ def analyze(traces: list[Trace], rules: Rules | None = None, top: int = 20) -> d
             step_cats = dict.fromkeys(cats, 0.0)
             for u in (windows[i] if windows is not None else inside):
                 step_cats[u.category] = step_cats.get(u.category, 0.0) + u.us
-            if trace.is_gpu:
-                ep_ops.setdefault(trace.rank, []).extend(collectives_of(
-                    [windows[i]], [sum(1 for b in trace_blocks if s.ts <= b["ts"] <= s.ts + s.dur)]))
+            if trace.is_gpu:  # the MoE blocks that start in the step's range
+                n_blocks = bisect.bisect_right(block_starts, s.ts + s.dur) - bisect.bisect_left(block_starts, s.ts)
+                rank_ops += collectives_of([windows[i]], [n_blocks])
             busy, idle = _idle(trace, inside, s) if trace.is_gpu else (sum(step_cats.values()), 0.0)
             rank_idle += idle
-            steps.append({"rank": trace.rank, "name": s.name, "phase": phase, "tokens": tokens, "span_us": s.dur,
-                          "busy_us": busy, "idle_us": idle, "categories": step_cats})
-            ph = by_phase.setdefault(phase, dict.fromkeys(cats + ["idle"], 0.0))
+            self.steps.append({"rank": trace.rank, "name": s.name, "phase": phase, "tokens": tokens,
+                               "span_us": s.dur, "busy_us": busy, "idle_us": idle, "categories": step_cats})
+            ph = self.by_phase.setdefault(phase, dict.fromkeys(cats + ["idle"], 0.0))
             for c, v in step_cats.items():
                 ph[c] = ph.get(c, 0.0) + v
             ph["idle"] += idle
-        idle_total += rank_idle
+        if trace.is_gpu and trace.steps:
+            table = CollectiveTable(rank_ops)
+            known = self.ep_ops.get(trace.rank)
+            self.ep_ops[trace.rank] = table if known is None else known + table
+        self.idle_total += rank_idle
         for c, v in rank_cats.items():
-            overall[c] = overall.get(c, 0.0) + v
-        per_rank.append({"path": trace.path, "rank": trace.rank, "kind": "gpu" if trace.is_gpu else "cpu",
-                         "total_us": sum(rank_cats.values()), "idle_us": rank_idle, "steps": len(trace.steps),
-                         "categories": rank_cats})
-    total = sum(overall.values())
-    top_rows = sorted(kernels.items(), key=lambda kv: -kv[1][2])[:top]
-    return {
-        "total_us": total,
-        "idle_us": idle_total,
-        "categories": {c: {"us": v, "share": v / total if total else 0.0} for c, v in overall.items()},
-        "ranks": per_rank,
-        "phases": by_phase,
-        "steps": steps,
-        "top": [{"name": name, "category": cat, "count": cnt, "total_us": us, "mean_us": us / cnt,
-                 "share": us / total if total else 0.0} for (name, cat), (_, cnt, us) in top_rows],
-        "moe_blocks": _block_means(blocks),
-        "moe_blocks_by_tokens": {bucket: _block_means([b for b in blocks if b["bucket"] == bucket])
-                                 for bucket in sorted({b["bucket"] for b in blocks if b["bucket"]},
-                                                      key=_bucket_order)},
-        "expert_tokens": dict(sorted(expert_tokens.items())),
-        "ep_wait": ep_wait(ep_ops),
-    }
+            self.overall[c] = self.overall.get(c, 0.0) + v
+        self.per_rank.append({"path": trace.path, "rank": trace.rank, "kind": "gpu" if trace.is_gpu else "cpu",
+                              "total_us": sum(rank_cats.values()), "idle_us": rank_idle, "steps": len(trace.steps),
+                              "categories": rank_cats})
+
+    def result(self) -> dict:
+        total = sum(self.overall.values())
+        top_rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][2])[: self.top]
+        return {
+            "total_us": total,
+            "idle_us": self.idle_total,
+            "categories": {c: {"us": v, "share": v / total if total else 0.0} for c, v in self.overall.items()},
+            "ranks": self.per_rank,
+            "phases": self.by_phase,
+            "steps": self.steps,
+            "top": [{"name": name, "category": cat, "count": cnt, "total_us": us, "mean_us": us / cnt,
+                     "share": us / total if total else 0.0} for (name, cat), (_, cnt, us) in top_rows],
+            "moe_blocks": self.blocks.means(),
+            "moe_blocks_by_tokens": {bucket: self.blocks_by_tokens[bucket].means()
+                                     for bucket in sorted(self.blocks_by_tokens, key=_bucket_order)},
+            "expert_tokens": dict(sorted(self.expert_tokens.items())),
+            "ep_wait": ep_wait(self.ep_ops),
+        }
+
+
+class _BlockSums:
+    """Count and running sums of MoE blocks' figures, added in order (the same floats as summing a list of them)."""
+
+    def __init__(self):
+        self.count, self.sums = 0, dict.fromkeys(BLOCK_FIGURES, 0.0)
+
+    def add(self, block: dict) -> None:
+        self.count += 1
+        for k in BLOCK_FIGURES:
+            self.sums[k] += block[k]
+
+    def means(self) -> dict:
+        n = self.count
+        return {"count": n, **({k: v / n for k, v in self.sums.items()} if n else {})}
+
+
+def analyze(traces: Iterable[Trace], rules: Rules | None = None, top: int = 20) -> dict:
+    """The breakdown of one capture's rank traces. Give an iterator (analyze_files does) to hold one trace at a
+    time: each is dropped once added, before the next is read."""
+    breakdown = Breakdown(rules, top)
+    for trace in traces:
+        breakdown.add(trace)
+        del trace  # not kept while the iterator reads the next one
+    return breakdown.result()
+
+
+def analyze_files(paths: Iterable[str], rules: Rules | None = None, top: int = 20,
+                  limits: TraceLimits = LIMITS) -> dict:
+    """analyze() over rank trace files, read one at a time: peak memory is about the largest file's, whatever
+    their number."""
+    return analyze((read_trace(p, limits) for p in paths), rules, top)

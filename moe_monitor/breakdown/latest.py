@@ -16,9 +16,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .analyze import analyze
+from .analyze import analyze_files
 from .record import BreakdownRecord
-from .trace import TraceError, read_trace
+from .trace import TraceError
 
 log = logging.getLogger(__name__)
 RANK_FILE = re.compile(r"^(?P<prefix>.*?)dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
@@ -60,8 +60,8 @@ def newest_capture(directory: str, now: float, settle_s: float = 2.0, span_s: fl
 
 
 class LatestBreakdown:
-    def __init__(self, directory: str, settle_s: float = 2.0, clock=time.time):
-        self.directory, self.settle_s, self._clock = directory, settle_s, clock
+    def __init__(self, directory: str, settle_s: float = 2.0, clock=time.time, max_files: int = 64):
+        self.directory, self.settle_s, self._clock, self.max_files = directory, settle_s, clock, max_files
         self.capture: Capture | None = None
         self.result: BreakdownRecord | None = None
         self.errors = 0
@@ -81,10 +81,12 @@ class LatestBreakdown:
             self._analyze(capture)
 
     def _analyze(self, capture: Capture) -> None:
+        files = capture.files[: self.max_files]  # read one at a time: memory is one trace's
         try:
-            result = BreakdownRecord.from_json(analyze([read_trace(p) for p in capture.files]))
+            result = BreakdownRecord.from_json(analyze_files(files))
             self.capture, self.result = capture, result
-            log.info("analysed capture %r (%d rank files)", capture.prefix, len(capture.files))
+            log.info("analysed capture %r (%d rank files%s)", capture.prefix, len(files),
+                     f"; {len(capture.files) - len(files)} more left out" if len(files) < len(capture.files) else "")
         except (TraceError, ValueError, OSError) as e:
             self.errors += 1
             self.capture = capture  # do not retry the same broken files every window
@@ -102,27 +104,32 @@ class CatalogLatest:
         self.result: BreakdownRecord | None = None
 
     def poll(self, background: bool = True) -> None:
-        for meta in self.catalog.list():
-            path = self.catalog.file_path(meta["id"], "breakdown.json")
-            if path is None:
-                continue
-            if self.capture is None or self.capture.prefix != meta["id"]:
-                self.result = None
-                try:
-                    with open(path, "rb") as f:
-                        result = json.load(f)
-                    self.result = BreakdownRecord.from_json(result)
-                except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
-                    self.errors += 1
-                    log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
-                try:
-                    self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]),
-                                           float(meta["created"]))
-                except (KeyError, TypeError, ValueError) as e:
-                    self.errors, self.result = self.errors + 1, None
-                    self.capture = Capture(meta["id"], (), 0.0)
-                    log.warning("capture %s: damaged metadata: %r", meta["id"], e)
+        """Once per window: the catalog's index brought up to date (one stat unless someone else changed the
+        directory; never waiting for another thread's listing), its newest capture with a breakdown.json looked
+        up in memory, and that capture's metadata and breakdown read once. Nothing here grows with the catalog's
+        size."""
+        self.catalog.refresh(blocking=False)
+        found = self.catalog.newest_with_breakdown()
+        if found is None or (self.capture is not None and self.capture.prefix == found[0]):
             return
+        capture_id, path = found
+        meta = self.catalog.get(capture_id)
+        if meta is None:  # gone or damaged since it was indexed
+            return
+        self.result = None
+        try:
+            with open(path, "rb") as f:
+                result = json.load(f)
+            self.result = BreakdownRecord.from_json(result)
+        except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
+            self.errors += 1
+            log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
+        try:
+            self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]), float(meta["created"]))
+        except (KeyError, TypeError, ValueError) as e:
+            self.errors, self.result = self.errors + 1, None
+            self.capture = Capture(meta["id"], (), 0.0)
+            log.warning("capture %s: damaged metadata: %r", meta["id"], e)
 
 
 def valid_breakdown(result) -> bool:

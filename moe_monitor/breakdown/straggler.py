@@ -15,12 +15,18 @@ clock: ranks of one host do; across hosts, the clocks must agree within the tole
 collectives stay unmatched (counted). The wait is then computed from durations, not from the clock. A
 collective's MoE layer: its position among its step's EP collectives divided by the collectives per MoE block
 (dispatch + combine: 2), when they divide evenly.
+
+A capture analyses one rank at a time (analyze.py): what it keeps of a rank for the pairing is its collectives as a
+`CollectiveTable` (numpy columns, 24 bytes a collective; an EP trace has ~1 in 10 kernels a collective), not its
+events, so that memory does not grow by a trace's events per rank.
 """
 
 from __future__ import annotations
 
-import bisect
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,38 @@ def collectives_of(step_units: list[list], step_blocks: list[int]) -> list[Colle
     return out
 
 
-def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) -> dict | None:
-    """None with fewer than two ranks or no EP collective matched on all of them."""
+class CollectiveTable(Sequence):
+    """One rank's EP collectives in numpy columns (end, us, name, layer), in their order; a Sequence of
+    Collective. ~24 bytes each where a Collective with its floats is ~150."""
+
+    def __init__(self, collectives: Iterable[Collective] = ()):
+        rows = list(collectives)
+        codes: dict[str, int] = {}
+        self.end = np.array([c.end for c in rows], np.float64)
+        self.us = np.array([c.us for c in rows], np.float64)
+        self.name = np.array([codes.setdefault(c.name, len(codes)) for c in rows], np.int32)
+        self.layer = np.array([-1 if c.layer is None else c.layer for c in rows], np.int32)
+        self.names: list[str] = list(codes)
+
+    def __len__(self) -> int:
+        return len(self.end)
+
+    def __getitem__(self, i: int) -> Collective:
+        layer = int(self.layer[i])
+        return Collective(float(self.end[i]), float(self.us[i]), self.names[self.name[i]],
+                          None if layer < 0 else layer)
+
+    def __add__(self, other: CollectiveTable) -> CollectiveTable:
+        return CollectiveTable([*self, *other])
+
+
+def table_of(collectives: Sequence[Collective]) -> CollectiveTable:
+    return collectives if isinstance(collectives, CollectiveTable) else CollectiveTable(collectives)
+
+
+def ep_wait(ranks_ops: dict[str, Sequence[Collective]], tolerance_us: float = 30.0) -> dict | None:
+    """None with fewer than two ranks or no EP collective matched on all of them. Each rank's collectives: a list
+    of Collective or a CollectiveTable (what a capture keeps of a rank)."""
     ranks = sorted(ranks_ops)
     if len(ranks) < 2:
         return None
@@ -51,24 +87,30 @@ def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) 
     caused = dict.fromkeys(ranks, 0.0)
     last = dict.fromkeys(ranks, 0)
     layers: dict[int, dict] = {}
-    anchors = ranks_ops[ranks[0]]
-    partners = {r: _pair(anchors, ranks_ops[r], tolerance_us) for r in ranks[1:]}
+    anchors = table_of(ranks_ops[ranks[0]])
+    durations = np.empty((len(ranks), len(anchors)), np.float64)  # [rank, anchor]: its partner's duration
+    durations[0] = anchors.us
+    paired = np.ones(len(anchors), bool)  # partnered on every rank
+    for k, r in enumerate(ranks[1:], 1):
+        ops = table_of(ranks_ops[r])
+        partner = _pair(anchors, ops, tolerance_us)
+        found = partner >= 0
+        durations[k, found] = ops.us[partner[found]]
+        paired &= found
     matched = 0
-    for i, anchor in enumerate(anchors):
-        if any(i not in partners[r] for r in ranks[1:]):
-            continue
-        group = [anchor] + [partners[r][i] for r in ranks[1:]]
+    for i in np.flatnonzero(paired).tolist():
         matched += 1
-        durations = [c.us for c in group]
-        shortest = min(durations)
-        straggler = ranks[durations.index(shortest)]
-        waits = [d - shortest for d in durations]
+        durations_i = durations[:, i].tolist()
+        shortest = min(durations_i)
+        straggler = ranks[durations_i.index(shortest)]
+        waits = [d - shortest for d in durations_i]
         last[straggler] += 1
         caused[straggler] += sum(waits)
         row = None
-        if anchor.layer is not None:
-            row = layers.setdefault(anchor.layer, {"wait_us": dict.fromkeys(ranks, 0.0),
-                                                   "caused_us": dict.fromkeys(ranks, 0.0)})
+        layer = int(anchors.layer[i])
+        if layer >= 0:
+            row = layers.setdefault(layer, {"wait_us": dict.fromkeys(ranks, 0.0),
+                                            "caused_us": dict.fromkeys(ranks, 0.0)})
             row["caused_us"][straggler] += sum(waits)
         for r, w in zip(ranks, waits):
             wait[r] += w
@@ -80,7 +122,7 @@ def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) 
     return {
         "ranks": ranks,
         "collectives": matched,
-        "unmatched": len(ranks_ops[ranks[0]]) - matched,  # the first rank's EP collectives with no partner
+        "unmatched": len(anchors) - matched,  # the first rank's EP collectives with no partner
         "wait_us": wait,  # per rank: time its EP collectives spent waiting for the last rank
         "caused_us": caused,  # per rank: the others' wait while it was the last to arrive
         "caused_share": {r: (caused[r] / total if total else 0.0) for r in ranks},
@@ -89,21 +131,25 @@ def ep_wait(ranks_ops: dict[str, list[Collective]], tolerance_us: float = 30.0) 
     }
 
 
-def _pair(anchors: list[Collective], ops: list[Collective], tolerance: float) -> dict[int, Collective]:
-    """anchor index -> its partner among `ops`: same kernel name, ends within `tolerance`, closest pairs first,
-    each collective in one pair at most."""
-    ordered = sorted(ops, key=lambda c: c.end)
-    ends = [c.end for c in ordered]
+def _pair(anchors: CollectiveTable, ops: CollectiveTable, tolerance: float) -> np.ndarray:
+    """For each anchor, the index in `ops` of its partner (-1: none): same kernel name, ends within `tolerance`,
+    closest pairs first, each collective in one pair at most."""
+    order = np.argsort(ops.end, kind="stable")
+    ends = ops.end[order]
+    lo = np.searchsorted(ends, anchors.end - tolerance, "left").tolist()
+    hi = np.searchsorted(ends, anchors.end + tolerance, "right").tolist()
+    ends_, anchor_ends = ends.tolist(), anchors.end.tolist()
+    names = [ops.names[c] for c in ops.name[order].tolist()]
+    anchor_names = [anchors.names[c] for c in anchors.name.tolist()]
     candidates = []
-    for i, a in enumerate(anchors):
-        lo, hi = bisect.bisect_left(ends, a.end - tolerance), bisect.bisect_right(ends, a.end + tolerance)
-        candidates += [(abs(ordered[j].end - a.end), i, j) for j in range(lo, hi) if ordered[j].name == a.name]
-    pairs, taken = {}, set()
+    for i, (a_end, a_name) in enumerate(zip(anchor_ends, anchor_names)):
+        candidates += [(abs(ends_[j] - a_end), i, j) for j in range(lo[i], hi[i]) if names[j] == a_name]
+    partner, taken, order_ = [-1] * len(anchors), set(), order.tolist()
     for _, i, j in sorted(candidates):
-        if i not in pairs and j not in taken:
-            pairs[i] = ordered[j]
+        if partner[i] < 0 and j not in taken:
+            partner[i] = order_[j]
             taken.add(j)
-    return pairs
+    return np.array(partner, np.int64)
 
 
 def render(result: dict | None) -> list[str]:

@@ -89,7 +89,9 @@ class TraceLimits:
 
     Worst case within the defaults: CPU, max_bytes of parsing at ijson's rate (~35 s at 60 MB/s; ~70 s for
     bracket-dense JSON: the msgspec path reads real traces at ~270 MB/s, but gives ijson every batch it cannot
-    type); memory, the event being built (~35 MB) + the kept events (~600 MB at max_events) + max_name_bytes.
+    type); memory, the event being built (~35 MB) + the kept events while reading (~170 B each: ~680 MB if all of
+    max_events are kept) + max_name_bytes; then the analysis, of at most max_kept_events (~300 B each at its peak,
+    with the reader's: ~600 MB; measured by benchmarks/capture_bounds.py).
     """
 
     max_bytes: int = 2 << 30  # decompressed JSON: 3x the largest real trace
@@ -97,7 +99,9 @@ class TraceLimits:
     max_token: int = 1 << 20  # bytes of one string or number, or of the blanks between two tokens
     max_event_bytes: int = 1 << 20  # one element of a top-level array (a traceEvents event), built whole by
     # ijson: up to ~30 bytes of objects per byte (`[[],[],...]`), so ~35 MB. distributedInfo's lists are not events
-    max_events: int = 4_000_000  # traceEvents entries (real: ~4.2k per MB of JSON); kept ones cost ~130 B each
+    max_events: int = 4_000_000  # traceEvents entries (real: ~4.2k per MB of JSON)
+    max_kept_events: int = 2_000_000  # events kept for the analysis (kernels, copies, ranges; a CPU trace's ops):
+    # real ~400 per MB of JSON (51k in a 135 MB trace); ~300 B each at the analysis' peak
     max_name_bytes: int = 64 << 20  # distinct event names, summed (real: 12 kB); each is kept once
 
 
@@ -545,6 +549,10 @@ class _Events:
             device_steps = [s for s in trace.steps if s.cat == "gpu_user_annotation"]
             trace.steps = device_steps or trace.steps
             trace.annotations = [a for a in trace.annotations if a.cat == "gpu_user_annotation"] or trace.annotations
+        kept = len(trace.device) + len(trace.cpu_ops) + len(trace.steps) + len(trace.annotations)
+        if kept > self.limits.max_kept_events:  # read, in bounded memory (max_events); not analysed
+            raise self.refuse(f"more events to analyse than the limit ({kept:,} kernels, copies, ranges and CPU ops)",
+                              "max_kept_events")
         if not trace.device and not trace.cpu_ops:
             raise TraceError(f"{path}: the trace holds no kernels and no CPU ops: nothing to break down")
         for events in (trace.device, trace.cpu_ops, trace.steps, trace.annotations):

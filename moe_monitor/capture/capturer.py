@@ -11,6 +11,9 @@ Everything that waits on vLLM ends by one deadline, `timeout_s` after the start:
 the time left. Every capture ends with exactly one outcome (OUTCOMES), counted and logged once with its id,
 whatever fails; what is left of its own files in the profile directory is removed. Nothing here can stop
 the sidecar.
+
+A capture takes at most `max_files` rank files (the rest are left out, counted in its metadata and logged), and
+analyses them one at a time (breakdown.analyze.analyze_files): its memory is one trace's, not one per rank.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import gzip
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
@@ -27,9 +31,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from moe_monitor.breakdown.analyze import analyze
+from moe_monitor.breakdown.analyze import analyze_files
 from moe_monitor.breakdown.latest import rank_trace
-from moe_monitor.breakdown.trace import TraceError, read_trace
+from moe_monitor.breakdown.trace import TraceError
 from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES
 
 from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
@@ -63,6 +67,7 @@ class CaptureConfig:
     run_s: float = 10.0  # a profile still running after this is stopped (/stop_profile)
     stop_grace_s: float = 30.0  # kept for vLLM to write the traces after /stop_profile (at most timeout_s / 2)
     http_timeout_s: float = 30.0  # the API server answers slowly exactly when steps regress (CPU contention)
+    max_files: int = 64  # rank files per capture (one per rank); more are left out, and said so
 
 
 async def _post(cfg: CaptureConfig, path: str, body: dict | None, timeout_s: float) -> None:
@@ -240,7 +245,7 @@ class Capturer:
         run_until = min(began + cfg.run_s, deadline - min(cfg.stop_grace_s, cfg.timeout_s / 2))
         try:
             files = self._wait_for(prefix, before, run_until)
-            if len(files) < self.expected_ranks():  # not ended by itself (idle engine, or vLLM < 0.32)
+            if len(files) < self._wanted():  # not ended by itself (idle engine, or vLLM < 0.32)
                 session_open, stopped = False, self._stop(capture_id, deadline)
                 files = self._wait_for(prefix, before, deadline)
             return files, stopped
@@ -257,12 +262,18 @@ class Capturer:
             return False
 
     def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, dict | None]:
+        files, left_out = files[: self.cfg.max_files], files[self.cfg.max_files :]
+        if left_out:  # not analysed, not stored; removed from the profile dir with the capture's other leftovers
+            log.warning("capture %s: %d rank files, more than the %d a capture takes: %d left out (%s%s)",
+                        capture_id, len(files) + len(left_out), self.cfg.max_files, len(left_out),
+                        ", ".join(os.path.basename(p) for p in left_out[:3]), ", ..." if len(left_out) > 3 else "")
         outcome = "ok" if len(files) >= self.expected_ranks() else "partial"
         breakdown = self._analyse(capture_id, files)
         if breakdown is None:
             outcome = "analysis_failed"
         metadata = {"created": start, "reason": reason, "evidence": evidence, "outcome": outcome,
                     "stopped_by_sidecar": stopped, "duration_s": self._clock() - start, **context,
+                    **({"files_left_out": len(left_out), "max_files": self.cfg.max_files} if left_out else {}),
                     "breakdown": {c: round(v["share"], 6) for c, v in breakdown["categories"].items()}
                     if breakdown else None}
         extra = dict(self._materialise(capture_id, extra),
@@ -292,7 +303,7 @@ class Capturer:
     def _analyse(self, capture_id: str, files: list[str]) -> dict | None:
         """The kernel breakdown, or None when the traces cannot be analysed (they are stored all the same)."""
         try:
-            return analyze([read_trace(p) for p in files])
+            return analyze_files(files)  # one rank's trace in memory at a time
         except (TraceError, ValueError) as e:  # a corrupt or unusable trace
             log.warning("capture %s: cannot analyse its trace, stored without a breakdown: %s", capture_id, e)
         except Exception:
@@ -300,13 +311,31 @@ class Capturer:
                           "the trace); stored without a breakdown", capture_id)
         return None
 
+    def _wanted(self) -> int:
+        return min(self.expected_ranks(), self.cfg.max_files)
+
     def _wait_for(self, prefix: str, before: frozenset[str], until: float) -> list[str]:
-        """Rank files of this capture that are complete, waiting until all expected ones are or `until`
-        (time.monotonic())."""
+        """Rank files of this capture that are complete, waiting until all expected ones are (at most max_files)
+        or `until` (time.monotonic()). A file found complete is not read again while its size and mtime stay."""
+        complete: dict[str, tuple[int, int]] = {}
         while True:
-            done = [p for p in rank_files(self.cfg.profile_dir, prefix, before)
-                    if is_regular_file(p) and trace_complete(p)]
+            done = [p for p in rank_files(self.cfg.profile_dir, prefix, before) if self._complete(p, complete)]
             left = until - time.monotonic()
-            if len(done) >= self.expected_ranks() or left <= 0:
+            if len(done) >= self._wanted() or left <= 0:
                 return done
             time.sleep(min(0.5, left))
+
+    @staticmethod
+    def _complete(path: str, seen: dict[str, tuple[int, int]]) -> bool:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if seen.get(path) == (st.st_size, st.st_mtime_ns):
+            return True
+        if trace_complete(path):
+            seen[path] = (st.st_size, st.st_mtime_ns)
+            return True
+        return False

@@ -26,11 +26,10 @@ def collect(r: Reading) -> list[Family]:
         e = family("moe_capture_last_end_timestamp_seconds")
         e.add(capturer.last_end)
         out += [d, e]
-    stored = r.catalog.list()
-    n = family("moe_capture_catalog_captures")
-    n.add(len(stored))
+    n = family("moe_capture_catalog_captures")  # the catalog's own counts: a window never lists the catalog
+    n.add(r.catalog.count)
     b = family("moe_capture_catalog_bytes")
-    b.add(sum(x.get("total_bytes", 0) for x in stored))
+    b.add(r.catalog.total_bytes)
     damaged = family("moe_capture_catalog_damaged")
     damaged.add(len(r.catalog.damaged))
     return out + [n, b, damaged]
