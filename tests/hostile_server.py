@@ -6,9 +6,12 @@ name paths outside the client's --out, strings holding terminal escape sequences
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import struct
+import subprocess
 import threading
+import time
 import zlib
 
 from aiohttp import web
@@ -64,6 +67,29 @@ class HostileServer:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+
+
+def run_measured(argv: list[str], kill_after: float = 120) -> tuple[int, str, str, float, float]:
+    """Run `argv`: (exit code, stdout, stderr, peak RSS in MB of that process, seconds). Killed after
+    `kill_after` seconds (a hang shows up as exit -9, never as a hung test)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killer = threading.Timer(kill_after, proc.kill)
+    killer.start()
+    read = {}
+    readers = [threading.Thread(target=lambda k=k, f=f: read.__setitem__(k, f.read()))
+               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (not Popen.wait: it reaps it first)
+    finally:
+        killer.cancel()
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return (proc.returncode, read["out"].decode(errors="replace"), read["err"].decode(errors="replace"),
+            usage.ru_maxrss / 1024, time.monotonic() - start)
 
 
 # -- answers -------------------------------------------------------------------------------------------------

@@ -8,14 +8,22 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from click.testing import CliRunner
-from hostile_server import GiB, HostileServer, drip, gzip_bomb, huge, json_answer, raw_answer, stream_answer
+from hostile_server import (
+    GiB,
+    HostileServer,
+    drip,
+    gzip_bomb,
+    huge,
+    json_answer,
+    raw_answer,
+    run_measured,
+    stream_answer,
+)
 
 from moe_monitor.cli import main
 
@@ -46,19 +54,9 @@ def bomb() -> bytes:
 
 
 def run(*args: str, kill_after: float = 120) -> tuple[int, str, float, float]:
-    """The real CLI in a subprocess: (exit code, stderr, peak RSS in MB, seconds). Killed after `kill_after`
-    (a hang shows up as exit -9, never as a hung test)."""
-    start = time.monotonic()
-    proc = subprocess.Popen([*MOE_MONITOR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    killer = threading.Timer(kill_after, proc.kill)
-    killer.start()
-    try:
-        _, err = proc.stdout.read(), proc.stderr.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err.decode(errors="replace"), usage.ru_maxrss / 1024, time.monotonic() - start
+    """The real CLI in a subprocess: (exit code, stderr, peak RSS in MB, seconds)."""
+    code, _, err, rss, took = run_measured([*MOE_MONITOR, *args], kill_after)
+    return code, err, rss, took
 
 
 def invoke(*args: str):

@@ -28,6 +28,7 @@ from moe_monitor.top import core, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden.prom")
+TOKEN = "top-token"  # the sidecars' API (flight record, captures) needs the bearer token; top sends it
 
 
 def golden() -> core.Scrape:
@@ -304,6 +305,99 @@ def test_the_client_sends_the_token_and_turns_every_failure_into_a_reason():
     assert state.error == gone.error and state.last_ok == ok.at and state.history.current is not None
 
 
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07"
+
+
+def exposition(series: int) -> str:
+    """A valid exposition of `series` per-expert samples (~70 bytes each)."""
+    rows = [f'moe_expert_routed_tokens_total{{model="m",layer="{i // 256}",expert="{i % 256}"}} {i}'
+            for i in range(series)]
+    return "# TYPE moe_expert_routed_tokens_total counter\n" + "\n".join(rows) + "\n"
+
+
+def test_a_500_mib_exposition_is_refused_in_bounded_memory_and_time():
+    """Defect (issue #24, 8): top read a 500 MiB /metrics whole and parsed it (3.1 GB). Now every body has a cap
+    (/metrics 16 MiB), and the fetch error says so; the poll as app.py runs it (fetch, then apply)."""
+    from hostile_server import HostileServer, huge, run_measured
+
+    server = HostileServer().on("/metrics", huge(500 << 20, head=b"# HELP x y\n", fill=b"\n"))
+    poll = ("import asyncio, sys, aiohttp\n"
+            "from moe_monitor.top import client, core\n"
+            "async def main():\n"
+            "    async with aiohttp.ClientSession() as session:\n"
+            "        state = core.SidecarState(sys.argv[1])\n"
+            "        state.apply(await client.fetch(session, sys.argv[1], timeout=60))\n"
+            "        print(state.error)\n"
+            "asyncio.run(main())\n")
+    try:
+        code, out, err, rss, _ = run_measured([sys.executable, "-c", poll, server.url], kill_after=120)
+    finally:
+        server.close()
+    assert code == 0 and "the answer exceeds 16 MiB" in out, (code, out, err[-2000:])
+    assert rss < 400, f"peak RSS {rss:.0f} MB"
+
+
+def test_a_big_exposition_is_parsed_off_the_event_loop():
+    """Defect (issue #24, 8): the keys were dead while a big exposition loaded: it was parsed on the event loop
+    that also handles the keyboard. A ticker on the loop measures the longest stall during one poll."""
+    import asyncio
+
+    import aiohttp
+    from hostile_server import HostileServer, raw_answer
+
+    from moe_monitor.top.client import fetch
+
+    body = exposition(160_000).encode()  # ~11 MiB, seconds of parsing
+    server = HostileServer().on("/metrics", raw_answer(body, headers={"Content-Type": "text/plain"}))
+
+    async def poll():
+        stalls, done = [0.0], asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                stalls[0], last = max(stalls[0], now - last), now
+
+        tick = asyncio.create_task(ticker())
+        async with aiohttp.ClientSession() as session:
+            state = core.SidecarState(server.url)
+            start = time.monotonic()
+            state.apply(await fetch(session, server.url, timeout=60))
+            took = time.monotonic() - start
+        done.set()
+        await tick
+        return state, stalls[0], took
+
+    try:
+        state, stall, took = asyncio.run(poll())
+    finally:
+        server.close()
+    assert state.error is None and len(state.history.current.series("moe_expert_routed_tokens_total")) == 160_000
+    print(f"longest stall of the event loop {stall:.3f} s during a {took:.2f} s poll")
+    assert took > 1.5 and stall < 1.0, f"the loop stalled {stall:.2f} s of a {took:.2f} s poll"
+
+
+def test_server_strings_are_shown_with_their_escape_sequences_visible():
+    """Defect (issue #24, 9): a capture's reason, id, outcome and evidence, and label values of the exposition,
+    reached the terminal raw (an escape sequence clears the screen or retitles the window)."""
+    state = core.SidecarState("http://sidecar")
+    text = (f'moe_model_info{{model="{ESCAPES}",moe_layers="1",experts="2",top_k="1"}} 1\n'
+            "moe_window_length_seconds 5\n")
+    state.apply(core.Fetched(1.0, metrics=text, asked_captures=True, captures=[
+        {"id": "c\x1b[1m", "reason": ESCAPES, "outcome": "ok\x9b31m", "created": 1.0, "files": [],
+         "evidence": {"signal": "s\x07", "current": 2.0}}]))
+    state.error = "cannot reach: \x1b]0;pwned\x07"
+    ui = render.Ui(colour=False)
+    for view in ("layers", "detector"):
+        ui.view = view
+        shown = render.screen([state], ui, 200, 40, 2.0).plain
+        assert not any(c in shown for c in "\x1b\x07\x9b"), repr(shown)
+        assert "\\x1b]0;pwned\\x07" in shown
+    assert "\\x1b[2J\\x1b]0;pwned\\x07" in shown and "ok\\x9b31m" in shown
+
+
 def test_log_records_are_held_while_the_view_runs_and_written_after():
     import logging
 
@@ -395,7 +489,8 @@ def sidecar(tmp_path_factory):
     with FakeProfiler(str(tmp / "profiles")) as vllm:
         proc = launch.start_sidecar(str(tmp / "seg"), free_port(), str(tmp / "sidecar.log"), [
             "--window", "1", "--vllm-url", vllm.url, "--profile-dir", str(tmp / "profiles"),
-            "--capture-dir", str(tmp / "store"), "--warmup-windows", "2", "--consecutive-windows", "2"])
+            "--capture-dir", str(tmp / "store"), "--warmup-windows", "2", "--consecutive-windows", "2",
+            "--api-token", TOKEN])
         try:
             proc.wait_ready("/healthz", 20)
             yield proc, tmp
@@ -429,7 +524,7 @@ class Tmux:
         Tmux.count += 1
         self.socket = f"moe-top-test-{os.getpid()}-{Tmux.count}"
         environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "MOE_MONITOR_URL", "TMUX")}
-        environ.update(env or {})
+        environ.update({"MOE_MONITOR_API_TOKEN": TOKEN, **(env or {})})
         shell = f"{shlex.join(args)}; echo {EXITED}$?; sleep 120"
         self.tmux("-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24", "-c", ROOT, shell, env=environ)
         self.path = self.tmux("display-message", "-p", "#{socket_path}").strip()
@@ -551,7 +646,7 @@ def test_several_sidecars_one_without_flight_recorder_one_stopped_one_never_ther
     Neither ends the view or prints a traceback; both are retried."""
     proc, tmp = sidecar
     plain = launch.start_sidecar(str(tmp / "seg"), free_port(), str(tmp_path / "plain.log"),
-                                 ["--window", "1", "--flight-minutes", "0"])
+                                 ["--window", "1", "--flight-minutes", "0", "--api-token", TOKEN])
     nobody = f"127.0.0.1:{free_port()}"
     term = None
     try:

@@ -53,7 +53,7 @@ class TopApp(App):
         yield Static(id="screen", expand=True)
 
     async def on_mount(self) -> None:
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(auto_decompress=False)  # gzip is inflated by client.py, capped
         for i in range(len(self.states)):
             self.run_worker(self._poll(i), name=f"poll-{i}", group="poll", exit_on_error=False)
         self.set_interval(1.0, self.redraw)  # the "ago" figures age between polls

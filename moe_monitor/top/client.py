@@ -1,18 +1,28 @@
 """Polls one sidecar over HTTP (aiohttp, already the sidecar's dependency): /metrics, and for the sidecar on
 screen /api/flight and /api/captures. Every failure becomes a one-line reason in `core.Fetched`, never an
-exception: an unreachable sidecar is something `top` shows, then retries."""
+exception: an unreachable sidecar is something `top` shows, then retries.
+
+Nothing the sidecar sends is trusted: each body is read with a cap (`moe_monitor.client.read_body`: /metrics
+16 MiB, a flight record 64 MiB, the capture list 8 MiB; gzip inflated with the same cap), the whole request
+within the deadline, and bodies are parsed on a worker thread so that the event loop, which also reads the
+keyboard, never waits for a big one."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 
 import aiohttp
 import msgspec
 
-from .core import Fetched
+from moe_monitor.client import JSON_MAX_BYTES, ClientError, read_body
+from moe_monitor.client.http import ERROR_MAX_BYTES, error_text, reason
+
+from .core import Fetched, MetricsError, parse_metrics
 
 DEFAULT_TIMEOUT_S = 5.0
+METRICS_MAX_BYTES = 16 << 20  # a sidecar at DeepSeek-V3 scale with every per-expert series serves ~2 MB
+FLIGHT_MAX_BYTES = 64 << 20  # the windows of the longest span (120) at that scale, with room
 
 
 def normalise_url(url: str) -> str:
@@ -23,29 +33,27 @@ def normalise_url(url: str) -> str:
 def _why(e: BaseException, timeout: float) -> str:
     if isinstance(e, TimeoutError):
         return f"no answer within {timeout:g} s"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        os_error = e.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            return "connection refused"
-        return (getattr(os_error, "strerror", None) or str(os_error) or str(e)).lower()
-    return str(e) or type(e).__name__
+    return reason(e)
 
 
-def _message(body: bytes) -> str:
-    """The sidecar's {"error": ...} text, or the first line of a plain body."""
-    try:
-        doc = json.loads(body)
-        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            return doc["error"]
-    except ValueError:
-        pass
-    text = body.decode(errors="replace").strip()
-    return text.splitlines()[0][:200] if text else ""
+async def _get(session: aiohttp.ClientSession, url: str, headers: dict, timeout: float,
+               limit: int) -> tuple[int, bytes]:
+    """(status, body): the body at most `limit` bytes (an error answer's: its first 64 KiB)."""
+    inflate = not session.auto_decompress  # app.py's session leaves gzip to read_body (capped)
+    async with session.get(url, headers={**headers, "Accept-Encoding": "gzip"},
+                           timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        if r.status != 200:
+            try:
+                return r.status, await read_body(r, ERROR_MAX_BYTES, url, inflate)
+            except ClientError:
+                return r.status, b""
+        return r.status, await read_body(r, limit, url, inflate)
 
 
-async def _get(session: aiohttp.ClientSession, url: str, headers: dict, timeout: float) -> tuple[int, bytes]:
-    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-        return r.status, await r.read()
+def _metrics(body: bytes, at: float):
+    """(text, Scrape) of an exposition; on a worker thread (seconds for a big one)."""
+    text = bytes(body).decode(errors="replace")
+    return text, parse_metrics(text, at)
 
 
 async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = None, flight_windows: int | None = None,
@@ -55,37 +63,46 @@ async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = No
     at = time.time()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        status, body = await _get(session, url + "/metrics", headers, timeout)
+        status, body = await _get(session, url + "/metrics", headers, timeout, METRICS_MAX_BYTES)
+    except ClientError as e:
+        return Fetched(at, error=f"GET {e}")
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         return Fetched(at, error=f"cannot reach {url}: {_why(e, timeout)}", unreachable=True)
     if status != 200:
         hint = {503: " (the sidecar has not built its first exposition; see its log)",
                 404: " (is --url the sidecar's base URL, without /metrics?)"}.get(status, "")
-        return Fetched(at, error=f"GET {url}/metrics answered {status}: {_message(body)}{hint}")
-    out = Fetched(at, metrics=body.decode(errors="replace"))
+        return Fetched(at, error=f"GET {url}/metrics answered {status}: {error_text(body)}{hint}")
+    try:
+        text, scrape = await asyncio.to_thread(_metrics, body, at)
+    except MetricsError as e:
+        return Fetched(at, error=str(e))
+    out = Fetched(at, metrics=text, scrape=scrape)
     if flight_windows:
         out.asked_flight = True
         try:
-            status, body = await _get(session, f"{url}/api/flight?windows={int(flight_windows)}", headers, timeout)
+            status, body = await _get(session, f"{url}/api/flight?windows={int(flight_windows)}", headers, timeout,
+                                      FLIGHT_MAX_BYTES)
             if status == 200:
-                doc = msgspec.json.decode(body)
+                doc = await asyncio.to_thread(msgspec.json.decode, body)
                 if not isinstance(doc, dict) or not isinstance(doc.get("windows"), list):
                     raise ValueError("not a flight record")
                 out.flight = doc
             elif status == 404:
                 out.flight_error = (f"this sidecar has no flight recorder: /api/flight answered 404 "
-                                    f"({_message(body) or 'not found'}). Start it with --flight-minutes > 0 for "
+                                    f"({error_text(body) or 'not found'}). Start it with --flight-minutes > 0 for "
                                     "the heat map; the other views do not need it.")
             else:
-                out.flight_error = f"/api/flight answered {status}: {_message(body)}"
+                out.flight_error = f"/api/flight answered {status}: {error_text(body)}"
+        except ClientError as e:
+            out.flight_error = str(e)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, msgspec.DecodeError) as e:
             out.flight_error = f"/api/flight: {_why(e, timeout)}"
     if captures:
         out.asked_captures = True
         try:
-            status, body = await _get(session, url + "/api/captures", headers, timeout)
+            status, body = await _get(session, url + "/api/captures", headers, timeout, JSON_MAX_BYTES)
             if status == 200:
-                listed = msgspec.json.decode(body).get("captures")
+                listed = (await asyncio.to_thread(msgspec.json.decode, body)).get("captures")
                 if not isinstance(listed, list):
                     raise ValueError("no captures list")
                 out.captures = listed
@@ -93,7 +110,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = No
                 out.captures_error = ("captures are not configured on this sidecar (they need --vllm-url and "
                                       "--profile-dir)")
             else:
-                out.captures_error = f"/api/captures answered {status}: {_message(body)}"
+                out.captures_error = f"/api/captures answered {status}: {error_text(body)}"
+        except ClientError as e:
+            out.captures_error = str(e)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError, msgspec.DecodeError) as e:
             out.captures_error = f"/api/captures: {_why(e, timeout)}"
     return out

@@ -494,6 +494,7 @@ class Fetched:
     captures_error: str | None = None
     asked_flight: bool = False
     asked_captures: bool = False
+    scrape: Scrape | None = None  # `metrics` already parsed (client.fetch parses off the event loop)
 
 
 @dataclass
@@ -515,7 +516,9 @@ class SidecarState:
         if f.error is not None:
             self.error, self.unreachable = f.error, f.unreachable
             return
-        if f.metrics is not None:
+        if f.scrape is not None:
+            self.history.add(f.scrape)
+        elif f.metrics is not None:
             try:
                 self.history.add(parse_metrics(f.metrics, f.at))
             except MetricsError as e:

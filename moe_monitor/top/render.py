@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
+from moe_monitor.client.untrusted import printable
 from moe_monitor.sidecar.vocabulary import DETECTOR_STATES
 
 from . import core
@@ -124,18 +125,22 @@ def severity(x: float | None, st: dict, warn: float = 2.0, bad: float = 4.0) -> 
 
 
 def line(*parts: tuple[str, str] | str) -> Text:
+    """One screen line of parts (text, or (text, style)). Every screen line is made here, so this is where the
+    sidecar's strings (ids, reasons, label values, error messages) get their control characters escaped:
+    an escape sequence shows up as `\\x1b[2J` instead of acting on the terminal."""
     t = Text(no_wrap=True, overflow="crop")
     for p in parts:
         if isinstance(p, str):
-            t.append(p)
+            t.append(printable(p))
         else:
-            t.append(p[0], p[1] or None)
+            t.append(printable(p[0]), p[1] or None)
     return t
 
 
 def para(text: str, width: int, style: str = "") -> list[Text]:
     """`text` wrapped to `width` (a note or an error that must be read whole), each line indented by one."""
-    return [line((" " + x, style)) for x in textwrap.wrap(text, max(10, width - 1), break_on_hyphens=False)]
+    return [line((" " + x, style)) for x in textwrap.wrap(printable(text), max(10, width - 1),
+                                                          break_on_hyphens=False)]
 
 
 def pack(items: list[str], width: int, max_lines: int, sep: str = "  ") -> list[str]:
