@@ -364,18 +364,18 @@ def test_concurrent_writer_process_never_gives_a_torn_snapshot(tmp_path, monkeyp
 
     # count how often the reader's retry path is taken (decode saying "torn")
     torn_decodes = 0
-    real_decode = reader_mod.decode
+    real_decode = reader_mod.decode_from
 
-    def counting_decode(buf, max_payload):
+    def counting_decode(*args):
         nonlocal torn_decodes
         try:
-            return real_decode(buf, max_payload)
+            return real_decode(*args)
         except SegmentError as e:
             if e.kind == "torn":
                 torn_decodes += 1
             raise
 
-    monkeypatch.setattr(reader_mod, "decode", counting_decode)
+    monkeypatch.setattr(reader_mod, "decode_from", counting_decode)
 
     proc.start()
     try:
@@ -425,13 +425,13 @@ def test_odd_seq_reads_as_torn_after_all_retries(valid_segment, monkeypatch):
     path, data, _ = valid_segment
     patch_file(path, "seq", 7)
     calls = []
-    real_decode = reader_mod.decode
+    real_decode = reader_mod.decode_from
 
-    def counting_decode(buf, max_payload):
+    def counting_decode(*args):
         calls.append(1)
-        return real_decode(buf, max_payload)
+        return real_decode(*args)
 
-    monkeypatch.setattr(reader_mod, "decode", counting_decode)
+    monkeypatch.setattr(reader_mod, "decode_from", counting_decode)
     assert read_kind(path, attempts=4) == "torn"
     assert len(calls) == 4
     calls.clear()
@@ -864,3 +864,58 @@ def test_the_live_placement_section_round_trips_and_version_1_segments_still_rea
         f.write(struct.pack("<I", 1))
     old = read_segment(w1.path)
     assert old.physical_to_logical is None and old.counts.tolist() == arrays["counts"].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Format-2 sections against the header (issue #24 item 6)
+
+SECTION_CASES = {  # name: (ep_size, placement [2 x S] or None, EP-rank load [2 x R] or None, refused sections)
+    "fits": (2, [[0, 1, 0, 2, 3, 1]] * 2, [[1.0, 2.0]] * 2, {}),
+    "1M_load_columns": (2, None, np.ones((2, 1 << 20)), {"ep_rank_load": "shape"}),
+    "5_load_columns": (2, [[0, 1, 0, 2, 3, 1]] * 2, np.ones((2, 5)), {"ep_rank_load": "shape"}),
+    "9_slots_over_2_ranks": (2, [[0, 1, 2, 3, 0, 1, 2, 3, 0]] * 2, [[1.0, 2.0]] * 2, {"physical_to_logical": "shape"}),
+    "1029_slots_for_4_experts": (1, np.tile(np.arange(1029) % 4, (2, 1)), None, {"physical_to_logical": "shape"}),
+    "ep_size_0": (0, [[0, 1, 0, 2, 3, 1]] * 2, [[1.0, 2.0]] * 2,
+                  {"physical_to_logical": "ep_size", "ep_rank_load": "ep_size"}),
+    "ep_size_5000": (5000, None, np.ones((2, 5000)), {"ep_rank_load": "ep_size"}),
+    "expert_4_of_4": (2, [[0, 1, 2, 3, 4, 0]] * 2, None, {"physical_to_logical": "expert_ids"}),
+    "expert_3_without_a_slot": (2, [[0, 1, 2, 0, 1, 2]] * 2, None, {"physical_to_logical": "expert_ids"}),
+    "load_not_finite": (2, None, [[np.inf, 2.0], [1.0, 2.0]], {"ep_rank_load": "value"}),
+    "load_negative": (2, None, [[-1.0, 2.0], [1.0, 2.0]], {"ep_rank_load": "value"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SECTION_CASES))
+def test_format_2_sections_that_do_not_fit_the_header_are_refused_and_the_counts_still_read(tmp_path, case):
+    """The real writer publishes what a buggy or version-skewed plugin could: sections whose shape or contents do
+    not fit the header. The reader refuses those sections (section -> reason) and returns the rest; a refused
+    section's bytes are not kept."""
+    ep_size, placement, load, expected = SECTION_CASES[case]
+    shape = Shape(num_layers=2, num_experts=4, num_token_buckets=1, num_duration_buckets=1,
+                  num_physical=np.shape(placement)[1] if placement is not None else 0,
+                  num_load_ranks=np.shape(load)[1] if load is not None else 0)
+    arrays = dict(layer_ids=np.arange(2, dtype=np.int32), layer_flags=np.ones(2, dtype=np.uint8),
+                  counts=np.arange(8).reshape(2, 4), token_bounds=np.array([2**63 - 1]),
+                  duration_bounds=np.array([np.inf]), step_hist=np.zeros((3, 1, 1)), step_seconds=np.zeros((3, 1)),
+                  step_tokens=np.zeros((3, 1)), physical_to_logical=placement, ep_rank_load=load)
+    w = SegmentWriter(str(tmp_path), "m", Ranks(ep_size=ep_size), shape, top_k=2)
+    w.publish(arrays)
+    snap = read_segment(w.path)
+    assert {r.section: r.reason for r in snap.refused} == expected
+    assert all(r.message for r in snap.refused)
+    assert snap.counts.tolist() == arrays["counts"].tolist()
+    for name, written in (("physical_to_logical", placement), ("ep_rank_load", load)):
+        got = getattr(snap, name)
+        if written is None or name in expected:
+            assert got is None, name
+        else:
+            assert got.tolist() == np.asarray(written).tolist(), name
+    held = {}  # the buffers the snapshot's arrays keep alive
+    for f in ("layer_ids", "layer_flags", "counts", "token_bounds", "duration_bounds", "step_hist", "step_seconds",
+              "step_tokens", "physical_to_logical", "ep_rank_load"):
+        a = getattr(snap, f)
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        if a is not None:
+            held[id(a)] = a.nbytes if isinstance(a, (np.ndarray, memoryview)) else len(a)
+    assert sum(held.values()) < 4096  # not the file

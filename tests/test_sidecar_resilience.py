@@ -357,7 +357,7 @@ def test_a_segment_with_ep_size_0_and_a_placement_keeps_the_flight_recorder_reco
         assert samples(m, "moe_monitor_window_errors_total")[(("stage", "window"),)] == 0.0
         assert samples(m, "moe_monitor_segment_sections_refused") == {
             (("reason", "ep_size"), ("section", "physical_to_logical"), ("segment", "dp0-pp0-tp0")): 1.0}
-        assert sidecar.log_tail(400).count("refused") == 1, "logged once"
+        assert sidecar.log_tail(400).count("section physical_to_logical refused") == 1, "logged once"
     finally:
         sidecar.stop()
         writer.close()

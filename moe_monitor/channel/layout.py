@@ -1,4 +1,4 @@
-"""Binary layout of a per-rank segment (format version 1). Pure: bytes in, records out.
+"""Binary layout of a per-rank segment (format version 2). Pure: bytes in, records out.
 
 A segment is one file (normally on tmpfs, e.g. /dev/shm) written by one vLLM worker rank and read by the
 sidecar. Everything is little-endian. The header is fixed-size; the payload follows it:
@@ -19,12 +19,18 @@ sidecar. Everything is little-endian. The header is fixed-size; the payload foll
                                           each EP rank served, attributed by the plugin under the placement in
                                           force at the time (R = ep_size)
 
+The version-2 sections are optional and checked against the header before they are used (`Refusal`): ep_size in
+[1, MAX_EP_SIZE]; R == ep_size; S a multiple of ep_size within [E, max_slots(E)]; every placement id in [0, E) and
+every logical expert in at least one slot of each layer; every load finite and >= 0. A section that fails is left
+out of the snapshot (its bytes are not kept) and named in `Snapshot.refused`; the counts never depend on it.
+
 Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
 payload, so a reader that copies the file while a write is under way detects it and retries.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
@@ -69,8 +75,18 @@ HEADER = struct.Struct(
     f"{MODEL_NAME_BYTES}s"  # model name, utf-8, NUL padded
 )
 assert HEADER.size <= HEADER_SIZE
+MAX_EP_SIZE = 4096  # EP ranks a segment may describe: wide EP runs at 32-320 (DeepSeek-V3 serving)
+MAX_REDUNDANT_SLOTS = 1024  # see max_slots
 RANK_FIELDS = ("global_rank", "world_size", "dp_rank", "dp_size", "tp_rank", "tp_size",
                "pp_rank", "pp_size", "ep_rank", "ep_size")
+
+
+def max_slots(num_experts: int) -> int:
+    """Physical expert slots a placement may have: vLLM's EPLB places the logical experts plus its redundant ones
+    (DeepSeek-V3: 256 + 32). Up to three replicas of every expert, or 1024 redundant slots (one per EP rank at EP
+    1024) for models with few experts: far above what EPLB is run with, and small enough (61 layers x 1280 slots)
+    that a hostile header cannot make the sidecar's split expensive."""
+    return max(4 * num_experts, num_experts + MAX_REDUNDANT_SLOTS)
 
 
 class SegmentError(Exception):
@@ -150,6 +166,16 @@ class Header:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """An optional section of a readable segment left out because it does not fit the header. `reason` is a short
+    stable label used in metrics (ep_size, shape, expert_ids, value; the sidecar adds decreased)."""
+
+    section: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One consistent cumulative snapshot of a rank."""
 
@@ -164,6 +190,7 @@ class Snapshot:
     step_tokens: np.ndarray
     physical_to_logical: np.ndarray | None = None  # [L, S] live placement, when the writer published one
     ep_rank_load: np.ndarray | None = None  # [L, R] cumulative EP-rank load the writer attributed itself
+    refused: tuple[Refusal, ...] = ()  # optional sections present in the file but left out
 
 
 def pack_header(h: Header) -> bytes:
@@ -216,25 +243,88 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
                   publish_errors, name)
 
 
-def decode(buf: bytes, max_payload: int) -> Snapshot:
-    """Decode a full copy of a segment file. Raises SegmentError; never returns a torn snapshot."""
-    h = unpack_header(buf, max_payload)
+def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
+    """Decode a segment of `size` bytes from its header bytes `head` and `read(n)`, which gives the next n bytes of
+    the payload (fewer at the end of the file). A section the header refuses is only checksummed, a piece at a time:
+    what is held is bounded by the sizes the header allows, not by the file. Raises SegmentError; never returns a
+    torn snapshot (with the reader's seqlock check)."""
+    h = unpack_header(head, max_payload)
     if h.seq % 2:
         raise SegmentError("torn", "writer is inside a snapshot (odd sequence number)")
     end = HEADER_SIZE + h.payload_size
-    if len(buf) < end:
-        raise SegmentError("truncated", f"file has {len(buf)} bytes, header promises {end}")
-    payload = buf[HEADER_SIZE:end]
-    if zlib.crc32(payload) != h.payload_crc32:
+    if size < end:
+        raise SegmentError("truncated", f"file has {size} bytes, header promises {end}")
+    refused = {r.section: r for r in header_refusals(h)}
+    arrays, crc = {}, 0
+    for kept, run in itertools.groupby(h.shape.sections(), key=lambda section: section[0] not in refused):
+        run = [(name, dt, shape, dt.itemsize * math.prod(shape)) for name, dt, shape in run]
+        n = sum(nbytes for *_, nbytes in run)
+        if not kept:  # only checksummed, a piece at a time
+            while n:
+                piece = _read_exactly(read, min(n, PIECE_BYTES))
+                crc, n = zlib.crc32(piece, crc), n - len(piece)
+            continue
+        data = _read_exactly(read, n)  # consecutive kept sections in one read
+        crc, off = zlib.crc32(data, crc), 0
+        for name, dt, shape, nbytes in run:
+            arrays[name] = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=off).reshape(shape)
+            off += nbytes
+    if crc != h.payload_crc32:
         raise SegmentError("corrupt", "payload checksum mismatch")
-    arrays = {}
-    off = 0
-    for name, dt, shape in h.shape.sections():
-        n = dt.itemsize * math.prod(shape)
-        arrays[name] = np.frombuffer(payload, dtype=dt, count=math.prod(shape), offset=off).reshape(shape)
-        off += n
     arrays["layer_flags"] = arrays["layer_flags"][: h.shape.num_layers]
-    return Snapshot(header=h, **arrays)
+    for r in content_refusals(h.shape, arrays):
+        refused[r.section] = r
+        del arrays[r.section]
+    return Snapshot(header=h, refused=tuple(refused.values()), **arrays)
+
+
+PIECE_BYTES = 1 << 20  # a refused section is checksummed this much at a time
+
+
+def _read_exactly(read, n: int) -> bytes:
+    data = read(n)
+    if len(data) < n:
+        raise SegmentError("truncated", "the file ended inside its payload")
+    return data
+
+
+def header_refusals(h: Header) -> list[Refusal]:
+    """The optional sections whose size the header contradicts: decided from the header alone, before any of
+    their bytes is used."""
+    s, ep = h.shape, h.ranks.ep_size
+    present = [name for name, n in (("physical_to_logical", s.num_physical), ("ep_rank_load", s.num_load_ranks)) if n]
+    if present and not 1 <= ep <= MAX_EP_SIZE:
+        why = f"the header's ep_size {ep} is outside [1, {MAX_EP_SIZE}]"
+        return [Refusal(name, "ep_size", why) for name in present]
+    out = []
+    S, E = s.num_physical, s.num_experts
+    if S and (S % ep or not E <= S <= max_slots(E)):
+        out.append(Refusal("physical_to_logical", "shape", f"{S} physical slots for {E} experts over ep_size {ep}: "
+                           f"a multiple of ep_size between {E} and {max_slots(E)} expected"))
+    if s.num_load_ranks and s.num_load_ranks != ep:
+        out.append(Refusal("ep_rank_load", "shape", f"{s.num_load_ranks} EP-rank load columns, the header's ep_size "
+                           f"is {ep}"))
+    return out
+
+
+def content_refusals(shape: Shape, arrays: dict[str, np.ndarray]) -> list[Refusal]:
+    """The optional sections (of a size the header allows) whose values cannot be right."""
+    out = []
+    p2l, E = arrays.get("physical_to_logical"), shape.num_experts
+    if p2l is not None and p2l.size:
+        if p2l.min() < 0 or p2l.max() >= E:
+            out.append(Refusal("physical_to_logical", "expert_ids", f"the placement names logical expert "
+                               f"{int(p2l.min() if p2l.min() < 0 else p2l.max())}; the model has {E}"))
+        else:
+            slots = np.bincount((p2l + E * np.arange(len(p2l))[:, None]).ravel(), minlength=len(p2l) * E)
+            if (slots == 0).any():
+                row, expert = divmod(int(np.flatnonzero(slots == 0)[0]), E)
+                out.append(Refusal("physical_to_logical", "expert_ids", f"logical expert {expert} has no physical "
+                                   f"slot in layer {int(arrays['layer_ids'][row])}: its tokens would be lost"))
+    load = arrays.get("ep_rank_load")
+    if load is not None and not (np.isfinite(load).all() and (load >= 0).all()):
+        out.append(Refusal("ep_rank_load", "value", "the published EP-rank load is negative or not finite"))
+    return out
 
 
 def encode_payload(shape: Shape, arrays: dict[str, np.ndarray]) -> bytes:

@@ -6,7 +6,7 @@ import os
 import stat
 import time
 
-from .layout import HEADER_SIZE, SEQ_OFFSET, SegmentError, Snapshot, decode
+from .layout import HEADER_SIZE, SEQ_OFFSET, SegmentError, Snapshot, decode_from
 
 DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024  # 256 MiB: far above 61 layers x 256 experts (125 KiB of counts)
 SUFFIX = ".moeseg"
@@ -15,7 +15,8 @@ SUFFIX = ".moeseg"
 def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: int = 5,
                  backoff_s: float = 0.001) -> Snapshot:
     """Read one consistent snapshot. Raises SegmentError (kind: io/truncated/magic/version/corrupt/
-    oversized/torn) when the file cannot give one after `attempts` tries."""
+    oversized/torn) when the file cannot give one after `attempts` tries. The file is read once, in order; only the
+    sections its header allows are kept (layout.decode_from)."""
     last: SegmentError | None = None
     for attempt in range(attempts):
         try:
@@ -23,17 +24,23 @@ def read_segment(path: str, max_payload: int = DEFAULT_MAX_PAYLOAD, attempts: in
                 size = os.fstat(f.fileno()).st_size
                 if size > HEADER_SIZE + max_payload:
                     raise SegmentError("oversized", f"file of {size} bytes exceeds the limit")
-                buf = f.read(size)
+                head = f.read(HEADER_SIZE)
+                try:
+                    result = decode_from(head, f.read, size, max_payload)
+                except SegmentError as e:
+                    result = e
                 seq_after = os.pread(f.fileno(), 8, SEQ_OFFSET)  # seqlock: unchanged while we copied?
         except FileNotFoundError:
             raise
         except OSError as e:
             raise SegmentError("io", f"cannot read: {e}") from None
         try:
-            if len(buf) >= HEADER_SIZE and seq_after != buf[SEQ_OFFSET:SEQ_OFFSET + 8]:
+            if len(head) >= HEADER_SIZE and seq_after != head[SEQ_OFFSET:SEQ_OFFSET + 8]:
                 raise SegmentError("torn", "the writer published while we were reading")
             # a consistent copy (same even seq before and after) whose checksum is wrong is corrupt, not torn
-            return decode(buf, max_payload)
+            if isinstance(result, SegmentError):
+                raise result
+            return result
         except SegmentError as e:
             if e.kind != "torn":
                 raise

@@ -88,7 +88,6 @@ class Exporter:
         self.window = self._stats = self._window_load = None
         self._placement_warning: str | None = None
         self._ledger = RankLoadLedger()  # cumulative EP-rank load, attributed under the placement of its time
-        self._published_shape = None  # shape of the plugin-attributed load last used, None when the ledger ran
         self._cumulative_load = None  # the ledger's load after this tick's read; None when there is no placement
         self._at_close: tuple[int, np.ndarray] | None = None  # (ledger resets, load) at the last window boundary
         self._lock = threading.Lock()
@@ -199,12 +198,15 @@ class Exporter:
         return counted[0].header.top_k if counted else 1
 
     def placement(self, statuses, num_experts: int) -> Placement | None:
-        """The live placement the ranks publish (vLLM's EPLB), else --placement, else vLLM's contiguous one."""
+        """The live placement the ranks publish (vLLM's EPLB), else --placement, else vLLM's contiguous one. None
+        when none fits, or when the placement a rank publishes was refused (it does not fit its header): the
+        sidecar does not split the counts under a placement it knows to be other than the one in force."""
         ranks = max((s.snapshot.header.ranks.ep_size for s in statuses if s.counted), default=1)
-        live = next((s.snapshot.physical_to_logical for s in statuses
-                     if s.counted and s.snapshot.physical_to_logical is not None), None)
-        if live is not None:
-            return Placement(ranks, live.astype(np.int64))
+        live = next((s.snapshot for s in statuses if s.counted and s.snapshot.physical_to_logical is not None), None)
+        if live is not None:  # checked against its own header's ep_size when it was read
+            return Placement(live.header.ranks.ep_size, live.physical_to_logical.astype(np.int64))
+        if any(r.section == "physical_to_logical" for s in statuses if s.counted for r in s.snapshot.refused):
+            return None
         if self._placement_file:
             return self._placement_file
         try:
@@ -221,8 +223,8 @@ class Exporter:
         if cumulative is not None and previous is not None and previous[0] == self._ledger.resets \
                 and previous[1].shape == cumulative.shape:
             return cumulative - previous[1]
-        placement = self.placement(statuses, window.counts.shape[1])
         try:
+            placement = self.placement(statuses, window.counts.shape[1])
             return placement.rank_load(window.counts) if placement is not None else None
         except PlacementError:
             return None  # logged once by _attribute
@@ -236,8 +238,10 @@ class Exporter:
         return self.flight.body(self.model, last, since, gzipped)
 
     def _attribute(self, statuses, totals):
-        """Attribute the counts that arrived since the last tick to EP ranks under the current placement; the
-        cumulative load, or None when there is no placement that fits (logged once per cause)."""
+        """Attribute the counts that arrived since the last tick to EP ranks: as the plugin attributed them where
+        every counted segment publishes its EP-rank load (exact EPLB epochs), else under the current placement. The
+        cumulative load (RankLoadLedger: it never goes down, whichever source a tick has), or None when there is
+        neither (logged once per cause)."""
         if totals.counts is None:
             return None
         published = totals.rank_load
@@ -245,17 +249,11 @@ class Exporter:
             self._warn_placement("a segment's published EP-rank load is negative or not finite; the sidecar splits "
                                  "the counts under the published placement itself")
             published = None
-        if published is not None:  # the plugin attributed it at each rearrangement (EPLB): exact epochs
-            if self._ledger.counts is not None or self._published_shape != published.shape:
-                self._ledger = RankLoadLedger(resets=self._ledger.resets + 1)  # another source: no window diff
-            self._published_shape = published.shape
-            return published
-        self._published_shape = None
         placement = self.placement(statuses, totals.counts.shape[1])
-        if placement is None:
+        if placement is None and published is None:
             return None
         try:
-            return self._ledger.update(totals.counts, placement)
+            return self._ledger.update(totals.counts, placement, published)
         except PlacementError as e:
             self._warn_placement(f"expert placement does not fit the model ({e}): no EP-rank metrics")
             return None

@@ -6,6 +6,11 @@ A readable segment can still be wrong for the model's metrics: one that describe
 or one of another model (a stale file of a previous deployment, a second server pointed at the same
 directory). Those are left out and reported (`moe_monitor_segments_ignored`); which model is "the" model is
 decided by the fresh segments, majority first, newest publish second, never by file-name order.
+
+An optional section that does not fit its header (channel/layout.py) is left out of the snapshot by the reader; a
+published cumulative EP-rank load below the last one accepted from the same writer process is left out here. Both
+are reported (`moe_monitor_segment_sections_refused`) and logged once per segment and cause; the rest of the
+segment is counted.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from moe_monitor.channel import SegmentError, Snapshot, list_segments, read_segment
+import numpy as np
+
+from moe_monitor.channel import Refusal, SegmentError, Snapshot, list_segments, read_segment
 
 from .aggregate import Aggregator, Totals
 from .once import OncePerCause
@@ -63,9 +70,12 @@ class SegmentSource:
         self.aggregator = Aggregator()
         self.read_errors: Counter[str] = Counter()
         self._logged = OncePerCause()
+        self._refusals = OncePerCause()
+        self._loads: dict[str, tuple[int, np.ndarray]] = {}  # path -> (generation, last accepted EP-rank load)
 
     def read(self, now: float) -> tuple[list[SegmentStatus], Totals]:
         statuses = self._read_all(list_segments(self.segment_dir))
+        self._log_refusals(statuses)
         for s in statuses:
             if s.snapshot is not None and (s.snapshot.header.shape.num_experts == 0 or len(s.snapshot.layer_ids) == 0):
                 s.ignored = "no_layers"
@@ -107,6 +117,7 @@ class SegmentSource:
             if not retry:
                 break
             pending = retry
+        self._loads = {path: v for path, v in self._loads.items() if path in results}
         return [self._status(path, results[path]) for path in paths if path in results]
 
     def _status(self, path: str, result) -> SegmentStatus:
@@ -117,4 +128,30 @@ class SegmentSource:
                 log.warning("cannot read segment %s (%s): %s", path, result.kind, result)
             return SegmentStatus(name, None, result.kind)
         self._logged.recovered(path)  # it reads again: a new failure is logged
-        return SegmentStatus(name, result, None)
+        return SegmentStatus(name, self._refuse_decrease(path, result), None)
+
+    def _refuse_decrease(self, path: str, snap: Snapshot) -> Snapshot:
+        """A cumulative EP-rank load must not go down while its writer process lives (a restart, a new generation,
+        starts again from zero: the aggregator carries what came before). One that does is refused until it is
+        back above the last accepted one, so the exported counter never goes down."""
+        load, generation = snap.ep_rank_load, snap.header.generation
+        if load is None:
+            return snap
+        last = self._loads.get(path)
+        if last is not None and last[0] == generation and last[1].shape == load.shape and (load < last[1]).any():
+            rank = int(np.argwhere(load < last[1])[0][1])
+            return replace(snap, ep_rank_load=None, refused=snap.refused + (Refusal(
+                "ep_rank_load", "decreased", f"the published EP-rank load of EP rank {rank} decreased without a "
+                "restart of the writer (below the last accepted reading)"),))
+        self._loads[path] = (generation, load.copy())
+        return snap
+
+    def _log_refusals(self, statuses: list[SegmentStatus]) -> None:
+        for s in statuses:
+            refused = s.snapshot.refused if s.snapshot is not None else ()
+            if s.snapshot is not None and not refused:
+                self._refusals.recovered(s.name)
+            for r in refused:
+                if self._refusals.first(s.name, f"{r.section}/{r.reason}"):
+                    log.warning("segment %s: section %s refused (%s): %s; the rest of the segment is used (logged "
+                                "once; moe_monitor_segment_sections_refused)", s.name, r.section, r.reason, r.message)

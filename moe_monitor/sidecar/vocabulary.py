@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_monitor.channel.layout import MAX_EP_SIZE, MAX_REDUNDANT_SLOTS
+
 from .exposition import Family
 
 
@@ -47,6 +49,15 @@ SEGMENT_READ_ERRORS = {
     "torn": "the writer kept changing it while it was read (retried next window)",
 }
 SEGMENT_STATES = ("fresh", "stale", "unreadable")
+SECTION_REFUSALS = {  # moe_monitor_segment_sections_refused{reason}: an optional (format 2) section left out
+    "ep_size": f"the header's ep_size is below 1 or above {MAX_EP_SIZE}, so no section sized by it can be right",
+    "shape": "the section's size contradicts the header: EP-rank load columns other than ep_size, or placement "
+             "slots that are not a multiple of ep_size between the experts and max(4 x experts, experts + "
+             f"{MAX_REDUNDANT_SLOTS})",
+    "expert_ids": "the placement names an expert outside [0, experts), or leaves one without a slot",
+    "value": "the EP-rank load is negative or not finite",
+    "decreased": "the cumulative EP-rank load went down without a restart of the writer",
+}
 
 _M = Metric
 METRICS: tuple[Metric, ...] = (
@@ -175,6 +186,10 @@ METRICS: tuple[Metric, ...] = (
     _M("moe_monitor_segments_ignored", "gauge", ("segment", "reason"), "t0", "health",
        "Readable segments left out of the model's metrics: reason=other_model (another model than the one "
        "most ranks serve), no_layers (a segment describing no MoE layer or no expert)."),
+    _M("moe_monitor_segment_sections_refused", "gauge", ("segment", "section", "reason"), "t0", "health",
+       "Optional sections of a readable segment left out, the rest of it used: section=physical_to_logical (the "
+       "live placement) or ep_rank_load (the EP-rank load the plugin attributed); reason=" + ", ".join(
+           SECTION_REFUSALS) + " (docs/reference/metrics.md)."),
     _M("moe_monitor_rank_restarts_total", "counter", (), "t0", "health",
        "vLLM rank restarts seen (new segment generation); counts before a restart are carried, not lost."),
     _M("moe_monitor_build_info", "gauge", ("version",), "t0", "health", "moe-monitor version."),
@@ -232,6 +247,9 @@ def reference_markdown() -> str:
     out += ["", "Segment read errors (`moe_monitor_segment_read_errors_total{kind}`):", "",
             "| kind | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in SEGMENT_READ_ERRORS.items()]
+    out += ["", "Refused segment sections (`moe_monitor_segment_sections_refused{reason}`):", "",
+            "| reason | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in SECTION_REFUSALS.items()]
     out += ["", "Detector states (`moe_detector_state{state}`): " + ", ".join(f"`{s}`" for s in DETECTOR_STATES)
             + "."]
     return "\n".join(out) + "\n"

@@ -36,6 +36,8 @@ class Placement:
         """Load per EP rank, float64 [layers, ranks], from logical counts [layers, experts]."""
         c = np.asarray(counts, dtype=np.float64)
         L, E = c.shape
+        if self.num_ranks < 1:
+            raise PlacementError(f"{self.num_ranks} EP ranks: at least 1 expected")
         if self.physical_to_logical.shape[0] not in (1, L):
             raise PlacementError(f"placement has {self.physical_to_logical.shape[0]} layers, the model has {L} "
                                  "MoE layers")
@@ -106,24 +108,57 @@ class RankLoadLedger:
     decreases and a rearrangement does not re-attribute history. Under a fixed placement it equals
     `placement.rank_load(counts)`.
 
-    `update` takes the cumulative logical counts [L, E]; when they are not a continuation of the previous ones
-    (another shape, a counter that went down, another EP size) everything is attributed afresh and `resets`
-    grows, so a caller taking differences between two readings can tell."""
+    `update` takes the cumulative logical counts [L, E] and, where the ranks publish it, the cumulative EP-rank load
+    the plugin attributed itself at every rearrangement (exact epochs). While that goes on (same shape, no rank
+    lower), the ledger follows it; a tick without it, or where it does not go on, splits that tick's new assignments
+    under the placement, and the published figures are followed again from there: switching sources never makes
+    the load go down. When the counts are not a continuation of the previous ones (another shape, a counter that
+    went down, another EP size) everything is attributed afresh and `resets` grows, so a caller taking differences
+    between two readings can tell."""
 
     def __init__(self, resets: int = 0):
         self.counts: np.ndarray | None = None
         self.load: np.ndarray | None = None
+        self.published: np.ndarray | None = None  # the plugin's figures of the last update, when it had them
+        self.offset: np.ndarray | float = 0.0  # load - published while the published figures go on
         self.resets = resets
 
-    def update(self, counts: np.ndarray, placement: Placement) -> np.ndarray:
-        """Raises PlacementError (state unchanged) when the placement does not fit the counts."""
+    def update(self, counts: np.ndarray, placement: Placement | None,
+               published: np.ndarray | None = None) -> np.ndarray:
+        """Raises PlacementError (state unchanged) when the counts must be split and the placement does not fit."""
         counts = np.asarray(counts, dtype=np.int64)
+        ranks = published.shape[1] if published is not None else placement.num_ranks if placement else None
         fresh = (self.counts is None or self.load is None or counts.shape != self.counts.shape
-                 or self.load.shape[1] != placement.num_ranks or bool((counts < self.counts).any()))
+                 or self.load.shape[1] != ranks or bool((counts < self.counts).any()))
+        offset = 0.0
         if fresh:
-            load = placement.rank_load(counts)
-            self.resets += 1
+            load = published.copy() if published is not None else _split(placement, counts)
+        elif published is not None and self.published is not None and published.shape == self.published.shape \
+                and bool((published >= self.published).all()):
+            load, offset = published + self.offset, self.offset
         else:
-            load = self.load + placement.rank_load(counts - self.counts)
-        self.counts, self.load = counts.copy(), load
+            load = self.load + self._growth(placement, counts - self.counts, published is not None)
+            offset = 0.0 if published is None else load - published
+        if fresh:
+            self.resets += 1
+        self.counts, self.load, self.published, self.offset = counts.copy(), load, published, offset
         return load
+
+    def _growth(self, placement: Placement | None, new: np.ndarray, published: bool) -> np.ndarray:
+        """New assignments under the placement; none, where the plugin's figures are there but no placement fits
+        (the counter pauses for that tick rather than guess)."""
+        try:
+            growth = _split(placement, new)
+            if growth.shape != self.load.shape:
+                raise PlacementError(f"the placement has {growth.shape[1]} EP ranks, the load {self.load.shape[1]}")
+            return growth
+        except PlacementError:
+            if not published:
+                raise
+            return np.zeros_like(self.load)
+
+
+def _split(placement: Placement | None, counts: np.ndarray) -> np.ndarray:
+    if placement is None:
+        raise PlacementError("no expert placement fits the model")
+    return placement.rank_load(counts)

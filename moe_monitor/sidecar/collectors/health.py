@@ -1,4 +1,5 @@
-"""Health of the segments (up, age, ranks, read errors, ignored ones, restarts) and the build info."""
+"""Health of the segments (up, age, ranks, read errors, ignored ones, refused sections, restarts) and the build
+info."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .base import Collector
 def collect(r: Reading) -> list[Family]:
     up, age = family("moe_monitor_segment_up"), family("moe_monitor_snapshot_age_seconds")
     info, publish_errors = family("moe_monitor_rank_info"), family("moe_monitor_plugin_publish_errors_total")
-    ignored = family("moe_monitor_segments_ignored")
+    ignored, refused = family("moe_monitor_segments_ignored"), family("moe_monitor_segment_sections_refused")
     states = Counter({s: 0 for s in SEGMENT_STATES})
     for s in r.statuses:
         if s.snapshot is None:
@@ -34,6 +35,8 @@ def collect(r: Reading) -> list[Family]:
         publish_errors.add(h.publish_errors, [("segment", s.name)])
         if s.ignored:
             ignored.add(1, [("segment", s.name), ("reason", s.ignored)])
+        for x in s.snapshot.refused:
+            refused.add(1, [("segment", s.name), ("section", x.section), ("reason", x.reason)])
     segments = family("moe_monitor_segments")
     for state in sorted(states):
         segments.add(states[state], [("state", state)])
@@ -45,8 +48,7 @@ def collect(r: Reading) -> list[Family]:
     build = family("moe_monitor_build_info")
     build.add(1, [("version", __version__)])
     out = [up, age, info, publish_errors, segments, errors, restarts, build]
-    if ignored.series:
-        out.insert(5, ignored)
+    out[5:5] = [f for f in (ignored, refused) if f.series]
     return out
 
 
