@@ -58,7 +58,6 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
     exporter.http_refusals = refusals.counts  # exported as moe_monitor_http_refused_total
     admission = Admission(refusals)
     stored = StoredFlight(refusals)
-    cfg = exporter.config
 
     async def metrics(request: web.Request) -> web.Response:
         exposition = exporter.latest()
@@ -76,12 +75,14 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         return web.Response(text="ok\n")
 
     async def landing(request: web.Request) -> web.Response:
+        cfg = exporter.config
         return web.Response(text=LANDING.format(segment_dir=html.escape(cfg.segment_dir), window=cfg.window_s),
                             content_type="text/html")
 
     def refused(request: web.Request) -> web.Response | None:
         """None when the caller may use the API; else the refusal. One rule: every /api/ route needs the bearer
         token when one is set; without one, the API is off unless --captures-api-insecure opens it to all."""
+        cfg = exporter.config
         if cfg.api_token:
             header = request.headers.get("Authorization", "")
             if header.startswith("Bearer ") and hmac.compare_digest(header[7:].encode(errors="replace"),
@@ -105,6 +106,7 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         denied = refused(request)
         if denied is not None:
             return denied
+        cfg = exporter.config
         kind = "download" if "/files/" in request.path else "trigger" if request.method == "POST" else "read"
         if kind != "read":  # the audit trail: who pulled which trace, who asked for a capture
             log.info("API: %s %s %s%s", request.remote, request.method, request.path,
