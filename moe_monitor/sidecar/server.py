@@ -127,7 +127,13 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         return {"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzipped else {})}
 
     async def list_captures(request: web.Request) -> web.StreamResponse:
-        body = await off_loop(lambda: json.dumps({"captures": catalog_or_503().list()}).encode())
+        def listing() -> bytes:
+            catalog = catalog_or_503()
+            captures = catalog.list()  # the newest, at most catalog.LIST_LIMIT
+            return json.dumps({"captures": captures, "total": catalog.count,
+                               "left_out": max(catalog.count - len(captures), 0)}).encode()
+
+        body = await off_loop(listing)
         return await stream(request, [body], refusals, json_answer(), len(body))
 
     async def show_capture(request: web.Request) -> web.Response:
