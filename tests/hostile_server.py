@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -69,27 +71,30 @@ class HostileServer:
             self._thread.join(10)
 
 
+# A small launcher runs the command and reports its child's peak RSS: measured from this (big, forking) test
+# process, a child's ru_maxrss would start at this process' size, which a fork's child inherits.
+_LAUNCHER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+sys.stderr.write(f"\\nMAXRSS_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n")
+sys.exit(code)
+"""
+
+
 def run_measured(argv: list[str], kill_after: float = 120) -> tuple[int, str, str, float, float]:
     """Run `argv`: (exit code, stdout, stderr, peak RSS in MB of that process, seconds). Killed after
-    `kill_after` seconds (a hang shows up as exit -9, never as a hung test)."""
+    `kill_after` seconds (a hang shows up as a failed run, never as a hung test)."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    killer = threading.Timer(kill_after, proc.kill)
-    killer.start()
-    read = {}
-    readers = [threading.Thread(target=lambda k=k, f=f: read.__setitem__(k, f.read()))
-               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in readers:
-        t.start()
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (not Popen.wait: it reaps it first)
-    finally:
-        killer.cancel()
-    for t in readers:
-        t.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return (proc.returncode, read["out"].decode(errors="replace"), read["err"].decode(errors="replace"),
-            usage.ru_maxrss / 1024, time.monotonic() - start)
+        out, err = proc.communicate(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command it runs
+        out, err = proc.communicate()
+        return -9, out.decode(errors="replace"), err.decode(errors="replace"), 0.0, time.monotonic() - start
+    err, _, peak = err.decode(errors="replace").rpartition("\nMAXRSS_KB ")
+    return proc.returncode, out.decode(errors="replace"), err, int(peak) / 1024, time.monotonic() - start
 
 
 # -- answers -------------------------------------------------------------------------------------------------
