@@ -365,3 +365,13 @@ def test_unreachable_and_invalid_urls_are_one_line_errors(tmp_path):
         one_line_error(invoke("traces", "--url", url, "list"))
         one_line_error(invoke("eplb", "--live", "--url", url, "--gpus", "2"))
         one_line_error(invoke("eplb", "--prometheus", url, "--gpus", "2"))
+
+
+def test_the_clients_id_and_name_formats_are_the_sidecars():
+    """The client keeps its own copy of the sidecar's formats (it checks the answer, not the server's code):
+    they must stay the same, or pull would refuse real captures (or accept what the sidecar never sends)."""
+    from moe_monitor.capture.catalog import ID_RE, NAME_RE, new_capture_id
+    from moe_monitor.client.untrusted import CAPTURE_ID_RE, FILE_NAME_RE, capture_id
+
+    assert (CAPTURE_ID_RE.pattern, FILE_NAME_RE.pattern) == (ID_RE.pattern, NAME_RE.pattern)
+    assert capture_id(new_capture_id("Imbalance: layer 3!", 1.7e9)) is not None
