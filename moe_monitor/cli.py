@@ -95,14 +95,12 @@ def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
     """Break torch.profiler traces down into gate / experts / align-permute / attention / all-to-all / other."""
     import json
 
-    from moe_monitor.breakdown.analyze import analyze as run
-    from moe_monitor.breakdown.analyze import load_rules
+    from moe_monitor.breakdown.analyze import analyze_files, load_rules
     from moe_monitor.breakdown.report import render_table
-    from moe_monitor.breakdown.trace import TraceError, read_trace
+    from moe_monitor.breakdown.trace import TraceError
 
-    try:
-        loaded = [read_trace(t) for t in traces]
-        result = run(loaded, load_rules(rules), top=max(top, 50) if as_json else top)
+    try:  # one rank's trace in memory at a time
+        result = analyze_files(traces, load_rules(rules), top=max(top, 50) if as_json else top)
     except (TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
@@ -133,8 +131,9 @@ def _one_line_errors(func):
 @click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
               help="The sidecar's base URL.")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
-              help="Bearer token (download and trigger, when the sidecar requires one).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0, help=TIMEOUT_HELP)
+              help="Bearer token (every /api/ route, when the sidecar requires one).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0, help=TIMEOUT_HELP,
+              envvar=env.CLIENT_TIMEOUT, show_envvar=True)
 @click.pass_context
 def traces(ctx, url: str, token: str | None, timeout: float) -> None:
     """List, show, pull and trigger the profiler traces the sidecar captured. Nothing the sidecar answers is
@@ -341,6 +340,7 @@ def traces_trigger(ctx, reason: str) -> None:
               help="The sidecar's base URL (--capture, --live).")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None, help="Bearer token, if required.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0,
+              envvar=env.CLIENT_TIMEOUT, show_envvar=True,
               help="Seconds the sidecar's or Prometheus' answer may take in total.")
 @click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), required=True,
               help="EP ranks (GPUs) the experts spread over.")

@@ -25,6 +25,7 @@ RECORDER = "MOE_MONITOR_RECORDER"  # per_layer (CPU) | fused | staged (CUDA); de
 # docs/configuration.md); these are the ones the other commands read.
 API_TOKEN = "MOE_MONITOR_API_TOKEN"
 SIDECAR_URL = "MOE_MONITOR_URL"
+CLIENT_TIMEOUT = "MOE_MONITOR_CLIENT_TIMEOUT"  # seconds an answer may take in all (traces, eplb)
 LOG_LEVEL = "MOE_MONITOR_LOG_LEVEL"
 
 
