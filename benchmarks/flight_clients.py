@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -74,11 +75,12 @@ def run(tree: str) -> str:
 
     publish()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}  # and cwd: `-m` puts the cwd first on sys.path
     proc = subprocess.Popen([sys.executable, "-m", "moe_monitor.cli", "serve", "--segment-dir", seg, "--listen",
                              f"127.0.0.1:{port}", "--window", "1", "--flight-minutes", str(WINDOWS / 60),
                              "--stale-after", "1000000", "--api-token", TOKEN],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            env=env, cwd=os.path.abspath(tree), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -93,12 +95,16 @@ def run(tree: str) -> str:
             time.sleep(1.0)
         size = len(get(base + "/api/flight"))
         stop = threading.Event()
-        served, latencies = [0], []
+        served, refused, sent, latencies = [0], [0], [0], []
 
         def client():
             while not stop.is_set():
-                get(base + "/api/flight", gzip=True)
-                served[0] += 1
+                try:
+                    sent[0] += len(get(base + "/api/flight", gzip=True))
+                    served[0] += 1
+                except urllib.error.HTTPError as e:  # 503 busy: a client retries (sooner than Retry-After asks)
+                    refused[0] += e.code == 503
+                    time.sleep(0.1)
 
         def scraper():
             while not stop.is_set():
@@ -107,7 +113,13 @@ def run(tree: str) -> str:
                 latencies.append(time.perf_counter() - t)
                 time.sleep(0.2)
 
-        threads = [threading.Thread(target=client) for _ in range(CLIENTS)] + [threading.Thread(target=scraper)]
+        def feeder():  # routing goes on: every window of the record stays ~2.5 MB of JSON that does not shrink
+            while not stop.is_set():
+                counts[:] += rng.integers(1000, 99999, size=counts.shape)
+                publish()
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=f) for f in [client] * CLIENTS + [scraper, feeder]]
         cpu0 = cpu_seconds(proc.pid)
         for t in threads:
             t.start()
@@ -116,7 +128,8 @@ def run(tree: str) -> str:
         for t in threads:
             t.join(120)
         cpu = cpu_seconds(proc.pid) - cpu0
-        return (f"{tree}: record {size / 1e6:.1f} MB; {CLIENTS} clients for {SECONDS} s: {served[0]} answers, "
+        return (f"{tree}: record {size / 1e6:.1f} MB; {CLIENTS} clients for {SECONDS} s: {served[0]} answers "
+                f"({sent[0] / 1e9:.1f} GB gzipped), {refused[0]} busy (503), "
                 f"sidecar CPU {cpu:.1f} s, peak RSS {peak_rss_mb(proc.pid):.0f} MB; /metrics p50 "
                 f"{1e3 * statistics.median(latencies):.1f} ms, max {1e3 * max(latencies):.0f} ms "
                 f"({len(latencies)} scrapes)")
