@@ -37,9 +37,24 @@ SCENARIOS = {
 }
 
 
-def scenario_main(name: str, out: str, lock: str) -> None:
-    from vllm import LLM, SamplingParams
+def prompts_of(vocab: int, n: int, length: int, rng: random.Random) -> list:
+    """n prompts of `length` random token ids (no tokenizer: the engines run with skip_tokenizer_init)."""
     from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab - 1000) for _ in range(length)])
+            for _ in range(n)]
+
+
+def sampling(out_len: int):
+    """Sampling that runs the sampler's real kernels (temperature, top-k, top-p), every request to out_len."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=40,
+                          detokenize=False)
+
+
+def scenario_main(name: str, out: str, lock: str) -> None:
+    from vllm import LLM
 
     shape, layers, eager, prompts, prompt_len, out_len = SCENARIOS[name]
     work = tempfile.mkdtemp(prefix=f"trace_{name}_")
@@ -52,19 +67,13 @@ def scenario_main(name: str, out: str, lock: str) -> None:
                                "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True})
     vocab = SHAPES[shape]["config"]["vocab_size"]
     rng = random.Random(0)
-
-    def batch(n: int, length: int) -> list:
-        return [TokensPrompt(prompt_token_ids=[rng.randrange(1000, vocab - 1000) for _ in range(length)])
-                for _ in range(n)]
-
-    params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.8, top_p=0.95, top_k=40,
-                            detokenize=False)
-    llm.generate(batch(prompts, prompt_len), params, use_tqdm=False)  # warm-up: Triton autotuning, caches
+    params = sampling(out_len)
+    llm.generate(prompts_of(vocab, prompts, prompt_len, rng), params, use_tqdm=False)  # warm-up: Triton, caches
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         llm.start_profile()
         t = time.perf_counter()
-        llm.generate(batch(prompts, prompt_len), params, use_tqdm=False)
+        llm.generate(prompts_of(vocab, prompts, prompt_len, rng), params, use_tqdm=False)
         took = time.perf_counter() - t
         llm.stop_profile()
         fcntl.flock(f, fcntl.LOCK_UN)
