@@ -67,7 +67,8 @@ def run_config(name: str, args: list[str], model: str, meta: dict, out: str) -> 
                                ["--attention-backend", "TRITON_ATTN", "--profiler-config", json.dumps(profiler),
                                 "--max-num-seqs", "64", *args], gpu=True)
     sidecar = launch.start_sidecar(segments, launch.free_port(), os.path.join(work, "sidecar.log"),
-                                   ["--window", "1", "--expert-series", "all"])
+                                   ["--window", "1", "--expert-series", "all",
+                                    "--captures-api-insecure"])  # loopback on the device: /api/flight below
     result = {"config": name, "args": args}
     try:
         result["ready_s"] = round(server.wait_ready("/health", 400), 1)

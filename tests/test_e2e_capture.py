@@ -94,7 +94,8 @@ def test_steady_traffic_for_minutes_captures_nothing(server):
     2-core machine when other processes compete for it: that is the contention test's regression.)"""
     server, _, paths, work = server
     sidecar = launch.start_sidecar(paths["segments"], free_port(), str(work / "sidecar-defaults.log"), [
-        "--profile-dir", paths["profiles"], "--vllm-url", server.url, "--capture-dir", paths["store"] + "-defaults"])
+        "--profile-dir", paths["profiles"], "--vllm-url", server.url, "--capture-dir", paths["store"] + "-defaults",
+        "--api-token", "e2e-token"])
     sidecar.wait_ready("/healthz", 30)
     stop = threading.Event()
     t = threading.Thread(target=traffic, args=(server, stop, (), 900), daemon=True)
