@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ class AiohttpErrorFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None or not str(record.msg).startswith("Error handling request"):
             return True
-        from aiohttp.http_exceptions import HttpProcessingError
-
         if isinstance(exc, HttpProcessingError):
             self.refusals.counts["bad_request"] += 1
             if (repeats := self.refusals.due(f"bad_request:{type(exc).__name__}")) is not None:
@@ -150,14 +149,9 @@ async def stream(request: web.Request, chunks: AsyncIterator[bytes] | Iterable[b
     due = None if deadline_s is None else loop.time() + deadline_s
 
     async def pieces():
-        if hasattr(chunks, "__aiter__"):
-            async for chunk in chunks:
-                for i in range(0, len(chunk), CHUNK):
-                    yield chunk[i:i + CHUNK]
-        else:
-            for chunk in chunks:
-                for i in range(0, len(chunk), CHUNK):
-                    yield chunk[i:i + CHUNK]
+        async for chunk in chunks if hasattr(chunks, "__aiter__") else _async(chunks):
+            for i in range(0, len(chunk), CHUNK):
+                yield chunk[i:i + CHUNK]
 
     async for piece in pieces():
         timeout = PROGRESS_TIMEOUT_S if due is None else min(PROGRESS_TIMEOUT_S, max(due - loop.time(), 0.0))
@@ -171,6 +165,11 @@ async def stream(request: web.Request, chunks: AsyncIterator[bytes] | Iterable[b
             raise ConnectionResetError("slow client dropped") from None
     await resp.write_eof()
     return resp
+
+
+async def _async(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 @dataclass(frozen=True)

@@ -151,18 +151,11 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
             f = await off_loop(open, path, "rb")
         except OSError:
             return web.json_response({"error": "no such capture file"}, status=404)
-        try:
-            size = os.fstat(f.fileno()).st_size
-
-            async def chunks():
-                while piece := await off_loop(f.read, CHUNK):
-                    yield piece
-
+        with f:
             headers = {"Content-Type": "application/octet-stream",
                        "Content-Disposition": f'attachment; filename="{name}"'}
-            return await stream(request, chunks(), refusals, headers, size, deadline_s=None)
-        finally:
-            f.close()
+            return await stream(request, off_loop_iter(_chunks(f)), refusals, headers, os.fstat(f.fileno()).st_size,
+                                deadline_s=None)
 
     async def flight(request: web.Request) -> web.StreamResponse:
         if not exporter.flight.enabled:
@@ -240,7 +233,7 @@ class StoredFlight:
 
     def __init__(self, refusals: Refusals) -> None:
         self.refusals = refusals
-        self._verdicts: dict[tuple, str | None] = {}
+        self._verdicts: dict[tuple, bool | str] = {}  # per file version: gzip or not, or why it is unusable
 
     def check(self, path: str) -> bool:
         """True if the file is gzip, False if plain JSON; FlightError when it is neither, truncated or too large."""
@@ -250,18 +243,20 @@ class StoredFlight:
             if len(self._verdicts) > 256:
                 self._verdicts.clear()
             try:
-                self._verdicts[key] = None
-                self._inspect(path)
+                self._verdicts[key] = self._inspect(path)
             except FlightError as e:
                 self._verdicts[key] = str(e)
-        if self._verdicts[key] is not None:
-            raise FlightError(self._verdicts[key])
-        with open(path, "rb") as f:
-            return f.read(2) == b"\x1f\x8b"
+        verdict = self._verdicts[key]
+        if isinstance(verdict, str):
+            raise FlightError(verdict)
+        return verdict
 
     @staticmethod
-    def _inspect(path: str) -> None:
+    def _inspect(path: str) -> bool:
+        """Whether the file is gzip, after one bounded pass over what it inflates to."""
         size, first, last = 0, b"", b""
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
         for piece in StoredFlight._inflated(path):
             size += len(piece)
             if size > MAX_JSON_BYTES:
@@ -270,6 +265,7 @@ class StoredFlight:
             last = piece.rstrip()[-1:] or last
         if (first, last) != (b"{", b"}"):
             raise FlightError("it is not a JSON object")
+        return gzipped
 
     @staticmethod
     def _inflated(path: str):
@@ -277,11 +273,10 @@ class StoredFlight:
             head = f.read(2)
             f.seek(0)
             if head != b"\x1f\x8b":
-                while piece := f.read(CHUNK):
-                    yield piece
+                yield from _chunks(f)
                 return
             inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-            while data := f.read(CHUNK):
+            for data in _chunks(f):
                 while data:
                     yield inflater.decompress(data, CHUNK)
                     data = inflater.unconsumed_tail
@@ -291,23 +286,34 @@ class StoredFlight:
                 raise FlightError("its gzip stream is truncated")
 
     async def chunks(self, path: str, inflate: bool):
-        loop = asyncio.get_running_loop()
-        pieces = self._inflated(path) if inflate else _file_chunks(path)
         try:
-            while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
+            async for piece in off_loop_iter(self._inflated(path) if inflate else _file_chunks(path)):
                 if piece:
                     yield piece
         except (FlightError, OSError) as e:  # changed on disk since it was checked: cut the answer short
             self.refusals.add("bad_stored_data", "a stored flight record changed while it was served: %s", e)
             raise ConnectionResetError(str(e)) from None
-        finally:
-            pieces.close()
+
+
+def _chunks(f):
+    """An open file's bytes, CHUNK at a time."""
+    while piece := f.read(CHUNK):
+        yield piece
 
 
 def _file_chunks(path: str):
     with open(path, "rb") as f:
-        while piece := f.read(CHUNK):
+        yield from _chunks(f)
+
+
+async def off_loop_iter(pieces):
+    """A blocking iterator (file reads, inflation) driven from the executor, a piece at a time."""
+    loop = asyncio.get_running_loop()
+    try:
+        while (piece := await loop.run_in_executor(None, next, pieces, None)) is not None:
             yield piece
+    finally:
+        pieces.close()
 
 
 async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits,
