@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,25 +25,17 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from sidecar_scale import cpu_seconds  # noqa: E402
 
 from moe_monitor.channel.layout import Ranks, Shape  # noqa: E402
 from moe_monitor.channel.writer import SegmentWriter  # noqa: E402
+from moe_monitor.demo.launch import free_port  # noqa: E402
 from moe_monitor.plugin.steps import StepStats  # noqa: E402
 
 CLIENTS, SECONDS, LAYERS, EXPERTS, WINDOWS = 16, 20, 400, 1024, 5
 TOKEN = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
