@@ -134,6 +134,14 @@ def test_the_sidecar_exports_who_waited_for_whom(tmp_path):
     assert wait["dp0-pp0-tp1-ep1"] == pytest.approx(6.161e-3, rel=0.01) and wait["dp0-pp0-tp0-ep0"] < 1e-6
     assert caused["dp0-pp0-tp0-ep0"] > 0.99
     assert samples(m, "moe_capture_info") == {(("capture", "ep"), ("ranks", "2")): 1.0}
+    # every kind of collective (tests/test_straggler_all.py): tp1 waited ~29 ms in TP all-reduces for tp0, host-bound
+    series = samples(m, "moe_capture_collective_wait_seconds")
+    kinds = {(dict(k)["kind"], dict(k)["rank"]): v for k, v in series.items()}
+    assert kinds[("tp_allreduce", "dp0-pp0-tp1-ep1")] > 0.025 and kinds[("tp_allreduce", "dp0-pp0-tp0-ep0")] < 1e-5
+    assert kinds[("ep_dispatch_combine", "dp0-pp0-tp1-ep1")] == wait["dp0-pp0-tp1-ep1"]
+    why = {dict(k)["reason"]: v for k, v in samples(m, "moe_capture_collective_wait_caused_seconds").items()
+           if dict(k)["kind"] == "tp_allreduce" and dict(k)["rank"] == "dp0-pp0-tp0-ep0"}
+    assert set(why) == {"idle", "busy", "unexplained"} and why["idle"] > 0.9 * sum(why.values())
 
 
 def test_a_collective_pairs_with_one_partner_only():

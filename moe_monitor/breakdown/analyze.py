@@ -416,7 +416,7 @@ class Breakdown:
         self.idle_total = 0.0
         self.blocks = _BlockSums()  # every MoE block
         self.blocks_by_tokens: dict[str, _BlockSums] = {}  # those inside a step range, by its tokens bucket
-        self.ep_ops: dict[str, CollectiveTable] = {}  # rank -> its EP collectives (straggler.py)
+        self.collectives: dict[str, CollectiveTable] = {}  # rank -> its collectives (straggler.py)
 
     def add(self, trace: Trace) -> None:
         cats, rules = self.cats, self.rules
@@ -438,7 +438,7 @@ class Breakdown:
                 self.expert_tokens[token_bucket(u.tokens)] += u.us
         starts = [u.event.ts for u in units]
         windows = _step_windows(trace, units) if trace.is_gpu else None
-        rank_idle, rank_ops = 0.0, []
+        rank_idle, rank_blocks = 0.0, []
         for i, s in enumerate(trace.steps):
             phase, tokens = step_phase(s.name)
             lo, hi = bisect.bisect_left(starts, s.ts), bisect.bisect_right(starts, s.ts + s.dur)
@@ -448,7 +448,7 @@ class Breakdown:
                 step_cats[u.category] = step_cats.get(u.category, 0.0) + u.us
             if trace.is_gpu:  # the MoE blocks that start in the step's range
                 n_blocks = bisect.bisect_right(block_starts, s.ts + s.dur) - bisect.bisect_left(block_starts, s.ts)
-                rank_ops += collectives_of([windows[i]], [n_blocks])
+                rank_blocks.append(n_blocks)
             busy, idle = _idle(trace, inside, s) if trace.is_gpu else (sum(step_cats.values()), 0.0)
             rank_idle += idle
             self.steps.append({"rank": trace.rank, "name": s.name, "phase": phase, "tokens": tokens,
@@ -458,9 +458,9 @@ class Breakdown:
                 ph[c] = ph.get(c, 0.0) + v
             ph["idle"] += idle
         if trace.is_gpu and trace.steps:
-            table = CollectiveTable(rank_ops)
-            known = self.ep_ops.get(trace.rank)
-            self.ep_ops[trace.rank] = table if known is None else known + table
+            table = collectives_of(units, windows, rank_blocks)
+            known = self.collectives.get(trace.rank)
+            self.collectives[trace.rank] = table if known is None else known + table
         self.idle_total += rank_idle
         for c, v in rank_cats.items():
             self.overall[c] = self.overall.get(c, 0.0) + v
@@ -469,6 +469,8 @@ class Breakdown:
                               "categories": rank_cats})
 
     def result(self) -> dict:
+        from .straggler import collective_wait
+
         total = sum(self.overall.values())
         top_rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][2])[: self.top]
         return {
@@ -484,7 +486,8 @@ class Breakdown:
             "moe_blocks_by_tokens": {bucket: self.blocks_by_tokens[bucket].means()
                                      for bucket in sorted(self.blocks_by_tokens, key=_bucket_order)},
             "expert_tokens": dict(sorted(self.expert_tokens.items())),
-            "ep_wait": ep_wait(self.ep_ops),
+            "ep_wait": ep_wait(self.collectives),
+            "collective_wait": collective_wait(self.collectives),
         }
 
 

@@ -23,6 +23,8 @@ class BreakdownRecord:
     first_expert_us: float | None
     ep_wait_us: dict[str, float] | None = None  # per rank: waited in EP collectives (straggler.py); None: no EP
     ep_caused_share: dict[str, float] | None = None  # per rank: share of that waiting it caused
+    collective_wait_us: dict[str, dict[str, float]] | None = None  # kind -> rank -> waited (straggler.py)
+    collective_caused_us: dict[str, dict[str, dict[str, float]]] | None = None  # kind -> rank -> reason -> caused
 
     @classmethod
     def from_json(cls, result) -> BreakdownRecord:
@@ -48,16 +50,41 @@ class BreakdownRecord:
         if blocks["count"] and not all(_number(x) for x in figures):
             raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
         pre, first = (float(x) for x in figures) if blocks["count"] else (None, None)
+        ep_wait, ep_caused = None, None
         wait = result.get("ep_wait")  # absent in breakdowns stored before it existed
         if wait is not None:
-            if not isinstance(wait, dict) or not all(
-                    isinstance(wait.get(k), dict) and all(isinstance(r, str) and _number(v) for r, v in wait[k].items())
-                    for k in ("wait_us", "caused_share")):
+            if not isinstance(wait, dict) or not all(_per_rank(wait.get(k)) for k in ("wait_us", "caused_share")):
                 raise ValueError("ep_wait lacks per-rank numeric wait_us and caused_share")
-            return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first,
-                       {r: float(v) for r, v in wait["wait_us"].items()},
-                       {r: float(v) for r, v in wait["caused_share"].items()})
-        return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first)
+            ep_wait = {r: float(v) for r, v in wait["wait_us"].items()}
+            ep_caused = {r: float(v) for r, v in wait["caused_share"].items()}
+        waits, caused = _collective_wait(result.get("collective_wait"))  # absent before it existed
+        return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first, ep_wait,
+                   ep_caused, waits, caused)
+
+
+REASONS = {"idle": "idle_us", "busy": "busy_us", "unexplained": "unexplained_us"}  # metric label -> why's field
+
+
+def _collective_wait(doc) -> tuple[dict | None, dict | None]:
+    """(kind -> rank -> wait us, kind -> rank -> reason -> caused us) of straggler.collective_wait's result."""
+    if doc is None:
+        return None, None
+    kinds = doc.get("kinds") if isinstance(doc, dict) else None
+    if not isinstance(kinds, dict):
+        raise ValueError("collective_wait lacks kinds")
+    waits, caused = {}, {}
+    for kind, row in kinds.items():
+        why = row.get("why") if isinstance(row, dict) else None
+        if not _per_rank(row.get("wait_us") if isinstance(row, dict) else None) or not isinstance(why, dict) or \
+                not all(isinstance(w, dict) and all(_number(w.get(f)) for f in REASONS.values()) for w in why.values()):
+            raise ValueError(f"collective_wait kind {kind!r} lacks per-rank numeric wait_us and why")
+        waits[kind] = {r: float(v) for r, v in row["wait_us"].items()}
+        caused[kind] = {r: {label: float(w[f]) for label, f in REASONS.items()} for r, w in why.items()}
+    return waits, caused
+
+
+def _per_rank(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(r, str) and _number(v) for r, v in value.items())
 
 
 def _number(value) -> bool:

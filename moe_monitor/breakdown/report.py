@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .straggler import render as render_ep_wait
+from .straggler import render_kinds as render_collective_wait
 
 
 def _pct(x: float) -> str:
@@ -45,6 +46,7 @@ def render_table(result: dict, top: int = 15) -> str:
     if result["expert_tokens"]:
         lines += ["", "expert time by tokens per call: " + ", ".join(
             f"{b}: {us / 1000:.3f} ms" for b, us in result["expert_tokens"].items())]
+    lines += render_collective_wait(result.get("collective_wait"))
     lines += render_ep_wait(result.get("ep_wait"))
     lines += ["", f"{'top kernels / ops':60s} {'category':16s} {'calls':>6s} "
                   f"{'total ms':>9s} {'mean us':>8s} {'share':>7s}"]

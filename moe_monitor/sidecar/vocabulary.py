@@ -146,6 +146,13 @@ METRICS: tuple[Metric, ...] = (
        "Time the rank's EP collectives (MoE dispatch/combine) waited for the last rank to join, in the capture."),
     _M("moe_capture_ep_wait_caused_share", "gauge", ("rank",), "t0", "breakdown",
        "Share of the capture's EP-collective waiting that this rank caused by joining last (the straggler)."),
+    _M("moe_capture_collective_wait_seconds", "gauge", ("kind", "rank"), "t0", "breakdown",
+       "Time the rank's collectives of this kind (tp_allreduce, allgather_reducescatter, sync, ep_dispatch_combine, "
+       "other) waited for the last rank to join, in the capture."),
+    _M("moe_capture_collective_wait_caused_seconds", "gauge", ("kind", "rank", "reason"), "t1", "breakdown",
+       "Waiting in collectives of this kind that the rank caused by joining last, by what its device did instead "
+       "since the previous collective, in excess of the waiter's: idle (host-bound), busy (computing), unexplained "
+       "(not comparable, e.g. the trace's first collective)."),
     # -- detector
     _M("moe_detector_state", "gauge", ("state",), "t0", "detector",
        "Regression detector state (1 for the current one)."),

@@ -39,6 +39,16 @@ def collect(r: Reading) -> list[Family]:
             wait.add(us / 1e6, [("rank", rank)])
             caused.add(result.ep_caused_share.get(rank, 0.0), [("rank", rank)])
         out += [wait, caused]
+    if result.collective_wait_us:
+        wait = family("moe_capture_collective_wait_seconds")
+        caused = family("moe_capture_collective_wait_caused_seconds")
+        for kind, ranks in result.collective_wait_us.items():
+            for rank, us in ranks.items():
+                wait.add(us / 1e6, [("kind", kind), ("rank", rank)])
+            for rank, reasons in (result.collective_caused_us or {}).get(kind, {}).items():
+                for reason, us in reasons.items():
+                    caused.add(us / 1e6, [("kind", kind), ("rank", rank), ("reason", reason)])
+        out += [wait, caused]
     return out
 
 
