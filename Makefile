@@ -11,6 +11,11 @@ demo: .venv/.ready  ## tiny MoE on vLLM CPU + plugin + sidecar + a short workloa
 test: .venv/.ready  ## the whole test suite, real vLLM server included (CI runs exactly this)
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
+.PHONY: dist
+dist: .venv/.ready  ## dist/: the sdist and the wheel (LICENSE in both) that docs/install.md and deploy/docker install
+	rm -rf dist
+	.venv/bin/python -m build --no-isolation --outdir dist .
+
 .PHONY: mixin
 mixin: .venv/.ready  ## regenerate alert/recording rules, PrometheusRule and dashboards from moe_monitor/mixin/ (commit them)
 	.venv/bin/moe-monitor mixin build

@@ -4,9 +4,11 @@ Offline: every built-in manifest against the Kubernetes OpenAPI schemas (kuberne
 versions); the ServiceMonitors and PrometheusRule against prometheus-operator's CRD schemas vendored in
 tests/fixtures/crds/; the multi-node LeaderWorkerSet (deploy/kubernetes/multinode/) against LWS's vendored CRD
 schema and its pod templates as Kubernetes PodTemplateSpecs; promtool and amtool on the configs; the sidecar's args
-against `moe-monitor serve --help`; vLLM's args against vLLM 0.32's own argument parser; ports, paths and volumes
-consistent between containers, Service, ServiceMonitor and probes. Live: the sidecar container's command run as
-written (paths moved to a temporary directory), and the real Prometheus and Alertmanager started with these configs.
+against `moe-monitor serve --help`; vLLM's args against vLLM 0.32's own argument parser (the image runs 0.26: the
+flags used exist in both); ports, paths and volumes consistent between containers, Service, ServiceMonitor, probes,
+NetworkPolicy and PodDisruptionBudget; which Alertmanager receivers each generated alert reaches. Live: the sidecar
+container's command run as written (paths moved to a temporary directory), and the real Prometheus and Alertmanager
+started with these configs.
 
 GENERATED FILES (lead, please note): deploy/prometheus/rules/moe-monitor.rules.yml and
 deploy/kubernetes/prometheusrule.yaml are written by moe_monitor/mixin (`make mixin`), never by hand. The tests
@@ -211,9 +213,10 @@ def test_the_two_containers_share_one_image_built_from_the_dockerfile(pod):
     assert len(images) == 1, f"one image for vLLM and the sidecar (deploy/docker/Dockerfile), got {images}"
     text = DOCKERFILE.read_text()
     version = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.M).group(1)
-    assert re.fullmatch(r"0\.32\.\d+", version), f"the plugin is written against vLLM 0.32, the image is {version}"
-    assert re.search(r"^FROM vllm/vllm-openai:v\$\{VLLM_VERSION\}$", text, re.M)
-    assert re.search(r"pip install .*MOE_MONITOR_SPEC", text) and 'MOE_MONITOR_SPEC="moe-monitor' in text
+    # The vLLM the plugin has run with on GPUs (docs/install.md, "Supported vLLM versions"); 0.32 only on CPU.
+    assert version == "0.26.0", f"the image must ship the vLLM tested on GPUs (0.26.0), not {version}"
+    assert version.rsplit(".", 1)[0] in (ROOT / "docs" / "install.md").read_text()
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["vllm/vllm-openai:v${VLLM_VERSION}"] * 2  # build + final stage
     assert "vllm.general_plugins" in text, "the build must fail when the plugin's entry point is not registered"
     user = re.findall(r"^USER (\d+)(?::(\d+))?$", text, re.M)[-1]
     sc = pod["securityContext"]
@@ -230,7 +233,7 @@ def test_builtin_manifests_validate_strictly(version):
             continue  # CRDs: test_servicemonitor_matches_the_operator_crd
         kubernetes_validate.validate(doc, version, strict=True)
         checked.append(doc["kind"])
-    assert sorted(checked) == ["Deployment", "Service"]
+    assert sorted(checked) == ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
 
 
 def test_strict_validation_catches_a_misspelled_field():
@@ -340,7 +343,47 @@ def test_vllm_args_parse_with_vllm_0_32(pod):
     assert args.port == int(arg_value(vllm_args(c), "--port"))
 
 
+def test_profiler_config_stops_captures_after_the_sidecars_iterations(pod, serve_options):
+    """The image's vLLM 0.26 ignores /start_profile's body (docs/captures.md): the capture length must be in vLLM's
+    --profiler-config, equal to the sidecar's --capture-iterations, or a capture records until the sidecar stops it."""
+    sidecar = sidecar_flags(container(pod, SIDECAR_CONTAINER))
+    iterations = int(sidecar.get("--capture-iterations") or serve_options["--capture-iterations"]["default"])
+    assert profiler_config(container(pod, VLLM_CONTAINER))["max_iterations"] == iterations
+
+
 # -- consistency between containers, Service, ServiceMonitor, probes ------------------------------------------
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.keys() == {"matchLabels"} and selector["matchLabels"].items() <= labels.items()
+
+
+def test_network_policy_admits_clients_and_prometheus_only_to_the_pods_ports(pod):
+    """Every port the pod serves is open to someone (a port nobody may reach is a mistake), vLLM's API only to the
+    labelled clients, and both ports the ServiceMonitor scrapes to Prometheus."""
+    policy = one("NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"], one("Deployment")["spec"]["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy  # the model download needs egress
+    ports = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+    allowed: dict[str, list[dict]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in ports and port.get("protocol", "TCP") == "TCP", port
+            allowed.setdefault(port["port"], []).extend(rule["from"])
+    assert allowed.keys() == ports
+    prometheus = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    scraped = {e["port"] for e in one("ServiceMonitor")["spec"]["endpoints"]}
+    assert all(prometheus in allowed[name] for name in scraped), allowed
+    # Whoever reaches port http can start a profile (vLLM's API key guards only /v1, /v2, /inference).
+    assert allowed["http"] == [{"podSelector": {"matchLabels": {"moe-monitor/vllm-client": "true"}}}, prometheus]
+
+
+def test_disruption_budget_covers_the_pods_and_never_blocks_a_drain():
+    deployment = one("Deployment")
+    pdb = one("PodDisruptionBudget")["spec"]
+    assert selects(pdb["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert "minAvailable" not in pdb and pdb["maxUnavailable"] == 1  # one pod at a time, even at replicas: 1
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
 
 def container_port(c: dict, name: str) -> int:
     (p,) = [p["containerPort"] for p in c["ports"] if p["name"] == name]
@@ -581,8 +624,9 @@ def test_alertmanager_config_shape():
     am = load(ALERTMANAGER_YML)
     route = am["route"]
     assert route["receiver"] == "moe-oncall" and route["group_by"] == ["alertname", "job", "instance", "deployment"]
-    (receiver,) = [r for r in am["receivers"] if r["name"] == "moe-oncall"]
-    assert receiver["webhook_configs"][0]["url"] == "http://127.0.0.1:9095/alerts"
+    assert {r["name"] for r in am["receivers"]} == {"moe-oncall", "moe-pager"}
+    for receiver in am["receivers"]:
+        assert receiver["webhook_configs"][0]["url"] == "http://127.0.0.1:9095/alerts"
     (inhibit,) = am["inhibit_rules"]
     assert inhibit["source_matchers"] == ['alertname="MoeSidecarDown"'] and inhibit["equal"] == ["instance"]
     prom = load(PROMETHEUS_YML)
@@ -605,6 +649,23 @@ def am_matches(matchers: list[str], labels: dict[str, str]) -> bool:
         if not ok:
             return False
     return True
+
+
+def am_receivers(labels: dict[str, str]) -> list[str]:
+    """The receivers Alertmanager's own routing (amtool config routes test) sends an alert with these labels to."""
+    r = subprocess.run([tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}",
+                        *(f"{k}={v}" for k, v in labels.items())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip().split(",")
+
+
+def test_generated_critical_alerts_page_and_every_alert_reaches_the_team():
+    rules = [r for g in load(generated(RULES_FILE))["groups"] for r in g["rules"] if "alert" in r]
+    severities = {r["alert"]: r["labels"]["severity"] for r in rules}
+    assert severities["MoeStepTimeRegression"] == "critical", "nothing would page by default"
+    for name, severity in severities.items():
+        expected = ["moe-pager", "moe-oncall"] if severity == "critical" else ["moe-oncall"]
+        assert am_receivers({"alertname": name, "severity": severity, "job": "moe-monitor"}) == expected, name
 
 
 def test_generated_alerts_are_covered_by_the_inhibit_rule():
@@ -666,6 +727,20 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
         time.sleep(0.2)
     assert sent == {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")}, sink.notifications
     assert {n["receiver"] for n in sink.notifications} == {"moe-oncall"}  # and the sink only answers on /alerts
+
+    # A critical alert goes to the pager and to the team's channel (each a notification naming its receiver).
+    page = {"alertname": "MoeStepTimeRegression", "severity": "critical", "job": "moe-monitor",
+            "instance": "10.0.0.2:9464", "phase": "decode", "tokens_le": "64"}
+    status, body = call("POST", base + "/api/v2/alerts", [{"labels": page}])
+    assert status == 200, body
+    deadline = time.monotonic() + 30
+    while True:
+        paged = {n["receiver"] for n in sink.notifications
+                 if any(a["labels"]["alertname"] == page["alertname"] for a in n["alerts"])}
+        if paged == {"moe-pager", "moe-oncall"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert paged == {"moe-pager", "moe-oncall"}, sink.notifications
 
     status, body = call("GET", base + "/api/v2/alerts")
     state = {(a["labels"]["alertname"], a["labels"]["instance"]): a["status"] for a in json.loads(body)}

@@ -14,7 +14,7 @@ RUFF = os.path.join(os.path.dirname(sys.executable), "ruff")
 
 def test_ruff_check_passes():
     if not os.path.isfile(RUFF):
-        pytest.skip(f"ruff is not installed next to {sys.executable}: pip install -e '.[test]'")
+        pytest.skip(f"ruff is not installed next to {sys.executable}: pip install --group dev")
     proc = subprocess.run([RUFF, "check", "--no-cache", "moe_monitor", "tests", "benchmarks"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ruff check failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"

@@ -58,3 +58,41 @@ def test_mixin_without_its_extra_names_it():
     """)
     assert result.returncode == 1, (result.stdout, result.stderr[-2000:])
     assert "pip install 'moe-monitor[mixin]'" in result.stderr, result.stderr[-2000:]
+
+
+def test_demo_and_gen_model_without_vllm_say_in_one_line_what_they_miss():
+    for args, says in ((["demo", "--exit"], "moe-monitor demo needs vLLM"),
+                       (["demo", "--exit", "--no-alerting"], "moe-monitor demo needs vLLM"),
+                       (["gen-model", "/nonexistent/model"], "gen-model needs torch and transformers")):
+        result = run(f"""
+            from moe_monitor.cli import main
+            main({args!r})
+        """)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.startswith(f"Error: {says}") and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "PyYAML (the 'mixin' extra" not in run("""
+        from moe_monitor.cli import main
+        main(["demo", "--exit", "--no-alerting"])
+    """).stderr, "without alerting the demo does not need PyYAML"
+
+
+def test_an_otlp_endpoint_without_the_otel_extra_is_logged_with_the_extra_and_spans_are_dropped():
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import importlib.abc, logging, os, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith("opentelemetry.exporter"):
+                    raise ImportError(f"{name} is not installed (blocked by the test)")
+        sys.meta_path.insert(0, Block())
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"
+        from moe_monitor.capture import telemetry
+        for n in range(2):
+            with telemetry.capture_span(f"c{n}", "manual", {"ratio": 2.5}) as span:
+                assert span.is_recording()
+        print("OK")
+    """)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR moe_monitor.capture.telemetry")]
+    assert len(errors) == 1 and "OTEL_EXPORTER_OTLP_ENDPOINT is set" in errors[0] and "'otel' extra" in errors[0], \
+        result.stderr

@@ -9,8 +9,6 @@ import os
 import shutil
 from dataclasses import dataclass
 
-import yaml
-
 from .launch import Proc, spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,6 +41,8 @@ def _load(path: str) -> dict:
     if not os.path.exists(path):
         raise MissingTool(f"{path} not found: the demo's Prometheus/Alertmanager configs come from a checkout "
                           f"of the moe-monitor repository")
+    import yaml  # the `mixin` extra; imported here so that `moe-monitor demo` can say what is missing (demo/needs.py)
+
     with open(path) as f:
         return yaml.safe_load(f)
 
@@ -108,6 +108,8 @@ def alertmanager_config(webhook_url: str, timing: Timing = Timing()) -> dict:
 
 
 def _write(path: str, doc: dict | str) -> str:
+    import yaml
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))

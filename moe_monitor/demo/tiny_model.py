@@ -31,16 +31,23 @@ without ``hot_expert``, while the hot tokens are routed to expert ``E`` in
 every MoE layer.
 
 ``torch`` / ``transformers`` / ``tokenizers`` are imported inside the
-functions only, so importing :mod:`moe_monitor` stays torch-free.
+functions only, so importing :mod:`moe_monitor` stays torch-free; importing this
+module without them installed raises ModuleNotFoundError at once (as an import of
+them would, without its cost), which ``moe-monitor gen-model`` turns into one line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+for _needed in ("torch", "transformers", "tokenizers"):
+    if importlib.util.find_spec(_needed) is None:
+        raise ModuleNotFoundError(f"No module named {_needed!r}", name=_needed)
 
 META_FILENAME = "moe_monitor_model.json"
 

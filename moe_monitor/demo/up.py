@@ -11,7 +11,7 @@ import urllib.request
 
 import numpy as np
 
-from . import launch, promstack, workload
+from . import launch, needs, promstack, workload
 from .alert_sink import AlertSink, describe
 
 DEMO_THRESHOLDS = os.path.join(promstack.REPO, "deploy", "prometheus", "demo-thresholds.toml")
@@ -70,6 +70,7 @@ def _show(title: str, counts: np.ndarray) -> None:
 
 def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool, alerting: bool = True,
              prometheus_port: int = 9090, alertmanager_port: int = 9093, receiver_port: int = 9095) -> int:
+    needs.require("demo", {**needs.DEMO, **(needs.ALERTING if alerting else {})})
     from .tiny_model import generate, load_meta
 
     workdir = os.path.abspath(workdir)

@@ -247,8 +247,10 @@ def _step_time(cfg: MixinConfig) -> dict:
     ratio = f"max without (signal) (\n  {current}\n  /\n  {baseline}\n)"
     steps = (f"rate({sel(cfg, 'moe_step_duration_seconds_count')}[{cfg.rate_window}])\n"
              f"  * ignoring (phase, tokens_le) group_left\n  {sel(cfg, 'moe_window_length_seconds')}")
+    # critical, the one alert that pages (deploy/alertmanager/alertmanager.yml): every request on the instance is
+    # served that much slower, an outage of capacity rather than a matter of efficiency.
     return _alert(
-        cfg, "MoeStepTimeRegression", "warning", cfg.step_time_for,
+        cfg, "MoeStepTimeRegression", "critical", cfg.step_time_for,
         f"{ratio} > {_num(cfg.step_time_ratio)}\nand\n(\n  {steps}\n) >= {_num(cfg.step_time_min_window_steps)}",
         f"MoE {{{{ $labels.phase }}}} steps {VALUE}x slower than their baseline on {INSTANCE}.",
         f"For {cfg.step_time_for}, the mean {{{{ $labels.phase }}}} step with at most "
