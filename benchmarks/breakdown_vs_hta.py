@@ -102,7 +102,7 @@ def big(path: str, repeat: int) -> None:
     print(f"big trace {path}: {os.path.getsize(path) / 1e6:.1f} MB gzipped, {size / 1e6:.1f} MB of JSON; "
           f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}, "
           + ", ".join(f"{p} {version(p)}" for p in ("msgspec", "ijson", "numpy", "HolisticTraceAnalysis")), flush=True)
-    traces = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "traces", "*"))) + \
+    traces = sorted(glob.glob(os.path.join(ROOT, "tests", "fixtures", "traces", "*.trace.json.gz"))) + \
         sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.trace.json.gz"))) + [path]
     differ = same_traces(traces)
     print(f"msgspec and ijson readers return the same Trace on {len(traces) - len(differ)} of {len(traces)} traces"

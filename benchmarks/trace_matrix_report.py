@@ -4,7 +4,7 @@ labelled truth and the table of what `moe-monitor analyze` says on each today (i
     python benchmarks/trace_matrix_report.py RUN_DIR --gpu h100 --device "..." --device-time "..."
 
 writes tests/fixtures/traces/vllm026_<arch>_<mode>_<run>.pt.trace.json.gz (fixtures under 1.5 MB),
-tests/fixtures/traces/vllm026_matrix_truth.json.gz and benchmarks/results/trace_matrix_<gpu>.md.
+tests/fixtures/vllm026_matrix_truth.json.gz and benchmarks/results/trace_matrix_<gpu>.md.
 
 Truth of an eager fixture: its own kernels' labels (`trace_truth.labels`), stored per device event in
 `read_trace` order (run-length encoded). Truth of a graph fixture: `trace_truth.transfer` from the eager run of the
@@ -31,7 +31,7 @@ from moe_monitor.breakdown.trace import read_trace  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "traces")
-TRUTH = os.path.join(FIXTURES, "vllm026_matrix_truth.json.gz")
+TRUTH = os.path.join(os.path.dirname(FIXTURES), "vllm026_matrix_truth.json.gz")
 MAX_FIXTURE = 1_500_000
 ROWS = ("gate", "experts", "align_permute", "attention", "dense_gemm", "norm_elementwise", "sampling", "memory",
         "monitoring", "other")
@@ -91,7 +91,8 @@ def truth_of(run_dir: str) -> dict:
         elif mode == "graphs" and eager in contexts:
             trace = read_trace(path)
             t = transfer(name_fractions(contexts[eager]),
-                         [{"name": e.name, "cat": e.cat, "dur": e.dur} for e in trace.device])
+                         [{"name": e.name, "cat": e.cat, "dur": e.dur, "stream": e.stream, "ts": e.ts}
+                          for e in trace.device])
             out[name] = {**meta, "source": f"transferred from {eager}", "total_us": t["total_us"],
                          "categories": {c: v["share"] for c, v in t["categories"].items()},
                          "unseen_top": [[n, us / t["total_us"]] for n, us in t["unseen_top"]]}

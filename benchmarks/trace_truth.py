@@ -139,30 +139,58 @@ def shares(ctx: dict) -> dict:
             "roles": dict(sorted(by_role.items(), key=lambda kv: -kv[1]))}
 
 
-def name_fractions(ctx: dict) -> dict[str, dict[str, float]]:
-    """Per kernel name, the share of its time in each row (from an eager labelled run)."""
-    per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for (_, dur, name, cat, _, _), role in zip(ctx["events"], labels(ctx)):
-        if cat == "kernel":
-            per[ctx["names"][name]][ROLE_CATEGORY.get(role, role)] += dur
-    return {n: {c: us / sum(v.values()) for c, us in v.items()} for n, v in per.items() if sum(v.values()) > 0}
+def _keys(prev: str, name: str, nxt: str) -> tuple[tuple, ...]:
+    """The keys a kernel's split is looked up by, most specific first: its name between its neighbours on its
+    stream, with one neighbour, alone."""
+    return ("around", prev, name, nxt), ("after", prev, name), ("before", name, nxt), ("name", name)
 
 
-def transfer(fractions: dict[str, dict[str, float]], device_events: list[dict]) -> dict:
+def _with_neighbours(kernels: list[tuple[str, object, float]]) -> list[tuple[tuple, ...]]:
+    """kernels: (name, stream, ts) in any order; the lookup keys of each, in the same order."""
+    order = sorted(range(len(kernels)), key=lambda i: (str(kernels[i][1]), kernels[i][2]))
+    keys: list[tuple] = [()] * len(kernels)
+    streams = [kernels[i][1] for i in order]
+    for k, i in enumerate(order):
+        prev = kernels[order[k - 1]][0] if k > 0 and streams[k - 1] == streams[k] else ""
+        nxt = kernels[order[k + 1]][0] if k + 1 < len(order) and streams[k + 1] == streams[k] else ""
+        keys[i] = _keys(prev, kernels[i][0], nxt)
+    return keys
+
+
+def name_fractions(ctx: dict) -> dict[tuple, dict[str, float]]:
+    """The share of each kernel's time in each row (from an eager labelled run), keyed by its name between its
+    neighbours on its stream, by its name with one neighbour, and by its name alone: a graph replay launches the
+    same kernels in the same order inside vLLM's custom ops, so a generic kernel (`direct_copy_kernel_cuda`) takes
+    the split of the place it ran in, not of every place its name ran."""
+    per: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    kernels = [(ctx["names"][name], stream, ts) for ts, _, name, cat, stream, _ in ctx["events"] if cat == "kernel"]
+    durs = [(dur, role) for (_, dur, _, cat, _, _), role in zip(ctx["events"], labels(ctx)) if cat == "kernel"]
+    for keys, (dur, role) in zip(_with_neighbours(kernels), durs):
+        for key in keys:
+            per[key][ROLE_CATEGORY.get(role, role)] += dur
+    return {k: {c: us / sum(v.values()) for c, us in v.items()} for k, v in per.items() if sum(v.values()) > 0}
+
+
+def transfer(fractions: dict[tuple, dict[str, float]], device_events: list[dict]) -> dict:
     """Truth for a trace without launch ranges (CUDA-graph replays) from an eager labelled run of the same model
-    and workload: each kernel's time split by its name's rows in the eager run; copies and memsets `memory`;
-    names the eager run never launched (inductor's fused kernels) `unseen`."""
+    and workload: each kernel's time split as the eager run split the most specific key it shares with it
+    (`name_fractions`); copies and memsets `memory`; names the eager run never launched (inductor's fused
+    kernels) `unseen`."""
     by_cat: dict[str, float] = defaultdict(float)
     unseen: dict[str, float] = defaultdict(float)
+    kernels = [e for e in device_events if e["cat"] == "kernel"]
+    keys = iter(_with_neighbours([(e["name"], e.get("stream", 0), e.get("ts", i)) for i, e in enumerate(kernels)]))
     for e in device_events:
         if e["cat"] != "kernel":
             by_cat["memory"] += e["dur"]
-        elif e["name"] in fractions:
-            for cat, f in fractions[e["name"]].items():
-                by_cat[cat] += e["dur"] * f
-        else:
+            continue
+        split = next((fractions[k] for k in next(keys) if k in fractions), None)
+        if split is None:
             by_cat["unseen"] += e["dur"]
             unseen[e["name"]] += e["dur"]
+        else:
+            for cat, f in split.items():
+                by_cat[cat] += e["dur"] * f
     total = sum(by_cat.values())
     return {"total_us": total,
             "categories": {c: {"us": us, "share": us / total if total else 0.0} for c, us in

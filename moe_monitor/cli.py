@@ -86,18 +86,25 @@ def serve(**values) -> None:
 
 
 @main.command()
-@click.argument("traces", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("traces", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (the whole breakdown).")
 @click.option("--top", type=click.IntRange(min=1), default=15, help="Rows of the top-kernels table.")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Classification patterns (default: the packaged categories.toml).")
-def analyze(traces, as_json: bool, top: int, rules: str | None) -> None:
+@click.option("--print-rules", is_flag=True, help="Print the packaged categories.toml (a start for --rules) and exit.")
+def analyze(traces, as_json: bool, top: int, rules: str | None, print_rules: bool) -> None:
     """Break torch.profiler traces down into gate / experts / align-permute / attention / all-to-all / other."""
     import json
 
-    from moe_monitor.breakdown.analyze import analyze_files, load_rules
+    from moe_monitor.breakdown.analyze import analyze_files, default_rules_text, load_rules
     from moe_monitor.breakdown.report import render_table
     from moe_monitor.breakdown.trace import TraceError
+
+    if print_rules:
+        click.echo(default_rules_text(), nl=False)
+        return
+    if not traces:
+        raise click.UsageError("give one or more trace files (every rank of one capture), or --print-rules")
 
     try:  # one rank's trace in memory at a time
         result = analyze_files(traces, load_rules(rules), top=max(top, 50) if as_json else top)

@@ -388,7 +388,7 @@ def test_ep_cpu_gloo_range_is_communication_not_an_annotation(tmp_path):
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
-READER_TRACES = [os.path.join(TRACES, f) for f in sorted(os.listdir(TRACES))] + sorted(
+READER_TRACES = [os.path.join(TRACES, f) for f in sorted(os.listdir(TRACES)) if f.endswith(".trace.json.gz")] + sorted(
     os.path.join(RESULTS, f) for f in os.listdir(RESULTS) if f.endswith(".trace.json.gz"))
 
 

@@ -1,16 +1,14 @@
 """The breakdown on a matrix of real vLLM GPU traces, one per MoE architecture, against a labelled truth (issue #25,
 part 3). vLLM 0.26 with the plugin on, dummy weights with the real per-layer dimensions of each checkpoint (few
 layers), decode (16 requests x 24 tokens) for every architecture and prefill-heavy (6 x 1,500-token prompts) for
-three, CUDA graphs and eager: `benchmarks/vllm_trace_matrix.py`, results in benchmarks/results/trace_matrix_*.md.
-Not captured yet (no device machine could be started, benchmarks/results/trace_matrix_cpu_smoke.md): until
-vllm026_matrix_truth.json.gz exists the per-fixture tests have no parameters; the labelling is tested below on a
-made-up trace and, on vLLM CPU (`e2e`), on a real Qwen2-MoE module tree.
+three, CUDA graphs and eager: `benchmarks/vllm_trace_matrix.py`, results in benchmarks/results/trace_matrix_h100.md
+(captured on an H100 in one device call).
 
-The truth (tests/fixtures/traces/vllm026_matrix_truth.json.gz, `benchmarks/trace_matrix_report.py`): each kernel of
+The truth (tests/fixtures/vllm026_matrix_truth.json.gz, `benchmarks/trace_matrix_report.py`): each kernel of
 an eager fixture is labelled by the module or MoE step that launched it (`benchmarks/truth_ranges.py` ranges,
 `benchmarks/trace_truth.py`); a graph fixture's truth is transferred from the eager run of the same architecture
-and workload, kernel name by kernel name. The issue's targets (`other` <= 1 % of device time, gate within 1 point
-of the truth) are marked xfail (strict) where today's classifier misses them: issue #25 part 1 turns them on.
+and workload, each kernel by its name in its place (its neighbours on its stream). The issue's targets: `other` <= 1 %
+of device time, gate within 1 point of the truth, on every fixture.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from trace_truth import contexts, decide, labels, name_fractions, shares, transf
 from truth_ranges import module_role  # noqa: E402
 
 TRACES = os.path.join(ROOT, "tests", "fixtures", "traces")
-TRUTH_FILE = os.path.join(TRACES, "vllm026_matrix_truth.json.gz")
+TRUTH_FILE = os.path.join(os.path.dirname(TRACES), "vllm026_matrix_truth.json.gz")
 TRUTH: dict = {}
 if os.path.exists(TRUTH_FILE):
     with gzip.open(TRUTH_FILE) as _f:
@@ -41,19 +39,10 @@ if os.path.exists(TRUTH_FILE):
 FIXTURES = sorted(TRUTH)
 EAGER = [n for n in FIXTURES if TRUTH[n]["source"] == "labelled"]
 
-# today's misses (benchmarks/results/trace_matrix_*.md says by how much and which kernels)
-OTHER_OVER_1PCT: set[str] = set()
-GATE_OFF_BY_MORE_THAN_1PT: set[str] = set()
-PART1 = "issue #25 part 1: the classifier does not yet know this architecture's router kernels"
 
 
 def path_of(name: str) -> str:
     return os.path.join(TRACES, f"{name}.pt.trace.json.gz")
-
-
-def targets(misses: set[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PART1)) if n in misses else n
-            for n in FIXTURES]
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +78,12 @@ def test_the_truth_labels_every_device_event_of_an_eager_fixture(name):
     assert truth["categories"]["gate"] > 0 and truth["categories"]["experts"] > 0
 
 
-@pytest.mark.parametrize("name", targets(OTHER_OVER_1PCT))
+@pytest.mark.parametrize("name", FIXTURES)
 def test_other_is_at_most_one_percent(results, name):
     assert results[name]["categories"]["other"]["share"] <= 0.01
 
 
-@pytest.mark.parametrize("name", targets(GATE_OFF_BY_MORE_THAN_1PT))
+@pytest.mark.parametrize("name", FIXTURES)
 def test_gate_is_within_one_point_of_the_truth(results, name):
     assert abs(results[name]["categories"]["gate"]["share"] - TRUTH[name]["categories"]["gate"]) <= 0.01
 

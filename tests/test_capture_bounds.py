@@ -155,11 +155,13 @@ def test_a_capture_takes_at_most_max_files_rank_files(tmp_path, caplog):
     assert any("5 rank files, more than the 3 a capture takes: 2 left out" in r.getMessage() for r in caplog.records)
 
 
-def test_the_capture_breakdown_is_the_one_before_streaming_on_real_two_rank_traces(tmp_path):
-    """The capture's analysis now reads and analyses one rank at a time, keeps MoE block sums instead of the blocks
-    and each rank's EP collectives as a compact table: on every two-rank fixture its breakdown is the one the
-    previous code gave (tests/fixtures/breakdown_two_ranks_before_streaming.json, written by it), to the bit."""
-    with open(os.path.join(HERE, "fixtures", "breakdown_two_ranks_before_streaming.json")) as f:
+def test_the_capture_breakdown_is_the_pinned_one_on_real_two_rank_traces(tmp_path):
+    """The capture's analysis reads and analyses one rank at a time, keeps MoE block sums instead of the blocks
+    and each rank's collectives as a compact table: on every two-rank fixture its breakdown is the pinned one
+    (tests/fixtures/breakdown_two_ranks_pinned.json), to the bit. Written by the code before streaming, which gave
+    the same breakdown; re-pinned when the classifier became structure-first (issue #25: on these fixtures gate and
+    align/permute trade the routing's tail, copies in MoE blocks become memory: the commit says by how much)."""
+    with open(os.path.join(HERE, "fixtures", "breakdown_two_ranks_pinned.json")) as f:
         before = json.load(f)
     c = make(tmp_path, "http://127.0.0.1:9")
     for config, expected in before.items():

@@ -30,8 +30,6 @@ EXTRAS_ONLY = ("torch", "vllm", "transformers", "yaml", "textual", "grafana_foun
                "opentelemetry.exporter.otlp")
 # User docs speak of the product, not of how it is developed (that is docs/development.md).
 DEV_SETUP = re.compile(r"issue #\d+|/work/|\.gpu/|device (tool|machine|kind)")
-# Being rewritten in the working tree by another change; drop it from here once its issue references are gone.
-DEV_SETUP_PENDING = {"docs/breakdown.md"}
 
 
 # -- the Dockerfile ----------------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ def test_user_docs_install_from_what_we_ship_and_leave_development_out():
         text = path.read_text()
         by_name = re.findall(r"pip install '?moe-monitor\b", text)
         assert not by_name, f"{name}: no index has moe-monitor; install the checkout or the wheel ({by_name})"
-        if name not in DEV_SETUP_PENDING and name != "docs/development.md":
+        if name != "docs/development.md":
             found = [m.group(0) for m in DEV_SETUP.finditer(text)]
             assert not found, f"{name} speaks of the development set-up ({found}); that goes to docs/development.md"
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
-from .straggler import CollectiveTable, collectives_of, ep_wait
+from .straggler import CollectiveTable, collective_wait, collectives_of, ep_wait
 from .trace import LIMITS, Event, Trace, TraceLimits, read_trace, step_phase
 
 MNK_RE = re.compile(r"(\d+)x(\d+)x(\d+)")
@@ -46,9 +46,14 @@ class Rules:
     patterns: tuple[tuple[str, re.Pattern], ...]
 
 
+def default_rules_text() -> str:
+    """The packaged categories.toml."""
+    return resources.files(__package__).joinpath("categories.toml").read_text()
+
+
 def load_rules(path: str | None = None) -> Rules:
     if path is None:
-        doc = tomllib.loads(resources.files(__package__).joinpath("categories.toml").read_text())
+        doc = tomllib.loads(default_rules_text())
     else:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -199,10 +204,13 @@ def _monitoring(seq: list[Unit], anchor: dict[str, re.Pattern]) -> None:
 
 
 def _shared_experts(by_stream: dict, blocks: list[dict], anchor: dict[str, re.Pattern]) -> None:
-    """Work on another stream that starts inside a MoE block (from its norm or gate GEMM to its last expert
-    kernel) is expert work: vLLM runs shared experts (DeepSeek, Qwen2-MoE) on a second stream beside the routed
-    ones (their GEMMs, activation and split-K reduction). Communication, memory and monitoring are left alone."""
-    spans = sorted((b["ts"], b["end"], b["stream"]) for b in blocks if b.get("end"))
+    """Work on another stream that starts inside a MoE block (from its norm or router GEMM to the next kernel
+    past its tail on its own stream) is expert work: vLLM runs shared experts (DeepSeek, Qwen2-MoE) on a second
+    stream beside the routed ones (their GEMMs, activation and split-K reduction), launched after the routed
+    experts, so in eager mode they often start after the last expert kernel ended; the block's stream waits for
+    them before it goes on. Communication, memory and monitoring are left alone."""
+    spans = sorted((b["ts"], b["next_ts"] if b.get("next_ts") is not None else b["end"], b["stream"])
+                   for b in blocks if b.get("end"))
     if not spans:
         return
     starts = [s[0] for s in spans]
@@ -282,84 +290,132 @@ def _matches(pattern: re.Pattern, name: str) -> bool:
     return pattern.search(name) is not None
 
 
-def _structure(seq: list[Unit], anchor: dict[str, re.Pattern]) -> list[dict]:
-    blocks = []
-    last_gemm = prev_gemm = last_norm = None
-    state, pending, block = "idle", [], None
-    for i, u in enumerate(seq):
-        if u.category == "monitoring":  # moe-monitor's counting kernel sits inside MoE blocks: never align/permute
-            continue
-        if _is(anchor, "communication", u):  # never align/permute; inside a MoE block it is the block's EP traffic:
-            if state in ("router", "experts") and not u.category:  # dispatch (router → experts), combine (after)
+def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
+    """Find the MoE blocks of one stream by structure and label what is inside them. Returns their figures.
+
+    A block is a run of expert kernels with no norm, attention or inductor kernel between them. Scanning back from
+    its first expert kernel to the nearest norm or attention kernel (or the previous block) gives its front:
+    the router GEMM, then routing, then align/permute. The router GEMM is the first GEMM after the layer's norm
+    (vLLM computes the logits first, then any shared expert run inline, then selects); without a named norm, the
+    last GEMM before the first routing hint (or before the first align / expert kernel). GEMMs after the router
+    GEMM in the front are a shared expert run inline (`experts`), up to the first routing hint after them.
+    Everything else from the router GEMM to the first align hint is `gate`, whatever its name; from there to the
+    first expert kernel `align_permute`; between expert kernels `experts`; after the last one, up to the next
+    norm / attention / GEMM / inductor kernel, `align_permute` (un-permute, `moe_sum`, combine). Communication
+    after the router GEMM is the block's EP traffic (`all_to_all`); copies and memsets stay `memory`,
+    moe-monitor's kernels `monitoring`."""
+    skip = [u.category == "monitoring" or u.event.cat in MEMORY_CATS for u in seq]
+    expert_idx = [i for i, u in enumerate(seq) if not skip[i] and _is(anchor, "experts", u)]
+    blocks, prev_end = [], -1
+    for first, last in _expert_runs(seq, expert_idx, anchor):
+        stop = next((j for j in range(first - 1, prev_end, -1) if not skip[j] and
+                     (_is(anchor, "norm", seq[j]) or _is(anchor, "attention", seq[j]))), prev_end)
+        norm = stop if stop > prev_end and _is(anchor, "norm", seq[stop]) else None
+        front = [j for j in range(stop + 1, first) if not skip[j]]
+        align = next((j for j in front if _is(anchor, "align", seq[j])), first)
+        gemms = [j for j in front if j < align and _gemm_start(seq, j, anchor)]
+        hints = [j for j in front if j < align and _is(anchor, "router", seq[j])]
+        if norm is not None:
+            router = gemms[0] if gemms else None
+        else:  # the front reaches back to attention: its output projection is a GEMM too
+            router = max((j for j in gemms if not hints or j < hints[0]), default=None)
+        shared = [j for j in gemms if router is not None and j > router]
+        shared_end = -1
+        if shared:
+            after = [j for j in hints if j > shared[-1]]
+            shared_end = after[0] - 1 if after else _gemm_end(seq, shared[-1], anchor)
+        gate_us = 0.0
+        begin = router if router is not None else (front[0] if front else first)
+        for j in front:
+            u = seq[j]
+            if j < begin or u.category:
+                continue
+            if _is(anchor, "communication", u):
                 u.category = "all_to_all"
-            continue
-        if _is(anchor, "router", u):
-            if state == "experts":
-                _close(pending, "align_permute")
-            if state == "router":  # a second selection kernel (grouped or masked top-k): what ran between is routing
-                _close(pending, "gate")
-            if state != "router":  # a new MoE block: the GEMM right before the router is its gate
-                gate = last_gemm
-                if gate is not None and prev_gemm is not None and \
-                        _is(anchor, "gemm_tail", seq[gate]):  # a split-K gate GEMM: its GEMM, then its reduction
-                    gate = prev_gemm
-                start = last_norm if last_norm is not None and gate is not None and last_norm < gate else gate
-                if gate is not None:  # the gate GEMM and what feeds the router after it (casts)
-                    for x in seq[gate:i]:
-                        x.category = x.category or "gate"
-                block = {"start": start if start is not None else i, "gate_us": sum(
-                    x.us for x in seq[gate:last_gemm + 1]) if gate is not None else 0.0, "first_us": 0.0,
-                         "experts_us": 0.0, "end": None}
-                blocks.append(block)
-            u.category = u.category or "gate"
-            state, pending = "router", []
-            continue
-        if state == "router" and not pending and _is(anchor, "router_tail", u):
-            u.category = u.category or "gate"
-            continue
-        if _is(anchor, "experts", u) and state in ("router", "experts"):
-            u.category = u.category or "experts"
-            first = block.get("first_idx")
-            if first is None and _is(anchor, "expert_gemm", u):
-                block["first_idx"] = i
-                block["first_us"] = u.us
-            elif first is not None and u.event.ts < seq[first].event.ts + seq[first].event.dur:
-                block["first_us"] += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
-            _close(pending, "experts" if state == "experts" else "align_permute")
-            block["experts_us"] += u.us
-            block["end"] = u.event.ts + u.event.dur
-            state, pending = "experts", []
-            continue
-        boundary = _is(anchor, "norm", u) or _is(anchor, "attention", u) or _is(anchor, "gemm", u) or \
-            _is(anchor, "boundary", u)
-        if state == "experts" and boundary:
-            _close(pending, "align_permute")
-            state, pending = "idle", []
-        if state in ("router", "experts") and not boundary:
-            pending.append(u)
-        elif state == "router" and boundary:  # a GEMM between router and experts: permute-side work
-            pending.append(u)
-        if _is(anchor, "gemm", u) and not _is(anchor, "attention", u):
-            prev_gemm, last_gemm = last_gemm, i
-        if _is(anchor, "norm", u):
-            last_norm = i
-    if state == "experts":
-        _close(pending, "align_permute")
-    out = []
-    for b in blocks:
-        if "first_idx" not in b:
-            continue
-        pre = seq[b["start"]:b["first_idx"]]
-        out.append({"preamble_us": sum(x.us for x in pre), "gate_us": b["gate_us"], "first_expert_us": b["first_us"],
-                    "experts_us": b["experts_us"], "ts": seq[b["start"]].event.ts, "end": b["end"],
-                    "stream": seq[b["start"]].event.stream})
-    return out
+            elif j >= align:
+                u.category = "align_permute"
+            elif shared and shared[0] <= j <= shared_end:
+                u.category = "experts"
+            else:
+                u.category = "gate"
+                if router is not None and j <= _gemm_end(seq, router, anchor):
+                    gate_us += u.us
+        block = {"start": norm if norm is not None else begin, "gate_us": gate_us, "first_idx": None,
+                 "first_us": 0.0, "experts_us": 0.0}
+        for j in range(first, last + 1):
+            u = seq[j]
+            if skip[j]:
+                continue
+            if _is(anchor, "experts", u):
+                u.category = u.category or "experts"
+                block["experts_us"] += u.us
+                if block["first_idx"] is None and _is(anchor, "expert_gemm", u):
+                    block["first_idx"], block["first_us"] = j, u.us
+                elif block["first_idx"] is not None and \
+                        u.event.ts < seq[block["first_idx"]].event.ts + seq[block["first_idx"]].event.dur:
+                    block["first_us"] += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
+            elif not u.category:
+                u.category = "all_to_all" if _is(anchor, "communication", u) else "experts"
+        prev_end, after = last, None
+        for j in range(last + 1, len(seq)):
+            u = seq[j]
+            if skip[j]:
+                continue
+            if _is(anchor, "communication", u):
+                u.category = u.category or "all_to_all"
+                continue
+            if _separates(anchor, u) or _is(anchor, "gemm", u) or _is(anchor, "experts", u):
+                after = u.event.ts
+                break
+            u.category = u.category or "align_permute"
+            prev_end = j
+        if block["first_idx"] is not None:
+            blocks.append({"preamble_us": sum(seq[j].us for j in range(block["start"], block["first_idx"])
+                                              if not skip[j]),
+                           "gate_us": gate_us, "first_expert_us": block["first_us"],
+                           "experts_us": block["experts_us"], "ts": seq[block["start"]].event.ts,
+                           "end": seq[last].event.ts + seq[last].event.dur, "stream": seq[first].event.stream,
+                           "next_ts": after})
+    return blocks
 
 
-def _close(pending: list[Unit], category: str) -> None:
-    for u in pending:
-        if not u.category:
-            u.category = category
+MEMORY_CATS = ("gpu_memcpy", "gpu_memset")
+
+
+def _separates(anchor: Anchors, u: Unit) -> bool:
+    """A kernel that lies between two MoE layers' expert kernels, never inside one: a norm, attention, or a kernel
+    torch.compile generated (vLLM's MoE layer is a custom op inductor does not enter)."""
+    return _is(anchor, "norm", u) or _is(anchor, "attention", u) or _is(anchor, "boundary", u)
+
+
+def _expert_runs(seq: list[Unit], expert_idx: list[int], anchor: Anchors) -> list[tuple[int, int]]:
+    """(first, last) expert kernel of each run of expert kernels not separated by `_separates`."""
+    runs: list[list[int]] = []
+    for i in expert_idx:
+        if runs and not any(_separates(anchor, seq[j]) for j in range(runs[-1][1] + 1, i)):
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
+def _gemm_start(seq: list[Unit], j: int, anchor: Anchors) -> bool:
+    """A GEMM that is not attention, not an expert, not the reduction of the GEMM before it (split-K), and not
+    an op run by another GEMM op (CPU: aten::linear runs aten::addmm)."""
+    u = seq[j]
+    if not _is(anchor, "gemm", u) or _is(anchor, "attention", u) or _is(anchor, "experts", u) or \
+            _is(anchor, "gemm_tail", u):
+        return False
+    return not any(anchor.kinds(p) & {"gemm"} for p in u.parents)
+
+
+def _gemm_end(seq: list[Unit], j: int, anchor: Anchors) -> int:
+    """The last index of the GEMM starting at j: its split-K reduction, and the ops it runs (CPU)."""
+    k = j
+    while k + 1 < len(seq) and (_is(anchor, "gemm_tail", seq[k + 1]) or
+                                (seq[k + 1].parents and seq[j].event.name in seq[k + 1].parents)):
+        k += 1
+    return k
 
 
 def _idle(trace: Trace, units: list[Unit], span: Event) -> tuple[float, float]:
@@ -469,7 +525,6 @@ class Breakdown:
                               "categories": rank_cats})
 
     def result(self) -> dict:
-        from .straggler import collective_wait
 
         total = sum(self.overall.values())
         top_rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][2])[: self.top]
@@ -486,9 +541,22 @@ class Breakdown:
             "moe_blocks_by_tokens": {bucket: self.blocks_by_tokens[bucket].means()
                                      for bucket in sorted(self.blocks_by_tokens, key=_bucket_order)},
             "expert_tokens": dict(sorted(self.expert_tokens.items())),
+            "unplaced": unplaced(self.kernels, total),
             "ep_wait": ep_wait(self.collectives),
             "collective_wait": collective_wait(self.collectives),
         }
+
+
+UNPLACED_ROWS = 10
+
+
+def unplaced(kernels: dict[tuple[str, str], list], total: float) -> list[dict]:
+    """The kernels no rule or position placed (`other`), most time first: what `analyze` asks the user to add a
+    rule for."""
+    rows = sorted(((name, cnt, us) for (name, cat), (_, cnt, us) in kernels.items() if cat == "other"),
+                  key=lambda r: -r[2])[:UNPLACED_ROWS]
+    return [{"name": name, "count": cnt, "total_us": us, "share": us / total if total else 0.0}
+            for name, cnt, us in rows]
 
 
 class _BlockSums:

@@ -48,6 +48,7 @@ def render_table(result: dict, top: int = 15) -> str:
             f"{b}: {us / 1000:.3f} ms" for b, us in result["expert_tokens"].items())]
     lines += render_collective_wait(result.get("collective_wait"))
     lines += render_ep_wait(result.get("ep_wait"))
+    lines += render_unplaced(result)
     lines += ["", f"{'top kernels / ops':60s} {'category':16s} {'calls':>6s} "
                   f"{'total ms':>9s} {'mean us':>8s} {'share':>7s}"]
     for row in result["top"][:top]:
@@ -55,3 +56,22 @@ def render_table(result: dict, top: int = 15) -> str:
         lines.append(f"{name:60s} {row['category']:16s} {row['count']:6d} {row['total_us'] / 1000:9.3f} "
                      f"{row['mean_us']:8.1f} {_pct(row['share']):>7s}")
     return "\n".join(lines)
+
+
+HOW_TO_PLACE = ("  to place one: `moe-monitor analyze --print-rules > rules.toml`, add a [[category]] whose pattern "
+                "matches it\n  (before the catch-all rows), then `moe-monitor analyze --rules rules.toml ...` "
+                "(docs/breakdown.md, \"Adding a rule\")")
+
+
+def render_unplaced(result: dict) -> list[str]:
+    """What no rule or position placed: its share, the kernels, and how to add a rule."""
+    other = result["categories"].get("other", {"us": 0.0, "share": 0.0})
+    rows = result.get("unplaced") or []
+    if not other["us"] or not rows:
+        return []
+    lines = ["", f"not placed (in `other`): {_pct(other['share']).strip()} of device time; "
+                 f"the top {len(rows)} kernel(s) / op(s):"]
+    for row in rows:
+        name = row["name"] if len(row["name"]) <= 90 else row["name"][:87] + "..."
+        lines.append(f"  {_pct(row['share'])} {row['count']:7d} calls  {name}")
+    return lines + HOW_TO_PLACE.split("\n")
