@@ -119,6 +119,37 @@ TIMEOUT_HELP = ("Seconds a JSON answer may take in total (a trace download: 10 x
                 "at most 2 x this without a byte).")
 
 
+URL_HELP = "The sidecar's base URL, or HOST:PORT (http:// is assumed)."
+EXIT_NO_TRACE = 3  # traces trigger --wait: the capture ended without storing a trace
+EXIT_STILL_RUNNING = 4  # traces trigger --wait: no outcome within --wait-timeout
+
+
+def _url(ctx, param, value: str | None) -> str | None:
+    """A --url (or --prometheus) value as the clients take it: HOST:PORT gets http://, no trailing slash."""
+    from moe_monitor.client import normalise_url
+
+    return None if value is None else normalise_url(value)
+
+
+def _sidecar_options(func):
+    """--url, --token and --timeout after a `traces` subcommand too: there they win over the same options before
+    it (and over MOE_MONITOR_URL, MOE_MONITOR_API_TOKEN, MOE_MONITOR_CLIENT_TIMEOUT, which those read)."""
+    def override(ctx, param, value):
+        if value is not None:
+            ctx.obj = {**ctx.obj, param.name: _url(ctx, param, value) if param.name == "url" else value}
+
+    options = (click.option("--url", default=None, expose_value=False, callback=override,
+                            help=URL_HELP + " Also before the subcommand, or MOE_MONITOR_URL."),
+               click.option("--token", default=None, expose_value=False, callback=override,
+                            help="Bearer token. Also before the subcommand, or MOE_MONITOR_API_TOKEN."),
+               click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=None,
+                            expose_value=False, callback=override,
+                            help="As --timeout before the subcommand (MOE_MONITOR_CLIENT_TIMEOUT)."))
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _one_line_errors(func):
     """A server answer that cannot be used (ClientError) as click's one-line error, exit 1."""
     import functools
@@ -135,18 +166,18 @@ def _one_line_errors(func):
 
 
 @main.group()
-@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
-              help="The sidecar's base URL.")
+@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464", callback=_url,
+              help=URL_HELP + " Also after the subcommand.")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,
               help="Bearer token (every /api/ route, when the sidecar requires one).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0, help=TIMEOUT_HELP,
               envvar=env.CLIENT_TIMEOUT, show_envvar=True)
 @click.pass_context
 def traces(ctx, url: str, token: str | None, timeout: float) -> None:
-    """List, show, pull and trigger the profiler traces the sidecar captured. Nothing the sidecar answers is
-    trusted: sizes and deadlines are bounded, ids and file names checked, its strings printed with control
-    characters escaped."""
-    ctx.obj = {"url": url.rstrip("/"), "token": token, "timeout": timeout}
+    """List, show, pull and trigger the profiler traces the sidecar captured. --url, --token and --timeout go
+    before or after the subcommand. Nothing the sidecar answers is trusted: sizes and deadlines are bounded, ids
+    and file names checked, its strings printed with control characters escaped."""
+    ctx.obj = {"url": url, "token": token, "timeout": timeout}
 
 
 def _sidecar(ctx):
@@ -173,6 +204,40 @@ def _capture(ctx, capture_id: str) -> tuple[dict, list[tuple[str, int]]]:
     return meta, capture_metadata(meta, what, asked=capture_id)
 
 
+def _no_trace(meta: dict) -> str | None:
+    """Why a capture has no trace to show or pull (still running, or ended without one: its outcome and error),
+    or None when it stored its traces."""
+    from moe_monitor.client import printable
+
+    if meta["files"]:
+        return None
+    outcome, error = meta.get("outcome", "?"), meta.get("error")
+    if outcome == "running":
+        return "still running (moe-monitor traces trigger --wait follows a capture to its outcome)"
+    return printable(f"no trace stored ({outcome}" + (f": {error})" if isinstance(error, str) and error else ")"))
+
+
+def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
+    """A capture's summary: what, when, outcome, evidence, breakdown, and why it has no trace if so."""
+    from moe_monitor.client import printable
+
+    duration = meta.get("duration_s") if isinstance(meta.get("duration_s"), int | float) else 0
+    click.echo(printable(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, "
+                         f"{_when(meta['created'])}, {duration:.1f} s, {len(files)} files, "
+                         f"{meta['total_bytes'] / 1e6:.1f} MB"))
+    evidence = meta.get("evidence") or {}
+    if isinstance(evidence, dict) and evidence:
+        click.echo(printable("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items())))
+    shares = meta.get("breakdown") or {}
+    if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
+        shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
+        if shown:
+            click.echo(printable("breakdown: " + ", ".join(shown)))
+    why = _no_trace(meta)
+    if why is not None:
+        click.echo(why)
+
+
 def _when(t: float) -> str:
     import time as _time
 
@@ -183,6 +248,7 @@ def _when(t: float) -> str:
 
 
 @traces.command("list")
+@_sidecar_options
 @click.pass_context
 @_one_line_errors
 def traces_list(ctx) -> None:
@@ -200,7 +266,7 @@ def traces_list(ctx) -> None:
         evidence = c.get("evidence") if isinstance(c.get("evidence"), dict) else {}
         signal = evidence.get("signal", evidence.get("note", ""))
         click.echo(printable(f"{c['id']}  {_when(c['created'])}  {str(c.get('reason', '?')):10} "
-                             f"{str(c.get('outcome', '?')):8} "
+                             f"{str(c.get('outcome', '?')):17} "
                              f"{len(files)} files {c['total_bytes'] / 1e6:.1f} MB  {signal}"))
 
 
@@ -209,6 +275,7 @@ def traces_list(ctx) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The capture's metadata as JSON (no flight record).")
 @click.option("--top", default=1, show_default=True, type=click.IntRange(1, 20),
               help="Hottest experts listed per window of the flight record.")
+@_sidecar_options
 @click.pass_context
 @_one_line_errors
 def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
@@ -224,18 +291,9 @@ def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
     if as_json:
         click.echo(json.dumps(meta, indent=1))  # re-encoded: control characters in strings come out as \u001b
         return
-    duration = meta.get("duration_s") if isinstance(meta.get("duration_s"), int | float) else 0
-    click.echo(printable(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, "
-                         f"{_when(meta['created'])}, {duration:.1f} s, {len(files)} files, "
-                         f"{meta['total_bytes'] / 1e6:.1f} MB"))
-    evidence = meta.get("evidence") or {}
-    if isinstance(evidence, dict) and evidence:
-        click.echo(printable("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items())))
-    shares = meta.get("breakdown") or {}
-    if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
-        shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
-        if shown:
-            click.echo(printable("breakdown: " + ", ".join(shown)))
+    _print_capture(meta, files)
+    if _no_trace(meta) is not None:
+        return
     if not any(name == FILE for name, _ in files):
         click.echo("flight record: none (the flight recorder was off, or the capture is older than it)")
         return
@@ -287,6 +345,7 @@ def _capture_dir(out_dir: str, capture_id: str) -> int:
 @traces.command("pull")
 @click.argument("capture_id")
 @click.option("--out", "out_dir", default=".", type=click.Path(file_okay=False), help="Directory to write into.")
+@_sidecar_options
 @click.pass_context
 @_one_line_errors
 def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
@@ -299,6 +358,9 @@ def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
     from moe_monitor.client import ClientError
 
     meta, files = _capture(ctx, _asked_id(capture_id))
+    why = _no_trace(meta)
+    if why is not None:
+        raise ClientError(f"capture {capture_id}: {why}; nothing to pull")
     client = _sidecar(ctx)
     dir_fd = _capture_dir(out_dir, capture_id)
     try:
@@ -320,16 +382,66 @@ def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
 
 @traces.command("trigger")
 @click.option("--reason", required=True, help="Why (stored with the capture).")
+@click.option("--wait", is_flag=True, help=f"Follow the capture to its outcome and print it. Exit status 0 once "
+              f"its traces are stored, {EXIT_NO_TRACE} when it ended without one (profiler_disabled, start_failed, "
+              f"...), {EXIT_STILL_RUNNING} when it is still running after --wait-timeout.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=300.0,
+              show_default=True, help="With --wait: seconds to wait for the outcome (the capture itself is bounded "
+              "by the sidecar's --capture-timeout, and goes on after the wait gives up).")
+@_sidecar_options
 @click.pass_context
 @_one_line_errors
-def traces_trigger(ctx, reason: str) -> None:
-    """Ask the sidecar for a capture now (same budget as automatic ones)."""
+def traces_trigger(ctx, reason: str, wait: bool, wait_timeout: float) -> None:
+    """Ask the sidecar for a capture now (same budget as automatic ones); prints its id, and with --wait its
+    outcome."""
     from moe_monitor.client import ClientError, printable
 
     answer = _sidecar(ctx).post_json("/api/captures", {"reason": reason}, "trigger a capture", expect=("id",))
     if not isinstance(answer["id"], str):
         raise ClientError("trigger a capture: not a moe-monitor sidecar (its id is not a string)")
     click.echo(printable(answer["id"]))
+    if not wait:
+        return
+    meta, files = _follow(ctx, _asked_id(answer["id"]), wait_timeout)
+    _print_capture(meta, files)
+    why = _no_trace(meta)
+    if meta.get("outcome") == "running":
+        raise _Exit(EXIT_STILL_RUNNING, f"capture {meta['id']}: still running after {wait_timeout:g} s; it goes on "
+                                        f"in the sidecar (moe-monitor traces show {meta['id']})")
+    if why is not None:
+        raise _Exit(EXIT_NO_TRACE, f"capture {meta['id']}: {why}")
+
+
+class _Exit(click.ClickException):
+    """A one-line error with its own exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.exit_code = code
+
+
+WAIT_POLL_S = 1.0  # traces trigger --wait asks for the capture's metadata this often
+WAIT_RETRIES = 3  # failed requests in a row it retries (a sidecar busy for a moment, a dropped connection)
+
+
+def _follow(ctx, capture_id: str, timeout_s: float) -> tuple[dict, list[tuple[str, int]]]:
+    """The capture's metadata once its outcome is known (not "running"), or as it is after `timeout_s`."""
+    import time
+
+    from moe_monitor.client import ClientError
+
+    deadline, failures = time.monotonic() + timeout_s, 0
+    while True:
+        try:
+            meta, files = _capture(ctx, capture_id)
+            failures = 0
+            if meta.get("outcome") != "running" or time.monotonic() >= deadline:
+                return meta, files
+        except ClientError:
+            failures += 1
+            if failures > WAIT_RETRIES or time.monotonic() >= deadline:
+                raise
+        time.sleep(max(0.0, min(WAIT_POLL_S, deadline - time.monotonic())))
 
 
 @main.command()
@@ -338,13 +450,13 @@ def traces_trigger(ctx, reason: str) -> None:
               "only its last --minutes.")
 @click.option("--flight", "flight_file", type=click.Path(exists=True, dir_okay=False),
               help="Plan from a flight record file (a pulled capture's flight.json.gz).")
-@click.option("--prometheus", "prometheus_url", help="Plan from Prometheus: per-expert series (the sidecars' "
-              "--expert-series all) increased over --range.")
+@click.option("--prometheus", "prometheus_url", callback=_url, help="Plan from Prometheus (its URL, or HOST:PORT): "
+              "per-expert series (the sidecars' --expert-series all) increased over --range.")
 @click.option("--range", "range_", default="6h", show_default=True, help="With --prometheus: the history range.")
 @click.option("--selector", default="", help="With --prometheus: label matchers, e.g. 'model=\"...\"'.")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="With --live: the last minutes only.")
-@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464",
-              help="The sidecar's base URL (--capture, --live).")
+@click.option("--url", envvar=env.SIDECAR_URL, show_envvar=True, default="http://127.0.0.1:9464", callback=_url,
+              help="The sidecar's base URL, or HOST:PORT (--capture, --live).")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None, help="Bearer token, if required.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=30.0,
               envvar=env.CLIENT_TIMEOUT, show_envvar=True,

@@ -149,7 +149,9 @@ def test_profiler_disabled_or_slow_is_a_clear_outcome(tmp_path, mode, outcome):
         c, _ = capturer(tmp_path, vllm.url)
         assert c.run("20261123T120000Z-manual-abcdef", "manual", {}, {}) == outcome
     assert c.profiler_enabled is (False if mode == "404" else None)
-    assert c.catalog.list() == []
+    (record,) = c.catalog.list()  # listed with its outcome and why, no file (issue #26)
+    assert (record["outcome"], record["files"], record["total_bytes"]) == (outcome, [], 0)
+    assert record["error"].startswith("/start_profile answered 404" if mode == "404" else "/start_profile: ")
 
 
 def test_vllm_down_is_start_failed_and_leaks_no_thread(tmp_path):
@@ -287,7 +289,7 @@ def test_symlinked_trace_in_the_profile_dir_is_neither_stored_nor_served(tmp_pat
         os.makedirs(vllm.profile_dir, exist_ok=True)
         c, profiles = capturer(tmp_path, vllm.url, run_s=1, timeout_s=3)
         outcome = c.run("20261123T120000Z-manual-abcdef", "manual", {}, {})
-    assert outcome == "no_trace" and c.catalog.list() == []
+    assert outcome == "no_trace" and [(m["outcome"], m["files"]) for m in c.catalog.list()] == [("no_trace", [])]
     assert [os.path.islink(profiles / n) for n in os.listdir(profiles)] == [True], "the link is left where it was"
     # a link planted inside a stored capture is not served either
     store = Catalog(str(tmp_path / "store2"))

@@ -156,7 +156,9 @@ def test_an_unexpected_error_is_counted_logged_once_and_leaves_no_trace_behind(t
         assert_ended(c, "error")
         (record,) = problems(caplog, capture_id)
         assert record.exc_info is not None and "rank count unavailable" in caplog.text
-        assert os.listdir(profiles) == [] and os.listdir(tmp_path / "store") == []
+        assert os.listdir(profiles) == [] and os.listdir(tmp_path / "store") == [capture_id]
+        (kept,) = c.catalog.list()  # its outcome alone (metadata.json), for traces list/show (issue #26)
+        assert (kept["outcome"], kept["files"]) == ("error", []) and "rank count unavailable" in kept["error"]
         failing.clear()
         assert c.run(ID, "manual", {}, {}) == "ok"
     assert [k for k, _ in vllm.calls] == ["start", "stop", "start", "stop"], "the session was closed"
@@ -189,12 +191,15 @@ def test_a_failed_store_is_store_failed_and_leaves_no_partial_directory(tmp_path
         capture_id = c.trigger("imbalance", evidence)
         c.wait(30)
         assert_ended(c, "store_failed", "imbalance")
-        assert os.listdir(tmp_path / "store") == [] and os.listdir(tmp_path / "profiles") == []
+        assert os.listdir(tmp_path / "store") == [capture_id] and os.listdir(tmp_path / "profiles") == []
+        (kept,) = c.catalog.list()  # no trace of it, only its outcome (metadata.json), for traces list/show
+        assert (kept["outcome"], kept["files"]) == ("store_failed", []) and str(kept["evidence"]["current"]) == "7"
         (record,) = problems(caplog, capture_id)
         assert (os.strerror(errno.ENOSPC) if failure == "enospc" else "int64") in caplog.text
         monkeypatch.undo()
         assert c.run(ID, "manual", {}, {}) == "ok", "the next capture stores normally"
-    assert [m["id"] for m in c.catalog.list()] == [ID] and os.listdir(tmp_path / "store") == [ID]
+    assert [m["id"] for m in c.catalog.list()] == [capture_id, ID]
+    assert sorted(os.listdir(tmp_path / "store")) == sorted([capture_id, ID])
 
 
 KILLED_STORE = """

@@ -275,3 +275,36 @@ def test_step_time_regression_under_cpu_contention_captures_a_trace(stack):
     print(f"\nstep-time regression onset -> capture stored: {capture['created'] + capture['duration_s'] - onset:.1f} s")
     ev = capture["evidence"]
     assert ev["current"] > ev["baseline"] * 1.4 and ev["phase"] in ("prefill", "decode", "mixed")
+
+
+def test_a_trigger_against_vllm_without_profiler_is_listed_with_its_outcome(tiny_model, tmp_path):
+    """Issue #26 item 4 on a real vLLM started without --profiler-config: `traces trigger --wait` follows the
+    capture and prints its outcome (profiler_disabled, with what vLLM answered), exit 3; `traces list` and `show`
+    find it. The sidecar is ready (/readyz) before any request: the plugin publishes from the workers' start."""
+    model_dir, _ = tiny_model
+    segments, profiles = tmp_path / "segments", tmp_path / "profiles"
+    profiles.mkdir()
+    server = launch.start_vllm(model_dir, free_port(), str(tmp_path / "vllm.log"),
+                               launch.vllm_env(str(segments), publish_interval=0.2), ["--enforce-eager"])
+    sidecar = None
+    try:
+        server.wait_ready("/health", 300)
+        sidecar = launch.start_sidecar(str(segments), free_port(), str(tmp_path / "sidecar.log"), [
+            "--window", "1", "--vllm-url", server.url, "--profile-dir", str(profiles),
+            "--capture-dir", str(tmp_path / "store"), "--api-token", "e2e-token"])
+        sidecar.wait_ready("/readyz", 30)
+        cli = [sys.executable, "-m", "moe_monitor.cli", "traces"]
+        where = ("--url", sidecar.url.removeprefix("http://"), "--token", "e2e-token")
+        r = subprocess.run(cli + ["trigger", "--reason", "e2e", "--wait", *where], capture_output=True, text=True,
+                           timeout=180)
+        print(f"\n{r.stdout}{r.stderr}")
+        capture_id = r.stdout.splitlines()[0]
+        assert r.returncode == 3 and "no trace stored (profiler_disabled: /start_profile answered 404" in r.stdout
+        listed = subprocess.run(cli + ["list", *where], capture_output=True, text=True, timeout=60).stdout
+        assert capture_id in listed and "profiler_disabled" in listed
+        shown = subprocess.run(cli + ["show", capture_id, *where], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "no trace stored (profiler_disabled" in shown.stdout
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        server.stop()

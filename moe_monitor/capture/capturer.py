@@ -10,7 +10,9 @@ prefix, no max_iterations; set max_iterations in its --profiler-config), and `ru
 Everything that waits on vLLM ends by one deadline, `timeout_s` after the start: each HTTP call gets at most
 the time left. Every capture ends with exactly one outcome (OUTCOMES), counted and logged once with its id,
 whatever fails; what is left of its own files in the profile directory is removed. Nothing here can stop
-the sidecar.
+the sidecar. A capture that stores no trace is recorded in the catalog all the same (its metadata with the
+outcome and why, `error`), so `traces list` and `traces show <id>` find it; while it runs, `running(id)` is
+its metadata with the outcome `running`.
 
 A capture takes at most `max_files` rank files (the rest are left out, counted in its metadata and logged), and
 analyses them one at a time (breakdown.analyze.analyze_files): its memory is one trace's, not one per rank.
@@ -132,6 +134,14 @@ def remove_regular_files(paths: list[str], capture_id: str) -> None:
         log.info("capture %s: removed %d of its trace files from the profile dir", capture_id, removed)
 
 
+class Ended(Exception):
+    """A capture ends here with `outcome` (one that stores no trace), `detail` saying why."""
+
+    def __init__(self, outcome: str, detail: str):
+        super().__init__(detail)
+        self.outcome, self.detail = outcome, detail
+
+
 class Capturer:
     def __init__(self, cfg: CaptureConfig, catalog: Catalog, expected_ranks=lambda: 1, clock=time.time):
         self.cfg, self.catalog, self.expected_ranks, self._clock = cfg, catalog, expected_ranks, clock
@@ -140,6 +150,7 @@ class Capturer:
         self.last_duration_s: float | None = None
         self.last_end: float | None = None
         self._thread: threading.Thread | None = None
+        self._running: dict | None = None  # the running capture's metadata (outcome "running"), until recorded
         self._lock = threading.Lock()
         if catalog.swept:  # stores killed half-way: the rest of their files are still in the profile dir
             self._remove_files_of(catalog.swept)
@@ -157,6 +168,8 @@ class Capturer:
                 self.outcomes[(reason, "skipped_busy")] += 1
                 return None
             capture_id = new_capture_id(reason, self._clock())
+            self._running = {"id": capture_id, "created": self._clock(), "reason": reason, "evidence": evidence,
+                             "outcome": "running", "files": [], "total_bytes": 0}
             self._thread = threading.Thread(target=self.run, args=(capture_id, reason, evidence, context or {},
                                                                    extra or {}),
                                             name=f"moe-monitor-capture-{capture_id}", daemon=True)
@@ -167,23 +180,49 @@ class Capturer:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def running(self, capture_id: str | None = None) -> dict | None:
+        """The running capture's metadata (outcome "running"; `capture_id`: only if it is that one), else None. A
+        capture stays running until its outcome is in the catalog: asked in that order, never neither."""
+        running = self._running
+        return running if running is not None and capture_id in (None, running["id"]) else None
+
     def run(self, capture_id: str, reason: str, evidence: dict, context: dict, extra: dict | None = None) -> str:
         """One capture, start to stored. Ends with exactly one outcome, whatever fails on the way."""
         start, deadline = self._clock(), time.monotonic() + self.cfg.timeout_s
+        meta, stopped = None, [False]
         try:
             with capture_span(capture_id, reason, evidence) as span:
-                outcome, meta = self._capture(capture_id, reason, evidence, context, start, deadline, extra or {})
+                try:
+                    outcome, meta = self._capture(capture_id, reason, evidence, context, start, deadline,
+                                                  extra or {}, stopped)
+                    detail = None
+                except Ended as e:
+                    outcome, detail = e.outcome, e.detail
                 span.set_attribute("moe_monitor.outcome", outcome)
                 if meta:
                     span.set_attribute("moe_monitor.files", len(meta["files"]))
                     span.set_attribute("moe_monitor.bytes", meta["total_bytes"])
-        except Exception:  # a bug, or a failure nobody foresaw: counted and logged, never a silent dead thread
+        except Exception as e:  # a bug, or a failure nobody foresaw: counted and logged, never a silent dead thread
             log.exception("capture %s (%s) failed", capture_id, reason)
-            outcome = "error"
+            outcome, detail = "error", f"{type(e).__name__}: {e} (a bug: the traceback is in the sidecar's log)"
         self.outcomes[(reason, outcome)] += 1
         self.last_duration_s, self.last_end = self._clock() - start, self._clock()
         log.info("capture %s (%s): %s in %.1fs", capture_id, reason, outcome, self.last_duration_s)
+        if meta is None:
+            self._record(capture_id, {"created": start, "reason": reason, "evidence": evidence, "outcome": outcome,
+                                      "error": detail, "stopped_by_sidecar": stopped[0],
+                                      "duration_s": self.last_duration_s, **context})
+        if self._running is not None and self._running["id"] == capture_id:
+            self._running = None
         return outcome
+
+    def _record(self, capture_id: str, metadata: dict) -> None:
+        """Keep a capture that stored no trace in the catalog as its metadata alone, for `traces list/show`;
+        values JSON cannot hold (a numpy number in the evidence: the store_failed it may be recording) as text."""
+        try:
+            self.catalog.store(capture_id, [], json.loads(json.dumps(metadata, default=str)))
+        except Exception as e:  # noqa: BLE001 - ENOSPC, evidence that is not JSON, ...: the log line above stays
+            log.warning("capture %s: cannot record its outcome in the catalog: %s", capture_id, e)
 
     def _names(self) -> frozenset[str]:
         return frozenset(os.path.basename(p) for p in rank_files(self.cfg.profile_dir, ""))
@@ -197,21 +236,21 @@ class Capturer:
         except OSError as e:
             log.warning("cannot clean the profile dir of unfinished captures %s: %s", capture_ids, e)
 
-    def _capture(self, capture_id, reason, evidence, context, start, deadline, extra) -> tuple[str, dict | None]:
+    def _capture(self, capture_id, reason, evidence, context, start, deadline, extra, stopped) -> tuple[str, dict]:
+        """(outcome, stored metadata) of a capture that stored its traces; Ended for one that did not."""
         prefix, before = f"{capture_id}_", self._names()  # every rank file there now is not this capture's
-        refused = self._start(capture_id, prefix, deadline)
-        if refused:
-            return refused, None
+        self._start(capture_id, prefix, deadline)
         try:
-            files, stopped = self._collect(capture_id, prefix, before, deadline)
+            files, stopped[0] = self._collect(capture_id, prefix, before, deadline)
             if not files:
-                return "no_trace", None
-            return self._store(capture_id, files, reason, evidence, context, start, stopped, extra)
+                raise Ended("no_trace", f"no complete rank trace in {self.cfg.profile_dir} within the capture's "
+                            f"{self.cfg.timeout_s:g} s (--capture-timeout)")
+            return self._store(capture_id, files, reason, evidence, context, start, stopped[0], extra)
         finally:  # stored, refused or failed: what is left of this capture's own files goes
             remove_regular_files(rank_files(self.cfg.profile_dir, prefix, before), capture_id)
 
-    def _start(self, capture_id: str, prefix: str, deadline: float) -> str | None:
-        """POST /start_profile; None once the profile runs, else the capture's outcome."""
+    def _start(self, capture_id: str, prefix: str, deadline: float) -> None:
+        """POST /start_profile; returns once the profile runs, else raises Ended with the capture's outcome."""
         body = {"profile_prefix": prefix, "max_iterations": self.cfg.iterations}
         try:
             try:
@@ -223,17 +262,16 @@ class Capturer:
         except ProfilerDisabled as e:
             self.profiler_enabled = False
             log.error("capture %s: cannot capture: %s; monitoring continues", capture_id, e)
-            return "profiler_disabled"
+            raise Ended("profiler_disabled", str(e)) from None
         except ProfilerBusy as e:
             self.profiler_enabled = True
             log.error("capture %s: vLLM is profiling already and did not let go after /stop_profile: %s",
                       capture_id, e)
-            return "vllm_busy"
+            raise Ended("vllm_busy", f"{e} (someone else is profiling vLLM)") from None
         except ProfilerError as e:
             log.error("capture %s: cannot start: %s", capture_id, e)
-            return "start_failed"
+            raise Ended("start_failed", str(e)) from None
         self.profiler_enabled = True
-        return None
 
     def _collect(self, capture_id, prefix, before, deadline) -> tuple[list[str], bool]:
         """This capture's complete rank files by the deadline, and whether the sidecar stopped the profile.
@@ -261,7 +299,7 @@ class Capturer:
             log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
             return False
 
-    def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, dict | None]:
+    def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, dict]:
         files, left_out = files[: self.cfg.max_files], files[self.cfg.max_files :]
         if left_out:  # not analysed, not stored; removed from the profile dir with the capture's other leftovers
             log.warning("capture %s: %d rank files, more than the %d a capture takes: %d left out (%s%s)",
@@ -282,11 +320,11 @@ class Capturer:
             return outcome, self.catalog.store(capture_id, files, metadata, extra)
         except QuotaError as e:
             log.error("capture %s refused: %s", capture_id, e)
-            return "over_quota", None
+            raise Ended("over_quota", f"{e} (--max-capture-bytes)") from None
         except (OSError, TypeError, ValueError) as e:  # ENOSPC, EIO, ...; metadata that cannot be written
             log.error("capture %s: storing it failed, its traces are dropped: %s", capture_id, e,
                       exc_info=not isinstance(e, OSError))
-            return "store_failed", None
+            raise Ended("store_failed", f"storing it failed, its traces are dropped: {e}") from None
 
     @staticmethod
     def _materialise(capture_id: str, extra: dict) -> dict[str, bytes]:

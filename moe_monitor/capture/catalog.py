@@ -11,6 +11,10 @@ A capture is stored atomically: its files and metadata go into `.tmp-<id>`, rena
 and removed on any failure. A temporary or partial directory left by a kill (or by an older version) is
 removed when the catalog opens and before every store (`sweep`), so nothing unlisted holds disk.
 
+A capture that stored no trace (vLLM without a profiler, a start that failed, ...) is kept as a *record*: its
+directory holds metadata.json alone (its outcome and why, a few kB), so listings and `get` find it. Records are
+bounded apart (`Retention.max_records`, the oldest go first) and never evict a capture that holds traces.
+
 The catalog keeps an index in memory (~200 bytes a capture: its time, bytes, metadata size, whether it has a
 breakdown), built when it opens and kept up to date by its own stores, evictions and sweeps; a change made by
 anyone else is noticed by the directory's mtime (one stat per call), and then only the capture directories that
@@ -61,9 +65,14 @@ class QuotaError(Exception):
 
 @dataclass(frozen=True)
 class Retention:
-    max_count: int = 20
+    max_count: int = 20  # captures with traces
     max_bytes: int = 2 * 1024**3
     max_age_s: float = 7 * 24 * 3600
+    max_records: int | None = None  # captures that stored no trace (metadata only); None: as many as max_count
+
+    @property
+    def records(self) -> int:
+        return self.max_count if self.max_records is None else self.max_records
 
 
 def new_capture_id(reason: str, now: float) -> str:
@@ -79,6 +88,7 @@ class _Entry(NamedTuple):
     total_bytes: int
     size: int  # bytes of its metadata.json
     breakdown: bool  # breakdown.json is one of its files
+    record: bool  # no file at all: a capture that stored no trace, kept for its outcome
 
 
 class Catalog:
@@ -93,6 +103,7 @@ class Catalog:
         self._order: list[str] | None = None  # the index's ids, newest first (None: to sort again)
         self._newest_breakdown: str | None | bool = False  # id of the newest with a breakdown (False: to find)
         self._bytes = 0  # total_bytes of the indexed captures
+        self._records = 0  # indexed captures without files
         self._stamp: tuple[int, int] | None = None  # the root's (inode, mtime) when the index last matched it
         self._lock = threading.RLock()
         self._missing_logged = False
@@ -101,8 +112,13 @@ class Catalog:
 
     @property
     def count(self) -> int:
-        """Captures with usable metadata (all of them: list() returns at most its limit)."""
-        return len(self._index)
+        """Captures with usable metadata that hold traces (all of them: list() returns at most its limit)."""
+        return len(self._index) - self._records
+
+    @property
+    def records(self) -> int:
+        """Captures that stored no trace, kept for their outcome (metadata only)."""
+        return self._records
 
     @property
     def total_bytes(self) -> int:
@@ -163,6 +179,7 @@ class Catalog:
             gone = self._index.pop(capture_id, None)
             if gone is not None:
                 self._bytes -= gone.total_bytes
+                self._records -= gone.record
                 self._changed()
             self._listed.pop(capture_id, None)
             self.damaged.pop(capture_id, None)
@@ -200,8 +217,9 @@ class Catalog:
                 self.damaged[capture_id], self._read_damaged[capture_id] = problem, seen
             return None
         entry = _Entry(seen, meta["created"], meta["total_bytes"], size,
-                       any(f["name"] == BREAKDOWN for f in meta["files"]))
+                       any(f["name"] == BREAKDOWN for f in meta["files"]), not meta["files"])
         self._bytes += entry.total_bytes - (before.total_bytes if before else 0)
+        self._records += entry.record - (before.record if before else 0)
         self._index[capture_id] = entry
         if before is None or before.breakdown != entry.breakdown:  # read again in place: it keeps its place
             self._changed()
@@ -328,7 +346,8 @@ class Catalog:
         """Move `files` into the store with their metadata, all or nothing. Evicts the oldest captures to make
         room; raises QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota, and
         OSError (ENOSPC, ...) or TypeError (metadata that is not JSON) with nothing of it left in the store:
-        the files it moved are gone with it, the others are still where they were."""
+        the files it moved are gone with it, the others are still where they were. Without files and `extra` it
+        stores a record (metadata only), which evicts only older records."""
         extra = extra or {}
         if not ID_RE.match(capture_id):
             raise ValueError(f"bad capture id {capture_id!r}")
@@ -350,7 +369,7 @@ class Catalog:
                              "limit that reading it back applies")
         os.makedirs(self.root, exist_ok=True)  # deleted while we ran: made again
         self.sweep()
-        self.enforce(time.time(), incoming_bytes=total)
+        self.enforce(time.time(), incoming_bytes=total, incoming="record" if not meta["files"] else "capture")
         tmp = os.path.join(self.root, TMP + capture_id)
         os.mkdir(tmp)
         try:
@@ -367,24 +386,27 @@ class Catalog:
             self._load(capture_id)  # into the index, as it is on disk
         return meta
 
-    def enforce(self, now: float, incoming_bytes: int = 0) -> list[str]:
-        """Drop captures over age, then the oldest until count and bytes leave room for the incoming one."""
+    def enforce(self, now: float, incoming_bytes: int = 0, incoming: str | None = None) -> list[str]:
+        """Drop captures over age, then the oldest until count and bytes leave room for the incoming one
+        (`incoming`: "capture" or "record"). Captures with traces and records (no file) are counted apart: a
+        record never evicts a capture."""
         removed = []
         self.refresh()
         with self._lock:
             captures = sorted(self._sorted(), key=lambda i: self._index[i].created)  # ids: validated dir names
             r = self.retention
-            used, left = self._bytes, len(captures)
+            used = self._bytes
+            left = {False: self.count + (incoming == "capture"), True: self._records + (incoming == "record")}
             for capture_id in captures:
                 entry = self._index[capture_id]
                 too_old = now - entry.created > r.max_age_s
-                too_many = left + (1 if incoming_bytes else 0) > r.max_count
-                too_big = used + incoming_bytes > r.max_bytes
+                too_many = left[entry.record] > (r.records if entry.record else r.max_count)
+                too_big = used + incoming_bytes > r.max_bytes and not entry.record
                 if not (too_old or too_many or too_big):
                     continue
                 shutil.rmtree(os.path.join(self.root, capture_id), ignore_errors=True)
                 self._forget([capture_id])
-                left, used = left - 1, used - entry.total_bytes
+                left[entry.record], used = left[entry.record] - 1, used - entry.total_bytes
                 removed.append(capture_id)
         return removed
 

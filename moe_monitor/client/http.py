@@ -4,7 +4,11 @@ gzip is inflated here, incrementally and capped (the session never inflates on i
 so a gzip bomb costs at most the cap. Every failure is a `ClientError` with a one-line message.
 
 A download (`Client.download`) streams to a file: at most the size the capture's metadata declared, at most
-`stall_s` without a byte, and a total deadline that grows with the declared size."""
+`stall_s` without a byte, and a total deadline that grows with the declared size.
+
+A URL may be given as `host:port` (`normalise_url`: http:// is assumed). The sidecar marks every answer with
+`SIDECAR_HEADER`; an error answer without it says that the URL is not a moe-monitor sidecar (a Prometheus, a
+proxy's page) rather than only its status."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ JSON_MAX_BYTES = 8 * MiB  # a capture's metadata, the capture list, a trigger's 
 ERROR_MAX_BYTES = 64 << 10  # the body of an error answer (only its message is shown)
 DOWNLOAD_MAX_BYTES = 16 << 30  # one trace file, whatever its metadata declares
 DOWNLOAD_MIN_RATE = 256 << 10  # bytes/s a download is allowed on top of its base deadline (10 x the timeout)
+SIDECAR_HEADER = "X-Moe-Monitor"  # on every answer of the sidecar (its version): how clients tell it from others
 
 
 _STALLED = getattr(aiohttp, "SocketTimeoutError", ())  # aiohttp >= 3.10; older ones say "within N s"
@@ -106,6 +111,12 @@ async def read_body(resp: aiohttp.ClientResponse, limit: int, what: str, inflate
     return out
 
 
+def normalise_url(url: str) -> str:
+    """A server's base URL: `host:port` gets http://, the trailing slash goes (every client takes it so)."""
+    url = url.strip().rstrip("/")
+    return url if "://" in url else "http://" + url
+
+
 def error_text(body: bytes) -> str:
     """The server's {"error": ...} message, or the first line of a plain body; printable, at most 300 chars."""
     try:
@@ -129,12 +140,14 @@ def reason(e: BaseException) -> str:
 
 
 class Client:
-    """One server (a sidecar, or Prometheus) at `base_url`. Synchronous calls (each runs its own event loop),
-    each bounded by `timeout` seconds in total; `name` is how errors call the server."""
+    """One server (a sidecar, or Prometheus) at `base_url` (`host:port` is http://host:port). Synchronous calls
+    (each runs its own event loop), each bounded by `timeout` seconds in total; `name` is how errors call the
+    server; `sidecar`: its error answers must carry SIDECAR_HEADER, else it is "not a moe-monitor sidecar"."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 name: str = "the sidecar"):
-        self.base_url, self.token, self.timeout, self.name = base_url.rstrip("/"), token, float(timeout), name
+                 name: str = "the sidecar", sidecar: bool = True):
+        self.base_url, self.token, self.timeout, self.name = normalise_url(base_url), token, float(timeout), name
+        self.sidecar = sidecar
 
     def _headers(self, accept: str) -> dict:
         return {"Accept-Encoding": accept, **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
@@ -151,7 +164,11 @@ class Client:
                         message = error_text(await read_body(resp, ERROR_MAX_BYTES, what))
                     except ClientError:
                         message = ""
-                    raise ClientError(f"{what}: {url} answered {resp.status}: {message or resp.reason}")
+                    answered = f"{url} answered {resp.status}: {message or resp.reason}"
+                    if self.sidecar and SIDECAR_HEADER not in resp.headers:
+                        raise ClientError(f"{what}: {self.base_url} is not a moe-monitor sidecar ({answered}, "
+                                          f"without the {SIDECAR_HEADER} header every sidecar answer carries)")
+                    raise ClientError(f"{what}: {answered}")
                 return await read(resp)
         except TimeoutError as e:  # the total deadline, or (downloads) no byte for sock_read seconds
             if isinstance(e, _STALLED) and timeout.sock_read:
@@ -180,6 +197,9 @@ class Client:
         try:
             doc = json.loads(data)
         except ValueError:
+            if self.sidecar:
+                raise ClientError(f"{what}: {self.base_url} is not a moe-monitor sidecar (its answer is not JSON)") \
+                    from None
             raise ClientError(f"{what}: {self.base_url} did not answer JSON: is it {self.name}?") from None
         missing = [k for k in expect if not isinstance(doc, dict) or k not in doc]
         if missing:

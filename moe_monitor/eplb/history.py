@@ -161,7 +161,7 @@ def from_prometheus(url: str, range_: str, selector: str = "", at: float | None 
     against the expert count the sidecars declare (moe_model_info), layer ids against MAX_LAYER_ID."""
     if not RANGE_RE.match(range_):
         raise HistoryError(f"range {range_!r} is not a Prometheus duration like 30m, 6h or 7d")
-    prom = Client(url, timeout=timeout, name="Prometheus")
+    prom = Client(url, timeout=timeout, name="Prometheus", sidecar=False)
     query = f"sum by (layer, expert) (increase({EXPERT_METRIC}{{{selector}}}[{range_}]))"
     result = _query(prom, query, at)
     if not result:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from .config import SidecarConfig
 from .exposition import Family, render
 from .flight import FlightRecorder
 from .once import OncePerCause
+from .readiness import SegmentDirLog, SegmentsSeen, readiness
 from .reading import DetectorView, Reading
 from .segments import SegmentSource
 from .vocabulary import family
@@ -60,6 +62,8 @@ class Exporter:
                  collectors: tuple[Collector, ...] = ALL):
         self.config, self._clock = config, clock
         self.source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)
+        self.seen: SegmentsSeen | None = None  # what the last window's read found (/readyz, the log)
+        self._dir_log = SegmentDirLog(config.segment_dir, config.stale_after_s)
         self.windower = Windower(config.window_s)
         self.load_histogram = LoadHistogram()
         self._placement_file = load_placement(config.placement_file) if config.placement_file else None
@@ -93,6 +97,7 @@ class Exporter:
         self._lock = threading.Lock()
         self._exposition: Exposition | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.http_refusals: dict[str, int] = {}  # the HTTP edge's refusals by reason (server.build_app sets it)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -102,6 +107,10 @@ class Exporter:
         start = time.perf_counter()
         statuses, totals = self._stage("read", self.source.read, self._clock(), required=True)
         now = self._clock()
+        self.seen = SegmentsSeen.of(statuses, now, os.path.isdir(self.config.segment_dir), self.config.stale_after_s)
+        said = self._dir_log.observe(self.seen)
+        if said is not None:
+            log.log(*said)
         self._cumulative_load = self._stage("window", self._attribute, statuses, totals)
         if boundary is not None:
             self._stage("window", self._close_window, boundary, statuses, totals)
@@ -134,9 +143,16 @@ class Exporter:
             self.safe_tick(boundary)
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="moe-monitor-windows", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.run_forever, name="moe-monitor-windows", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for /readyz: the window loop runs and fresh segments are there (readiness.py)."""
+        exposition, cfg = self.latest(), self.config
+        return readiness(self._clock(), self.seen, exposition.built_at if exposition else None,
+                         self._thread is not None and self._thread.is_alive(), cfg.window_s, cfg.stale_after_s,
+                         cfg.segment_dir)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,6 +1,8 @@
-"""HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz, a landing
-page, the captures API and the flight recorder (/api/flight), served behind limits (a connection cap, idle and
-header timeouts) that keep clients which hold connections from starving the scrapes (issue #14, defect 6).
+"""HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz (the process
+answers), /readyz (the window loop runs and fresh segments are there, else 503 and why), a landing page, the
+captures API and the flight recorder (/api/flight), served behind limits (a connection cap, idle and header
+timeouts) that keep clients which hold connections from starving the scrapes (issue #14, defect 6). Every answer
+carries `X-Moe-Monitor: <version>`, by which the clients tell the sidecar from any other server.
 
 aiohttp rather than prometheus_client's built-in server because the sidecar grows more routes (the trace
 catalog streams files) and aiohttp gives routing, streaming and a production-grade server in one package.
@@ -21,6 +23,9 @@ import socket
 import zlib
 
 from aiohttp import web
+
+from moe_monitor import __version__
+from moe_monitor.client.http import SIDECAR_HEADER
 
 from .exporter import Exporter
 from .flight import FILE as FLIGHT_FILE
@@ -45,6 +50,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LANDING = """<html><head><title>moe-monitor</title></head><body>
 <h1>moe-monitor sidecar</h1><p>Segments: {segment_dir}; window {window}s</p>
 <ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
+<li><a href="/readyz">/readyz</a> (503 and why while the sidecar has nothing fresh to serve)</li>
 <li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li>
 <li><a href="/api/flight?windows=12">/api/flight</a> (the routing flight recorder)</li></ul></body></html>"""
 
@@ -73,6 +79,10 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready, why = exporter.readiness()
+        return web.Response(status=200 if ready else 503, text=f"{'ready' if ready else 'not ready'}: {why}\n")
 
     async def landing(request: web.Request) -> web.Response:
         cfg = exporter.config
@@ -129,15 +139,21 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
     async def list_captures(request: web.Request) -> web.StreamResponse:
         def listing() -> bytes:
             catalog = catalog_or_503()
+            running = exporter.capturer.running()  # before the catalog: a capture is in one or the other
             captures = catalog.list()  # the newest, at most catalog.LIST_LIMIT
-            return json.dumps({"captures": captures, "total": catalog.count,
-                               "left_out": max(catalog.count - len(captures), 0)}).encode()
+            if running and any(c["id"] == running["id"] for c in captures[:1]):
+                running = None  # it ended in between: its outcome is listed
+            captures = ([running] if running else []) + captures
+            total = catalog.count + catalog.records + bool(running)
+            return json.dumps({"captures": captures, "total": total,
+                               "left_out": max(total - len(captures), 0)}).encode()
 
         body = await off_loop(listing)
         return await stream(request, [body], refusals, json_answer(), len(body))
 
     async def show_capture(request: web.Request) -> web.Response:
-        meta = await off_loop(catalog_or_503().get, request.match_info["id"])
+        catalog, capture_id = catalog_or_503(), request.match_info["id"]
+        meta = exporter.capturer.running(capture_id) or await off_loop(catalog.get, capture_id)
         if meta is None:
             return web.json_response({"error": "no such capture"}, status=404)
         return web.json_response(meta)
@@ -207,7 +223,11 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         status, payload = exporter.trigger_manual(reason.strip())
         return web.json_response(payload, status=status)
 
+    async def mark(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[SIDECAR_HEADER] = __version__
+
     app = web.Application(client_max_size=64 * 1024, middlewares=[guard])
+    app.on_response_prepare.append(mark)
     app[ADMISSION] = admission
     app.router.add_get("/api/captures", list_captures)
     app.router.add_post("/api/captures", trigger)
@@ -217,6 +237,7 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
     app.router.add_get("/api/flight", flight)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/", landing)
     return app
 
@@ -316,8 +337,10 @@ async def off_loop_iter(pieces):
         pieces.close()
 
 
-async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits,
-                      refusals: Refusals) -> None:
+async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLimits, refusals: Refusals,
+                      bound=lambda: None, serving=lambda: None) -> None:
+    """Bind the port, call `bound()`, start serving, call `serving()`, serve until SIGTERM/SIGINT: nothing
+    runs or is announced before the port is ours. Raises OSError when the port cannot be bound."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrorLog(refusals))
     stop = asyncio.Event()
@@ -332,16 +355,19 @@ async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLi
         # asyncio takes `backlog` both for listen() and for the accepts per wake-up: the burst here, and the
         # kernel's queue (no descriptors) set back to BACKLOG below, so that a burst of clients is not dropped.
         guard = ConnectionGuard(runner.server, cap, limits.header_timeout_s, admission, refusals)
-        listener = await loop.create_server(guard, host, port, backlog=burst)
-        for s in listener.sockets:
-            with socket.fromfd(s.fileno(), s.family, s.type) as same_socket:
-                same_socket.listen(BACKLOG)
+        listener = await loop.create_server(guard, host, port, backlog=burst, start_serving=False)  # bound only
         try:
+            bound()
+            await listener.start_serving()
+            for s in listener.sockets:
+                with socket.fromfd(s.fileno(), s.family, s.type) as same_socket:
+                    same_socket.listen(BACKLOG)
             log.info("HTTP limits: %d connections, %d accepts at a time (RLIMIT_NOFILE %d), first request's "
                      "headers within %gs, idle connections closed after %gs; API requests at once: %s; answers "
                      "dropped after %gs without progress", cap, burst, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                      limits.header_timeout_s, limits.idle_timeout_s,
                      ", ".join(f"{n} {k}" for k, n in admission.limits.items()), PROGRESS_TIMEOUT_S)
+            serving()
             await stop.wait()
         finally:
             listener.close()
@@ -352,7 +378,7 @@ async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLi
 def access_summary(cfg) -> tuple[int, str]:
     """The start-up line that says what is open to whom (log level, text)."""
     where = f"{cfg.host}:{cfg.port}"
-    open_part = f"/metrics, /healthz and / are open to anyone who reaches {where}"
+    open_part = f"/metrics, /healthz, /readyz and / are open to anyone who reaches {where}"
     if cfg.api_token:
         return logging.INFO, f"access: {open_part}; every /api/ route (captures, traces, flight record) needs the " \
                              "bearer token (--api-token)"
@@ -370,10 +396,15 @@ def serve(exporter: Exporter, limits: HttpLimits | None = None) -> None:
     cfg = exporter.config
     refusals = Refusals()
     logging.getLogger("aiohttp.server").addFilter(AiohttpErrorFilter(refusals))
-    exporter.safe_tick()  # the first exposition exists before the port opens (or the log says why not)
-    exporter.start()
-    log.log(*access_summary(cfg))
-    log.info("moe-monitor sidecar listening on http://%s:%d/metrics, reading %s, %gs windows", cfg.host, cfg.port,
-             cfg.segment_dir, cfg.window_s)
+
+    def bound() -> None:  # the port is ours: the first exposition exists before it accepts (or the log says why)
+        exporter.safe_tick()
+        exporter.start()
+
+    def serving() -> None:
+        log.log(*access_summary(cfg))
+        log.info("moe-monitor sidecar listening on http://%s:%d/metrics, reading %s, %gs windows", cfg.host,
+                 cfg.port, cfg.segment_dir, cfg.window_s)
+
     app = build_app(exporter, refusals)
-    asyncio.run(_serve_http(app, cfg.host, cfg.port, limits or HttpLimits.of(cfg), refusals))
+    asyncio.run(_serve_http(app, cfg.host, cfg.port, limits or HttpLimits.of(cfg), refusals, bound, serving))

@@ -14,7 +14,7 @@ from . import run
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--url", "urls", multiple=True, envvar=env.SIDECAR_URL, show_envvar=True,
               default=["http://127.0.0.1:9464"],
-              help="A sidecar's base URL; repeat for several (n/p switch between them).")
+              help="A sidecar's base URL, or HOST:PORT; repeat for several (n/p switch between them).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=None,
               help="Seconds between refreshes [default: the sidecar's --window, 2 s until it is known].")
 @click.option("--token", envvar=env.API_TOKEN, show_envvar=True, default=None,

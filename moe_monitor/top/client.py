@@ -15,7 +15,7 @@ import time
 import aiohttp
 import msgspec
 
-from moe_monitor.client import JSON_MAX_BYTES, ClientError, read_body
+from moe_monitor.client import JSON_MAX_BYTES, SIDECAR_HEADER, ClientError, normalise_url, read_body
 from moe_monitor.client.http import ERROR_MAX_BYTES, error_text, reason
 
 from .core import Fetched, MetricsError, parse_metrics
@@ -25,9 +25,8 @@ METRICS_MAX_BYTES = 16 << 20  # a sidecar at DeepSeek-V3 scale with every per-ex
 FLIGHT_MAX_BYTES = 64 << 20  # the windows of the longest span (120) at that scale, with room
 
 
-def normalise_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    return url if "://" in url else "http://" + url
+__all__ = ["fetch", "normalise_url"]
+NOT_A_SIDECAR = f"this is not a moe-monitor sidecar (its answers carry no {SIDECAR_HEADER} header)"
 
 
 def _why(e: BaseException, timeout: float) -> str:
@@ -37,11 +36,14 @@ def _why(e: BaseException, timeout: float) -> str:
 
 
 async def _get(session: aiohttp.ClientSession, url: str, headers: dict, timeout: float,
-               limit: int) -> tuple[int, bytes]:
-    """(status, body): the body at most `limit` bytes (an error answer's: its first 64 KiB)."""
+               limit: int, identified: list | None = None) -> tuple[int, bytes]:
+    """(status, body): the body at most `limit` bytes (an error answer's: its first 64 KiB). `identified` gets
+    whether the answer carried the sidecar's header."""
     inflate = not session.auto_decompress  # app.py's session leaves gzip to read_body (capped)
     async with session.get(url, headers={**headers, "Accept-Encoding": "gzip"},
                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        if identified is not None:
+            identified.append(SIDECAR_HEADER in r.headers)
         if r.status != 200:
             try:
                 return r.status, await read_body(r, ERROR_MAX_BYTES, url, inflate)
@@ -62,8 +64,9 @@ async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = No
     reached, or whose /metrics fails, is asked nothing more."""
     at = time.time()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    identified: list[bool] = []
     try:
-        status, body = await _get(session, url + "/metrics", headers, timeout, METRICS_MAX_BYTES)
+        status, body = await _get(session, url + "/metrics", headers, timeout, METRICS_MAX_BYTES, identified)
     except ClientError as e:
         return Fetched(at, error=f"GET {e}")
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
@@ -71,11 +74,14 @@ async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = No
     if status != 200:
         hint = {503: " (the sidecar has not built its first exposition; see its log)",
                 404: " (is --url the sidecar's base URL, without /metrics?)"}.get(status, "")
+        hint += "" if identified[0] else f"; {NOT_A_SIDECAR}"
         return Fetched(at, error=f"GET {url}/metrics answered {status}: {error_text(body)}{hint}")
     try:
         text, scrape = await asyncio.to_thread(_metrics, body, at)
     except MetricsError as e:
-        return Fetched(at, error=str(e))
+        return Fetched(at, error=str(e) if identified[0] else f"{url}: {NOT_A_SIDECAR}: {e}")
+    if not identified[0] and not any(name.startswith("moe_") for name in scrape.samples):
+        return Fetched(at, error=f"{url}: {NOT_A_SIDECAR}, and its /metrics has no moe_ series (a Prometheus?)")
     out = Fetched(at, metrics=text, scrape=scrape)
     if flight_windows:
         out.asked_flight = True
