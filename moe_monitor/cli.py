@@ -499,8 +499,11 @@ def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minute
         else:
             history = from_prometheus(prometheus_url, range_, selector, timeout=timeout)
         advice = advise(history.load, num_gpus=gpus, num_nodes=nodes, num_groups=groups, redundant=redundant,
-                        strategy=strategy)
+                        strategy=strategy, parts=history.parts)
         written = {}
+        if out_dir and not advice.stands:
+            raise click.ClickException(f"no placement written: the recommendation is withheld: "
+                                       f"{advice.confidence.withheld}")
         if out_dir:
             placement = plan_placement(history.load, num_gpus=gpus, num_redundant=advice.recommended.num_redundant,
                                        num_nodes=nodes, num_groups=groups)
@@ -524,7 +527,10 @@ def eplb(capture_id, live, flight_file, prometheus_url, range_, selector, minute
     click.echo(head)
     click.echo(advice.format_table())
     best = advice.recommended
-    if advice.enable_eplb:
+    if not advice.stands:
+        click.echo(f"enable EPLB: withheld: {advice.confidence.withheld}. On the whole range the sweep's best "
+                   f"fit is {best.num_redundant} redundant experts; that is not a recommendation.")
+    elif advice.enable_eplb:
         click.echo(f"enable EPLB: yes, with {best.num_redundant} redundant experts: mean straggler factor "
                    f"{advice.baseline.summary.mean_straggler:.3f} -> {best.summary.mean_straggler:.3f} "
                    f"(x{advice.predicted_gain:.2f} on the slowest rank's expert time); vLLM: "

@@ -100,8 +100,19 @@ def test_known_answer_hot_expert():
     assert by_r[16] == pytest.approx(200 / mean) and by_r[24] < by_r[16] < by_r[32] * 1.0001
     assert advice.recommended.num_redundant == 24 and advice.enable_eplb
     assert advice.predicted_gain == pytest.approx((64 / 15) / by_r[24])
-    assert json.loads(json.dumps(advice.to_dict()))["recommended_num_redundant_experts"] == 24
-    assert "<- recommended" in advice.format_table()
+    # 94 assignments per layer x expert: the best fit is said, not recommended.
+    doc = json.loads(json.dumps(advice.to_dict()))
+    assert doc["best_eplb_num_redundant_experts"] == 24 and doc["recommended_num_redundant_experts"] is None
+    assert "too little routing recorded: 94 assignments" in doc["confidence"]["withheld"]
+    assert "<- recommended" not in advice.format_table()
+    # Ten times as much, in one range: nothing to check it on.
+    one = advise(10 * load, num_gpus=8)
+    assert not one.stands and "the history is one range" in one.confidence.withheld
+    # ... as four equal sub-ranges: held out in turn, every one agrees.
+    quarters = advise(10 * load, num_gpus=8, parts=[10 * load / 4] * 4)
+    assert quarters.stands and quarters.confidence.per_fold == (24, 24, 24, 24)
+    assert quarters.to_dict()["recommended_num_redundant_experts"] == 24
+    assert "<- recommended" in quarters.format_table()
 
 
 def test_recommendation_rule_and_balanced_load():
@@ -112,9 +123,52 @@ def test_recommendation_rule_and_balanced_load():
     within = [pt.num_redundant for pt in advice.points if pt.summary.mean_straggler <= best * 1.01]
     assert advice.recommended.num_redundant == min(within)
     # Perfectly even load: nothing to gain, the advice is to leave EPLB off.
-    flat = advise(np.full((3, 16), 10.0), num_gpus=4)
-    assert not flat.enable_eplb and flat.to_dict()["recommended_num_redundant_experts"] is None
+    flat = advise(np.full((3, 16), 1000.0), num_gpus=4, parts=[np.full((3, 16), 250.0)] * 4)
+    assert flat.stands and not flat.enable_eplb and flat.to_dict()["recommended_num_redundant_experts"] is None
     assert "EPLB does not pay" in flat.format_table()
+    # Too little of it: withheld, and said why.
+    thin = advise(np.full((3, 16), 10.0), num_gpus=4, parts=[np.full((3, 16), 2.5)] * 4)
+    assert not thin.stands and "too little routing recorded: 10 assignments" in thin.confidence.withheld
+    assert thin.to_dict()["enable_eplb"] is None
+
+
+def _history(rng, probs: np.ndarray, per_fold: int) -> list[np.ndarray]:
+    """Four consecutive sub-ranges of routing drawn from `probs` [L, E], `per_fold` assignments per layer each."""
+    return [np.stack([rng.multinomial(per_fold, p) for p in probs]).astype(float) for _ in range(4)]
+
+
+def test_advice_no_longer_flips_between_samples_of_the_same_traffic():
+    """A minute apart on the same live sidecar the old advice said 4, then 16, then 12 redundant experts (4 GPUs,
+    8 experts). Five histories of the same traffic: read as one range each (the old rule) they disagree; with
+    their sub-ranges held out in turn, each one is withheld or gives the same answer."""
+    probs = np.tile([0.22, 0.16, 0.14, 0.12, 0.11, 0.10, 0.08, 0.07], (2, 1))
+    old, new = set(), set()
+    for seed in range(5):
+        parts = _history(np.random.default_rng(seed), probs, 150)
+        load = sum(parts)
+        old.add(advise(load, num_gpus=4).recommended.num_redundant)
+        advice = advise(load, num_gpus=4, parts=parts)
+        if advice.stands:
+            new.add(advice.to_dict()["recommended_num_redundant_experts"])
+        else:
+            assert "not stable" in advice.confidence.withheld or "too little" in advice.confidence.withheld
+    assert len(old) > 1, old  # the problem, reproduced
+    assert len(new) <= 1, new
+    # With ten times the traffic the answer stands, and is one of them.
+    many = [advise(sum(p), num_gpus=4, parts=p) for p in
+            (_history(np.random.default_rng(10 + s), probs, 15000) for s in range(3))]
+    assert all(a.stands for a in many), [a.confidence.withheld for a in many]
+    assert len({a.to_dict()["recommended_num_redundant_experts"] for a in many}) == 1
+
+
+def test_balanced_traffic_does_not_gain_from_replicas_of_its_noise():
+    """Uniform routing, a short history: replicas smooth sampling noise as they smooth skew, so read naively a
+    balanced load 'gains' from EPLB; with what noise alone scores taken off, it does not."""
+    parts = _history(np.random.default_rng(3), np.full((4, 8), 1 / 8), 2000)
+    naive = advise(sum(parts), num_gpus=4, tolerance=0.01)
+    assert naive.enable_eplb  # the trap
+    advice = advise(sum(parts), num_gpus=4, parts=parts)
+    assert not advice.enable_eplb and advice.to_dict()["recommended_num_redundant_experts"] is None
 
 
 def test_placement_properties_on_random_loads():

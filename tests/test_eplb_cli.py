@@ -29,8 +29,10 @@ TOKEN = "eplb-token"  # the sidecar's API (its flight record too) needs the bear
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_monitor.cli", "eplb", *args], capture_output=True, text=True,
-                          timeout=120, check=check, env={**os.environ, "MOE_MONITOR_API_TOKEN": TOKEN})
+    done = subprocess.run([sys.executable, "-m", "moe_monitor.cli", "eplb", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "MOE_MONITOR_API_TOKEN": TOKEN})
+    assert not check or done.returncode == 0, f"eplb {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,8 @@ def test_prometheus_range_history_matches_what_was_routed(sidecar):
         while True:
             try:
                 history = from_prometheus(prom.url, "30s")
-                if history.load[0, 0] > 0:
+                # the advice checks itself on 4 sub-ranges of its range: wait until 3 of 16 s hold traffic
+                if history.load[0, 0] > 0 and sum(p.any() for p in from_prometheus(prom.url, "16s").parts) >= 3:
                     break
             except HistoryError:
                 pass
@@ -133,8 +136,10 @@ def test_prometheus_range_history_matches_what_was_routed(sidecar):
         ratio = history.load[:, HOT] / np.delete(history.load, HOT, axis=1).mean(axis=1)
         assert history.layer_ids == (0, 1) and history.load.shape == (LAYERS, EXPERTS)
         assert ratio == pytest.approx([16.0, 16.0], rel=0.05)  # 800 vs 50 per half second
-        report = json.loads(cli("--prometheus", prom.url, "--range", "30s", "--gpus", str(GPUS), "--json").stdout)
-        assert report["advice"]["enable_eplb"] and "increase over 30s" in report["history"]["source"]
+        report = json.loads(cli("--prometheus", prom.url, "--range", "16s", "--gpus", str(GPUS), "--json").stdout)
+        assert report["advice"]["enable_eplb"] and "increase over 16s" in report["history"]["source"], \
+            report["advice"]["confidence"]
+        assert report["advice"]["confidence"]["folds"] >= 3 and report["advice"]["confidence"]["stands"]
         missing = cli("--prometheus", prom.url, "--range", "30s", "--selector", 'model="none"', "--gpus", "8",
                       check=False)
         assert missing.returncode == 1 and "--expert-series all" in missing.stderr

@@ -36,6 +36,7 @@ from moe_monitor.stats.imbalance import rank_imbalance, sglang_balancedness, vll
 __all__ = [
     "Advice",
     "BalanceReport",
+    "Confidence",
     "LoadSummary",
     "SweepPoint",
     "advise",
@@ -249,10 +250,49 @@ RULE = ("recommended = the smallest number of redundant experts whose mean strag
         "when that factor beats EPLB off (the '{strategy}' placement) by more than the same tolerance")
 
 
+MIN_PER_CELL = 100.0  # mean assignments per layer x expert cell for a recommendation: a cell's count then varies by
+# about 1/sqrt(100) = 10 % between equal-length ranges, less than the imbalance EPLB is worth enabling for
+FOLDS = 4  # sub-ranges of the history the recommendation is checked over
+NULL_DRAWS = 2  # uniform re-draws of the folds that measure what sampling noise alone scores
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """How far the history supports the recommendation. Each of the history's sub-ranges (`folds`) is held out in
+    turn: placements planned on the rest are scored on it (`held_out`, mean straggler per setting), and the rule
+    picks that fold's setting (`per_fold`); from every score is taken what the same folds score when their tokens
+    are routed uniformly (sampling noise alone). The recommendation stands when the sample is large enough and every
+    fold agrees on enabling EPLB and lands within one redundant expert per GPU of it; else `withheld` says why."""
+
+    assignments: int
+    per_cell: float  # mean assignments per layer x expert cell
+    min_per_cell: float
+    folds: int  # sub-ranges the history had (0: one range, no check possible)
+    per_fold: tuple[int | None, ...]  # the setting each held-out fold chose (None: EPLB off)
+    held_out: tuple[float, ...]  # per sweep setting, mean straggler on held-out folds (baseline first)
+    withheld: str  # "" when the recommendation stands
+
+    @property
+    def stands(self) -> bool:
+        return not self.withheld
+
+    def to_dict(self) -> dict:
+        return {"assignments": self.assignments, "per_cell": self.per_cell, "min_per_cell": self.min_per_cell,
+                "folds": self.folds, "per_fold": list(self.per_fold),
+                "held_out_straggler_mean": [_finite(x) for x in self.held_out], "stands": self.stands,
+                "withheld": self.withheld or None}
+
+    def line(self) -> str:
+        folds = ", ".join("off" if r is None else str(r) for r in self.per_fold) or "-"
+        return (f"sample: {self.assignments:,} assignments, {self.per_cell:,.0f} per layer x expert (needs "
+                f"{self.min_per_cell:,.0f}); each of {self.folds} sub-ranges held out in turn chose: {folds}")
+
+
 @dataclass(frozen=True)
 class Advice:
     """The sweep and its reading. `recommended` is the EPLB setting chosen by the rule, the one to use when EPLB
-    is enabled; `enable_eplb` says whether it beats EPLB off (`baseline`) by more than the tolerance."""
+    is enabled; `enable_eplb` says whether it beats EPLB off (`baseline`) by more than the tolerance;
+    `confidence` whether the history supports saying so (`recommendation` is None when it does not)."""
 
     baseline: SweepPoint
     points: tuple[SweepPoint, ...]
@@ -263,10 +303,15 @@ class Advice:
     num_gpus: int
     num_nodes: int
     num_groups: int
+    confidence: Confidence
 
     @property
     def rule(self) -> str:
         return RULE.format(strategy=self.strategy)
+
+    @property
+    def stands(self) -> bool:
+        return self.confidence.stands
 
     @property
     def predicted_gain(self) -> float:
@@ -277,29 +322,39 @@ class Advice:
     def to_dict(self) -> dict:
         return {
             "num_gpus": self.num_gpus, "num_nodes": self.num_nodes, "num_groups": self.num_groups,
-            "tolerance": self.tolerance, "rule": self.rule, "enable_eplb": self.enable_eplb,
-            "recommended_num_redundant_experts": self.recommended.num_redundant if self.enable_eplb else None,
+            "tolerance": self.tolerance, "rule": self.rule,
+            "enable_eplb": self.enable_eplb if self.stands else None,
+            "recommended_num_redundant_experts": self.recommended.num_redundant
+            if self.enable_eplb and self.stands else None,
             "best_eplb_num_redundant_experts": self.recommended.num_redundant,
             "predicted_gain": _finite(self.predicted_gain),
+            "confidence": self.confidence.to_dict(),
             "baseline": self.baseline.to_dict(),
             "sweep": [p.to_dict() for p in self.points],
         }
 
     def format_table(self) -> str:
         head = (f"{'redundant':>9}{'experts/GPU':>13}{'straggler mean':>16}{'worst (layer)':>16}"
-                f"{'vLLM bal.':>11}{'SGLang bal.':>13}")
+                f"{'vLLM bal.':>11}{'SGLang bal.':>13}{'held out':>10}")
         lines = [f"EPLB sweep on {self.num_gpus} GPUs, {self.num_nodes} node(s), {self.num_groups} expert "
                  f"group(s); straggler = max/mean EP-rank load, 1.000 = perfectly balanced", head]
-        for point in (self.baseline, *self.points):
+        held = self.confidence.held_out
+        for i, point in enumerate((self.baseline, *self.points)):
             s = point.summary
-            mark = "  <- recommended" if point is self.recommended and self.enable_eplb else ""
-            if point is self.baseline and not self.enable_eplb:
-                mark = "  <- recommended (EPLB does not pay)"
+            mark = ""
+            if self.stands:
+                if point is self.recommended and self.enable_eplb:
+                    mark = "  <- recommended"
+                elif point is self.baseline and not self.enable_eplb:
+                    mark = "  <- recommended (EPLB does not pay)"
             slots = f"{point.slots_per_gpu:g}"
+            out = _fmt(held[i]) if i < len(held) else "-"
             lines.append(f"{point.label:>9}{slots:>13}{_fmt(s.mean_straggler):>16}"
                          f"{_fmt(s.worst_straggler) + f' ({s.worst_layer})':>16}"
-                         f"{_fmt(s.vllm_balancedness, 4):>11}{_fmt(s.sglang_balancedness, 4):>13}{mark}")
-        lines.append(f"rule: {self.rule} (tolerance {self.tolerance:.1%})")
+                         f"{_fmt(s.vllm_balancedness, 4):>11}{_fmt(s.sglang_balancedness, 4):>13}{out:>10}{mark}")
+        lines.append(f"rule: {self.rule} (tolerance {self.tolerance:.1%}), on the held-out straggler when the "
+                     "history has sub-ranges")
+        lines.append(self.confidence.line())
         return "\n".join(lines)
 
 
@@ -316,8 +371,12 @@ def redundancy_sweep(num_experts: int, num_gpus: int, steps: int = 4) -> list[in
 
 
 def advise(load: object, *, num_gpus: int, num_nodes: int = 1, num_groups: int = 1,
-           redundant: Iterable[int] | None = None, tolerance: float = 0.01, strategy: str = "linear") -> Advice:
-    """Sweep redundant experts (default `redundancy_sweep(E, W)`) and recommend one (`RULE`)."""
+           redundant: Iterable[int] | None = None, tolerance: float = 0.01, strategy: str = "linear",
+           parts: Sequence[object] = (), min_per_cell: float = MIN_PER_CELL) -> Advice:
+    """Sweep redundant experts (default `redundancy_sweep(E, W)`) and recommend one (`RULE`). `parts`: the
+    history's time-ordered sub-ranges (their sum is about `load`); with two or more, the rule reads each setting's
+    straggler on held-out sub-ranges (a placement fitted to noise does not carry over) and the recommendation
+    stands only when the sub-ranges agree (`Confidence`)."""
     w = check_load(load)
     num_gpus = _count(num_gpus, "num_gpus")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < 1:
@@ -326,15 +385,81 @@ def advise(load: object, *, num_gpus: int, num_nodes: int = 1, num_groups: int =
     if not values:
         raise ValueError("redundant: give at least one number of redundant experts")
     values = sorted({_count(r, "redundant experts", minimum=0) for r in values})
+    folds = [check_load(p) for p in parts if np.any(p)]  # a sub-range with no traffic checks nothing
+    if any(f.shape != w.shape for f in folds):
+        raise ValueError(f"parts: every sub-range must be {w.shape[0]} layers x {w.shape[1]} experts like the load")
+
+    def plan(fit: np.ndarray, r: int) -> Placement:
+        return plan_placement(fit, num_gpus=num_gpus, num_redundant=r, num_nodes=num_nodes, num_groups=num_groups)
+
     baseline = SweepPoint(None, w.shape[1] / num_gpus, summarize(identity_rank_load(w, num_gpus, strategy)))
     points = []
     for r in values:
-        placement = plan_placement(w, num_gpus=num_gpus, num_redundant=r, num_nodes=num_nodes,
-                                   num_groups=num_groups)
+        placement = plan(w, r)
         points.append(SweepPoint(r, placement.slots_per_gpu, summarize(placement_rank_load(w, placement))))
-    best = min(p.summary.mean_straggler for p in points)
-    recommended = next(p for p in points if p.summary.mean_straggler <= best * (1 + tolerance))
-    enable = recommended.summary.mean_straggler * (1 + tolerance) < baseline.summary.mean_straggler
+    score = [p.summary.mean_straggler for p in points]
+    held: list[float] = []
+    per_fold: list[int | None] = []
+    usable = [f for f in folds if f.any() and (w - f).any()]
+    if len(usable) >= 2:
+        def held_out(fs: list[np.ndarray]) -> np.ndarray:  # [fold, baseline + settings]
+            total = sum(fs)
+            return np.array([[_mean_straggler(identity_rank_load(f, num_gpus, strategy))] +
+                             [_mean_straggler(placement_rank_load(f, plan(np.maximum(total - f, 0.0), r)))
+                              for r in values] for f in fs])
+
+        # What sampling noise alone scores: the same folds' token counts routed uniformly. Replicas smooth a
+        # small sample's noise as they smooth skew, so without this a short, balanced history "gains" from EPLB.
+        rng = np.random.default_rng(0)
+        noise = np.mean([held_out([_uniform_like(f, rng) for f in usable]) for _ in range(NULL_DRAWS)], axis=0)
+        table = held_out(usable) - (noise - 1.0)
+        held = [float(x) for x in table.mean(axis=0)]
+        score = held[1:]
+        for row in table:
+            pick = _rule(list(row[1:]), tolerance)
+            per_fold.append(values[pick] if row[1 + pick] * (1 + tolerance) < row[0] else None)
+    pick = _rule(score, tolerance)
+    recommended = points[pick]
+    base = held[0] if held else baseline.summary.mean_straggler
+    enable = score[pick] * (1 + tolerance) < base
+    confidence = _confidence(w, min_per_cell, len(usable), per_fold, held,
+                             recommended.num_redundant if enable else None, num_gpus)
     return Advice(baseline=baseline, points=tuple(points), recommended=recommended, enable_eplb=enable,
                   tolerance=float(tolerance), strategy=strategy, num_gpus=num_gpus, num_nodes=num_nodes,
-                  num_groups=num_groups)
+                  num_groups=num_groups, confidence=confidence)
+
+
+def _uniform_like(fold: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each layer's assignments of `fold` spread over its experts uniformly at random."""
+    n = np.rint(fold.sum(axis=1)).astype(np.int64)
+    return np.stack([rng.multinomial(k, np.full(fold.shape[1], 1.0 / fold.shape[1])) for k in n]).astype(float)
+
+
+def _mean_straggler(rank_load: np.ndarray) -> float:
+    return summarize(rank_load).mean_straggler
+
+
+def _rule(scores: list[float], tolerance: float) -> int:
+    """The first (fewest redundant experts) setting within the tolerance of the best."""
+    best = min(scores)
+    return next(i for i, x in enumerate(scores) if x <= best * (1 + tolerance))
+
+
+def _confidence(w: np.ndarray, min_per_cell: float, folds: int, per_fold: list[int | None], held: list[float],
+                chosen: int | None, num_gpus: int) -> Confidence:
+    per_cell = float(w.sum()) / w.size
+    why = ""
+    if per_cell < min_per_cell:
+        why = (f"too little routing recorded: {per_cell:,.0f} assignments per layer x expert, {min_per_cell:,.0f} "
+               "needed (a longer range: --minutes, --range, or a later capture)")
+    elif folds < 2:
+        why = ("the history is one range: no sub-ranges to check the recommendation on (a flight record of two "
+               "windows or more, or a Prometheus range)")
+    else:
+        off = [r for r in per_fold if (r is None) != (chosen is None)]
+        far = [r for r in per_fold if r is not None and chosen is not None and abs(r - chosen) > num_gpus]
+        if off or far:
+            choices = ", ".join("off" if r is None else str(r) for r in per_fold)
+            why = (f"not stable: the {folds} sub-ranges, each held out in turn, chose {choices} (the load moves more "
+                   "than the placements differ: a longer range, or one of steadier traffic)")
+    return Confidence(int(w.sum()), per_cell, float(min_per_cell), folds, tuple(per_fold), tuple(held), why)

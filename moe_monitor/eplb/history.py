@@ -21,6 +21,7 @@ import numpy as np
 
 from moe_monitor.client import DEFAULT_TIMEOUT_S, Client, ClientError
 from moe_monitor.client.records import MAX_CELLS, MAX_EXPERTS, MAX_LAYER_ID, check_flight, flight_record
+from moe_monitor.eplb.balance import FOLDS
 from moe_monitor.sidecar.flight import MAX_JSON_BYTES
 
 RANGE_RE = re.compile(r"^\d+[smhdw]$")
@@ -42,6 +43,7 @@ class History:
     start: float | None = None  # unix seconds, when known
     end: float | None = None
     model: str = ""
+    parts: tuple[np.ndarray, ...] = ()  # the range cut in up to FOLDS consecutive sub-ranges (advice's check)
 
     @property
     def assignments(self) -> int:
@@ -57,17 +59,21 @@ def from_flight(doc: dict, source: str) -> History:
     windows = doc["windows"]
     if not windows:
         raise HistoryError(f"{source}: the flight record holds no windows (the sidecar had not closed one yet)")
-    load = np.zeros((len(doc["layer_ids"]), doc["experts"]), dtype=np.float64)
+    shape = (len(doc["layer_ids"]), doc["experts"])
+    groups = np.array_split(np.arange(len(windows)), min(FOLDS, len(windows)))
+    parts = tuple(np.zeros(shape, dtype=np.float64) for _ in groups)
     with np.errstate(over="ignore"):
-        for w in windows:
-            load += w["counts"]
+        for part, group in zip(parts, groups):
+            for i in group:
+                part += windows[i]["counts"]
+        load = sum(parts, np.zeros(shape, dtype=np.float64))
         finite = np.isfinite(load.sum())
     if not finite:
         raise HistoryError(f"{source}: the flight record's counts are not finite once summed")
     if not load.any():
         raise HistoryError(f"{source}: no tokens were routed in the {len(windows)} windows of the flight record")
     return History(tuple(doc["layer_ids"]), load, source, windows[0]["start"], windows[-1]["end"],
-                   doc.get("model", ""))
+                   doc.get("model", ""), parts if len(parts) > 1 else ())
 
 
 def from_flight_bytes(data: bytes, source: str) -> History:
@@ -157,21 +163,58 @@ def _declared_experts(prom: Client, selector: str, range_: str, at: float | None
 def from_prometheus(url: str, range_: str, selector: str = "", at: float | None = None,
                     timeout: float = DEFAULT_TIMEOUT_S) -> History:
     """Per layer × expert `increase()` over `range_` (e.g. 6h) ending now (or at `at`), summed over instances
-    matching `selector` (PromQL label matchers, e.g. `job="moe-monitor",model="..."`). Expert ids are checked
-    against the expert count the sidecars declare (moe_model_info), layer ids against MAX_LAYER_ID."""
+    matching `selector` (PromQL label matchers, e.g. `job="moe-monitor",model="..."`), and the same over FOLDS
+    consecutive sub-ranges (the advice's check). Expert ids are checked against the expert count the sidecars
+    declare (moe_model_info), layer ids against MAX_LAYER_ID."""
     if not RANGE_RE.match(range_):
         raise HistoryError(f"range {range_!r} is not a Prometheus duration like 30m, 6h or 7d")
     prom = Client(url, timeout=timeout, name="Prometheus", sidecar=False)
-    query = f"sum by (layer, expert) (increase({EXPERT_METRIC}{{{selector}}}[{range_}]))"
-    result = _query(prom, query, at)
+    result = _query(prom, _increase(selector, range_), at)
     if not result:
         raise HistoryError(f"Prometheus has no {EXPERT_METRIC} series{' for ' + selector if selector else ''} over "
                            f"the last {range_}: run the sidecars with --expert-series all (the per-expert series "
                            "are off by default), or use a capture's flight record (--capture ID)")
+    experts = _declared_experts(prom, selector, range_, at)
+    cells = _cells(result, experts)
+    layers = sorted({c[0] for c in cells})
+    width = experts or max(c[1] for c in cells) + 1
+    if len(layers) * width > MAX_CELLS:
+        raise HistoryError(f"{len(layers)} layers x {width} experts is more than the {MAX_CELLS} cells a plan is "
+                           "made for")
+    load = _load(cells, layers, width)
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(load.sum())
+    if not finite:
+        raise HistoryError(f"the increases over the last {range_} are not finite once summed")
+    if not load.any():
+        raise HistoryError(f"no tokens were routed over the last {range_} ({EXPERT_METRIC} did not increase)")
+    seconds = _seconds(range_) / FOLDS
+    end = time.time() if at is None else at
+    parts = []
+    if seconds >= 1:
+        for k in range(FOLDS - 1, -1, -1):  # oldest first
+            sub = _cells(_query(prom, _increase(selector, f"{int(seconds)}s"), end - k * seconds), experts,
+                         known=set(layers), width=width)
+            parts.append(_load(sub, layers, width))
+    return History(tuple(layers), load, f"Prometheus {url}, increase over {range_}",
+                   parts=tuple(parts) if all(np.isfinite(p.sum()) for p in parts) else ())
+
+
+def _increase(selector: str, range_: str) -> str:
+    return f"sum by (layer, expert) (increase({EXPERT_METRIC}{{{selector}}}[{range_}]))"
+
+
+def _seconds(range_: str) -> float:
+    return int(range_[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[range_[-1]]
+
+
+def _cells(result: list, experts: int | None, known: set[int] | None = None,
+           width: int | None = None) -> list[tuple[int, int, float]]:
+    """(layer, expert, increase) of each series, checked; with `known`, series of other layers (or experts past
+    `width`) are dropped: a sub-range's answer is read into the whole range's layout."""
     if len(result) > MAX_CELLS:
         raise HistoryError(f"Prometheus answered {len(result)} series: more than the {MAX_CELLS} layer x expert "
                            "cells a plan is made for")
-    experts = _declared_experts(prom, selector, range_, at)
     why = f"the model's {experts} experts ({INFO_METRIC})" if experts else f"at most {MAX_EXPERTS} experts"
     cells = []
     for r in result:
@@ -185,21 +228,15 @@ def from_prometheus(url: str, range_: str, selector: str = "", at: float | None 
         if value < 0 or math.isinf(value):
             raise HistoryError(f"Prometheus series layer={layer}, expert={expert}: increase {value} is negative "
                                "or infinite")
-        cells.append((layer, expert, value))
-    layers = sorted({c[0] for c in cells})
-    width = experts or max(c[1] for c in cells) + 1
-    if len(layers) * width > MAX_CELLS:
-        raise HistoryError(f"{len(layers)} layers x {width} experts is more than the {MAX_CELLS} cells a plan is "
-                           "made for")
+        if known is None or (layer in known and expert < (width or 0)):
+            cells.append((layer, expert, value))
+    return cells
+
+
+def _load(cells: list[tuple[int, int, float]], layers: list[int], width: int) -> np.ndarray:
     load = np.zeros((len(layers), width), dtype=np.float64)
     row = {layer: i for i, layer in enumerate(layers)}
     for layer, expert, value in cells:
         if value > 0:  # NaN (no samples) adds nothing
             load[row[layer], expert] += value
-    with np.errstate(over="ignore"):
-        finite = np.isfinite(load.sum())
-    if not finite:
-        raise HistoryError(f"the increases over the last {range_} are not finite once summed")
-    if not load.any():
-        raise HistoryError(f"no tokens were routed over the last {range_} ({EXPERT_METRIC} did not increase)")
-    return History(tuple(layers), load, f"Prometheus {url}, increase over {range_}")
+    return load
