@@ -78,6 +78,14 @@ def test_json_round_trip_and_the_summary_an_engineer_reads():
     assert "2 windows of m" in text and "-5s" in text and "3/2: 62.5 %" in text and "1.50" in text
 
 
+def test_the_segments_last_tokens_bound_is_served_as_null():
+    """The plugin's segments end their tokens buckets with INT64_MAX (+Inf): the record says null (docs/flight.md)."""
+    rec = FlightRecorder(10)
+    bounds = np.array(StepStats().token_bounds)  # int64, the last one INT64_MAX
+    rec.record(Window(0, 5, np.array([0]), np.array([[1, 2]]), None, None, bounds), None)
+    assert rec.record_json()["token_bounds"] == [1.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0, None]
+
+
 @pytest.mark.parametrize("data, why", [
     (b"", "not a readable"), (b"\x1f\x8b\x08\x00garbage", "not a readable"), (b"[1, 2]", "not a flight record"),
     (json.dumps({"format": "other"}).encode(), "not a flight record"),

@@ -29,6 +29,7 @@ from moe_monitor.channel.layout import PHASES
 
 log = logging.getLogger(__name__)
 
+INT64_MAX = np.iinfo(np.int64).max  # the segment's +Inf tokens bound (moe_monitor/channel/layout.py)
 FILE = "flight.json.gz"  # the name a capture stores its flight record under
 FORMAT = "moe-monitor-flight/1"
 MAX_JSON_BYTES = 256 << 20  # a stored record larger than this is refused when read back (decompressed)
@@ -110,7 +111,8 @@ class FlightRecorder:
                 self._bytes = 0
             self.layer_ids = layers
             if window.token_bounds is not None:
-                self.token_bounds = tuple(float(x) for x in window.token_bounds)
+                # The last bound is the segment's INT64_MAX (+Inf), served as null like any infinite bound.
+                self.token_bounds = tuple(math.inf if float(x) >= INT64_MAX else float(x) for x in window.token_bounds)
             if len(self._windows) == self._windows.maxlen:
                 self._bytes -= self._windows[0].nbytes
             self._windows.append(entry)
