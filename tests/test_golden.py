@@ -84,3 +84,16 @@ def test_golden_window_figures_are_what_the_fixtures_hold(tmp_path):
         return int(read_segment(os.path.join(FIXTURES, "segments", snap, f"dp{dp}-pp0-tp0.moeseg")).counts.sum())
     expected = sum(total("t1", dp) - total("t0", dp) for dp in (0, 1))
     assert values[("moe_window_routed_tokens", ())] == expected > 4000
+
+
+def test_all_is_the_fullest_tier(tmp_path):
+    """`--expert-series all` exports what `top` does (the top-K gauges, same values) and the per-expert counters:
+    the dashboards' top-K table and top-1 timeline have data under either."""
+    def series(kind):
+        text = exposition(tmp_path / kind, expert_series=kind)
+        return {x.rsplit(" ", 1)[0]: x.rsplit(" ", 1)[1] for x in text.splitlines()
+                if x.startswith(("moe_layer_top_expert_", "moe_expert_routed_tokens_total"))}
+    top, full = series("top"), series("all")
+    assert top and all(k.startswith("moe_layer_top_expert_") for k in top)
+    assert {k: full[k] for k in top} == top
+    assert any(k.startswith("moe_expert_routed_tokens_total") for k in full)

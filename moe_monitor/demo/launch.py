@@ -112,7 +112,9 @@ def start_vllm(model_dir: str, port: int, log_path: str, env: dict[str, str], ex
     return spawn("vllm", cmd, env, log_path, f"http://127.0.0.1:{port}")
 
 
-def start_sidecar(segment_dir: str, port: int, log_path: str, extra_args: list[str] = ()) -> Proc:
+def start_sidecar(segment_dir: str, port: int, log_path: str, extra_args: list[str] = (),
+                  env: dict[str, str] | None = None) -> Proc:
+    """`moe-monitor serve` on loopback; `env` adds to this process's environment (a token: not in argv, `ps`)."""
     cmd = [sys.executable, "-m", "moe_monitor.cli", "serve", "--segment-dir", segment_dir,
            "--listen", f"127.0.0.1:{port}", *extra_args]
-    return spawn("sidecar", cmd, dict(os.environ), log_path, f"http://127.0.0.1:{port}")
+    return spawn("sidecar", cmd, {**os.environ, **(env or {})}, log_path, f"http://127.0.0.1:{port}")

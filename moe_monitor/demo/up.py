@@ -1,21 +1,40 @@
-"""The README's main job: tiny MoE model → vLLM CPU with the plugin → sidecar → Prometheus + Alertmanager
-(deploy/ configs, generated rules) → a short mixed workload, until the imbalance alert reaches the receiver."""
+"""The README's main job: tiny MoE model → vLLM CPU with the plugin and the profiler on → sidecar with captures
+(a generated API token) → Prometheus + Alertmanager (deploy/ configs, generated rules) → balanced, then hot
+prompts, until the imbalance alert reaches the receiver and the detector's capture is stored; then the capture
+is shown as `moe-monitor traces show` shows it."""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 
 import numpy as np
+
+from moe_monitor import env
 
 from . import launch, needs, promstack, workload
 from .alert_sink import AlertSink, describe
 
 DEMO_THRESHOLDS = os.path.join(promstack.REPO, "deploy", "prometheus", "demo-thresholds.toml")
 IMBALANCE_ALERT = "MoeExpertImbalanceSustained"
+TOKEN_FILE = "api-token"
+CAPTURE_ITERATIONS = 5  # the sidecar's --capture-iterations default; also vLLM's max_iterations (below)
+# The detector, tuned to the demo's few minutes (production keeps the defaults, docs/captures.md): it learns from 4
+# loaded 2 s windows instead of 10, fires on 2 windows in a row instead of 3, at the alert's max/mean (2.75, between
+# the tiny model's balanced 2.36 and hot 3.25: deploy/prometheus/demo-thresholds.toml), and takes only a doubled
+# step time for a step-time regression (+30 % by default), so that the hot prompts, not the noise of a shared
+# laptop, take the demo's capture.
+DETECTOR_ARGS = ["--warmup-windows", "4", "--consecutive-windows", "2", "--imbalance-threshold", "2.75",
+                 "--step-margin", "1.0", "--min-window-steps", "3"]
+LEARN_S, HOT_S = 60, 120  # at most this long for the detector's baselines, then for the alert and the capture
 
 
 def _start_alerting(workdir: str, sidecar: str, vllm: str, prom_port: int, am_port: int, sink_port: int):
@@ -31,7 +50,8 @@ def _start_alerting(workdir: str, sidecar: str, vllm: str, prom_port: int, am_po
     except promstack.MissingTool as e:
         print(f"without Prometheus/Alertmanager: {e}")
         return [], None
-    sink = AlertSink(port=sink_port, on_alert=lambda a: print(f"  >>> alert at the receiver: {describe(a)}"))
+    sink = AlertSink(port=sink_port, on_alert=lambda a: print(textwrap.fill(
+        describe(a), 80, initial_indent="  >>> alert at the receiver: ", subsequent_indent=" " * 6)))
     am = promstack.start_alertmanager(workdir, am_port, sink.url,
                                       promstack.Timing(group_wait="1s", group_interval="5s", repeat_interval="1h"))
     prom = promstack.start_prometheus(workdir, prom_port, [sidecar], f"127.0.0.1:{am_port}", rules, vllm=vllm,
@@ -39,25 +59,34 @@ def _start_alerting(workdir: str, sidecar: str, vllm: str, prom_port: int, am_po
     return [prom, am], sink
 
 
-def _routed(metrics_url: str) -> tuple[np.ndarray, dict[str, float]]:
+def _samples(metrics_url: str) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
         text = r.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def _routed(metrics_url: str) -> tuple[np.ndarray, dict[str, float]]:
     counts: dict[tuple[int, int], float] = {}
     health: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "moe_expert_routed_tokens_total":
-                counts[int(s.labels["layer"]), int(s.labels["expert"])] = s.value
-            elif s.name == "moe_monitor_segments":
-                health[s.labels["state"]] = s.value
+    for s in _samples(metrics_url):
+        if s.name == "moe_expert_routed_tokens_total":
+            counts[int(s.labels["layer"]), int(s.labels["expert"])] = s.value
+        elif s.name == "moe_monitor_segments":
+            health[s.labels["state"]] = s.value
     layers = sorted({k[0] for k in counts})
     experts = 1 + max((k[1] for k in counts), default=-1)
     out = np.zeros((len(layers), experts), dtype=np.int64)
     for (layer, expert), v in counts.items():
         out[layers.index(layer), expert] = int(v)
     return out, health
+
+
+def _learned(metrics_url: str) -> bool:
+    """The detector has baselines for the worst layer's imbalance and for at least one step-time key."""
+    signals = {s.labels["signal"] for s in _samples(metrics_url) if s.name == "moe_detector_baseline"}
+    return {"worst_layer_imbalance_ratio", "step_time"} <= signals
 
 
 def _show(title: str, counts: np.ndarray) -> None:
@@ -68,6 +97,51 @@ def _show(title: str, counts: np.ndarray) -> None:
         print(f"  layer {layer}: {bar}   max/mean {row.max() / (total / len(row)):.2f}")
 
 
+def _write_token(workdir: str) -> tuple[str, str]:
+    """A fresh bearer token for the sidecar's API in workdir/api-token, mode 0600 from the start (never through a
+    link someone left there: the old file is removed and the new one created exclusively)."""
+    path = os.path.join(workdir, TOKEN_FILE)
+    token = secrets.token_urlsafe(32)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(token + "\n")
+    return token, path
+
+
+def _detector_capture(sidecar_url: str, token: str) -> dict | None:
+    """The newest capture the detector took (not a manual one) once it has an outcome, else None."""
+    req = urllib.request.Request(f"{sidecar_url}/api/captures", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        listed = json.load(r)["captures"]
+    return next((c for c in listed if c.get("reason") != "manual" and c.get("outcome") != "running"), None)
+
+
+def _command() -> str:
+    """How the user runs moe-monitor from here: the name on PATH, else the venv's script (make demo's)."""
+    script = os.path.join(os.path.dirname(sys.executable), "moe-monitor")
+    if shutil.which("moe-monitor") == script or not os.path.exists(script):
+        return "moe-monitor"
+    return _short(script)
+
+
+def _short(path: str) -> str:
+    """`path` relative to the working directory when it is below it, else as it is."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _traces_show(sidecar_url: str, token: str, capture_id: str) -> None:
+    """Print what `moe-monitor traces show <id>` prints (the command itself, as the user would run it)."""
+    print(f"\n$ {_command()} traces show {capture_id}")
+    done = subprocess.run([sys.executable, "-m", "moe_monitor.cli", "traces", "show", capture_id],
+                          env={**os.environ, env.API_TOKEN: token, env.SIDECAR_URL: sidecar_url},
+                          capture_output=True, text=True, timeout=120)
+    print((done.stdout + done.stderr).rstrip())
+
+
 def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool, alerting: bool = True,
              prometheus_port: int = 9090, alertmanager_port: int = 9093, receiver_port: int = 9095) -> int:
     needs.require("demo", {**needs.DEMO, **(needs.ALERTING if alerting else {})})
@@ -75,11 +149,10 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
 
     workdir = os.path.abspath(workdir)
     model_dir = os.path.join(workdir, "model")
-    segments = os.path.join(workdir, "segments")
     os.makedirs(workdir, exist_ok=True)
-    # A fresh channel each run: the sidecar would otherwise (rightly) carry the last run's counters forward.
-    shutil.rmtree(segments, ignore_errors=True)
-    for store in ("prometheus", "alertmanager"):
+    # A fresh channel, trace catalog and Prometheus each run: the sidecar would otherwise (rightly) carry the last
+    # run's counters forward, and list its captures.
+    for store in ("segments", "profiles", "captures", "prometheus", "alertmanager"):
         shutil.rmtree(os.path.join(workdir, store), ignore_errors=True)
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"generating a tiny Qwen3-MoE (2 layers x 8 experts, top-2, expert 3 hot) in {model_dir}")
@@ -88,7 +161,7 @@ def run_demo(workdir: str, vllm_port: int, sidecar_port: int, keep_running: bool
     procs: list = []  # everything started, stopped in `finally` whatever ends the demo
     previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _demo(workdir, model_dir, segments, meta, procs, vllm_port, sidecar_port, keep_running, alerting,
+        return _demo(workdir, model_dir, meta, procs, vllm_port, sidecar_port, keep_running, alerting,
                      prometheus_port, alertmanager_port, receiver_port)
     except (KeyboardInterrupt, Terminated):
         return 0
@@ -110,18 +183,36 @@ def _terminated(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
-def _demo(workdir, model_dir, segments, meta, procs, vllm_port, sidecar_port, keep_running, alerting,
-          prometheus_port, alertmanager_port, receiver_port) -> int:
+def _start_monitored_vllm(workdir: str, model_dir: str, vllm_port: int):
     gpu = launch.has_gpu()
     print(f"starting vLLM ({'GPU: bf16, torch.compile, CUDA graphs' if gpu else 'CPU'}) with the moe-monitor "
-          "plugin; the first start takes a minute or two ...")
-    server = launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"), launch.vllm_env(segments),
-                               [] if gpu else ["--enforce-eager"], gpu=gpu)
+          "plugin\nand the profiler on; the first start takes a minute or two ...")
+    # The profiler as docs/captures.md turns it on. max_iterations here too: vLLM before 0.32 (a GPU's) ignores
+    # the sidecar's /start_profile body, and would otherwise record until the sidecar stops it.
+    profiler = {"profiler": "torch", "torch_profiler_dir": os.path.join(workdir, "profiles"),
+                "torch_profiler_with_stack": False, "ignore_frontend": True, "max_iterations": CAPTURE_ITERATIONS}
+    return launch.start_vllm(model_dir, vllm_port, os.path.join(workdir, "vllm.log"),
+                             launch.vllm_env(os.path.join(workdir, "segments")),
+                             ([] if gpu else ["--enforce-eager"]) + ["--profiler-config", json.dumps(profiler)],
+                             gpu=gpu)
+
+
+def _start_sidecar(workdir: str, sidecar_port: int, vllm_url: str, token: str):
+    return launch.start_sidecar(
+        os.path.join(workdir, "segments"), sidecar_port, os.path.join(workdir, "sidecar.log"),
+        ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20",
+         "--profile-dir", os.path.join(workdir, "profiles"), "--vllm-url", vllm_url,
+         "--capture-dir", os.path.join(workdir, "captures"), "--capture-iterations", str(CAPTURE_ITERATIONS),
+         *DETECTOR_ARGS],
+        env={env.API_TOKEN: token})  # in the environment, not on the command line (`ps` shows that)
+
+
+def _demo(workdir, model_dir, meta, procs, vllm_port, sidecar_port, keep_running, alerting,
+          prometheus_port, alertmanager_port, receiver_port) -> int:
+    server = _start_monitored_vllm(workdir, model_dir, vllm_port)
     procs.append(server)
-    sidecar = launch.start_sidecar(segments, sidecar_port, os.path.join(workdir, "sidecar.log"),
-                                   ["--window", "2", "--expert-series", "all", "--min-window-assignments", "20",
-                                    # loopback only: `moe-monitor top` and `traces` need no token here
-                                    "--captures-api-insecure"])
+    token, token_path = _write_token(workdir)
+    sidecar = _start_sidecar(workdir, sidecar_port, server.url, token)
     procs.append(sidecar)
     metrics_url = f"{sidecar.url}/metrics"
     extra, sink = ([], None)
@@ -136,51 +227,40 @@ def _demo(workdir, model_dir, segments, meta, procs, vllm_port, sidecar_port, ke
     for proc in extra:
         proc.wait_ready("/-/ready", 60)
     if extra:
-        print(f"Prometheus at {extra[0].url} (rules generated by moe_monitor/mixin with {DEMO_THRESHOLDS}), "
-              f"Alertmanager at {extra[1].url}, alerts printed by the receiver at {sink.url}")
+        print(f"Prometheus at {extra[0].url}, rules generated by moe_monitor/mixin with\n"
+              f"  {os.path.relpath(DEMO_THRESHOLDS, promstack.REPO)}\n"
+              f"Alertmanager at {extra[1].url}, alerts printed by the receiver at\n  {sink.url}")
     zero, health = _routed(metrics_url)
-    print(f"sidecar ready at {metrics_url}: segments {health}, routed tokens before any request: "
-          f"{int(zero.sum())}")
+    print(f"sidecar ready at {metrics_url}\n  segments {health}; routed tokens so far: {int(zero.sum())}")
 
-    print("\nworkload 1/2: 16 balanced prompts, 4 concurrent (prefill, decode and mixed steps)")
+    print("\nworkload 1/2: 16 balanced prompts, 4 at a time (prefill, decode, mixed steps)")
     workload.run(server.url, workload.prompts(16, seed=1), max_tokens=12)
+    print(f"  ... and more until the detector has learned its baselines (at most {LEARN_S} s)")
+    deadline = time.time() + LEARN_S
+    workload.run_until(server.url, lambda: _learned(metrics_url) or time.time() > deadline, seed=11)
     time.sleep(2.5)  # one publish interval (1 s) plus margin
     balanced, _ = _routed(metrics_url)
-    _show("routed tokens per expert after balanced traffic (moe_expert_routed_tokens_total):", balanced)
+    _show("routed tokens per expert, balanced traffic (moe_expert_routed_tokens_total):", balanced)
 
-    print(f"\nworkload 2/2: 16 prompts full of {meta['hot_words']} (the model routes them to expert "
+    print(f"\nworkload 2/2: 16 prompts full of {', '.join(meta['hot_words'])} (routed to expert "
           f"{meta['hot_expert']})")
     workload.run(server.url, workload.prompts(16, meta["hot_words"], hot_share=0.9, seed=2,
                                               words_per_prompt=(30, 60)), max_tokens=4)
-    if sink is not None:
-        print(f"  ... and more of them until {IMBALANCE_ALERT} reaches the receiver (at most 90 s)")
-        deadline = time.time() + 90
-
-        def done() -> bool:
-            return bool(sink.alerts(IMBALANCE_ALERT, "firing")) or time.time() > deadline
-
-        workload.run_until(server.url, done, meta["hot_words"], seed=3, batch=8)
-        if not sink.alerts(IMBALANCE_ALERT, "firing"):
-            print(f"  {IMBALANCE_ALERT} did not arrive; see {workdir}/prometheus.log and the Prometheus UI")
+    waited = "the detector's capture is stored" if sink is None else f"{IMBALANCE_ALERT} reaches the receiver\n" \
+        "  and the detector's capture is stored"
+    print(f"  ... and more of them until {waited} (at most {HOT_S} s)")
+    capture = _hot_until_captured(server, sidecar.url, token, sink, meta, time.time() + HOT_S)
+    if sink is not None and not sink.alerts(IMBALANCE_ALERT, "firing"):
+        print(f"  {IMBALANCE_ALERT} did not arrive; see {workdir}/prometheus.log and the Prometheus UI")
     time.sleep(2.5)
     hot, _ = _routed(metrics_url)
     _show(f"routed tokens added by the hot prompts (expert {meta['hot_expert']} should dominate):",
           hot - balanced)
-
-    print(f"""
-Look at:
-  {metrics_url}
-    moe_layer_imbalance_ratio{{layer}}               max/mean expert load in the last 2 s window
-    moe_layer_top1_share{{layer}}                    share of the window's load on the busiest expert
-    moe_expert_routed_tokens_total{{layer,expert}}   tokens routed per layer x expert (rate() it)
-    moe_step_duration_seconds{{phase,tokens_le}}     engine step time histogram
-    moe_monitor_segment_up / moe_monitor_segments   health of the plugin -> sidecar channel
-  {server.url}/v1/completions                      send your own prompts (model name "{launch.SERVED_NAME}")
-  logs: {workdir}/vllm.log, {workdir}/sidecar.log""")
-    if extra:
-        print(f"""  {extra[0].url}/alerts                           the alert rules and their state (Prometheus)
-  {extra[1].url}                                    Alertmanager; the receiver prints what it sends
-  grafana/dashboards/*.json                        import into a Grafana pointed at {extra[0].url}""")
+    if capture is not None:
+        _traces_show(sidecar.url, token, capture["id"])
+    else:
+        print(f"\nthe detector took no capture in {HOT_S} s: see {workdir}/sidecar.log")
+    _look_at(workdir, server, sidecar, extra, token_path)
     if keep_running:
         print("\nEverything keeps running; Ctrl-C (or SIGTERM) stops it all.")
         while all(p.popen.poll() is None for p in (server, sidecar, *extra)):
@@ -188,3 +268,48 @@ Look at:
         print("a process exited; see the logs above")
         return 1
     return 0
+
+
+def _hot_until_captured(server, sidecar_url: str, token: str, sink, meta, deadline: float) -> dict | None:
+    """Hot prompts until the alert has reached the receiver (when there is one) and the detector's capture has an
+    outcome, or the deadline; the capture, or None."""
+    found: list[dict] = []
+
+    def done() -> bool:
+        if not found and (capture := _detector_capture(sidecar_url, token)) is not None:
+            found.append(capture)
+            ev = capture.get("evidence") or {}
+            why = " >= ".join(f"{v:.2f}" for v in (ev.get("current"), ev.get("threshold")) if isinstance(v, float))
+            print(f"  >>> capture by the detector: {capture['id']}, {capture.get('outcome')}\n"
+                  f"      ({ev.get('signal')} {why})")
+        alerted = sink is None or bool(sink.alerts(IMBALANCE_ALERT, "firing"))
+        return (alerted and bool(found)) or time.time() > deadline
+
+    workload.run_until(server.url, done, meta["hot_words"], seed=3, batch=8)
+    return found[0] if found else None
+
+
+def _look_at(workdir: str, server, sidecar, extra: list, token_path: str) -> None:
+    shown, mm = _short(token_path), _command()
+    print(f"""
+Look at:
+  {sidecar.url}/metrics
+    moe_layer_imbalance_ratio{{layer}}     max/mean expert load in the last window
+    moe_layer_top1_share{{layer}}          the busiest expert's share of it
+    moe_expert_routed_tokens_total        tokens routed per layer x expert
+    moe_step_duration_seconds             engine step time histogram
+    moe_capture_share{{category}}          the newest capture's kernel breakdown
+    moe_monitor_segment_up                health of the plugin's channel
+  captures and the live view (the API wants the token in {TOKEN_FILE}, mode 0600):
+    export MOE_MONITOR_URL={sidecar.url.removeprefix('http://')}
+    export MOE_MONITOR_API_TOKEN=$(cat {shown})
+    {mm} traces list      # then: show ID, pull ID --out DIR
+    {mm} traces trigger --reason "a look" --wait
+    {mm} top              # live view; 80x24 is enough
+  {server.url}/v1/completions  your own prompts (model "{launch.SERVED_NAME}")
+  logs: {workdir}/vllm.log, sidecar.log""")
+    if extra:
+        print(f"""  {extra[0].url}/alerts   the alert rules and their state
+  {extra[1].url}          Alertmanager; the receiver prints what it sends
+  Grafana: grafana/dashboards/*.json, or provision them (grafana/README.md),
+    with a Prometheus data source at {extra[0].url}""")

@@ -186,7 +186,8 @@ def _hot_expert(cfg: MixinConfig) -> dict:
         f"For {cfg.hot_expert_for}, one expert of layer {LAYER} received at least "
         f"{{{{ $value | humanizePercentage }}}} of the layer's assignments in every loaded window (threshold "
         f"{_pct(cfg.hot_expert_share)}; balanced is 1/experts). Its id: "
-        f"moe_layer_top_expert_id{{instance=\"{INSTANCE}\", layer=\"{LAYER}\", rank=\"1\"}} (--expert-series top).")
+        f"moe_layer_top_expert_id{{instance=\"{INSTANCE}\", layer=\"{LAYER}\", rank=\"1\"}} "
+        "(--expert-series top or all).")
 
 
 def _dead_experts(cfg: MixinConfig) -> dict:

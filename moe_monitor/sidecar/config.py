@@ -34,9 +34,10 @@ class SidecarConfig:
     rank_series: bool = setting(True, "--rank-series", "T1: per layer x EP-rank token counters.", group="series")
     load_histogram: bool = setting(True, "--load-histogram", "T1: per-window expert-load histogram per layer.",
                                    group="series")
-    expert_series: str = setting("none", "--expert-series", "T2: per layer x expert counters (all) or the top-K "
-                                 "hot experts per layer (top).", choices=EXPERT_SERIES, group="series")
-    top_experts: int = setting(5, "--top-experts", "K for --expert-series top.", minimum=1, group="series")
+    expert_series: str = setting("none", "--expert-series", "T2: the top-K hot experts per layer (top), or those "
+                                 "and per layer x expert counters (all).", choices=EXPERT_SERIES, group="series")
+    top_experts: int = setting(5, "--top-experts", "K of the top-K experts (--expert-series top or all).", minimum=1,
+                               group="series")
     hot_multiple: float = setting(2.0, "--hot-multiple", "An expert is hot when its window load exceeds this "
                                   "multiple of the layer's mean.", minimum=1.0, group="series")
     min_window_assignments: int = setting(100, "--min-window-assignments", "Below this many assignments in a "

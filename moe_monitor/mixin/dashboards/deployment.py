@@ -43,8 +43,11 @@ def label(cfg) -> str:
 
 
 def dsel(cfg, metric: str, *matchers: str) -> str:
-    """`metric{job=~"$job", <deployment label>=~"$deployment", <matchers>}`."""
-    return f'{metric}{{job=~"$job", {label(cfg)}=~"$deployment"{"".join(", " + m for m in matchers)}}}'
+    """`metric{job=~"$job", <deployment label>=~"$deployment", <deployment label>!="", <matchers>}`. The `!=""`
+    keeps sidecars outside any deployment out when the variable is empty (no deployment in this Prometheus):
+    `=~""` alone would match every unlabelled sidecar (`moe-monitor demo`'s would show as "Sidecars up 1")."""
+    d = label(cfg)
+    return f'{metric}{{job=~"$job", {d}=~"$deployment", {d}!=""{"".join(", " + m for m in matchers)}}}'
 
 
 def template(cfg) -> list:
@@ -58,7 +61,7 @@ def template(cfg) -> list:
                        f"One model served by several sidecars (one per node): the sidecars' `{d}` target label",
                        multi=False, include_all=False),
         query_variable("layer", "Layer",
-                       f'label_values(moe_layer_observable{{job=~"$job", {d}=~"$deployment"}}, layer)',
+                       f'label_values(moe_layer_observable{{job=~"$job", {d}=~"$deployment", {d}!=""}}, layer)',
                        "MoE layer index (moe_layer_observable)", sort=dm.VariableSort.NUMERICAL_ASC),
     ]
 

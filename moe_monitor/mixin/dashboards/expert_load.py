@@ -54,6 +54,10 @@ T2_ALL = ("Needs the per-expert tier: `moe-monitor serve --expert-series all` (T
           "when --max-series is exceeded).")
 
 
+T2_TOP = ("Needs the top-K gauges: `moe-monitor serve --expert-series top` (2 × layers × K series, K from "
+          "--top-experts) or `all`, which exports them next to the per-expert counters.")
+
+
 def _per_expert_row(cfg) -> Row:
     return Row("Per expert (T2: --expert-series all)", collapsed=True, panels=[
         heatmap_panel("Layer $layer: load by expert", "Each expert's assignments ÷ the layer's mean per interval "
@@ -73,9 +77,9 @@ def _top_experts(cfg) -> Row:
                         w=12, h=10, sort_by="load / mean",
                         transformations=[transform("organize", {"excludeByName": {"Time": True},
                                                                 "renameByName": {"Value": "load / mean"}})]),
-            table_panel("Top experts in the last window (T2: --expert-series top)", "The top-K experts of each "
-                        "layer in the last closed window: load rank, logical expert id and share of the layer's "
-                        "load. Needs `moe-monitor serve --expert-series top`.", SHARE, [
+            table_panel("Top experts in the last window (T2: --expert-series top or all)", "The top-K experts of "
+                        "each layer in the last closed window: load rank, logical expert id and share of the layer's "
+                        "load. " + T2_TOP, SHARE, [
                             query(f"max by (instance, layer, rank) ({sel('moe_layer_top_expert_id', LAYER)})",
                                   instant=True, fmt="table"),
                             query(f"max by (instance, layer, rank) ({sel('moe_layer_top_expert_share', LAYER)})",
@@ -85,9 +89,8 @@ def _top_experts(cfg) -> Row:
                             "excludeByName": {"Time": True},
                             "renameByName": {"Value #A": "expert", "Value #B": "share"}})],
                         overrides=[("expert", [prop("unit", ID), prop("decimals", 0)])]),
-            state_timeline("Top-1 expert per layer (T2: --expert-series top)", "Logical id of each layer's "
-                           "busiest expert per window: a long bar is one expert staying hot. Needs "
-                           "`--expert-series top`.", ID,
+            state_timeline("Top-1 expert per layer (T2: --expert-series top or all)", "Logical id of each "
+                           "layer's busiest expert per window: a long bar is one expert staying hot. " + T2_TOP, ID,
                            [query(f"max by (layer) ({sel('moe_layer_top_expert_id', LAYER, TOP1)})",
                                   "layer {{layer}}")],
                            w=24, h=8, color="palette-classic-by-name"),

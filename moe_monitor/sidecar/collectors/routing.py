@@ -1,4 +1,6 @@
-"""T2: routed tokens per layer x expert (`--expert-series all`) or the top-K experts per layer (`top`)."""
+"""T2: the top-K experts per layer (`--expert-series top`), and with `all`, the fullest tier, routed tokens per
+layer x expert as well: `all` is a superset of `top`, so every panel and rule that reads the top-K gauges has
+data under either (the K gauges cost 2 L·K series next to the L·E counters)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from .base import DENSE, Collector, layer_labels
 
 
 def collect(r: Reading) -> list[Family]:
-    return _all(r) if r.config.expert_series == "all" else _top(r)
+    return (_all(r) if r.config.expert_series == "all" else []) + _top(r)
 
 
 def _all(r: Reading) -> list[Family]:
