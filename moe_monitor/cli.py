@@ -113,6 +113,21 @@ def analyze(traces, as_json: bool, top: int, rules: str | None, print_rules: boo
     click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
 
 
+def _short(value) -> str:
+    """A number as a person reads it (4 significant digits), anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def _wrapped(text: str, width: int = 80) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)) or text
+
+
 MAX_GPUS = 1024  # eplb --gpus; with MAX_EXPERTS the placement files stay within hundreds of MB
 MAX_REDUNDANT = 16384  # eplb --redundant, each value
 TIMEOUT_HELP = ("Seconds a JSON answer may take in total (a trace download: 10 x this + 1 s per 256 KiB, and "
@@ -227,7 +242,7 @@ def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
                          f"{meta['total_bytes'] / 1e6:.1f} MB"))
     evidence = meta.get("evidence") or {}
     if isinstance(evidence, dict) and evidence:
-        click.echo(printable("evidence: " + ", ".join(f"{k}={v}" for k, v in evidence.items())))
+        click.echo(_wrapped(printable("evidence: " + ", ".join(f"{k}={_short(v)}" for k, v in evidence.items()))))
     shares = meta.get("breakdown") or {}
     if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
         shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
