@@ -24,7 +24,8 @@ from rich.text import Text
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 from moe_monitor.demo import launch
 from moe_monitor.plugin.steps import StepStats
-from moe_monitor.top import core, render
+from moe_monitor.top import core, render, rows, views
+from moe_monitor.top.text import MONO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden.prom")
@@ -44,13 +45,13 @@ def test_overview_and_layer_rows_from_the_golden_exposition():
     assert (o.model, o.layers, o.experts, o.top_k, o.window_s) == ("golden/tiny-moe", 4, 16, 2, 5.0)
     assert o.worst_layer == 5 and o.worst_ratio == pytest.approx(12.2211, abs=1e-4)
     assert o.detector_state == "warmup" and o.unobservable == 1 and o.segments["unreadable"] == 1
-    rows = core.layer_rows(s)
-    assert [r.layer for r in rows] == [1, 3, 5, 7]
-    r5 = rows[2]
+    layers = core.layer_rows(s)
+    assert [r.layer for r in layers] == [1, 3, 5, 7]
+    r5 = layers[2]
     assert r5.imbalance == pytest.approx(12.2211, abs=1e-4) and r5.ep_imbalance == pytest.approx(3.2072, abs=1e-4)
     assert r5.routed == 5318 and r5.hot == 1 and r5.top1_share == pytest.approx(0.7638, abs=1e-4)
-    assert not rows[3].observable and rows[3].imbalance is None  # NaN in the exposition: no figure
-    assert [r.layer for r in core.layer_rows(s, order="imbalance")] == [5, 1, 3, 7]
+    assert not layers[3].observable and layers[3].imbalance is None  # NaN in the exposition: no figure
+    assert [r.layer for r in rows.select(core.layer_rows(s), sort=("imbalance", True))] == [5, 1, 3, 7]
 
 
 def expo(decode: dict[str, list[int]], sums: dict[str, float], end: float, ep: list[int] | None = None) -> str:
@@ -107,8 +108,9 @@ def test_histogram_quantile_edge_cases():
     assert core.histogram_quantile(0.25, [(1.0, 4), (float("inf"), 4)]) == (0.25, False)  # from 0 up
 
 
-def state_with(history: core.History, flight=None, error=None) -> core.SidecarState:
-    s = core.SidecarState("http://sidecar:9464", history=history, flight=flight, last_ok=1.0)
+def state_with(history: core.History, flight=None, error=None, at: float = 1.0) -> core.SidecarState:
+    """A sidecar's state that last answered (with a new exposition) at `at`."""
+    s = core.SidecarState("http://sidecar:9464", history=history, flight=flight, last_ok=at, changed_at=at)
     s.error, s.unreachable = error, error is not None
     return s
 
@@ -161,7 +163,7 @@ def test_detector_and_capture_views():
     c = core.capture_view(core.parse_metrics(text, 0), [newest, {"id": "older"}])
     assert c.newest["id"] == newest["id"] and c.outcomes == {"ok": 3} and c.analysed == "c1"
     assert [x[0] for x in c.shares] == ["experts", "gate"] and c.shares[0][2] == 0.007
-    screen = render.detector_page(d, c, render.MONO, 10.0)
+    screen = views.detector_page(d, c, MONO, 10.0)
     lines = [t.plain for t in screen.head + screen.rows]
     assert "[warmup]" in lines[0] and any("evidence: worst_layer_imbalance_ratio 6.1, layer 30" in x for x in lines)
     assert c.ep_wait[0] == ("dp0-pp0-tp0-ep0", 0.0, 1.0)  # the rank the others waited for comes first
@@ -171,19 +173,21 @@ def test_detector_and_capture_views():
     assert core.capture_view(s, []).captures_note == "no captures yet"
 
 
-def test_heat_map_buckets_folding_and_sums():
-    assert [core.shade_bucket(x) for x in (0, 0.49, 0.5, 0.99, 1.0, 1.99, 2.0, 3.99, 4.0, 50)] == \
-           [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+def test_heat_map_levels_folding_and_sums():
+    levels = [core.heat_level(x) for x in (0, 0.49, 0.5, 1.0, 1.1, 1.11, 1.49, 1.5, 1.9, 50)]
+    assert [core.HEAT_LEVELS[x] for x in levels] == ["cold", "cold", "even", "even", "even", "warm", "warm", "hot",
+                                                     "hot", "hot"]
     # layer 0 over both windows: mean 10 -> ratios 0, 0.5, 1, 2, 4, 0.5, 0, 0; layer 1 routed nothing
     doc = flight_doc([[[0, 5, 10, 20, 30, 5, 0, 0], [0] * 8], [[0, 0, 0, 0, 10, 0, 0, 0], [0] * 8]])
     hm = core.heat_map(doc, columns=80, windows=2)
     assert (hm.fold, hm.columns, hm.windows, hm.start, hm.end) == (1, 8, 2, 100.0, 110.0)
-    assert hm.rows[0].cells == (0, 1, 2, 3, 4, 1, 0, 0) and hm.rows[0].hot_expert == 4
+    assert hm.rows[0].ratios == pytest.approx((0, 0.5, 1, 2, 4, 0.5, 0, 0)) and hm.rows[0].hot_expert == 4
+    assert hm.rows[0].cells == (0, 1, 1, 3, 3, 1, 0, 0)
     assert hm.rows[0].max_ratio == pytest.approx(4.0) and hm.rows[1].cells == () and hm.rows[1].routed == 0
     newest = core.heat_map(doc, columns=80, windows=1)
-    assert newest.windows == 1 and newest.rows[0].cells == (0, 0, 0, 0, 4, 0, 0, 0)
+    assert newest.windows == 1 and newest.rows[0].cells == (0, 0, 0, 0, 3, 0, 0, 0)
     folded = core.heat_map(doc, columns=3, windows=2)  # 8 experts in 3 columns: 3 per column, the max of them
-    assert (folded.fold, folded.columns) == (3, 3) and folded.rows[0].cells == (2, 4, 0)
+    assert (folded.fold, folded.columns) == (3, 3) and folded.rows[0].ratios == pytest.approx((1, 4, 0))
     assert core.heat_map({"experts": 8, "layer_ids": [0], "windows": []}, 10).note.startswith("no closed window")
 
 
@@ -198,7 +202,7 @@ def test_the_whole_screen_at_80x24_with_and_without_colour():
     h = core.History()
     h.add(golden())
     counts = [[10] * 16, [10] * 16, [10] * 15 + [200], [0] * 16]
-    state = state_with(h, flight_doc([counts], layers=[1, 3, 5, 7]))
+    state = state_with(h, flight_doc([counts], layers=[1, 3, 5, 7]), at=1999.0)
     for colour in (True, False):
         ui = render.Ui(colour=colour)
         for view in render.VIEW_NAMES:
@@ -210,37 +214,162 @@ def test_the_whole_screen_at_80x24_with_and_without_colour():
     ui = render.Ui(view="heat", colour=False)
     lines = render.screen([state], ui, 80, 24, 2000.0).plain.split("\n")
     row = next(x for x in lines if x.startswith("L5 "))
-    assert row.count("█") == 3 and row.endswith(" e15 9.1x")  # cells 4 wide (3 shades + a gap) at 80 columns
-    assert "L7 no assignments" in "\n".join(lines) and any("[█]>=4" in x for x in lines)
-    wide = state_with(h, flight_doc([[[1] * 200, [1] * 199 + [400]]], layers=[0, 1]))
+    assert row == "L5 " + " 0.5" * 15 + "*9.1" + "   e15 9.1x"  # a number per expert at 80 columns, hot marked
+    assert "L7 no assignments" in "\n".join(lines) and any("[*1.9]>=1.5" in x for x in lines)
+    wide = state_with(h, flight_doc([[[1] * 200, [1] * 199 + [400]]], layers=[0, 1]), at=1999.0)
     lines = render.screen([wide], ui, 80, 24, 2000.0).plain.split("\n")
     assert "200 experts, 4 per column (max)" in lines[3]
-    assert lines[6].startswith("L1 ") and lines[6].split()[1].endswith("█")  # expert 199 in the last column
+    assert lines[5].split()[1] == "░" * 50  # one character a column: 0.5-1.1 of the mean
+    assert lines[6].startswith("L1 ") and lines[6][3:53].strip() == "█"  # only expert 199 (hot), in the last
+    assert lines[6][52] == "█"  # column; its layer's others are cold (< 0.5 of the mean): blank
     gone = state_with(h, error="cannot reach http://sidecar:9464: connection refused")
     gone.last_ok = 1990.0
     text = render.screen([gone, state], render.Ui(colour=False), 80, 24, 2000.0).plain
     lines = text.split("\n")
-    assert "UNREACHABLE" in lines[0] and "[1/2]" in lines[0] and "n/p sidecar" in lines[-1]
+    assert "UNREACHABLE" in lines[0] and "[1/2]" in lines[0] and "updated" not in lines[0]
     assert lines[3].startswith(" UNREACHABLE: cannot reach") and len(lines) == 24
     assert "UNREACHABLE: cannot reach http://sidecar:9464: connection refused retrying every 5 s; " \
            "showing the figures of " in flat(text) and "(10 s ago)" in text
-    nofr = state_with(h)
+    nofr = state_with(h, at=1999.0)
     nofr.flight_error = "this sidecar has no flight recorder: /api/flight answered 404 (off)"
     text = render.screen([nofr], render.Ui(view="heat", colour=False), 80, 24, 2000.0).plain
     assert "No heat map: this sidecar has no flight recorder" in text
 
 
 def test_layers_scroll_by_page_and_clamp():
-    lines = ["# TYPE moe_layer_imbalance_ratio gauge"] + [f'moe_layer_imbalance_ratio{{layer="{i}"}} 1.5'
-                                                          for i in range(61)]
+    lines = ["moe_window_end_timestamp_seconds 10", "# TYPE moe_layer_imbalance_ratio gauge"] + [
+        f'moe_layer_imbalance_ratio{{layer="{i}"}} 1.5' for i in range(61)]
     h = core.History()
     h.add(core.parse_metrics("\n".join(lines) + "\n", 0))
     ui = render.Ui(colour=False)
     first = render.screen([state_with(h)], ui, 80, 24, 0).plain
-    assert "layers 1-17 of 61" in first and ui.page == 17
+    assert "layers 1-18 of 61" in first and ui.page == 18
     ui.scroll(10 * ui.page)
     last = render.screen([state_with(h)], ui, 80, 24, 0).plain
-    assert "layers 45-61 of 61" in last and ui.offsets["layers"] == 44
+    assert "layers 44-61 of 61" in last and ui.offsets["layers"] == 43
+
+
+def test_the_filter_picks_layers_experts_ranks_figures_and_words():
+    f = rows.RowFilter.parse
+    layers = core.layer_rows(golden())  # layers 1, 3, 5, 7 with max/mean 1.59, 1.25, 12.2, — (unobservable)
+
+    def shown(text, of=layers):
+        return [rows.describe(r)[0][""] for r in rows.select(of, f(text))]
+
+    assert shown("") == [1, 3, 5, 7] and not f("  ")
+    assert shown("5") == [5] and shown("L5") == [5] and shown("l3, 7") == [3, 7] and shown("2-5") == [3, 5]
+    assert shown(">1.5") == [1, 5] and shown("> 2x") == [5] and shown("<=1.3") == [3] and shown(">=0") == [1, 3, 5]
+    assert shown("1-5 >1.5") == [1, 5] and shown("13") == [] and shown("decode") == shown("e5") == [1, 3, 5, 7]
+    heat = core.heat_map(flight_doc([[[1, 9], [5, 5], [9, 1]]], layers=[0, 1, 2]), 80).rows
+    assert [r.layer for r in rows.select(heat, f("e1"))] == [0] and [r.layer for r in rows.select(heat, f("e0 1"))] == [
+        1, 2]
+    ranks = [core.RankLoad(r, 10.0 * (r + 1), 0.1, 0.5 * (r + 1)) for r in range(4)]
+    assert [r.rank for r in rows.select(ranks, f("r2"))] == [2] and [r.rank for r in rows.select(ranks, f(">1"))] == [
+        2, 3]
+    steps = [core.StepRow("decode", None, 1, 1, 0.1, ()), core.StepRow("prefill", "8", 1, 1, 0.1, ())]
+    assert [r.phase for r in rows.select(steps, f("pre"))] == ["prefill"] and rows.select(steps, f("≤8")) == steps[1:]
+    assert rows.select(steps, f("3 >2")) == steps and rows.select(ranks, f("3 decode")) == ranks  # not theirs
+
+
+def test_sort_columns_with_an_indicator_in_the_header():
+    layers = core.layer_rows(golden())
+    assert [r.layer for r in rows.sort_rows(layers, "imbalance", True)] == [5, 1, 3, 7]  # no figure: last
+    assert [r.layer for r in rows.sort_rows(layers, "imbalance", False)] == [3, 1, 5, 7]
+    ui = render.Ui(colour=False)
+    assert ui.sort() == ("layer", False)
+    ui.cycle_sort()
+    assert ui.sort() == ("routed", True)  # figures sort worst first, ids ascending
+    ui.reverse_sort()
+    assert ui.sort() == ("routed", False)
+    ui.sort_by("imbalance")
+    assert ui.sort() == ("imbalance", True)
+    ui.sort_by("imbalance")  # a second click on the same header: the other way round
+    assert ui.sort() == ("imbalance", False)
+    ui.toggle_worst()
+    assert ui.sort() == ("imbalance", True)
+    ui.toggle_worst()
+    assert ui.sort() == ("layer", False)
+    h = core.History()
+    h.add(golden())
+    ui.sort_by("imbalance")
+    lines = render.screen([state_with(h, at=1999.0)], ui, 80, 24, 2000.0).plain.split("\n")
+    assert re.match(r"^\s+layer\s+routed\s+max/mean▼\s+cv", lines[3]), lines[3]
+    assert [int(x.split()[0]) for x in lines[4:8]] == [5, 1, 3, 7]
+    ui.set_filter(">1.5")
+    lines = render.screen([state_with(h, at=1999.0)], ui, 80, 24, 2000.0).plain.split("\n")
+    assert [int(x.split()[0]) for x in lines[4:6]] == [5, 1] and " filter “>1.5”: 2 of 4 layers" in lines
+    ui.view = "heat"  # the heat map sorts by layer or hottest expert, and says which in its head line
+    ui.sort_by("max_ratio")
+    state = state_with(h, flight_doc([[[10] * 16, [10] * 15 + [19], [10] * 15 + [200], [0] * 16]],
+                                     layers=[1, 3, 5, 7]), at=1999.0)
+    text = render.screen([state], ui, 80, 24, 2000.0).plain
+    assert "; hottest first ▼" in text and [x[:3] for x in text.split("\n") if x[:1] == "L"] == ["L5 ", "L3 "]
+
+
+def test_hot_cells_stand_out_and_read_without_colour():
+    """Defect (issue #26, 9): 1.0x and 1.9x of the mean looked the same. Now each cell is its multiple of the
+    layer mean, marked + (1.1-1.5) or * (>= 1.5), and coloured by level: dim, yellow, bold red."""
+    h = core.History()
+    h.add(golden())
+    counts = [[10] * 16, [91] * 12 + [94, 94, 130, 190], [2] * 15 + [200], [0] * 16]  # L3: mean 100, 1.3x, 1.9x
+    state = state_with(h, flight_doc([counts], layers=[1, 3, 5, 7]), at=1999.0)
+    for colour in (True, False):
+        ui = render.Ui(view="heat", colour=colour)
+        text = render.screen([state], ui, 80, 24, 2000.0)
+        row = next(i for i, x in enumerate(text.plain.split("\n")) if x.startswith("L3 "))
+        line_ = text.split("\n")[row]
+        assert line_.plain.startswith("L3  0.9") and line_.plain.endswith(" 0.9+1.3*1.9   e15 1.9x")
+        styles = {line_.plain[s.start:s.end]: str(s.style) for s in line_.spans}
+        assert (styles.get(" 0.9"), styles.get("+1.3"), styles["*1.9"]) == (
+            ("dim", "yellow", "bold red") if colour else (None, None, "bold"))
+
+
+def test_idle_stale_and_no_data_are_not_shown_as_healthy():
+    """An idle sidecar says so instead of tables of zeros; a stale or unreachable one never says 'updated'."""
+    def expo_at(end: float, routed: int) -> str:
+        return (f"moe_window_length_seconds 5\nmoe_window_end_timestamp_seconds {end}\n"
+                f"moe_window_routed_tokens {routed}\nmoe_layer_window_routed_tokens{{layer=\"0\"}} {routed}\n"
+                'moe_monitor_segments{state="fresh"} 1\n')
+
+    state = core.SidecarState("http://sidecar")
+    assert core.health(state, 0, 5).state == "connecting"
+    state.apply(core.Fetched(100.0, metrics=expo_at(100.0, 640)))
+    assert core.health(state, 101.0, 5) == core.Health("ok")
+    for end in (105.0, 110.0, 115.0):  # three windows that routed nothing
+        state.apply(core.Fetched(end, metrics=expo_at(end, 0)))
+    assert core.health(state, 116.0, 5) == core.Health("idle", "idle: no tokens routed in the last 15 s")
+    ui = render.Ui(colour=False)
+    text = render.screen([state], ui, 80, 24, 116.0).plain
+    lines = text.split("\n")
+    assert "IDLE  updated" in lines[0] and lines[3] == " idle: no tokens routed in the last 15 s"
+    assert "routed" not in "\n".join(lines[4:]) and "max/mean" not in text  # no table of zeros
+    state.apply(core.Fetched(120.0, metrics=expo_at(120.0, 5)))
+    assert core.health(state, 121.0, 5).state == "ok" and state.idle_since is None
+    state.apply(core.Fetched(126.0, metrics=expo_at(120.0, 5)))  # the same window again, and again ...
+    assert core.health(state, 134.0, 5).state == "ok"
+    stale = core.health(state, 136.0, 5)  # 16 s > 3 windows of 5 s: the sidecar's window loop is stuck
+    assert stale.state == "stale" and stale.message.startswith("STALE: the sidecar has served the same window for "
+                                                               "16 s")
+    text = render.screen([state], ui, 80, 24, 136.0).plain
+    assert text.split("\n")[0].endswith("STALE ") and "updated" not in text.split("\n")[0]
+    state.apply(core.Fetched(137.0, error="cannot reach http://sidecar: connection refused", unreachable=True))
+    assert core.health(state, 137.0, 5).state == "unreachable"
+    assert "updated" not in render.screen([state], ui, 80, 24, 137.0).plain.split("\n")[0]
+    empty = core.SidecarState("http://sidecar")
+    empty.apply(core.Fetched(1.0, metrics="moe_window_length_seconds 5\n"))  # no window closed yet
+    assert core.health(empty, 2.0, 5).state == "no data"
+    assert "NO DATA" in render.screen([empty], ui, 80, 24, 2.0).plain.split("\n")[0]
+
+
+def test_paused_says_so_and_ages_nothing():
+    h = core.History()
+    h.add(golden())
+    state = state_with(h, at=1000.0)
+    ui = render.Ui(colour=False, paused_at=1001.0)
+    lines = render.screen([state], ui, 80, 24, 2000.0).plain.split("\n")  # long after: not stale while paused
+    assert lines[0].endswith("PAUSED  as of " + render.clock(1000.0) + " ")
+    assert lines[3].startswith(" PAUSED: the figures of ") and "p or Space resumes" in lines[3]
+    assert "STALE" not in "\n".join(lines)
 
 
 def test_the_client_sends_the_token_and_turns_every_failure_into_a_reason():
@@ -603,12 +732,13 @@ def flat(screen: str) -> str:
 
 
 def heat_cell(screen: str, layer: int, expert: int) -> str:
-    """The heat map character under expert `expert`'s tick in layer `layer`'s row."""
+    """The heat map's cell of expert `expert` in layer `layer`'s row: the 4 characters ending under its tick
+    (its mark and load / mean, e.g. "*11", "+1.3", "1.0")."""
     lines = lines_of(screen)
     ticks = next(x for x in lines if re.match(r"^\s+0\s+1\s+2", x))
-    col = {int(m.group()): m.start() for m in re.finditer(r"\d+", ticks)}[expert]
+    end = {int(m.group()): m.end() for m in re.finditer(r"\d+", ticks)}[expert]
     row = next(x for x in lines if x.startswith(f"L{layer} ".rjust(4)))
-    return row[col]
+    return row[end - 4:end].strip()
 
 
 def test_top_in_an_80x24_terminal_against_a_real_sidecar(sidecar):
@@ -619,13 +749,13 @@ def test_top_in_an_80x24_terminal_against_a_real_sidecar(sidecar):
         assert "top/test  24x16 top-2  window 1s" in shown and "worst L3 10.78" in shown
         term.keys("PageDown")
         term.wait("layers 8-24 of 24", pattern=r"^\s+20\s+\d+\s+8\.26 ")
-        term.keys("2")  # the heat map: expert 5 of layer 3 darkest, the rest of its layer lightest
-        shown = term.wait("[2 Heat map]", "[█]>=4", " L3 ")
-        assert heat_cell(shown, 3, 5) == "█" and heat_cell(shown, 3, 4) == " " and heat_cell(shown, 0, 5) == "▒"
+        term.keys("2")  # the heat map: expert 5 of layer 3 hot (marked *), the rest of its layer cold
+        shown = term.wait("[2 Heat map]", "[*1.9]>=1.5", " L3 ")
+        assert heat_cell(shown, 3, 5) == "*11" and heat_cell(shown, 3, 4) == "0.3" and heat_cell(shown, 0, 5) == "1.0"
         assert re.search(r"^ L3 .* e5 10\.8x$", shown, re.M) and "layers 1-16 of 24" in shown
         term.keys("PageDown")
         shown = term.wait("layers 9-24 of 24")
-        assert heat_cell(shown, 20, 11) == "█" and re.search(r"^L20 .* e11 8\.3x$", shown, re.M)
+        assert heat_cell(shown, 20, 11) == "*8.3" and re.search(r"^L20 .* e11 8\.3x$", shown, re.M)
         term.keys("3")  # EP ranks: 4 x 4 experts; layer 3's hot expert 5 on rank 1, layer 20's expert 11 on rank 2
         shown = term.wait("[3 EP ranks]", "assignments served per EP rank, last interval")
         assert re.search(r"^\s+1\s+10\.1k\s+29\.4%\s+1\.17\s+█+$", shown, re.M), shown
@@ -641,7 +771,7 @@ def test_top_in_an_80x24_terminal_against_a_real_sidecar(sidecar):
         with open(tmp / "screen-detector.txt", "w") as f:
             f.write(shown)
         term.keys("?")
-        assert "n p   next / previous sidecar" in term.wait("Keys")
+        assert "n N   next / previous sidecar" in term.wait("Keys")
         term.keys("Escape")  # alone: Escape and a key at once read as Alt+key
         term.wait("[5 Detector+capture]")
         term.keys("2")
@@ -659,8 +789,8 @@ def test_without_colour_the_heat_map_still_reads(sidecar):
     term = Tmux(top_command() + ["--url", proc.url], env={"NO_COLOR": "1"})
     try:
         term.keys("h")
-        shown = term.wait("[2 Heat map]", " L3 ", "[ ]<0.5 [░]0.5-1 [▒]1-2 [▓]2-4 [█]>=4")
-        assert heat_cell(shown, 3, 5) == "█" and heat_cell(shown, 3, 6) == " "
+        shown = term.wait("[2 Heat map]", " L3 ", "[ 0.4]<0.5 [ 1.0]0.5-1.1 [+1.3]1.1-1.5 [*1.9]>=1.5")
+        assert heat_cell(shown, 3, 5) == "*11" and heat_cell(shown, 3, 6) == "0.3"  # hot by its mark, not colour
         raw = term.screen(escapes=True)
         assert "\x1b[7m" in raw  # the title and the active tab: reverse video, not colour
         assert not COLOUR_SGR.search(raw), raw
@@ -704,3 +834,89 @@ def test_several_sidecars_one_without_flight_recorder_one_stopped_one_never_ther
         if term is not None:
             term.close()
         plain.stop()
+
+
+# -- --once: a plain snapshot, no terminal ---------------------------------------------------------------
+
+def once(*args: str) -> subprocess.CompletedProcess:
+    """`moe-monitor top --once ...` as `kubectl exec` without -t runs it: stdin and stdout not a terminal."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "MOE_MONITOR_URL", "COLUMNS")}
+    environ["MOE_MONITOR_API_TOKEN"] = TOKEN
+    return subprocess.run(top_command() + ["--once", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60, env=environ)
+
+
+def routing_seen(url: str, timeout: float = 20) -> None:
+    """Returns once the sidecar at `url` has closed a window with the feeder's routing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            if b'moe_worst_layer_imbalance_ratio{layer="3"}' in r.read():
+                return
+        assert time.monotonic() < deadline, "no window with routing"
+        time.sleep(0.2)
+
+
+def test_once_prints_a_plain_snapshot_of_every_view(sidecar):
+    proc, _ = sidecar
+    routing_seen(proc.url)
+    start = time.monotonic()
+    r = once("--url", proc.url)
+    took, out = time.monotonic() - start, r.stdout
+    lines = out.rstrip("\n").split("\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "\x1b" not in out and max(map(len, lines)) <= 80 and "cut at 80 columns" not in out
+    assert lines[0].startswith(f" moe-monitor top  {proc.url}") and re.search(r"updated \d\d:\d\d:\d\d$", lines[0])
+    assert lines[1].startswith(" top/test  24x16 top-2  window 1s  worst L3 10.78")
+    assert [x for x in lines if x.startswith("── ")] == [
+        f"── {label} " + "─" * (75 - len(label)) for label in ("Layers", "Heat map", "EP ranks", "Steps",
+                                                               "Detector+capture")]
+    # every layer, nothing scrolled; the hot expert marked in the heat map
+    assert len(re.findall(r"^\s+\d+\s+\d+\s+\d+\.\d\d ", out, re.M)) == 24 and "of 24" not in out
+    assert re.search(r"^\s+3\s+\d+\s+10\.78 █+", out, re.M) and re.search(r"^\s+20\s+\d+\s+8\.26 ", out, re.M)
+    assert heat_cell(out, 3, 5) == "*11" and heat_cell(out, 20, 11) == "*8.3" and heat_cell(out, 0, 5) == "1.0"
+    # the interval figures: it waited for the next window's exposition (one window: 1 s here)
+    assert "assignments served per EP rank, last interval (1.0 s)" in out
+    assert re.search(r"^ decode\s+all\s+\d+\s+[\d.]+\s+9\.2 ms\s+5 ms\s+10 ms\s+47\.5 ms$", out, re.M), out
+    assert re.search(r"^ detector: .*\[(warmup|armed|cooldown)\]", out, re.M) and took < 20
+    r = once("--url", proc.url.removeprefix("http://"), "--filter", ">2")
+    assert r.returncode == 0 and " filter “>2”: 2 of 24 layers" in r.stdout
+    layers = re.findall(r"^\s+(\d+)\s+\d+\s+\d+\.\d\d ", r.stdout.split("── Heat map")[0], re.M)
+    heat = re.findall(r"^\s*L(\d+) ", r.stdout.split("── Heat map")[1].split("── EP ranks")[0], re.M)
+    assert layers == heat == ["3", "20"]
+
+
+class StillFeeder(Feeder):
+    """vLLM up but serving nothing: the segment is published, its counts never move."""
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            self.publish()
+
+
+def test_once_says_idle_and_unreachable_instead_of_tables_of_zeros(tmp_path):
+    feeder = StillFeeder(str(tmp_path / "seg"))
+    proc = launch.start_sidecar(str(tmp_path / "seg"), free_port(), str(tmp_path / "sidecar.log"),
+                                ["--window", "1", "--api-token", TOKEN])
+    nobody = f"127.0.0.1:{free_port()}"
+    try:
+        proc.wait_ready("/healthz", 20)
+        deadline = time.monotonic() + 20
+        while True:  # the first window closes a second after the start
+            r = once("--url", proc.url, "--url", nobody)
+            if "IDLE" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        proc.stop()
+        feeder.close()
+    out = r.stdout
+    assert r.returncode == 1 and "\x1b" not in out, (r.returncode, out, r.stderr)  # one sidecar not read: 1
+    idle, gone = out.split(f"\n\n moe-monitor top  http://{nobody}")
+    assert re.search(r"IDLE  updated \d\d:\d\d:\d\d$", idle.split("\n")[0])
+    assert re.search(r"^ idle: no tokens routed in the last \d+ s$", idle, re.M), idle
+    assert "── Layers" not in idle and "── EP ranks" not in idle and "max/mean" not in idle  # no zeros
+    assert "idle: no tokens routed in the flight record's newest window" in idle
+    assert "no engine steps in the last interval (idle)" in idle
+    assert gone.split("\n")[0].endswith("UNREACHABLE") and "updated" not in gone
+    assert f" UNREACHABLE: cannot reach http://{nobody}: connection refused\n no figures yet" in gone

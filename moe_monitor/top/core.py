@@ -11,7 +11,6 @@ PromQL; until a second, different exposition arrives they are "collecting".
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import math
 from collections import defaultdict
@@ -23,10 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_monitor.channel.layout import PHASES
 
 QUANTILES = (0.5, 0.9, 0.99)
-# Heat-map shades of load / layer mean, lightest to darkest: readable without colour.
-SHADES = " ░▒▓█"
-SHADE_BOUNDS = (0.5, 1.0, 2.0, 4.0)  # bucket i holds SHADE_BOUNDS[i-1] <= ratio < SHADE_BOUNDS[i]
-SHADE_LABELS = ("<0.5", "0.5-1", "1-2", "2-4", ">=4")
+# Heat levels of an expert's load / its layer's mean: cold (< 0.5), even (<= 1.1), warm (< 1.5), hot (>= 1.5).
+# Each has a shade (a cell one character wide) and a mark (before a cell's number): readable without colour.
+HEAT_LEVELS = ("cold", "even", "warm", "hot")
+SHADES = " ░▒█"
+MARKS = "  +*"
+HEAT_LABELS = ("<0.5", "0.5-1.1", "1.1-1.5", ">=1.5")
+WARM, HOT = 1.1, 1.5
 
 
 # -- /metrics ---------------------------------------------------------------------------------------------
@@ -165,9 +167,8 @@ LAYER_FIELDS = {  # LayerRow field -> gauge
     "dead": "moe_layer_dead_experts", "ep_imbalance": "moe_layer_ep_rank_imbalance_ratio"}
 
 
-def layer_rows(s: Scrape, order: str = "layer") -> list[LayerRow]:
-    """One row per MoE layer, by layer id, or worst first (`order="imbalance"`; layers without a figure
-    last)."""
+def layer_rows(s: Scrape) -> list[LayerRow]:
+    """One row per MoE layer, by layer id (`sort_rows` orders them otherwise)."""
     values: dict[int, dict[str, float | None]] = defaultdict(dict)
     for fld, name in LAYER_FIELDS.items():
         for lab, v in s.series(name):
@@ -178,8 +179,6 @@ def layer_rows(s: Scrape, order: str = "layer") -> list[LayerRow]:
         values.setdefault(layer, {})
     rows = [LayerRow(layer, observable.get(layer, True), **{f: vals.get(f) for f in LAYER_FIELDS})
             for layer, vals in values.items()]
-    if order == "imbalance":
-        return sorted(rows, key=lambda r: (r.imbalance is None, -(r.imbalance or 0), r.layer))
     return sorted(rows, key=lambda r: r.layer)
 
 
@@ -225,7 +224,7 @@ def _le(label: str) -> float:
     return math.inf if label in ("+Inf", "Inf") else float(label)
 
 
-def _tokens_key(label: str) -> float:
+def tokens_key(label: str) -> float:
     try:
         return _le(label)
     except ValueError:
@@ -261,7 +260,7 @@ def steps_view(history: History) -> StepsView:
     rows = []
     order = {p: i for i, p in enumerate(PHASES)}
     for phase in sorted({p for p, _ in groups}, key=lambda p: (order.get(p, len(order)), p)):
-        keys = sorted((k for k in groups if k[0] == phase), key=lambda k: _tokens_key(k[1]))
+        keys = sorted((k for k in groups if k[0] == phase), key=lambda k: tokens_key(k[1]))
         merged: dict[float, float] = defaultdict(float)
         for k in keys:
             for le, v in groups[k]:
@@ -372,7 +371,7 @@ def detector_view(s: Scrape) -> DetectorView:
             table[(lab.get("signal", ""), lab.get("phase", ""), lab.get("tokens_le", ""))][which] = _num(v)
     phase_order = {p: i for i, p in enumerate(PHASES)}
     keys = sorted(table, key=lambda k: (k[0] != "worst_layer_imbalance_ratio", k[0], phase_order.get(k[1], -1),
-                                        _tokens_key(k[2]) if k[2] else -1))
+                                        tokens_key(k[2]) if k[2] else -1))
     return DetectorView(state, [Signal(*k, table[k].get("baseline"), table[k].get("current")) for k in keys])
 
 
@@ -418,18 +417,23 @@ def capture_view(s: Scrape | None, captures: list | None, captures_note: str | N
 
 # -- heat map (/api/flight) ------------------------------------------------------------------------------
 
-def shade_bucket(ratio: float) -> int:
-    """0..4: which of SHADES a load / layer-mean ratio gets."""
-    return bisect.bisect_right(SHADE_BOUNDS, ratio)
+def heat_level(ratio: float) -> int:
+    """0..3, the index in HEAT_LEVELS of a load / layer-mean ratio (1.1 is still even, 1.5 already hot)."""
+    return 0 if ratio < 0.5 else 1 if ratio <= WARM else 2 if ratio < HOT else 3
 
 
 @dataclass(frozen=True)
 class HeatRow:
     layer: int
     routed: int
-    cells: tuple[int, ...]  # shade bucket per column (empty when the layer routed nothing)
+    ratios: tuple[float, ...]  # load / layer mean per column (empty when the layer routed nothing)
     max_ratio: float | None
     hot_expert: int | None  # the most loaded expert
+
+    @property
+    def cells(self) -> tuple[int, ...]:
+        """The heat level of each column."""
+        return tuple(heat_level(x) for x in self.ratios)
 
 
 @dataclass(frozen=True)
@@ -445,9 +449,9 @@ class HeatMap:
     note: str | None = None
 
 
-def heat_map(doc: dict, columns: int, windows: int = 1, order: str = "layer") -> HeatMap:
-    """Rows = layers, columns = experts (folded `fold` to a column when there are more experts than
-    `columns`), cell = shade bucket of load / layer mean over the newest `windows` windows summed."""
+def heat_map(doc: dict, columns: int, windows: int = 1) -> HeatMap:
+    """Rows = layers (by id), columns = experts (folded `fold` to a column, the max of them, when there are more
+    experts than `columns`), cell = load / layer mean over the newest `windows` windows summed."""
     experts = int(doc.get("experts") or 0)
     kept = (doc.get("windows") or [])[-max(1, windows):]
     layer_ids = list(doc.get("layer_ids") or [])
@@ -471,10 +475,7 @@ def heat_map(doc: dict, columns: int, windows: int = 1, order: str = "layer") ->
             rows.append(HeatRow(int(layer), 0, (), None, None))
             continue
         hot = int(np.argmax(counts[i]))
-        rows.append(HeatRow(int(layer), int(totals[i]), tuple(shade_bucket(float(x)) for x in folded[i]),
-                            float(ratio[i, hot]), hot))
-    if order == "imbalance":
-        rows.sort(key=lambda r: (r.max_ratio is None, -(r.max_ratio or 0), r.layer))
+        rows.append(HeatRow(int(layer), int(totals[i]), tuple(folded[i].tolist()), float(ratio[i, hot]), hot))
     return HeatMap(rows, experts, fold, ncols, len(kept), kept[0].get("start"), kept[-1].get("end"),
                    doc.get("model") or "")
 
@@ -509,21 +510,25 @@ class SidecarState:
     unreachable: bool = False
     last_ok: float | None = None
     last_try: float | None = None
-    heat_cache: tuple | None = None  # (key, HeatMap) of the flight record held (render.heat_page)
+    changed_at: float | None = None  # when the newest exposition arrived (the same one again changes nothing)
+    idle_since: float | None = None  # start of the first of the consecutive windows that routed nothing
+    heat_cache: tuple | None = None  # (key, Page) of the flight record held (views.heat_page)
 
     def apply(self, f: Fetched) -> None:
         self.last_try = f.at
         if f.error is not None:
             self.error, self.unreachable = f.error, f.unreachable
             return
-        if f.scrape is not None:
-            self.history.add(f.scrape)
-        elif f.metrics is not None:
+        scrape = f.scrape
+        if scrape is None and f.metrics is not None:
             try:
-                self.history.add(parse_metrics(f.metrics, f.at))
+                scrape = parse_metrics(f.metrics, f.at)
             except MetricsError as e:
                 self.error, self.unreachable = str(e), False
                 return
+        if scrape is not None and self.history.add(scrape):
+            self.changed_at = f.at
+            self._track_idle(scrape)
         self.error, self.unreachable, self.last_ok = None, False, f.at
         if f.asked_flight:
             self.flight, self.flight_error = f.flight, f.flight_error
@@ -537,3 +542,52 @@ class SidecarState:
     def interval_s(self, forced: float | None, fallback: float = 2.0) -> float:
         """--interval when given, else the sidecar's window, else `fallback`."""
         return forced or self.window_s or fallback
+
+    def _track_idle(self, s: Scrape) -> None:
+        routed = s.value("moe_window_routed_tokens")
+        if routed is None or routed > 0:
+            self.idle_since = None
+        elif self.idle_since is None:
+            end = s.window_end if s.window_end is not None else s.at
+            self.idle_since = end - (s.window_s or 0.0)
+
+
+# -- how a sidecar is doing ------------------------------------------------------------------------------
+
+STALE_WINDOWS = 3  # the same exposition (or no answer) for this many windows or polls, 10 s at least, is stale
+HEALTHS = ("connecting", "ok", "idle", "no data", "stale", "unreachable", "error")
+
+
+@dataclass(frozen=True)
+class Health:
+    state: str  # one of HEALTHS
+    message: str | None = None  # what the view says about it (None: healthy)
+
+
+def health(st: SidecarState, now: float, every: float) -> Health:
+    """Whether the figures shown are live: the last poll failed (unreachable / error), the sidecar answers but
+    serves the same window for long (stale: its window loop is stuck, /readyz says why), it has no window of
+    routing data yet (no data), or its newest windows routed no token (idle)."""
+    if st.error is not None:
+        return Health("unreachable" if st.unreachable else "error", st.error)
+    if st.last_ok is None:
+        return Health("connecting")
+    cur = st.history.current
+    window = st.window_s or every
+    limit = max(STALE_WINDOWS * window, STALE_WINDOWS * every, 10.0)
+    if now - st.last_ok > limit:
+        return Health("stale", f"STALE: no answer for {now - st.last_ok:.0f} s (polled every {every:g} s)")
+    if st.changed_at is not None and now - st.changed_at > limit:
+        return Health("stale", f"STALE: the sidecar has served the same window for {now - st.changed_at:.0f} s "
+                               f"(its windows are {window:g} s): its window loop is stuck or stopped (its /readyz "
+                               "and log say why)")
+    if cur is None or cur.window_end is None:
+        return Health("no data", "no data yet: the sidecar has closed no window of routing (no segment from "
+                                 "vLLM yet: is it running with the moe-monitor plugin?)")
+    if st.idle_since is not None:
+        idle_s = max(cur.window_end - st.idle_since, cur.window_s or 0.0)
+        segments = {lab.get("state"): v for lab, v in cur.series("moe_monitor_segments")}
+        why = "" if segments.get("fresh", 1) else "; no fresh segment: is vLLM still running?"
+        return Health("idle", f"idle: no tokens routed in the last {idle_s:.0f} s{why}" if idle_s >= 1 else
+                      f"idle: no tokens routed in the last {idle_s:g} s{why}")
+    return Health("ok")
