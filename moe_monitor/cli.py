@@ -114,7 +114,12 @@ def analyze(traces, as_json: bool, top: int, rules: str | None, print_rules: boo
 
 
 def _short(value) -> str:
-    """A number as a person reads it (4 significant digits), anything else as it is."""
+    """A number as a person reads it (4 significant digits; a unix time, 2001-2096, as its UTC time of day),
+    anything else as it is."""
+    if isinstance(value, float) and 1e9 <= value < 4e9:
+        import time
+
+        return time.strftime("%H:%M:%SZ", time.gmtime(value))
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
@@ -247,7 +252,7 @@ def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
     if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
         shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
         if shown:
-            click.echo(printable("breakdown: " + ", ".join(shown)))
+            click.echo(_wrapped(printable("breakdown: " + ", ".join(shown))))
     why = _no_trace(meta)
     if why is not None:
         click.echo(why)

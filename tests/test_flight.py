@@ -78,6 +78,22 @@ def test_json_round_trip_and_the_summary_an_engineer_reads():
     assert "2 windows of m" in text and "-5s" in text and "3/2: 62.5 %" in text and "1.50" in text
 
 
+def test_a_run_of_idle_windows_is_one_line_of_the_summary():
+    """A sidecar that starts before the traffic (the demo, a quiet night) has a record that begins with empty
+    windows: `traces show` says so in one line instead of one per window; two or fewer stay as they are."""
+    rec = FlightRecorder(30)
+    for t in range(0, 40, 2):
+        rec.record(window(1000 + t, [[0, 0, 0, 0]] * 2), None)
+    rec.record(window(1040, [[0, 0, 0, 0]] * 2), None)
+    rec.record(window(1042, [[10, 10, 10, 30]] * 2), None)
+    rec.record(window(1044, [[0, 0, 0, 0]] * 2), None)
+    rec.record(window(1046, [[10, 10, 10, 30]] * 2), None)
+    lines = render_summary(parse(rec.gzipped(model="m", trigger=1051.0))).split("\n")  # windows end at t + 5
+    assert "-46s          0  ... to -6s: 21 windows, nothing routed" in [line.strip() for line in lines]
+    assert len(lines) == 2 + 1 + 3 and lines[-2].strip() == "-2s          0  -                        -"
+    assert "1/3: 50.0 %" in lines[-1]
+
+
 def test_the_segments_last_tokens_bound_is_served_as_null():
     """The plugin's segments end their tokens buckets with INT64_MAX (+Inf): the record says null (docs/flight.md)."""
     rec = FlightRecorder(10)

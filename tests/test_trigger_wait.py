@@ -135,18 +135,19 @@ def test_records_of_failed_captures_are_bounded_apart_and_never_evict_traces(tmp
 
 
 def test_show_prints_the_evidence_as_a_person_reads_it(capsys):
-    """The detector's evidence holds raw floats (2.987654321...): `traces show` rounds them to 4 significant digits
-    and wraps the line at 80 columns."""
+    """The detector's evidence holds raw floats (2.987654321..., unix times): `traces show` rounds them to 4
+    significant digits, prints times as the time of day, and wraps the line at 80 columns."""
     from moe_monitor.cli import _print_capture
 
     _print_capture({"id": "20261207-081500-detector", "reason": "imbalance", "outcome": "ok", "created": 0,
                     "evidence": {"signal": "worst_layer_imbalance_ratio", "value": 2.987654321987,
                                  "baseline": 1.0234567891234, "threshold": 2.75, "layer": 30,
-                                 "windows": [3.01234567, 2.9876543, 3.1111111]}, "total_bytes": 0, "files": []}, [])
+                                 "windows": [3.01234567, 2.9876543, 3.1111111], "at": 1796632060.25},
+                    "total_bytes": 0, "files": []}, [])
     out = capsys.readouterr().out
     rest = out[out.index("evidence: "):].split("\n")
     evidence = rest[:1] + [line for line in rest[1:len(rest)] if line.startswith("  ")][:5]
     assert len(evidence) >= 2  # wrapped
     assert "value=2.988" in out and "baseline=1.023" in out and "windows=[3.012, 2.988, 3.111]" in out
-    assert "2.98765" not in out
+    assert "2.98765" not in out and "at=08:27:40Z" in out  # a unix time as the time of day, not 1.797e+09
     assert all(len(line) <= 80 for line in evidence)

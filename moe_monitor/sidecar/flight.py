@@ -258,9 +258,21 @@ def render_summary(doc: dict, top: int = 1) -> str:
              + (f", {doc['ep_ranks']} EP ranks" if doc.get("ep_ranks") else "") + ")",
              f"{'window end':>10s} {'routed':>10s}  {'worst layer (max/mean)':24s} "
              f"{'hottest expert (layer/expert: share)':38s}" + ("  EP rank max/mean" if doc.get("ep_ranks") else "")]
-    for r in rows:
+    idle: list[dict] = []  # a run of windows with nothing routed: one line, not one each
+    for r in rows + [None]:
+        if r is not None and r["routed"] == 0:
+            idle.append(r)
+            continue
+        if len(idle) > 2:
+            lines.append(f"{idle[0]['end'] - ref:+9.0f}s {0:10d}  ... to {idle[-1]['end'] - ref:+.0f}s: "
+                         f"{len(idle)} windows, nothing routed")
+        else:
+            lines += [f"{x['end'] - ref:+9.0f}s {0:10d}  {'-':24s} -" for x in idle]
+        idle = []
+        if r is None:
+            break
         worst = f"{r['worst_layer']} ({r['worst_imbalance']:.2f})" if r["worst_layer"] is not None else "-"
         hot = ", ".join(f"{layer}/{expert}: {100 * s:.1f} %" for layer, expert, s in r["hottest"]) or "-"
         rank = f"  {r['ep_rank_max_over_mean']:.2f}" if r["ep_rank_max_over_mean"] is not None else ""
         lines.append(f"{r['end'] - ref:+9.0f}s {r['routed']:10d}  {worst:24s} {hot:38s}{rank}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
