@@ -121,7 +121,8 @@ def test_the_image_installs_the_wheel_built_from_the_checkout():
     assert not copies(final), "the final stage copies nothing from the context: it installs the wheel"
     (install,) = [rest for op, rest in final if op == "RUN" and "pip install" in rest]
     assert install.startswith("--mount=type=bind,from=wheel,source=/dist,target=/tmp/dist "), install
-    assert re.search(r'pip install --no-cache-dir "\$\(echo /tmp/dist/moe_monitor-\*\.whl\)\[otel,top\]"', install)  # top --once in the pod
+    # the otel extra for capture spans, top for `top --once` in the pod
+    assert re.search(r'pip install --no-cache-dir "\$\(echo /tmp/dist/moe_monitor-\*\.whl\)\[otel,top\]"', install)
     text = DOCKERFILE.read_text()
     assert not re.search(r"pip install[^\n]*\bmoe-monitor\b", text), "nothing installed by name from an index"
     assert "docker build -f deploy/docker/Dockerfile" in text and (ROOT / "deploy" / "README.md").read_text().count(
