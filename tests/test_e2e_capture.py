@@ -71,8 +71,8 @@ def traffic(server, stop: threading.Event, hot_words=(), seed=0):
 def wait_for_capture(sidecar, reason: str, since: float, timeout: float = 120, show: bool = False) -> dict | None:
     deadline, shown = time.time() + timeout, 0.0
     while time.time() < deadline:
-        for c in captures(sidecar):
-            if c["reason"] == reason and c["created"] >= since:
+        for c in captures(sidecar):  # the capture in progress is listed too (outcome "running"): wait for its end
+            if c["reason"] == reason and c["created"] >= since and c.get("outcome") != "running":
                 return c
         if show and time.time() - shown > 3:  # what the detector sees while we wait
             shown = time.time()
