@@ -15,12 +15,11 @@ import urllib.request
 
 import pytest
 from conftest import free_port
-from test_capture import FakeProfiler
-from test_top import TOKEN, Feeder, Tmux, top_command
+from test_top import TOKEN, Tmux, fed_sidecar, top_command
 
 from moe_monitor import __version__
 from moe_monitor.client import SIDECAR_HEADER
-from moe_monitor.demo import launch, promstack
+from moe_monitor.demo import promstack
 
 ID = "20261123T120000Z-manual-abcdef"
 
@@ -34,19 +33,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     """A real sidecar fed by the plugin's segment writer (the flight record has windows), captures on."""
-    tmp = tmp_path_factory.mktemp("urls")
-    os.makedirs(tmp / "profiles")
-    feeder = Feeder(str(tmp / "seg"))
-    with FakeProfiler(str(tmp / "profiles")) as vllm:
-        proc = launch.start_sidecar(str(tmp / "seg"), free_port(), str(tmp / "sidecar.log"), [
-            "--window", "1", "--vllm-url", vllm.url, "--profile-dir", str(tmp / "profiles"),
-            "--capture-dir", str(tmp / "store"), "--api-token", TOKEN])
-        try:
-            proc.wait_ready("/readyz", 30)
-            yield proc, proc.url.removeprefix("http://")
-        finally:
-            proc.stop()
-            feeder.close()
+    with fed_sidecar(tmp_path_factory.mktemp("urls"), ready="/readyz") as proc:
+        yield proc, proc.url.removeprefix("http://")
 
 
 @pytest.fixture(scope="module")

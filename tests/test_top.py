@@ -5,6 +5,7 @@ terminal of 80x24 against real `moe-monitor serve` processes fed by the plugin's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -634,26 +635,32 @@ class Feeder:
         self.writer.close()
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    """A real `moe-monitor serve` with 1 s windows, captures through a stand-in for vLLM's profiler (the
-    detector fires on the hot expert after 2 + 2 windows and stores a real trace with its breakdown)."""
+@contextlib.contextmanager
+def fed_sidecar(tmp, *args: str, ready: str = "/healthz"):
+    """A real `moe-monitor serve` with 1 s windows fed by the plugin's segment writer (Feeder), captures through a
+    stand-in for vLLM's profiler, the API behind TOKEN; `args` add to its flags."""
     from test_capture import FakeProfiler
 
-    tmp = tmp_path_factory.mktemp("top")
     os.makedirs(tmp / "profiles")
     feeder = Feeder(str(tmp / "seg"))
     with FakeProfiler(str(tmp / "profiles")) as vllm:
         proc = launch.start_sidecar(str(tmp / "seg"), free_port(), str(tmp / "sidecar.log"), [
             "--window", "1", "--vllm-url", vllm.url, "--profile-dir", str(tmp / "profiles"),
-            "--capture-dir", str(tmp / "store"), "--warmup-windows", "2", "--consecutive-windows", "2",
-            "--api-token", TOKEN])
+            "--capture-dir", str(tmp / "store"), "--api-token", TOKEN, *args])
         try:
-            proc.wait_ready("/healthz", 20)
-            yield proc, tmp
+            proc.wait_ready(ready, 30)
+            yield proc
         finally:
             proc.stop()
             feeder.close()
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    """The detector fires on the hot expert after 2 + 2 windows and stores a real trace with its breakdown."""
+    tmp = tmp_path_factory.mktemp("top")
+    with fed_sidecar(tmp, "--warmup-windows", "2", "--consecutive-windows", "2") as proc:
+        yield proc, tmp
 
 
 def top_command() -> list[str]:
