@@ -12,6 +12,10 @@ calls, mean and median microseconds per call of each hook, the hooks' sum per en
 wall time (generate time / steps), so the share of the step the hooks take.
 
     . .gpu/device-env.sh; python3 benchmarks/plugin_host_cost.py --out $OUT/host_cost.jsonl
+
+`--publisher LxE` (no GPU, no vLLM): the publisher's `publish_once` alone at L layers x E experts (part 2's shape:
+61x256), a real SegmentWriter into a temporary directory, the CPU recorder's counts; the time it holds the GIL is its
+wall time (it is Python and numpy on one thread, with no I/O wait: the segment is a shared-memory file).
 """
 
 from __future__ import annotations
@@ -69,6 +73,39 @@ def wrapper_cost(n: int = 100_000) -> float:
     return (time.perf_counter_ns() - t - bare) / n
 
 
+def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
+    import numpy as np
+
+    from moe_monitor.channel import Ranks, SegmentWriter, Shape
+    from moe_monitor.plugin.attach import Attachment, MoELayer
+    from moe_monitor.plugin.publisher import Publisher
+    from moe_monitor.plugin.recorder import Recorder
+    from moe_monitor.plugin.steps import StepStats
+
+    recorder = Recorder(layers, experts, 8, "cpu")
+    recorder.counts[:, :experts] = torch_randint(np, layers, experts)
+    recorder.seen_rows.update(range(layers))
+    steps = StepStats()
+    steps.record("decode", 8, 0.01)
+    attachment = Attachment([MoELayer(i, f"layers.{i}.mlp", experts, 8, None, True) for i in range(layers)])
+    shape = Shape(layers, experts, len(steps.token_bounds), len(steps.duration_bounds))
+    writer = SegmentWriter(tempfile.mkdtemp(prefix="seg_"), "bench", Ranks(), shape, 8)
+    pub = Publisher(writer, recorder, steps, attachment, 1.0)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter_ns()
+        assert pub.publish_once()
+        times.append(time.perf_counter_ns() - t)
+    return {"layers": layers, "experts": experts, "repeats": repeats, "median_us": statistics.median(times) / 1e3,
+            "p90_us": sorted(times)[int(0.9 * repeats)] / 1e3, "min_us": min(times) / 1e3}
+
+
+def torch_randint(np, layers: int, experts: int):
+    import torch
+
+    return torch.from_numpy(np.random.default_rng(0).integers(0, 1 << 40, size=(layers, experts)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
@@ -76,8 +113,16 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
-    ap.add_argument("--out", required=True, help="JSON lines, one per batch size")
+    ap.add_argument("--out", help="JSON lines, one per batch size")
+    ap.add_argument("--publisher", metavar="LxE", help="only the publisher's publish_once at L layers x E experts")
     args = ap.parse_args()
+    if args.publisher:
+        layers, experts = map(int, args.publisher.lower().split("x"))
+        row = publisher_cost(layers, experts)
+        print(json.dumps(row))
+        return
+    if not args.out:
+        ap.error("--out is required (or --publisher LxE)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("MOE_MONITOR_SEGMENT_DIR", tempfile.mkdtemp(prefix="seg_"))
     instrument()
