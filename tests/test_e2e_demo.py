@@ -124,7 +124,8 @@ def test_the_alert_fires_and_the_detector_captures_on_its_own(demo):
     assert "-imbalance-" in capture_id
     # what the demo prints of it: `traces show`, breakdown and flight record included
     assert f"traces show {capture_id}\ncapture {capture_id}: imbalance, ok" in out, out
-    shares = dict(re.findall(r"(\w+) ([\d.]+) %", re.search(r"^breakdown: (.*)$", out, re.M).group(1)))
+    # the breakdown line, wrapped at 80 columns (its continuation lines are indented)
+    shares = dict(re.findall(r"(\w+) ([\d.]+) %", re.search(r"^breakdown: (.*(?:\n  .*)*)", out, re.M).group(1)))
     assert float(shares["experts"]) > 0 and float(shares["gate"]) > 0, shares
     assert re.search(r"^flight record: \d+ windows", out, re.M), out
 
