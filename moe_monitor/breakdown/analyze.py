@@ -15,12 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
+from .straggler import COMM as COMM_CATEGORIES
 from .straggler import CollectiveTable, collective_wait, collectives_of, ep_wait
 from .trace import LIMITS, Event, Trace, TraceLimits, read_trace, step_phase
 
 MNK_RE = re.compile(r"(\d+)x(\d+)x(\d+)")
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048)
-COMM_CATEGORIES = ("all_to_all", "collective")
+MEMORY_CATS = ("gpu_memcpy", "gpu_memset")  # device events that are copies, whatever runs them
 
 
 class Anchors(dict):
@@ -178,7 +179,7 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
     _shared_experts(by_stream, blocks, anchor)
     for u in units:  # 3. patterns
         if not u.category:
-            if u.event.cat in ("gpu_memcpy", "gpu_memset"):
+            if u.event.cat in MEMORY_CATS:
                 u.category = "memory"
                 continue
             u.category = _pattern_category(rules.patterns, u.event.name)
@@ -216,7 +217,7 @@ def _shared_experts(by_stream: dict, blocks: list[dict], anchor: dict[str, re.Pa
     starts = [s[0] for s in spans]
     for stream, seq in by_stream.items():
         for u in seq:
-            if u.category or u.event.cat in ("gpu_memcpy", "gpu_memset") or _is(anchor, "communication", u):
+            if u.category or u.event.cat in MEMORY_CATS or _is(anchor, "communication", u):
                 continue
             i = bisect.bisect_right(starts, u.event.ts) - 1
             if i >= 0 and u.event.ts <= spans[i][1] and spans[i][2] != stream:
@@ -326,6 +327,7 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
             shared_end = after[0] - 1 if after else _gemm_end(seq, shared[-1], anchor)
         gate_us = 0.0
         begin = router if router is not None else (front[0] if front else first)
+        router_end = _gemm_end(seq, router, anchor) if router is not None else -1
         for j in front:
             u = seq[j]
             if j < begin or u.category:
@@ -338,22 +340,21 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
                 u.category = "experts"
             else:
                 u.category = "gate"
-                if router is not None and j <= _gemm_end(seq, router, anchor):
+                if j <= router_end:
                     gate_us += u.us
-        block = {"start": norm if norm is not None else begin, "gate_us": gate_us, "first_idx": None,
-                 "first_us": 0.0, "experts_us": 0.0}
+        start = norm if norm is not None else begin
+        first_gemm, first_us, experts_us = None, 0.0, 0.0
         for j in range(first, last + 1):
             u = seq[j]
             if skip[j]:
                 continue
             if _is(anchor, "experts", u):
                 u.category = u.category or "experts"
-                block["experts_us"] += u.us
-                if block["first_idx"] is None and _is(anchor, "expert_gemm", u):
-                    block["first_idx"], block["first_us"] = j, u.us
-                elif block["first_idx"] is not None and \
-                        u.event.ts < seq[block["first_idx"]].event.ts + seq[block["first_idx"]].event.dur:
-                    block["first_us"] += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
+                experts_us += u.us
+                if first_gemm is None and _is(anchor, "expert_gemm", u):
+                    first_gemm, first_us = j, u.us
+                elif first_gemm is not None and u.event.ts < seq[first_gemm].event.ts + seq[first_gemm].event.dur:
+                    first_us += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
             elif not u.category:
                 u.category = "all_to_all" if _is(anchor, "communication", u) else "experts"
         prev_end, after = last, None
@@ -369,17 +370,14 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
                 break
             u.category = u.category or "align_permute"
             prev_end = j
-        if block["first_idx"] is not None:
-            blocks.append({"preamble_us": sum(seq[j].us for j in range(block["start"], block["first_idx"])
-                                              if not skip[j]),
-                           "gate_us": gate_us, "first_expert_us": block["first_us"],
-                           "experts_us": block["experts_us"], "ts": seq[block["start"]].event.ts,
+        if first_gemm is not None:
+            blocks.append({"preamble_us": sum(seq[j].us for j in range(start, first_gemm) if not skip[j]),
+                           "gate_us": gate_us, "first_expert_us": first_us,
+                           "experts_us": experts_us, "ts": seq[start].event.ts,
                            "end": seq[last].event.ts + seq[last].event.dur, "stream": seq[first].event.stream,
                            "next_ts": after})
     return blocks
 
-
-MEMORY_CATS = ("gpu_memcpy", "gpu_memset")
 
 
 def _separates(anchor: Anchors, u: Unit) -> bool:
@@ -396,7 +394,7 @@ def _expert_runs(seq: list[Unit], expert_idx: list[int], anchor: Anchors) -> lis
             runs[-1][1] = i
         else:
             runs.append([i, i])
-    return [(a, b) for a, b in runs]
+    return [tuple(run) for run in runs]
 
 
 def _gemm_start(seq: list[Unit], j: int, anchor: Anchors) -> bool:
@@ -406,7 +404,7 @@ def _gemm_start(seq: list[Unit], j: int, anchor: Anchors) -> bool:
     if not _is(anchor, "gemm", u) or _is(anchor, "attention", u) or _is(anchor, "experts", u) or \
             _is(anchor, "gemm_tail", u):
         return False
-    return not any(anchor.kinds(p) & {"gemm"} for p in u.parents)
+    return not any("gemm" in anchor.kinds(p) for p in u.parents)
 
 
 def _gemm_end(seq: list[Unit], j: int, anchor: Anchors) -> int:
@@ -525,7 +523,6 @@ class Breakdown:
                               "categories": rank_cats})
 
     def result(self) -> dict:
-
         total = sum(self.overall.values())
         top_rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][2])[: self.top]
         return {

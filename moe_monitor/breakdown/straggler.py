@@ -412,7 +412,6 @@ def render(result: dict | None) -> list[str]:
     return lines
 
 
-
 def render_kinds(result: dict | None, waiters: int = 4) -> list[str]:
     """The per-kind table (collective_wait's result): each rank's wait per kind, then per kind who waited for whom
     and why the waited-for rank was late."""
