@@ -28,9 +28,8 @@ class SegmentsSeen:
 
     @classmethod
     def of(cls, statuses, at: float, dir_exists: bool, stale_after_s: float) -> SegmentsSeen:
-        ages = [at - s.snapshot.header.updated_unix_ns / 1e9 for s in statuses if s.snapshot is not None]
-        fresh = sum(1 for s in statuses if s.snapshot is not None and not s.ignored
-                    and at - s.snapshot.header.updated_unix_ns / 1e9 <= stale_after_s)
+        ages = [s.age_s(at) for s in statuses if s.snapshot is not None]
+        fresh = sum(1 for s in statuses if s.snapshot is not None and not s.ignored and s.age_s(at) <= stale_after_s)
         return cls(at, dir_exists, len(statuses), fresh, max(0.0, min(ages)) if ages else None)
 
 

@@ -41,6 +41,10 @@ class SegmentStatus:
     counted: bool = False
     ignored: str | None = None  # why a readable segment is left out of the model's metrics
 
+    def age_s(self, now: float) -> float | None:
+        """Seconds since its last publish (None: unreadable); fresh while it is within --stale-after."""
+        return None if self.snapshot is None else now - self.snapshot.header.updated_unix_ns / 1e9
+
 
 def label_of(path: str) -> str:
     """The segment label: the file name without suffix, valid UTF-8 even when the name is not (U+FFFD)."""

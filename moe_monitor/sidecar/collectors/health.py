@@ -24,7 +24,7 @@ def collect(r: Reading) -> list[Family]:
             up.add(0, [("segment", s.name)])
             continue
         h = s.snapshot.header
-        seconds = max(0.0, r.now - h.updated_unix_ns / 1e9)
+        seconds = max(0.0, s.age_s(r.now))
         fresh = seconds <= r.config.stale_after_s
         states["fresh" if fresh else "stale"] += 1
         up.add(1 if fresh else 0, [("segment", s.name)])
