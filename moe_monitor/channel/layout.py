@@ -48,32 +48,34 @@ PHASES = ("prefill", "decode", "mixed")
 LAYER_HOOKED = 1  # the recorder is attached to this layer's router
 LAYER_UNOBSERVABLE = 2  # the layer routes inside a fused kernel that bypasses the router: counts stay 0
 
-# Offsets of the fields a writer updates in place at every snapshot.
-SEQ_OFFSET = 16
-
-HEADER = struct.Struct(
-    "<8s"  # magic
-    "I"  # version
-    "I"  # header_size
-    "Q"  # seq (seqlock)
-    "Q"  # generation: random per writer process, tells a restart from a wrap
-    "q"  # created_unix_ns
-    "q"  # updated_unix_ns (time of the last snapshot)
-    "I"  # pid
-    "I"  # num_layers (L)
-    "I"  # num_experts (E)
-    "I"  # top_k
-    "10i"  # global_rank, world_size, dp_rank, dp_size, tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size
-    "I"  # num_phases (P)
-    "I"  # num_token_buckets (TB)
-    "I"  # num_duration_buckets (DB)
-    "I"  # num_load_ranks (R): columns of the ep_rank_load section; 0 = none (version 1: reserved flags, 0)
-    "Q"  # payload_size
-    "I"  # payload_crc32
-    "I"  # num_physical (S): physical expert slots of the placement section; 0 = none (version 1: reserved, 0)
-    "Q"  # publish_errors: snapshots the writer failed to publish since it started
-    f"{MODEL_NAME_BYTES}s"  # model name, utf-8, NUL padded
+HEADER_FIELDS = (  # (name, struct code), in file order
+    ("magic", "8s"),
+    ("version", "I"),
+    ("header_size", "I"),
+    ("seq", "Q"),  # seqlock
+    ("generation", "Q"),  # random per writer process, tells a restart from a wrap
+    ("created_unix_ns", "q"),
+    ("updated_unix_ns", "q"),  # time of the last snapshot
+    ("pid", "I"),
+    ("num_layers", "I"),  # L
+    ("num_experts", "I"),  # E
+    ("top_k", "I"),
+    ("ranks", "10i"),  # global_rank, world_size, dp_rank, dp_size, tp_rank, tp_size, pp_rank, pp_size, ep_rank, ep_size
+    ("num_phases", "I"),  # P
+    ("num_token_buckets", "I"),  # TB
+    ("num_duration_buckets", "I"),  # DB
+    ("num_load_ranks", "I"),  # R: columns of the ep_rank_load section; 0 = none (version 1: reserved flags, 0)
+    ("payload_size", "Q"),
+    ("payload_crc32", "I"),
+    ("num_physical", "I"),  # S: physical expert slots of the placement section; 0 = none (version 1: reserved, 0)
+    ("publish_errors", "Q"),  # snapshots the writer failed to publish since it started
+    ("model", f"{MODEL_NAME_BYTES}s"),  # model name, utf-8, NUL padded
 )
+HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
+# Where each field starts: the writer updates seq, updated_unix_ns, payload_crc32 and publish_errors in place.
+HEADER_OFFSETS = {name: struct.calcsize("<" + "".join(code for _, code in HEADER_FIELDS[:i]))
+                  for i, (name, _) in enumerate(HEADER_FIELDS)}
+SEQ_OFFSET = HEADER_OFFSETS["seq"]
 assert HEADER.size <= HEADER_SIZE
 MAX_EP_SIZE = 4096  # EP ranks a segment may describe: wide EP runs at 32-320 (DeepSeek-V3 serving)
 MAX_REDUNDANT_SLOTS = 1024  # see max_slots
@@ -327,17 +329,26 @@ def content_refusals(shape: Shape, arrays: dict[str, np.ndarray]) -> list[Refusa
     return out
 
 
-def encode_payload(shape: Shape, arrays: dict[str, np.ndarray]) -> bytes:
-    """Serialise payload arrays (names as in Shape.sections) into bytes."""
+def payload_parts(sections: list[tuple[str, np.dtype, tuple[int, ...]]], num_layers: int,
+                  arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The payload's sections (`Shape.sections()`) as C-contiguous little-endian arrays, in file order: an array
+    that already is one is passed through, not copied. Raises ValueError on a shape that does not fit."""
     parts = []
-    for name, dt, sec_shape in shape.sections():
-        a = np.asarray(arrays[name])
+    for name, dt, sec_shape in sections:
+        a = arrays[name]
         if name == "layer_flags":
-            if a.shape != (shape.num_layers,):
-                raise ValueError(f"layer_flags: shape {a.shape} != ({shape.num_layers},)")
-            a = np.pad(a.astype(dt), (0, sec_shape[0] - a.shape[0]))
+            if np.shape(a) != (num_layers,):
+                raise ValueError(f"layer_flags: shape {np.shape(a)} != ({num_layers},)")
+            padded = np.zeros(sec_shape, dtype=dt)
+            padded[:num_layers] = a
+            a = padded
         a = np.ascontiguousarray(a, dtype=dt)
         if a.shape != sec_shape:
             raise ValueError(f"{name}: shape {a.shape} != {sec_shape}")
-        parts.append(a.tobytes())
-    return b"".join(parts)
+        parts.append(a)
+    return parts
+
+
+def encode_payload(shape: Shape, arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialise payload arrays (names as in Shape.sections) into bytes."""
+    return b"".join(a.tobytes() for a in payload_parts(shape.sections(), shape.num_layers, arrays))

@@ -14,13 +14,13 @@ import secrets
 import struct
 import time
 import zlib
-from dataclasses import replace
 
 import numpy as np
 
-from .layout import HEADER_SIZE, SEQ_OFFSET, Header, Ranks, Shape, encode_payload, pack_header
+from .layout import HEADER_OFFSETS, HEADER_SIZE, SEQ_OFFSET, Header, Ranks, Shape, pack_header, payload_parts
 
 _SEQ = struct.Struct("<Q")
+_UPDATED, _CRC, _ERRORS = struct.Struct("<q"), struct.Struct("<I"), struct.Struct("<Q")
 
 
 def segment_filename(ranks: Ranks) -> str:
@@ -28,61 +28,79 @@ def segment_filename(ranks: Ranks) -> str:
 
 
 class SegmentWriter:
+    """A publish runs on vLLM's side of the GIL, so it does no more than it must: the header is packed once and
+    its four changing fields are patched in place; the arrays are checksummed and written as they come (no
+    payload bytes are built), the header and payload in one pwritev between the two seqlock writes."""
+
     def __init__(self, directory: str, model: str, ranks: Ranks, shape: Shape, top_k: int):
         self.path = os.path.join(directory, segment_filename(ranks))
         self._shape = shape
+        self._sections = shape.sections()
+        self._size = HEADER_SIZE + shape.payload_size
         now = time.time_ns()
         self._header = Header(
             seq=0, generation=secrets.randbits(63) or 1, created_unix_ns=now, updated_unix_ns=now,
             pid=os.getpid(), top_k=top_k, ranks=ranks, shape=shape, payload_size=shape.payload_size,
             payload_crc32=0, publish_errors=0, model=model,
         )
+        self._head = bytearray(pack_header(self._header))  # patched in place at each publish
+        self._seq = 0
         self._fd: int | None = None
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we created
 
     @property
     def generation(self) -> int:
         return self._header.generation
 
-    def _create(self, payload: bytes) -> None:
+    def _create(self, parts: list) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.posix_fallocate(fd, 0, HEADER_SIZE + len(payload))  # ENOSPC now, not later
-            _pwrite_all(fd, payload, HEADER_SIZE)
-            _pwrite_all(fd, pack_header(self._header), 0)
+            os.posix_fallocate(fd, 0, self._size)  # ENOSPC now, not later
+            _pwritev_all(fd, [self._head, *parts], 0, self._size)
+            st = os.fstat(fd)
             os.replace(tmp, self.path)
         except BaseException:
             os.close(fd)
             _unlink_quietly(tmp)
             raise
-        self._fd = fd
+        self._fd, self._file_id = fd, (st.st_dev, st.st_ino)
 
     def publish(self, arrays: dict[str, np.ndarray], publish_errors: int = 0) -> None:
-        """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries."""
-        payload = encode_payload(self._shape, arrays)
-        h = replace(self._header, updated_unix_ns=time.time_ns(), payload_crc32=zlib.crc32(payload),
-                    publish_errors=publish_errors)
+        """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries.
+        The arrays are written as they are, after their checksum: none may change until publish returns (the
+        publisher passes copies)."""
+        parts = payload_parts(self._sections, self._shape.num_layers, arrays)
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)  # the GIL is released for parts over 5 KiB (the counts)
+        head = self._head
+        _UPDATED.pack_into(head, HEADER_OFFSETS["updated_unix_ns"], time.time_ns())
+        _CRC.pack_into(head, HEADER_OFFSETS["payload_crc32"], crc)
+        _ERRORS.pack_into(head, HEADER_OFFSETS["publish_errors"], publish_errors)
         if self._fd is not None and self._replaced_under_us():
             self.reset()
         if self._fd is None:
-            self._header = replace(h, seq=0)
-            self._create(payload)
+            self._seq = 0
+            _SEQ.pack_into(head, SEQ_OFFSET, 0)
+            self._create(parts)
             return
-        seq = self._header.seq
+        seq = self._seq
         _pwrite_all(self._fd, _SEQ.pack(seq + 1), SEQ_OFFSET)  # odd: write in progress
-        _pwrite_all(self._fd, payload, HEADER_SIZE)
-        _pwrite_all(self._fd, pack_header(replace(h, seq=seq + 1)), 0)
+        _SEQ.pack_into(head, SEQ_OFFSET, seq + 1)
+        _pwritev_all(self._fd, [head, *parts], 0, self._size)  # the header (still odd) and the payload
         _pwrite_all(self._fd, _SEQ.pack(seq + 2), SEQ_OFFSET)  # even: consistent
-        self._header = replace(h, seq=seq + 2)
+        self._seq = seq + 2
 
     def _replaced_under_us(self) -> bool:
-        """True when our file was deleted, replaced or truncated by someone else."""
+        """True when our file was deleted, replaced or truncated by someone else (one stat: while the path still
+        names our file, its size is our file's)."""
         try:
-            st, ours = os.stat(self.path), os.fstat(self._fd)
+            st = os.stat(self.path)
         except FileNotFoundError:
             return True
-        return st.st_ino != ours.st_ino or ours.st_size < HEADER_SIZE + self._shape.payload_size
+        return (st.st_dev, st.st_ino) != self._file_id or st.st_size < self._size
 
     def close(self, remove: bool = False) -> None:
         if self._fd is not None:
@@ -99,11 +117,18 @@ class SegmentWriter:
             self._fd = None
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _pwritev_all(fd: int, buffers: list, offset: int, size: int) -> None:
+    """Write `buffers` (`size` bytes in all) at `offset`: one pwritev, and the rest of a short write after it."""
+    n = os.pwritev(fd, buffers, offset)
+    if n < size:  # not seen on tmpfs; joined only then
+        _pwrite_all(fd, memoryview(b"".join(memoryview(b).cast("B") for b in buffers))[n:], offset + n)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -5,7 +5,9 @@ CUDA, pinned memory the counting kernel writes), the step histograms from StepSt
 graphs in global capture mode, where a CUDA call from any other thread invalidates the capture; this
 thread makes none (docs/recorder.md, "Capture safety"; tests/test_recorder_gpu.py proves it under capture).
 It never blocks a step and never raises: a failure is logged once, counted in the next snapshot that does
-get through, and retried at the next tick.
+get through, and retried at the next tick. It holds the GIL while it works, which vLLM's engine thread pays for,
+so what does not change between publishes (layer ids, flags, the header) is built once
+(benchmarks/results/publisher_cost.md).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Publisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moe-monitor-publisher", daemon=True)
         self._layer_ids = np.array([x.layer_id for x in attachment.layers], dtype=np.int32)
+        self._flags_key: tuple | None = None  # what layer_flags' cached answer was computed from
+        self._flags = np.zeros(0, dtype=np.uint8)
 
     def start(self) -> None:
         self._thread.start()
@@ -51,15 +55,22 @@ class Publisher:
             self.publish_once()
 
     def layer_flags(self, stepped: bool) -> np.ndarray:
-        flags = np.zeros(len(self.attachment.layers), dtype=np.uint8)
-        for row, layer in enumerate(self.attachment.layers):
-            if not layer.observable:
-                flags[row] = LAYER_UNOBSERVABLE
-            elif stepped and row not in self.recorder.seen_rows:
-                flags[row] = LAYER_HOOKED | LAYER_UNOBSERVABLE  # tapped, but the router never ran: bypassed
-            else:
-                flags[row] = LAYER_HOOKED
-        return flags
+        """Read-only; recomputed only when the layers, the recorder's seen rows (which only grow) or `stepped`
+        changed since the last call."""
+        layers, seen = self.attachment.layers, self.recorder.seen_rows
+        key = (stepped, id(layers), len(layers), id(seen), len(seen))
+        if key != self._flags_key:
+            flags = np.zeros(len(layers), dtype=np.uint8)
+            for row, layer in enumerate(layers):
+                if not layer.observable:
+                    flags[row] = LAYER_UNOBSERVABLE
+                elif stepped and row not in seen:
+                    flags[row] = LAYER_HOOKED | LAYER_UNOBSERVABLE  # tapped, but the router never ran: bypassed
+                else:
+                    flags[row] = LAYER_HOOKED
+            flags.flags.writeable = False
+            self._flags, self._flags_key = flags, key
+        return self._flags
 
     def publish_once(self) -> bool:
         try:
