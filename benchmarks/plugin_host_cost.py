@@ -1,17 +1,29 @@
-"""The plugin's host work per vLLM step, hook by hook, on real GPU vLLM (issue #27, part 3a: the baseline).
+"""The plugin's host work per vLLM step on real GPU vLLM (issue #27): per hook, on against off in one engine, and
+the plugin's step time against the profiler's.
 
 One offline engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, so the worker's hooks run here), the plugin
-on, `load_format="dummy"`, a real checkpoint's per-layer dimensions (benchmarks/vllm_cost.py's shapes), vLLM's
-default CUDA graphs. Before the engine is built, each hook of the plugin is wrapped with a `perf_counter_ns` pair:
-`WorkerMonitor.step_begin / forward_done / step_end` (vLLM's worker thread, every step), `Recorder.set_valid_tokens`
-(inside two of them) and `Publisher.publish_once` (the publisher thread, GIL held). A wrapped no-op measures what
-the wrapper itself adds (its A/A), subtracted from nothing: it is reported beside the figures.
+on, `load_format="dummy"`, a real checkpoint's per-layer dimensions (benchmarks/vllm_cost.py's shapes) with
+`--layers` of them, vLLM's default CUDA graphs (or `--eager`). Decode of OUT tokens after PROMPT-token prompts,
+greedy, after a warm-up generate of the same shape. Three passes over one engine:
 
-Per batch size (decode of OUT tokens after PROMPT-token prompts, after a warm-up generate of the same shape):
-calls, mean and median microseconds per call of each hook, the hooks' sum per engine step, and the step's host
-wall time (generate time / steps), so the share of the step the hooks take.
+1. `--hooks B,..`: each hook of the plugin wrapped with a `perf_counter_ns` pair (the wrapper's own cost, measured on
+   a no-op, is printed, not subtracted): `WorkerMonitor.step_begin / forward_done / step_end` (vLLM's worker thread,
+   every step; forward_done only where the plugin zeroes its count after each forward), `Tap.__call__` (each MoE
+   layer's tap: eager mode only, under CUDA graphs nothing of it runs on the host), and nested in those
+   `Recorder.set_valid_tokens / record / flush`; `Publisher.publish_once` (the publisher thread, GIL held). The
+   hooks' sum per step against the step's host wall time.
+2. `--ab B,..`: the same engine with the hooks on and off, `--rounds` rounds, each round running `on`, `off` and
+   `off2` (an A/A: off again) in a rotated order; per round ms per output token (generate wall time / OUT). Off means the
+   worker's monitor is detached (`worker._moe_monitor = None`: vLLM's own methods run, behind the wrappers' one
+   attribute read); the counting kernel inside the CUDA graphs runs in both.
+3. `--trace`: a workload with prefill, mixed and decode steps inside `start_profile`/`stop_profile`; every step
+   the plugin's timer records (phase, tokens, seconds) is logged, aligned with the trace's steps
+   (benchmarks/trace_steps.py) by their token counts, and compared per phase.
 
-    . .gpu/device-env.sh; python3 benchmarks/plugin_host_cost.py --out $OUT/host_cost.jsonl
+    . .gpu/device-env.sh; python3 benchmarks/plugin_host_cost.py --out $OUT/host_cost.jsonl --hooks 1,8,32,128 \
+        --ab 1,8,32 --trace
+
+It runs the plugin on PYTHONPATH: point that at another checkout to measure another version in the same call.
 
 `--publisher LxE` (no GPU, no vLLM): the publisher's `publish_once` alone at L layers x E experts (part 2's shape:
 61x256), a real SegmentWriter into a temporary directory, the CPU recorder's counts; the time it holds the GIL is its
@@ -21,6 +33,7 @@ wall time (it is Python and numpy on one thread, with no I/O wait: the segment i
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -35,6 +48,7 @@ from vllm_cost import SHAPES, write_model  # noqa: E402
 from vllm_traces import prompts_of  # noqa: E402
 
 SAMPLES: dict[str, list[int]] = defaultdict(list)  # hook -> ns per call
+PER_STEP = ("WorkerMonitor.step_begin", "WorkerMonitor.forward_done", "WorkerMonitor.step_end", "Tap.__call__")
 
 
 def timed(name: str, fn):
@@ -48,13 +62,23 @@ def timed(name: str, fn):
     return wrapper
 
 
-def instrument() -> None:
-    from moe_monitor.plugin import publisher, recorder, worker
+def hook_sites():
+    from moe_monitor.plugin import attach, publisher, recorder, worker
 
-    for cls, names in ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")),
-                       (recorder.Recorder, ("set_valid_tokens",)), (publisher.Publisher, ("publish_once",))):
+    return ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")), (attach.Tap, ("__call__",)),
+            (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
+
+
+def instrument(on: bool) -> None:
+    for cls, names in hook_sites():
         for name in names:
-            setattr(cls, name, timed(f"{cls.__name__}.{name}", getattr(cls, name)))
+            fn = cls.__dict__.get(name)
+            if fn is None:
+                continue
+            if on and not hasattr(fn, "__wrapped__"):
+                setattr(cls, name, timed(f"{cls.__name__}.{name}", fn))
+            elif not on and hasattr(fn, "__wrapped__"):
+                setattr(cls, name, fn.__wrapped__)
 
 
 def wrapper_cost(n: int = 100_000) -> float:
@@ -75,6 +99,7 @@ def wrapper_cost(n: int = 100_000) -> float:
 
 def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
     import numpy as np
+    import torch
 
     from moe_monitor.channel import Ranks, SegmentWriter, Shape
     from moe_monitor.plugin.attach import Attachment, MoELayer
@@ -83,7 +108,8 @@ def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
     from moe_monitor.plugin.steps import StepStats
 
     recorder = Recorder(layers, experts, 8, "cpu")
-    recorder.counts[:, :experts] = torch_randint(np, layers, experts)
+    recorder.counts[:, :experts] = torch.from_numpy(np.random.default_rng(0).integers(0, 1 << 40,
+                                                                                      size=(layers, experts)))
     recorder.seen_rows.update(range(layers))
     steps = StepStats()
     steps.record("decode", 8, 0.01)
@@ -100,67 +126,193 @@ def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
             "p90_us": sorted(times)[int(0.9 * repeats)] / 1e3, "min_us": min(times) / 1e3}
 
 
-def torch_randint(np, layers: int, experts: int):
-    import torch
+# ------------------------------------------------------------------------------------------ the engine's worker
 
-    return torch.from_numpy(np.random.default_rng(0).integers(0, 1 << 40, size=(layers, experts)))
+def _detach(worker, on: bool):
+    """Attach (on) or detach the worker's monitor; the detached one is kept on the worker to come back."""
+    if not hasattr(worker, "_moe_monitor_kept"):
+        worker._moe_monitor_kept = worker._moe_monitor
+    worker._moe_monitor = worker._moe_monitor_kept if on else None
+    return worker._moe_monitor is not None
+
+
+def _describe(worker):
+    m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
+    from moe_monitor.plugin import triton_flush
+
+    return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
+            "timer_events": type(getattr(m.timer, "events", None)).__name__,
+            "zero_after_forward": getattr(m, "zero_after_forward", True),
+            "direct_launch": getattr(triton_flush, "_direct", False)}
+
+
+STEP_LOG: list[tuple[str, int, float]] = []
+
+
+def _log_steps(worker, on: bool):
+    """Log every step the plugin's timer records (phase, tokens, seconds) into STEP_LOG (this process)."""
+    m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
+    steps = m.timer.steps
+    if on:
+        record = type(steps).record
+
+        def logged(phase, tokens, seconds):
+            STEP_LOG.append((phase, tokens, seconds))
+            record(steps, phase, tokens, seconds)
+        steps.record = logged
+    else:
+        steps.__dict__.pop("record", None)
+    return len(STEP_LOG)
+
+
+def align(mine: list[tuple[str, int, float]], trace: list[dict]) -> list[tuple[dict, tuple]]:
+    """Pairs (trace step, plugin step) at the offset where the most token counts agree."""
+    best, best_offset = -1, 0
+    for offset in range(-len(trace) + 1, len(mine)):
+        agree = sum(1 for i, s in enumerate(trace)
+                    if 0 <= i + offset < len(mine) and mine[i + offset][1] == s["tokens"])
+        if agree > best:
+            best, best_offset = agree, offset
+    return [(s, mine[i + best_offset]) for i, s in enumerate(trace)
+            if 0 <= i + best_offset < len(mine) and mine[i + best_offset][1] == s["tokens"]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--eager", action="store_true", help="vLLM's --enforce-eager (default: its CUDA graphs)")
+    ap.add_argument("--hooks", default="", help="batch sizes of the per-hook pass (e.g. 1,8,32,128)")
+    ap.add_argument("--ab", default="", help="batch sizes of the on/off rounds (e.g. 1,8,32)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
-    ap.add_argument("--out", help="JSON lines, one per batch size")
+    ap.add_argument("--label", default="", help="a name for this run in the output (e.g. the plugin's version)")
+    ap.add_argument("--out", help="JSON lines, one per measurement")
     ap.add_argument("--publisher", metavar="LxE", help="only the publisher's publish_once at L layers x E experts")
     args = ap.parse_args()
     if args.publisher:
         layers, experts = map(int, args.publisher.lower().split("x"))
-        row = publisher_cost(layers, experts)
-        print(json.dumps(row))
+        print(json.dumps(publisher_cost(layers, experts)))
         return
     if not args.out:
         ap.error("--out is required (or --publisher LxE)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("MOE_MONITOR_SEGMENT_DIR", tempfile.mkdtemp(prefix="seg_"))
-    instrument()
     from vllm import LLM, SamplingParams
 
     model = write_model(args.shape, tempfile.mkdtemp(prefix="model_"), args.layers)
+    profiles = tempfile.mkdtemp(prefix="profiles_")
     llm = LLM(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
-              attention_config={"backend": "TRITON_ATTN"}, max_model_len=2048, max_num_seqs=64,
-              enable_prefix_caching=False, gpu_memory_utilization=0.85)
+              attention_config={"backend": "TRITON_ATTN"}, max_model_len=2048, max_num_seqs=128,
+              max_num_batched_tokens=512, enable_prefix_caching=False, gpu_memory_utilization=0.85,
+              enforce_eager=args.eager,
+              profiler_config={"profiler": "torch", "torch_profiler_dir": profiles, "ignore_frontend": True,
+                               "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True})
     vocab = SHAPES[args.shape]["config"]["vocab_size"]
     params = SamplingParams(max_tokens=args.out_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
-    overhead_ns = wrapper_cost()
     rng = random.Random(0)
-    with open(args.out, "w") as out:
-        for batch in map(int, args.batches.split(",")):
-            prompts = prompts_of(vocab, batch, args.prompt, rng)
-            llm.generate(prompts, params, use_tqdm=False)  # warm-up of this batch size
+    base = {"label": args.label, "shape": args.shape, "layers": args.layers, "eager": args.eager,
+            "plugin": llm.collective_rpc(_describe)[0]}
+    print(f"{args.label}: {base}", flush=True)
+    out = open(args.out, "a")
+
+    def emit(row: dict) -> None:
+        out.write(json.dumps(base | row) + "\n")
+        out.flush()
+
+    def run(prompts) -> float:
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    batches = sorted({int(b) for b in (args.hooks + "," + args.ab).split(",") if b})
+    prompts = {b: prompts_of(vocab, b, args.prompt, rng) for b in batches}
+    for b in batches:
+        run(prompts[b])  # warm-up of this batch size (vLLM compiles what it has not seen)
+
+    if args.hooks:
+        overhead_ns = wrapper_cost()
+        instrument(True)
+        for batch in map(int, args.hooks.split(",")):
             SAMPLES.clear()
-            t = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            wall = time.perf_counter() - t
-            steps = len(SAMPLES.get("WorkerMonitor.step_end", [])) or 1
+            wall = run(prompts[batch])
+            steps = len(SAMPLES.get("WorkerMonitor.step_begin", [])) or args.out_tokens
             hooks = {name: {"calls": len(v), "mean_us": statistics.fmean(v) / 1e3,
                             "median_us": statistics.median(v) / 1e3} for name, v in sorted(SAMPLES.items())}
-            worker_ns = sum(sum(SAMPLES.get(f"WorkerMonitor.{h}", [])) for h in ("step_begin", "forward_done",
-                                                                                  "step_end"))
-            row = {"shape": args.shape, "layers": args.layers, "batch": batch, "steps": steps,
-                   "step_wall_ms": 1e3 * wall / steps, "hooks_us_per_step": worker_ns / 1e3 / steps,
-                   "wrapper_ns_per_call": overhead_ns, "hooks": hooks}
-            row["share_of_step"] = row["hooks_us_per_step"] / 1e3 / row["step_wall_ms"]
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"batch {batch:3d}: {steps} steps, {row['step_wall_ms']:.3f} ms a step on the host, plugin hooks "
-                  f"{row['hooks_us_per_step']:.1f} us a step ({100 * row['share_of_step']:.2f} %)", flush=True)
+            per_step = sum(sum(SAMPLES.get(h, [])) for h in PER_STEP) / 1e3 / steps
+            row = {"kind": "hooks", "batch": batch, "steps": steps, "step_wall_ms": 1e3 * wall / steps,
+                   "hooks_us_per_step": per_step, "wrapper_ns_per_call": overhead_ns, "hooks": hooks}
+            emit(row)
+            print(f"{args.label} hooks batch {batch:3d}: {1e3 * wall / steps:.3f} ms a step, plugin hooks "
+                  f"{per_step:.2f} us a step ({per_step / 10 / (1e3 * wall / steps):.3f} %)", flush=True)
             for name, h in hooks.items():
-                print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.1f} us  median "
-                      f"{h['median_us']:8.1f} us", flush=True)
-    print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)")
+                print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "
+                      f"{h['median_us']:8.2f} us", flush=True)
+        instrument(False)
+        print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)", flush=True)
+
+    if args.ab:
+        for batch in map(int, args.ab.split(",")):
+            per = {"on": [], "off": [], "off2": []}
+            order = ["on", "off", "off2"]
+            for r in range(args.rounds):
+                for mode in order[r % 3:] + order[:r % 3]:
+                    llm.collective_rpc(_detach, args=(mode == "on",))
+                    per[mode].append(1e3 * run(prompts[batch]) / args.out_tokens)
+            llm.collective_rpc(_detach, args=(True,))
+            stats = {m: {"min_ms": min(v), "median_ms": statistics.median(v), "rounds_ms": v} for m, v in per.items()}
+            row = {"kind": "ab", "batch": batch, "rounds": args.rounds, "modes": stats}
+            for name, (a, b) in (("on_vs_off", ("on", "off")), ("aa", ("off2", "off"))):
+                for key in ("min", "median"):
+                    row[f"{name}_{key}_pct"] = 100 * (stats[a][f"{key}_ms"] / stats[b][f"{key}_ms"] - 1)
+            emit(row)
+            print(f"{args.label} A/B batch {batch:3d}: on {stats['on']['min_ms']:.4f} / {stats['on']['median_ms']:.4f} "
+                  f"ms, off {stats['off']['min_ms']:.4f} / {stats['off']['median_ms']:.4f}, off2 "
+                  f"{stats['off2']['min_ms']:.4f} / {stats['off2']['median_ms']:.4f} (min / median); on-off "
+                  f"{row['on_vs_off_min_pct']:+.2f} % / {row['on_vs_off_median_pct']:+.2f} %, A/A "
+                  f"{row['aa_min_pct']:+.2f} % / {row['aa_median_pct']:+.2f} %", flush=True)
+
+    if args.trace:
+        from trace_steps import trace_step_times
+
+        lengths = [rng.randrange(40, 400) for _ in range(16)]
+        work = [prompts_of(vocab, 1, n, rng)[0] for n in lengths]
+        trace_params = SamplingParams(max_tokens=48, ignore_eos=True, temperature=0.0, detokenize=False)
+        llm.generate(work, trace_params, use_tqdm=False)  # warm-up: the same step shapes, compiled
+        llm.collective_rpc(_log_steps, args=(True,))
+        STEP_LOG.clear()
+        llm.start_profile()
+        llm.generate(work, trace_params, use_tqdm=False)
+        llm.stop_profile()
+        llm.generate(prompts_of(vocab, 1, 8, rng), SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
+        llm.collective_rpc(_log_steps, args=(False,))
+        files = [f for f in glob.glob(os.path.join(profiles, "**", "*.pt.trace.json*"), recursive=True)
+                 if "async_llm" not in os.path.basename(f)]
+        theirs = trace_step_times(sorted(files)[0])
+        pairs = align(list(STEP_LOG), theirs)
+        rows = {}
+        for phase in ("prefill", "mixed", "decode"):
+            mine = [(t["step_s"], p[2], t["forward_s"]) for t, p in pairs if t["phase"] == phase]
+            if not mine:
+                continue
+            trace_mean = statistics.fmean(x[0] for x in mine)
+            plugin_mean = statistics.fmean(x[1] for x in mine)
+            diffs = sorted(1e6 * (x[1] - x[0]) for x in mine)
+            rows[phase] = {"steps": len(mine), "trace_ms": 1e3 * trace_mean, "plugin_ms": 1e3 * plugin_mean,
+                           "diff_pct": 100 * (plugin_mean / trace_mean - 1),
+                           "forward_ms": 1e3 * statistics.fmean(x[2] for x in mine),
+                           "diff_us_median": statistics.median(diffs), "diff_us_min": diffs[0],
+                           "diff_us_max": diffs[-1]}
+            r = rows[phase]
+            print(f"{args.label} trace {phase:8s} {len(mine):3d} steps: plugin {r['plugin_ms']:.3f} ms, trace "
+                  f"{r['trace_ms']:.3f} ms ({r['diff_pct']:+.2f} %; per step plugin-trace median "
+                  f"{r['diff_us_median']:+.1f} us, {diffs[0]:+.1f} to {diffs[-1]:+.1f}); vLLM's forward "
+                  f"annotation {r['forward_ms']:.3f} ms", flush=True)
+        emit({"kind": "trace", "trace_steps": len(theirs), "plugin_steps": len(STEP_LOG), "matched": len(pairs),
+              "phases": rows, "trace_file": os.path.basename(sorted(files)[0])})
+    out.close()
     os._exit(0)
 
 

@@ -30,6 +30,11 @@ def _recorder(stack, mode, capacity=64, id_dtypes=(torch.int32, torch.int64)):
     s = stack.shape
     rec = Recorder(s.layers, s.experts, s.top_k, "cuda", capacity=capacity, mode=mode, id_dtypes=id_dtypes)
     rec.set_rows(list(range(s.layers)))
+    # Every check runs the fast paths the plugin uses on this machine: the driver's stream write for the token
+    # count, and eager flushes launched directly through Triton's compiled launcher.
+    from moe_monitor.plugin import triton_flush
+
+    assert rec.driver is not None and triton_flush._direct, "the fast paths must be usable on the GPU machine"
     return rec
 
 
@@ -249,14 +254,22 @@ def test_publisher_thread_never_breaks_a_global_mode_capture(tmp_path):
     assert survived < 10, "the control must break captures, or this test could not see a publisher that does"
 
 
-def test_step_timer_measures_device_time_without_syncing():
+@pytest.mark.parametrize("events", ["driver", "torch"])
+def test_step_timer_measures_device_time_without_syncing(events):
     """The CUDA timer reports the device time of a step (a known sleep kernel), not the host's launch time,
-    and never synchronises."""
-    from moe_monitor.plugin.step_timer import CudaEventTimer
+    and never synchronises: with the driver's events (the default) and torch's (the fallback)."""
+    from moe_monitor.plugin import cuda_driver
+    from moe_monitor.plugin.step_timer import CudaEventTimer, DriverEvents, TorchEvents
     from moe_monitor.plugin.steps import StepStats
 
     steps = StepStats()
-    timer = CudaEventTimer(steps)
+    if events == "driver":
+        driver = cuda_driver.load(torch.device("cuda", 0))
+        assert driver is not None, "the driver's calls must be usable on the GPU machine"
+        backend = DriverEvents(*driver)
+    else:
+        backend = TorchEvents()
+    timer = CudaEventTimer(steps, backend)
     cycles = int(torch.cuda.get_device_properties(0).clock_rate * 1000 * 0.02)  # ~20 ms at the base clock
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -273,5 +286,5 @@ def test_step_timer_measures_device_time_without_syncing():
     timer.poll()
     snap = steps.snapshot()
     n, seconds = int(snap["step_hist"].sum()), float(snap["step_seconds"].sum())
-    print(f"step timer: {n} steps, mean {seconds / max(n, 1) * 1e3:.2f} ms for a ~20 ms sleep kernel")
+    print(f"step timer ({events}): {n} steps, mean {seconds / max(n, 1) * 1e3:.2f} ms for a ~20 ms sleep kernel")
     assert n == 5 and 0.005 < seconds / n < 0.2, (n, seconds)

@@ -23,8 +23,9 @@ Strategies, same counts (tests/test_plugin_cpu.py, tests/test_recorder_gpu.py, b
   in the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
   recorder (docs/recorder.md: why that matters for measurement).
 
-On CUDA the recorder's own kernels are Triton kernels named `moe_monitor_*` (the step's token count is set by
-one too, not by `fill_`), so profiler traces show them by name in the breakdown's `monitoring` row. The
+On CUDA the step's token count is written by the driver's stream write (cuda_driver.py: no kernel, ~1 us of
+host time; a Triton kernel where that call is unusable), and the counting kernel is a Triton kernel named
+`moe_monitor_*`, so profiler traces show it by name in the breakdown's `monitoring` row. The
 exceptions are copies: the fused mode's `torch.stack` (one `CatArrayBatchedCopy`, right before the counting
 kernel: attributed by its position) and the staged mode's per-layer copies. The counting kernel also writes
 every counter it changes into `mirror`, pinned host memory: the publisher thread reads counts from there with
@@ -75,13 +76,20 @@ class Recorder:
         self._pending: dict[int, torch.Tensor] = {}
         self._staged_tokens = 0  # staged mode: tokens of the step whose ids are in the buffer, not yet counted
         self.mirror = None  # CUDA: pinned host copy of counts[:, :E], written by the counting kernel
+        self.driver = None  # CUDA: (cuda_driver.Driver, current-stream getter), or None where unusable
+        self._write_valid = None
         if self.device.type == "cuda":
-            from . import triton_flush
+            from . import cuda_driver, triton_flush
 
             self.mirror = torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=True)
             self._count_stacked = triton_flush.count_stacked
             self._set_valid_tokens = triton_flush.set_valid_tokens
             triton_flush.warm_up(self.device, num_experts, top_k, id_dtypes)
+            self.driver = cuda_driver.load(self.device)
+            if self.driver is not None:
+                driver, stream = self.driver
+                address, write = self.valid_tokens.data_ptr(), driver.write_u64
+                self._write_valid = lambda n: write(stream(), address, n)
 
     def _grow(self, tokens: int) -> None:
         if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated
@@ -95,14 +103,18 @@ class Recorder:
                                      device=self.device)
 
     def set_valid_tokens(self, n: int) -> None:
-        """Called by the step hook before the forward pass (0 after it). One tiny fill, no sync.
+        """Called by the step hook before the forward pass, and with 0 before any forward that is not a step
+        (vLLM's dummy runs). No sync. On CUDA a stream write of the driver (~1 us of host time), else a
+        one-thread Triton kernel (~25 us: its Python launcher); on CPU a fill.
         A step boundary: ids still pending (a step that never reached the last row) are counted first,
         with the valid count of their own step."""
         if self._pending:
             self.flush()
-        if self.mode == "staged" and self._staged_tokens:
+        if self._staged_tokens:
             self._flush_staged()
-        if self.mirror is not None:
+        if self._write_valid is not None:
+            self._write_valid(n)
+        elif self.mirror is not None:
             self._set_valid_tokens(self.valid_tokens, n)
         else:
             self.valid_tokens.fill_(n)

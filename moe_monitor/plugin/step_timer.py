@@ -3,9 +3,12 @@
 On CPU vLLM runs a step synchronously, so host time between the step hooks is the step's time. On CUDA vLLM
 schedules asynchronously: `execute_model`/`sample_tokens` return once the step is *launched*, and host time
 would measure launching, not computing. The CUDA timer records an event on vLLM's stream at the start and
-end of each step and turns completed pairs into durations on the worker thread at the next step boundary
-(a non-blocking `query()`; never a sync). Every CUDA call here happens on vLLM's worker thread, between
+end of each step and turns completed pairs into durations on the worker thread at the next step's start
+(a non-blocking query; never a sync). Every CUDA call here happens on vLLM's worker thread, between
 steps, where no graph capture can be running (docs/recorder.md, "Capture safety").
+
+Two event back ends, same timer: the CUDA driver's calls through ctypes (cuda_driver.py: ~1 us each, the
+default) and torch's Event (the fallback where the driver's calls are not usable: a few us each).
 
 A consequence: the last step before the server goes idle is recorded when the next step runs.
 """
@@ -39,26 +42,60 @@ class HostTimer:
         self._open = None
 
 
-class CudaEventTimer:
-    """Events on the current (vLLM's) stream; at most `max_pending` unresolved steps are kept."""
+class DriverEvents:
+    """Events through the CUDA driver (cuda_driver.Driver), recorded on the current stream."""
 
-    def __init__(self, steps: StepStats, max_pending: int = 256):
+    def __init__(self, driver, current_stream):
+        self.new, self.done, self.elapsed_s = driver.event, driver.done, driver.elapsed_s
+        self._record, self._stream = driver.record, current_stream
+
+    def record(self, event) -> None:
+        self._record(event, self._stream())
+
+
+class TorchEvents:
+    """torch.cuda.Event, recorded on the current stream."""
+
+    def __init__(self):
         import torch
 
-        self._event = lambda: torch.cuda.Event(enable_timing=True)
-        self.steps, self.max_pending = steps, max_pending
+        self._event = torch.cuda.Event
+
+    def new(self):
+        return self._event(enable_timing=True)
+
+    @staticmethod
+    def record(event) -> None:
+        event.record()
+
+    @staticmethod
+    def done(event) -> bool:
+        return event.query()
+
+    @staticmethod
+    def elapsed_s(start, end) -> float:
+        return start.elapsed_time(end) / 1000.0
+
+
+class CudaEventTimer:
+    """Events on the current (vLLM's) stream, reused from a pool; at most `max_pending` unresolved steps are
+    kept. Per step: two records, and at the next step's start one query per step resolved plus one."""
+
+    def __init__(self, steps: StepStats, events: DriverEvents | TorchEvents, max_pending: int = 256):
+        self.steps, self.events, self.max_pending = steps, events, max_pending
         self._free: list = []
         self._pending: collections.deque = collections.deque()
         self._open = None
         self.dropped = 0
 
     def _take(self):
-        ev = self._free.pop() if self._free else self._event()
-        ev.record()
-        return ev
+        event = self._free.pop() if self._free else self.events.new()
+        self.events.record(event)
+        return event
 
     def begin(self, phase: str, tokens: int) -> None:
-        self.poll()
+        if self._pending:
+            self.poll()
         self._open = (self._take(), phase, tokens)
 
     def end(self) -> None:
@@ -74,7 +111,6 @@ class CudaEventTimer:
             if self.dropped == 1:
                 log.warning("moe-monitor: more than %d steps in flight on the device; dropping the oldest "
                             "step times", self.max_pending)
-        self.poll()
 
     def cancel(self) -> None:
         if self._open is not None:
@@ -83,7 +119,8 @@ class CudaEventTimer:
 
     def poll(self) -> None:
         """Record every completed step, oldest first (steps complete in stream order)."""
-        while self._pending and self._pending[0][1].query():
-            start, end, phase, tokens = self._pending.popleft()
-            self.steps.record(phase, tokens, start.elapsed_time(end) / 1000.0)
+        pending, done, elapsed_s = self._pending, self.events.done, self.events.elapsed_s
+        while pending and done(pending[0][1]):
+            start, end, phase, tokens = pending.popleft()
+            self.steps.record(phase, tokens, elapsed_s(start, end))
             self._free += (start, end)

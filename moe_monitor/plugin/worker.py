@@ -18,44 +18,95 @@ from .attach import find_moe_layers, patch_bind_routed_experts_capturer, patch_s
 from .placement import read_live_placement
 from .publisher import Publisher
 from .recorder import MODES, Recorder
-from .step_timer import CudaEventTimer, HostTimer
+from .step_timer import CudaEventTimer, DriverEvents, HostTimer, TorchEvents
 from .steps import StepStats, phase_of
 
 log = logging.getLogger(__name__)
 
 
 class WorkerMonitor:
-    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread."""
+    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread, and each step
+    costs them a few microseconds of host time (docs/recorder.md, "Cost"): a stream write, two event records,
+    the event queries of finished steps and a few attribute reads."""
 
-    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer):
+    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer,
+                 zero_after_forward: bool = True):
         self.recorder, self.publisher, self.timer = recorder, publisher, timer
+        # Forwards that are not steps (vLLM's dummy runs: DP idle ranks, warm-up) must count nothing. Where the
+        # runner's dummy run is wrapped (wrap_dummy_run), the count is zeroed before each of them; else after
+        # every step's forward, which costs a second write a step.
+        self.zero_after_forward = zero_after_forward
+        self.off = False  # a hook failed: the worker runs without moe-monitor from then on
 
-    def step_begin(self, scheduler_output, runner) -> None:
+    def step_begin(self, scheduler_output) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens
         if tokens <= 0:
             self.timer.cancel()
             return
         self.recorder.set_valid_tokens(tokens)
-        prefill, decode = split_tokens(scheduler_output)
-        self.timer.begin(phase_of(prefill, decode), tokens)
+        prefill = prefill_tokens(scheduler_output)
+        self.timer.begin(phase_of(prefill, tokens - prefill), tokens)
 
     def forward_done(self) -> None:
-        self.recorder.set_valid_tokens(0)  # dummy runs between steps (DP idle ranks) count nothing
+        self.recorder.set_valid_tokens(0)
 
     def step_end(self) -> None:
         self.timer.end()
 
+    def before_dummy_run(self) -> None:
+        if self.recorder.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # never inside a capture (vLLM starts its captures inside the dummy run, not around it)
+        self.recorder.set_valid_tokens(0)
 
-def split_tokens(scheduler_output) -> tuple[int, int]:
-    """(prefill tokens, decode tokens) of one scheduled step."""
+    def fail(self, what: str) -> None:
+        """A hook raised: log it once, stop counting (a stale token count would count wrong from now on) and
+        leave vLLM alone."""
+        self.off = True
+        log.exception("moe-monitor %s failed; serving continues, moe-monitor stops counting and timing steps in "
+                      "this worker", what)
+        self.recorder.failed = True
+        try:
+            self.recorder.valid_tokens.fill_(0)
+        except Exception:  # noqa: BLE001 - never raise into vLLM
+            log.exception("moe-monitor could not zero its token count after that failure")
+
+
+def prefill_tokens(scheduler_output) -> int:
+    """Prompt tokens of one scheduled step (the rest are decode tokens). A decode step without new, resumed or
+    still-prefilling requests costs one C-level scan of the requests' output counts (~8 ns a request); only
+    steps with such requests walk them in Python."""
     scheduled = scheduler_output.num_scheduled_tokens
-    prefill = sum(scheduled.get(r.req_id, 0) for r in scheduler_output.scheduled_new_reqs)
+    new = scheduler_output.scheduled_new_reqs
+    prefill = sum(scheduled.get(r.req_id, 0) for r in new) if new else 0
     cached = scheduler_output.scheduled_cached_reqs
-    resumed = getattr(cached, "resumed_req_ids", ()) or ()
-    for req_id, outputs in zip(cached.req_ids, cached.num_output_tokens):
-        if req_id in resumed or outputs == 0:
-            prefill += scheduled.get(req_id, 0)
-    return prefill, scheduler_output.total_num_scheduled_tokens - prefill
+    resumed = getattr(cached, "resumed_req_ids", None)
+    outputs = cached.num_output_tokens
+    if resumed or 0 in outputs:
+        for req_id, n_out in zip(cached.req_ids, outputs):
+            if n_out == 0 or (resumed and req_id in resumed):
+                prefill += scheduled.get(req_id, 0)
+    return prefill
+
+
+def wrap_dummy_run(runner, monitor: WorkerMonitor) -> bool:
+    """Zero the token count before each of the runner's dummy runs (an instance attribute over vLLM's method), so
+    a step's count need not be zeroed after its forward. False where the runner has no `_dummy_run`."""
+    original = getattr(runner, "_dummy_run", None)
+    if not callable(original) or getattr(original, "_moe_monitor", False):
+        return False
+
+    @functools.wraps(original)
+    def _dummy_run(*args, **kwargs):
+        if not monitor.off:
+            try:
+                monitor.before_dummy_run()
+            except Exception:  # noqa: BLE001 - never raise into vLLM
+                monitor.fail("dummy-run hook")
+        return original(*args, **kwargs)
+
+    _dummy_run._moe_monitor = True
+    runner._dummy_run = _dummy_run
+    return True
 
 
 def read_ranks(vllm_config) -> Ranks:
@@ -130,8 +181,13 @@ def build_monitor(worker) -> WorkerMonitor | None:
              len(attachment.layers) - len(attachment.observable),
              f"EPLB placement of {placement.num_physical} physical experts published live" if placement
              else "contiguous expert placement", writer.path)
-    timer = CudaEventTimer(steps) if recorder.device.type == "cuda" else HostTimer(steps)
-    return WorkerMonitor(recorder, publisher, timer)
+    if recorder.device.type != "cuda":
+        timer = HostTimer(steps)
+    else:
+        timer = CudaEventTimer(steps, DriverEvents(*recorder.driver) if recorder.driver else TorchEvents())
+    monitor = WorkerMonitor(recorder, publisher, timer)
+    monitor.zero_after_forward = not wrap_dummy_run(runner, monitor)
+    return monitor
 
 
 _warned: set[str] = set()
@@ -164,26 +220,40 @@ def patch_worker() -> bool:
         _guarded("attach", build)
         return result
 
+    # The step hooks are inlined here (no helper call, one try each): they run every step.
     @functools.wraps(orig_execute)
     def execute_model(self, scheduler_output, *args, **kwargs):
         monitor = getattr(self, "_moe_monitor", None)
-        if monitor is None or "step" in _warned:
+        if monitor is None or monitor.off:
             return orig_execute(self, scheduler_output, *args, **kwargs)
-        _guarded("step", monitor.step_begin, scheduler_output, self.model_runner)
+        try:
+            monitor.step_begin(scheduler_output)
+        except Exception:  # noqa: BLE001 - never raise into vLLM
+            monitor.fail("step hook")
         try:
             output = orig_execute(self, scheduler_output, *args, **kwargs)
         finally:
-            _guarded("step", monitor.forward_done)
-        if output is not None:
-            _guarded("step", monitor.step_end)
+            if monitor.zero_after_forward and not monitor.off:
+                try:
+                    monitor.forward_done()
+                except Exception:  # noqa: BLE001
+                    monitor.fail("step hook")
+        if output is not None and not monitor.off:
+            try:
+                monitor.step_end()
+            except Exception:  # noqa: BLE001
+                monitor.fail("step hook")
         return output
 
     @functools.wraps(orig_sample)
     def sample_tokens(self, *args, **kwargs):
         output = orig_sample(self, *args, **kwargs)
         monitor = getattr(self, "_moe_monitor", None)
-        if monitor is not None and "step" not in _warned:
-            _guarded("step", monitor.step_end)
+        if monitor is not None and not monitor.off:
+            try:
+                monitor.step_end()
+            except Exception:  # noqa: BLE001
+                monitor.fail("step hook")
         return output
 
     Worker.load_model, Worker.execute_model, Worker.sample_tokens = load_model, execute_model, sample_tokens
