@@ -3,6 +3,7 @@ steps (vLLM's dummy runs) counting nothing, proved in a real vLLM CPU engine."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -79,3 +80,60 @@ def test_dummy_runs_after_serving_count_nothing(tiny_model, tmp_path):
     assert result["routed_rows"] > 0, result  # the dummy forwards did go through the taps...
     assert result["after"] == result["before"], result  # ...and counted nothing
     assert result["zero_after_forward"] is False, result  # zeroed before dummy runs, not after every step
+
+
+class FakeDevice:
+    """Events for CudaEventTimer's logic: a record queues the event on the stream; `run(t)` is the device reaching
+    time t with everything queued done (stamped t)."""
+
+    def __init__(self):
+        self.created, self.queue = 0, []
+
+    def new(self):
+        self.created += 1
+        return SimpleNamespace(stamp=None)
+
+    def record(self, event) -> None:
+        event.stamp = None
+        self.queue.append(event)
+
+    def run(self, t: float) -> None:
+        for event in self.queue:
+            event.stamp = t
+        self.queue.clear()
+
+    @staticmethod
+    def elapsed_s(start, end):
+        return None if start.stamp is None or end.stamp is None else end.stamp - start.stamp
+
+
+def test_the_cuda_timer_chains_steps_while_the_device_is_busy_and_reuses_its_events():
+    """vLLM prepares step N+1 while the device runs step N: step N+1 starts when N ends (the previous end event
+    is its start, nothing recorded); after an idle gap the step records its own start. Events are pooled."""
+    from moe_monitor.plugin.step_timer import CudaEventTimer
+    from moe_monitor.plugin.steps import PHASE_INDEX, StepStats
+
+    steps, dev = StepStats(), FakeDevice()
+    timer = CudaEventTimer(steps, dev)
+    timer.begin("prefill", 100)
+    dev.run(0.0)
+    timer.end()
+    for i in range(50):  # back to back: each begins while the previous one still runs on the device
+        timer.begin("decode", 4)
+        dev.run(0.010 + 0.002 * i)  # the previous step ends (prefill: 10 ms, then a decode every 2 ms)
+        timer.end()
+    dev.run(0.110)
+    dev.run(1.0)  # idle
+    timer.begin("decode", 4)  # the device is idle: its own start, the gap is not part of the step
+    dev.run(1.0)
+    timer.end()
+    dev.run(1.003)
+    timer.begin("decode", 4)  # resolves the last one
+    timer.cancel()
+    snap = steps.snapshot()
+    prefill, decode = PHASE_INDEX["prefill"], PHASE_INDEX["decode"]
+    assert int(snap["step_hist"][prefill].sum()) == 1 and abs(snap["step_seconds"][prefill].sum() - 0.010) < 1e-9
+    assert int(snap["step_hist"][decode].sum()) == 51
+    assert abs(snap["step_seconds"][decode].sum() - (50 * 0.002 + 0.003)) < 1e-9, snap["step_seconds"][decode]
+    assert dev.created <= 4, f"{dev.created} events created for 52 steps: the pool must reuse them"
+    assert timer._pending == collections.deque() and timer._open is None

@@ -46,7 +46,7 @@ class DriverEvents:
     """Events through the CUDA driver (cuda_driver.Driver), recorded on the current stream."""
 
     def __init__(self, driver, current_stream):
-        self.new, self.done, self.elapsed_s = driver.event, driver.done, driver.elapsed_s
+        self.new, self.elapsed_s = driver.event, driver.elapsed_s
         self._record, self._stream = driver.record, current_stream
 
     def record(self, event) -> None:
@@ -69,23 +69,24 @@ class TorchEvents:
         event.record()
 
     @staticmethod
-    def done(event) -> bool:
-        return event.query()
-
-    @staticmethod
-    def elapsed_s(start, end) -> float:
-        return start.elapsed_time(end) / 1000.0
+    def elapsed_s(start, end) -> float | None:
+        return start.elapsed_time(end) / 1000.0 if end.query() else None
 
 
 class CudaEventTimer:
-    """Events on the current (vLLM's) stream, reused from a pool; at most `max_pending` unresolved steps are
-    kept. Per step: two records, and at the next step's start one query per step resolved plus one."""
+    """Events on the current (vLLM's) stream, reused from a pool; at most `max_pending` unresolved steps are kept.
+
+    A step that begins while the device is still running the previous one starts when that one ends: it takes the
+    previous step's end event as its start instead of recording one (vLLM's host prepares step N+1 while the
+    device runs step N, so this is the usual case). A step that begins with the device idle records its own start.
+    Per step then: one end record and, at the next step's start, one elapsed-time call per finished step plus the
+    one that finds the device busy (the driver answers "not ready" and the time in one call)."""
 
     def __init__(self, steps: StepStats, events: DriverEvents | TorchEvents, max_pending: int = 256):
         self.steps, self.events, self.max_pending = steps, events, max_pending
         self._free: list = []
-        self._pending: collections.deque = collections.deque()
-        self._open = None
+        self._pending: collections.deque = collections.deque()  # (start, end, phase, tokens), oldest first
+        self._open = None  # (start, phase, tokens, owns its start)
         self.dropped = 0
 
     def _take(self):
@@ -94,19 +95,21 @@ class CudaEventTimer:
         return event
 
     def begin(self, phase: str, tokens: int) -> None:
-        if self._pending:
-            self.poll()
-        self._open = (self._take(), phase, tokens)
+        if self._open is not None:  # the previous step never ended: forget it
+            self.cancel()
+        if self._pending and not self.poll():
+            self._open = (self._pending[-1][1], phase, tokens, False)
+        else:
+            self._open = (self._take(), phase, tokens, True)
 
     def end(self) -> None:
         if self._open is None:
             return
-        start, phase, tokens = self._open
+        start, phase, tokens, _ = self._open
         self._open = None
         self._pending.append((start, self._take(), phase, tokens))
         if len(self._pending) > self.max_pending:  # the device is far behind: keep memory bounded
-            old = self._pending.popleft()
-            self._free += old[:2]
+            self._release(self._pending.popleft())
             self.dropped += 1
             if self.dropped == 1:
                 log.warning("moe-monitor: more than %d steps in flight on the device; dropping the oldest "
@@ -114,13 +117,28 @@ class CudaEventTimer:
 
     def cancel(self) -> None:
         if self._open is not None:
-            self._free.append(self._open[0])
+            if self._open[3]:
+                self._free.append(self._open[0])
             self._open = None
 
-    def poll(self) -> None:
-        """Record every completed step, oldest first (steps complete in stream order)."""
-        pending, done, elapsed_s = self._pending, self.events.done, self.events.elapsed_s
-        while pending and done(pending[0][1]):
-            start, end, phase, tokens = pending.popleft()
-            self.steps.record(phase, tokens, elapsed_s(start, end))
-            self._free += (start, end)
+    def _release(self, entry) -> None:
+        """Back to the pool: a step's start (the step before it, resolved first, left it if it was its end) and its
+        end unless the next step, pending or open, starts with it."""
+        start, end = entry[0], entry[1]
+        self._free.append(start)
+        following = self._pending[0][0] if self._pending else self._open[0] if self._open else None
+        if following is not end:
+            self._free.append(end)
+
+    def poll(self) -> bool:
+        """Record every completed step, oldest first (steps complete in stream order). True when every step has
+        completed (the device has finished all the work the timer knows of)."""
+        pending, elapsed_s = self._pending, self.events.elapsed_s
+        while pending:
+            start, end, phase, tokens = pending[0]
+            seconds = elapsed_s(start, end)
+            if seconds is None:
+                return False
+            self._release(pending.popleft())
+            self.steps.record(phase, tokens, seconds)
+        return True
