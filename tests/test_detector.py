@@ -59,13 +59,13 @@ def test_noise_and_slow_drift_do_not_fire():
 def test_return_to_normal_after_a_fast_spell_is_not_a_regression():
     """Measured on the 2-vCPU CI host: every key ran 20-30 % faster for ~17 windows, then returned. Against the
     median of a history dominated by the fast spell the return reads as +38 %; against p90 (the default) it
-    does not, and the same return does fire when the baseline is the median."""
+    does not, and the same return does fire when the baseline is the median (and the margin the only bar)."""
     rng = random.Random(1)
     normal = [window(t, decode=0.020 * rng.uniform(0.95, 1.05)) for t in range(10)]
     fast = [window(10 + t, decode=0.0145 * rng.uniform(0.95, 1.05)) for t in range(15)]
     back = [window(25 + t, decode=0.020 * rng.uniform(0.97, 1.03)) for t in range(10)]
     assert run(Detector(CFG), normal + fast + back) == []
-    median = DetectorConfig(**{**CFG.__dict__, "step_baseline_quantile": 0.5})
+    median = DetectorConfig(**{**CFG.__dict__, "step_baseline_quantile": 0.5, "step_noise_sigmas": 0.0})
     fired = run(Detector(median), normal + fast + back)
     assert len(fired) == 1 and fired[0][0] >= 27.0 and fired[0][1].baseline < 0.016
 
@@ -77,6 +77,45 @@ def test_a_real_step_change_clears_the_p90_baseline_of_a_noisy_history():
     fired = run(Detector(CFG), noisy + slow)
     assert [t for t, _ in fired] == [32.0]
     assert 0.020 * 1.05 < fired[0][1].baseline < 0.020 * 1.15  # p90 of the noise, above its median
+
+
+# decode <= 1 token on vLLM CPU, 5 s windows, the shipped defaults, while other jobs shared the 2-core VM
+# (benchmarks/results/steady_windows_cpu_3.json, the first 20 windows; ms): a fast spell, then normal speed,
+# then three windows of a slower spell. The key's windows wander -30..+33 % around their median of 3.6 ms.
+WANDERING = [4.85, 4.00, 2.67, 2.81, 3.60, 2.80, 2.51, 2.91, 2.97, 3.32, 3.22, 3.74, 4.42, 3.72, 4.31, 4.71, 4.17]
+SLOW_SPELL = [6.03, 5.93, 6.96]  # +64..93 % over the median, +31..54 % over p90: what the old rule captured
+
+
+def wandering(t, ms, steps=15):
+    return WindowSignals(float(t), {("decode", "1"): (ms / 1000, steps)}, None)
+
+
+def test_a_key_whose_windows_wander_needs_a_rise_beyond_its_own_spread():
+    """The false capture of a clean-clone CI run (decode <= 8 tokens at 5.89 ms against a p90 of 4.38 ms, +35 %,
+    three windows in a row), reproduced on the same VM: against p90 x 1.3 alone the slow spell fires; the
+    shipped rule also asks for the median + 3 robust sigma of the key's windows (6.65 ms here), and it does not."""
+    cfg = DetectorConfig()
+    steady = [wandering(5 * i, ms) for i, ms in enumerate(WANDERING + SLOW_SPELL)]
+    old = run(Detector(DetectorConfig(**{**cfg.__dict__, "step_noise_sigmas": 0.0})), steady)
+    assert [t for t, _ in old] == [95.0] and old[0][1].baseline < 0.0046  # the old rule: a false capture
+    assert run(Detector(cfg), steady) == []
+
+
+def test_a_sustained_doubling_of_a_wandering_key_is_caught_in_three_windows():
+    cfg = DetectorConfig()
+    history = [wandering(5 * i, ms) for i, ms in enumerate(WANDERING)]
+    doubled = [wandering(5 * (len(WANDERING) + i), 2 * 3.6 * f) for i, f in enumerate([1.0, 0.97, 1.03, 1.0])]
+    fired = run(Detector(cfg), history + doubled)
+    assert [t for t, _ in fired] == [5.0 * (len(WANDERING) + 2)]  # the third doubled window
+    evidence = fired[0][1].evidence()
+    assert evidence["current"] > evidence["threshold"] > evidence["median"] + 3 * evidence["robust_sigma"] - 1e-12
+    assert evidence["threshold"] > evidence["baseline"] * (1 + cfg.step_margin)  # the spread set the bar here
+
+
+def test_noise_sigmas_off_is_the_p90_margin_alone():
+    d = Detector(DetectorConfig(**{**CFG.__dict__, "step_noise_sigmas": 0.0}))
+    fired = run(d, [window(t) for t in range(10)] + [window(10 + t, decode=0.0261) for t in range(3)])
+    assert [t for t, _ in fired] == [12.0] and fired[0][1].threshold == pytest.approx(0.020 * 1.3)
 
 
 def test_baseline_quantile_is_validated():
@@ -131,16 +170,35 @@ def _replay_module():
 
 
 def test_recorded_steady_traffic_replays_without_a_capture():
-    """Windows recorded from a real vLLM CPU server under the steady mix (benchmarks/detector_replay.py):
-    the shipped defaults take no capture, and the p90 baseline leaves more headroom than the median."""
+    """Windows recorded from a real vLLM CPU server under the steady mix (benchmarks/detector_replay.py): the
+    shipped defaults take no capture on any of them; the old rule (p90 x 1.3 alone) took one on the recording
+    made while other jobs shared the VM; the p90 baseline leaves more headroom than the median."""
     import json
 
     replay, recordings = _replay_module()
-    assert len(recordings) >= 2
+    assert len(recordings) >= 3
+    old = DetectorConfig(step_noise_sigmas=0.0)
+    old_fired = 0
     for path in recordings:
         windows = json.loads(path.read_text())["windows"]
         assert len(windows) >= 60
-        fired, worst_p90 = replay.replay_one(windows, DetectorConfig().step_baseline_quantile, DetectorConfig())
-        _, worst_median = replay.replay_one(windows, 0.5, DetectorConfig())
-        assert fired == 0 and worst_p90 < 1 + DetectorConfig().step_margin
+        fired, worst = replay.replay_one(windows, DetectorConfig())
+        assert fired == 0 and worst < 1.0, path.name
+        fired_p90, worst_p90 = replay.replay_one(windows, old)
+        old_fired += fired_p90
+        _, worst_median = replay.replay_one(windows, DetectorConfig(step_noise_sigmas=0.0, step_baseline_quantile=0.5))
         assert worst_p90 < worst_median
+    assert old_fired >= 1
+
+
+def test_a_doubling_injected_into_the_recorded_traffic_is_caught():
+    """Every key x2 from onsets every 5 windows of each recording: the shipped rule catches every one, in at most
+    30 s (6 windows), as the old rule did."""
+    import json
+
+    replay, recordings = _replay_module()
+    for path in recordings:
+        windows = json.loads(path.read_text())["windows"]
+        for rule in (DetectorConfig(), DetectorConfig(step_noise_sigmas=0.0)):
+            delays = replay.detection_delays(windows, rule, 2.0)
+            assert delays and all(d is not None and d <= 6 for d in delays), (path.name, delays)

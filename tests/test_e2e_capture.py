@@ -89,9 +89,10 @@ STEADY_S = float(os.environ.get("MOE_MONITOR_STEADY_S", "240"))  # 5 s windows: 
 
 def test_steady_traffic_for_minutes_captures_nothing(server):
     """No false positives: the same balanced mix for several minutes past the warm-up, with the detector's
-    shipped defaults (5 s windows, +30 % step time or x1.5 / 4.0 imbalance, 3 windows in a row), triggers
-    no capture. (The sensitive settings of the other tests, 1 s windows and 2 in a row, do fire on this
-    2-core machine when other processes compete for it: that is the contention test's regression.)"""
+    shipped defaults (5 s windows, step time above p90 x 1.3 and the key's median + 3 robust sigma, x1.5 / 4.0
+    imbalance, 3 windows in a row), triggers no capture. (The sensitive settings of the other tests, 1 s windows
+    and 2 in a row, do fire on this 2-core machine when other processes compete for it: that is the contention
+    test's regression.)"""
     server, _, paths, work = server
     sidecar = launch.start_sidecar(paths["segments"], free_port(), str(work / "sidecar-defaults.log"), [
         "--profile-dir", paths["profiles"], "--vllm-url", server.url, "--capture-dir", paths["store"] + "-defaults",
@@ -120,7 +121,8 @@ def test_steady_traffic_for_minutes_captures_nothing(server):
     peak = max((max(r) for r in ratios.values()), default=float("nan"))
     sustained = max((min(r[i:i + 3]) for r in ratios.values() for i in range(len(r) - 2)), default=float("nan"))
     print(f"\nsteady traffic for {STEADY_S:.0f} s (defaults): {len(ratios)} detector keys, current/baseline: "
-          f"largest {peak:.2f}, largest over 3 windows in a row {sustained:.2f} (fires above 1.30); "
+          f"largest {peak:.2f}, largest over 3 windows in a row {sustained:.2f} (fires above 1.30 and the key's "
+          f"median + 3 robust sigma); "
           f"captures {len(found)}")
     assert ratios, "the detector saw no windows"
     assert found == [], [c["evidence"] for c in found]

@@ -7,6 +7,11 @@ slow end of normal, not its median: a host's speed drifts for minutes at a time 
 every key 20-30 % faster for ~85 s, then back), and against a median pulled down by a fast spell the return to
 normal reads as a regression. The gap between p90 and the median is the host's own window-to-window spread
 (p90 was 9-32 % above the median per key over 420 s on that VM), so a steadier host gets a tighter baseline.
+A window must also clear the key's median by `step_noise_sigmas` (3) robust standard deviations (1.4826 x MAD of
+the same history): p90 x (1 + margin) is a fixed multiple of the slow end of normal, too tight for a key whose
+windows wander by a third either way (few steps, other jobs on a small CPU host), where one clean-clone CI run
+captured decode <= 8 tokens at +35 % over p90 on steady traffic; the spread bar is what such a key needs, and
+on a steady key (spread under ~20 %) the margin still sets the bar.
 Imbalance is compared with an absolute threshold and with its own recent median. A signal fires after
 `consecutive` windows in a row exceed, each with enough samples; idle windows neither count nor break a
 streak. Nothing fires during warm-up, in cooldown after a capture, or beyond the hourly budget (manual
@@ -49,6 +54,11 @@ class DetectorConfig:
                                             "0.9 = the slow end of normal).", minimum=0.0, maximum=1.0,
                                             group="detector")
 
+    step_noise_sigmas: float = setting(3.0, "--step-noise-sigmas", "Step-time regression: the mean must also be this "
+                                       "many robust standard deviations (1.4826 x MAD of the recent windows of the "
+                                       "same key) above their median, so a noisy key needs a larger rise (0 = off).",
+                                       minimum=0.0, group="detector")
+
     def __post_init__(self):
         if not 0.0 <= self.step_baseline_quantile <= 1.0:
             raise ValueError(f"step_baseline_quantile must be in [0, 1], got {self.step_baseline_quantile}")
@@ -77,6 +87,14 @@ class Decision:
                 "threshold": self.threshold, "windows": list(self.windows), **self.detail}
 
 
+def robust_spread(values) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x the median absolute deviation: sigma for normal data,
+    unmoved by the odd outlier window) of a key's recent window means."""
+    a = np.asarray(values, dtype=float)
+    median = float(np.median(a))
+    return median, 1.4826 * float(np.median(np.abs(a - median)))
+
+
 class Detector:
     def __init__(self, config: DetectorConfig = DetectorConfig()):
         self.config = config
@@ -89,6 +107,7 @@ class Detector:
         # for the detector metrics: (signal, phase, tokens_le) -> value; phase/tokens_le "" for imbalance
         self.baselines: dict[tuple[str, str, str], float] = {}
         self.currents: dict[tuple[str, str, str], float] = {}
+        self.thresholds: dict[tuple[str, str, str], float] = {}  # step time: what the last judged window had to exceed
 
     # -- state ------------------------------------------------------------------------------------
     def state(self, now: float) -> str:
@@ -133,11 +152,14 @@ class Detector:
             self.currents[("step_time", *key)] = mean
             if baseline is not None:
                 self.baselines[("step_time", *key)] = baseline
-                threshold = baseline * (1 + cfg.step_margin)
+                median, sigma = robust_spread(history)
+                threshold = max(baseline * (1 + cfg.step_margin), median + cfg.step_noise_sigmas * sigma)
+                self.thresholds[("step_time", *key)] = threshold
                 if mean > threshold:
                     candidates.append(self._streak("step_time", name, w.end, mean, baseline, threshold,
                                                    {"phase": key[0], "tokens_le": key[1], "steps": steps,
-                                                    "baseline_quantile": cfg.step_baseline_quantile}))
+                                                    "baseline_quantile": cfg.step_baseline_quantile,
+                                                    "median": median, "robust_sigma": sigma}))
                 else:
                     self._streaks.pop(name, None)
                     history.append(mean)
