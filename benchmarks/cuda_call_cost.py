@@ -57,8 +57,14 @@ def main() -> None:
     rows = torch.arange(2, device=dev)
     valid = torch.zeros((), dtype=torch.int64, device=dev)
     triton_flush.warm_up(dev, 128, 8)
-    why = triton_flush.prove_direct(dev, 128, 8, (torch.int32, torch.int64))
-    print(f"direct launch proof: {why or 'passed'}")
+    print(f"direct launch proof at warm-up: {triton_flush.direct_why_not or 'passed'}")
+    try:
+        why = triton_flush.prove_direct(dev, 128, 8, (torch.int32, torch.int64))
+    except Exception as e:  # noqa: BLE001 - shown
+        import traceback
+        traceback.print_exc()
+        why = repr(e)
+    print(f"direct launch proof again: {why or 'passed'}")
     calls = {
         "python no-op call": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: stream(),

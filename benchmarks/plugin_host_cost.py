@@ -13,9 +13,9 @@ greedy, after a warm-up generate of the same shape. Three passes over one engine
    `Recorder.set_valid_tokens / record / flush`; `Publisher.publish_once` (the publisher thread, GIL held). The
    hooks' sum per step against the step's host wall time.
 2. `--ab B,..`: the same engine with the hooks on and off, `--rounds` rounds, each round running `on`, `off` and
-   `off2` (an A/A: off again) in a rotated order; per round ms per output token (generate wall time / OUT). Off means the
-   worker's monitor is detached (`worker._moe_monitor = None`: vLLM's own methods run, behind the wrappers' one
-   attribute read); the counting kernel inside the CUDA graphs runs in both.
+   `off2` (an A/A: off again) in a rotated order; per round ms per output token (generate wall time / OUT). Off
+   means the worker's monitor is detached (`worker._moe_monitor = None`: vLLM's own methods run, behind the
+   wrappers' one attribute read); the counting kernel inside the CUDA graphs runs in both.
 3. `--trace`: a workload with prefill, mixed and decode steps inside `start_profile`/`stop_profile`; every step
    the plugin's timer records (phase, tokens, seconds) is logged, aligned with the trace's steps
    (benchmarks/trace_steps.py) by their token counts, and compared per phase.
@@ -143,7 +143,8 @@ def _describe(worker):
     return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
             "timer_events": type(getattr(m.timer, "events", None)).__name__,
             "zero_after_forward": getattr(m, "zero_after_forward", True),
-            "direct_launch": getattr(triton_flush, "_direct", False)}
+            "direct_launch": getattr(triton_flush, "_direct", False),
+            "direct_why_not": getattr(triton_flush, "direct_why_not", "")}
 
 
 STEP_LOG: list[tuple[str, int, float]] = []

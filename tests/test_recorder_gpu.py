@@ -34,7 +34,8 @@ def _recorder(stack, mode, capacity=64, id_dtypes=(torch.int32, torch.int64)):
     # count, and eager flushes launched directly through Triton's compiled launcher.
     from moe_monitor.plugin import triton_flush
 
-    assert rec.driver is not None and triton_flush._direct, "the fast paths must be usable on the GPU machine"
+    assert rec.driver is not None, "the driver's calls must be usable on the GPU machine"
+    assert triton_flush._direct, f"the direct launch must be usable here: {triton_flush.direct_why_not}"
     return rec
 
 

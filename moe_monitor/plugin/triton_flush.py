@@ -75,6 +75,7 @@ def block_for(tk: int) -> int:
 
 _compiled: dict[tuple, object] = {}  # (BLOCK, BINS, IDS_BY_ROW, ids dtype) -> Triton's CompiledKernel
 _direct = False  # launch _compiled variants through their launcher (proved by warm_up)
+direct_why_not = "not checked yet"  # why the direct launch is not used ('' when it is)
 
 
 def count_stacked(counts: torch.Tensor, mirror: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
@@ -99,8 +100,9 @@ def count_stacked(counts: torch.Tensor, mirror: torch.Tensor, ids: torch.Tensor,
                        None, None, None, *args, block, bins, ids_by_row)
             return
     kernel = moe_monitor_count_routing[(rows.numel(),)](*args, BLOCK=block, BINS=bins, IDS_BY_ROW=ids_by_row)
-    if kernel is not None and not torch.compiler.is_compiling():
-        _compiled.setdefault((block, bins, ids_by_row, ids.dtype), kernel)
+    if kernel is not None and ids.numel() and not torch.compiler.is_compiling():
+        # Kept from a launch on real ids only: an empty tensor's null pointer may be specialised differently.
+        _compiled[(block, bins, ids_by_row, ids.dtype)] = kernel
 
 
 def _raw_stream(index: int) -> int:
@@ -163,18 +165,18 @@ def warm_up(device: torch.device, num_experts: int, top_k: int, dtypes=(torch.in
     valid = torch.zeros((), dtype=torch.int64, device=device)
     rows = torch.zeros(1, dtype=torch.int64, device=device)
     for dtype in dtypes:
-        for tokens in tokens_per_variant(top_k):
+        for tokens in sorted({1, *tokens_per_variant(top_k)}):  # 1 beside 0: the direct launch keeps real-id variants
             ids = torch.zeros(1, tokens, top_k, dtype=dtype, device=device)
             for by_row in (False, True):
                 count_stacked(counts, mirror, ids, rows, valid, num_experts, tokens=tokens, ids_by_row=by_row)
     for n in (0, 1 << 20):  # both integer widths Triton may pick for n stay within int32: one variant
         set_valid_tokens(valid, n)
-    global _direct
+    global _direct, direct_why_not
     try:
         why_not = prove_direct(device, num_experts, top_k, dtypes)
     except Exception as e:  # noqa: BLE001 - another Triton's launcher: keep the JIT path
         why_not = f"{type(e).__name__}: {e}"
-    _direct = not why_not
+    _direct, direct_why_not = not why_not, why_not
     if why_not:
         log.info("moe-monitor: eager steps launch the counting kernel through Triton's JIT (~25 us a step): %s",
                  why_not)
