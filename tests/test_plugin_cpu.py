@@ -197,6 +197,34 @@ def test_monolithic_kernels_that_do_not_report_their_routing_stay_unobservable()
     assert "exposes no routed-experts sink" in sink_unusable(foreign)
 
 
+def test_a_cpu_experts_kernel_that_routes_itself_is_tapped_at_its_select_experts():
+    """vLLM 0.28-0.29 on CPU: the CPU experts kernel is monolithic and routes in its own `_select_experts` (no
+    router runs, no routed-experts sink): the tap wraps that method of each layer's kernel, once, and passes
+    the kernel's result through unchanged (scripts/vllm-matrix runs the real one)."""
+    import types
+
+    from moe_monitor.plugin.attach import Attachment, MoELayer, selects_experts, tap_layers
+
+    class CpuExperts:  # the shape of vLLM 0.28's CPUUnquantizedExperts._select_experts
+        def _select_experts(self, hidden_states, router_logits, num_expert_group, topk_group, bias, scaling):
+            weights, ids = torch.topk(torch.softmax(router_logits, dim=-1), 2, dim=-1)
+            return weights, ids.to(torch.int32)
+
+    experts = CpuExperts()
+    runner = types.SimpleNamespace(_quant_method=types.SimpleNamespace(
+        is_monolithic=True, moe_kernel=types.SimpleNamespace(impl=types.SimpleNamespace(fused_experts=experts))))
+    assert selects_experts(runner)
+    assert not selects_experts(types.SimpleNamespace(_quant_method=None))
+    rec = Recorder(1, 8, 2, "cpu")
+    for _ in range(2):  # the plugin attached twice: tapped once
+        tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, runner, True, via="experts")]), rec)
+    rec.set_valid_tokens(3)
+    logits = torch.randn(4, 8)
+    weights, ids = experts._select_experts(torch.zeros(4, 16), logits, None, None, None, None)
+    assert torch.equal(ids, CpuExperts()._select_experts(None, logits, None, None, None, None)[1])
+    np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 3, 8))
+
+
 def test_publisher_survives_unwritable_directory_and_recovers(tmp_path):
     from moe_monitor.channel import Ranks, SegmentWriter, Shape
     from moe_monitor.plugin.attach import Attachment, MoELayer

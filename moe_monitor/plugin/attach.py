@@ -7,8 +7,10 @@ Two places give a layer's routing decisions ([T, k] expert ids):
   inside the kernel (FlashInfer TRT-LLM MoE, gpt-oss MXFP4) and write the ids they chose into the sink's
   buffer when `supports_routing_replay_capture()`. vLLM calls the sink's `capture_fn` after the kernel, in
   the same forward pass (graph-safe like the router's slot). Monolithic kernels without that support stay
-  unobservable and are reported as such.
-In both places a `Tap` records, then calls whoever else was there (vLLM's `--enable-return-routed-experts`
+  unobservable and are reported as such;
+- on vLLM 0.28-0.29 CPU, the CPU experts kernel is monolithic and routes in its own `_select_experts`
+  (one per layer, returning (weights, ids)): the tap wraps that method of the layer's kernel.
+In every place a `Tap` records, then calls whoever else was there (vLLM's `--enable-return-routed-experts`
 capturer binds after the model is loaded: the patches below keep our tap first and chain theirs behind).
 """
 
@@ -57,7 +59,7 @@ class MoELayer:
     module: object
     observable: bool
     why_not: str = ""
-    via: str = "router"  # where the ids come from when observable: "router" or "sink"
+    via: str = "router"  # where the ids come from when observable: "router", "sink" or "experts"
 
 
 @dataclass
@@ -82,10 +84,12 @@ def find_moe_layers(model: torch.nn.Module) -> Attachment:
         quant = getattr(module, "_quant_method", None)
         if getattr(quant, "is_monolithic", False):
             why_not = sink_unusable(module)
-            if why_not:
-                layer.observable, layer.why_not = False, why_not
-            else:
+            if not why_not:
                 layer.via = "sink"
+            elif selects_experts(module):
+                layer.via = "experts"
+            else:
+                layer.observable, layer.why_not = False, why_not
         elif not isinstance(module.router, BaseRouter):
             layer.observable, layer.why_not = False, f"router {type(module.router).__name__} has no capture slot"
         found[module.layer_id] = layer
@@ -96,6 +100,27 @@ def monolithic_experts(runner) -> object | None:
     """The FusedMoEExpertsMonolithic behind a monolithic MoERunner (None when it cannot be found)."""
     kernel = getattr(getattr(runner, "_quant_method", None), "moe_kernel", None)
     return getattr(getattr(kernel, "impl", None), "fused_experts", None)
+
+
+def selects_experts(runner) -> bool:
+    """vLLM 0.28-0.29 on CPU: the monolithic CPU experts kernel routes in its own `_select_experts` method."""
+    return callable(getattr(monolithic_experts(runner), "_select_experts", None))
+
+
+def tap_select_experts(experts, tap: Tap) -> None:
+    """Wrap the `_select_experts` of one layer's kernel (an instance attribute: other layers keep theirs)."""
+    if isinstance(getattr(experts, "_moe_monitor_tap", None), Tap):  # attached twice: keep the first tap
+        return
+    original = experts._select_experts
+
+    @functools.wraps(original)
+    def _select_experts(*args, **kwargs):
+        result = original(*args, **kwargs)
+        tap(result[1])  # (topk_weights, topk_ids)
+        return result
+
+    experts._select_experts = _select_experts
+    experts._moe_monitor_tap = tap
 
 
 def sink_unusable(runner) -> str:
@@ -130,6 +155,8 @@ def tap_layers(attachment: Attachment, recorder: Recorder) -> None:
                         layer.layer_id, layer.name, layer.why_not)
         elif layer.via == "sink":
             tap_sink(layer.module, Tap(recorder, row, None))
+        elif layer.via == "experts":
+            tap_select_experts(monolithic_experts(layer.module), Tap(recorder, row, None))
         else:
             router = layer.module.router
             existing = router.capture_fn
