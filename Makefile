@@ -11,6 +11,10 @@ demo: .venv/.ready  ## tiny MoE on vLLM CPU + plugin + sidecar + a short workloa
 test: .venv/.ready  ## the whole test suite, real vLLM server included (CI runs exactly this)
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
+.PHONY: test-fast
+test-fast: .venv/.ready  ## the edit-test loop (<= 60 s on 2 cores): no e2e, gpu or slow tests; `make test` runs them all
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not e2e and not gpu and not slow"
+
 .PHONY: dist
 dist: .venv/.ready  ## dist/: the sdist and the wheel (LICENSE in both) that docs/install.md and deploy/docker install
 	rm -rf dist

@@ -105,6 +105,7 @@ def test_the_duration_rule_needs_no_clock():
     assert ep_wait({"A": a, "B": [Collective(5000.0, 1.0, "combine", 0)]}) is None  # nothing pairs
 
 
+@pytest.mark.slow
 def test_the_sidecar_exports_who_waited_for_whom(tmp_path):
     """A real sidecar over a profile directory holding both ranks' traces of one capture."""
     import shutil

@@ -104,6 +104,7 @@ def capturer(tmp_path, url, **kw):
     return Capturer(cfg, Catalog(str(store), kw.pop("retention", Retention()))), profiles
 
 
+@pytest.mark.slow
 def test_capture_lands_in_the_catalog_with_reason_evidence_and_breakdown(tmp_path):
     with FakeProfiler(str(tmp_path / "profiles"), api_key="k3y") as vllm:
         os.makedirs(vllm.profile_dir, exist_ok=True)
@@ -124,6 +125,7 @@ def test_capture_lands_in_the_catalog_with_reason_evidence_and_breakdown(tmp_pat
     assert c.outcomes[("imbalance", "ok")] == 3
 
 
+@pytest.mark.slow
 def test_vllm_that_ignores_prefix_and_max_iterations_is_stopped_and_its_new_files_collected(tmp_path):
     """vLLM 0.26 ignores /start_profile's body: no prefix in the file names, no end after max_iterations. The
     capture stops the profile after run_s, takes the rank files that appeared since it started, and leaves
@@ -143,6 +145,7 @@ def test_vllm_that_ignores_prefix_and_max_iterations_is_stopped_and_its_new_file
     assert os.listdir(profiles) == [old.name], "a file older than the capture is not taken"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, outcome", [("404", "profiler_disabled"), ("slow", "start_failed")])
 def test_profiler_disabled_or_slow_is_a_clear_outcome(tmp_path, mode, outcome):
     with FakeProfiler(str(tmp_path / "profiles"), mode=mode) as vllm:
@@ -163,6 +166,7 @@ def test_vllm_down_is_start_failed_and_leaks_no_thread(tmp_path):
     assert threading.active_count() <= before
 
 
+@pytest.mark.slow
 def test_stuck_capture_is_stopped_by_the_sidecar(tmp_path):
     with FakeProfiler(str(tmp_path / "profiles"), mode="stuck") as vllm:
         c, _ = capturer(tmp_path, vllm.url, timeout_s=2)
@@ -250,6 +254,7 @@ def test_api_list_show_download_and_auth(api):
         assert http(f"{url}/api/captures/{bad_id}", token="s3cret")[0] == 404
 
 
+@pytest.mark.slow
 def test_api_trigger_auth_validation_busy_and_budget(api):
     url, exporter = api
     assert http(url + "/api/captures", "POST", body={"reason": "x"})[0] == 401
@@ -264,6 +269,7 @@ def test_api_trigger_auth_validation_busy_and_budget(api):
     assert len(exporter.catalog.list()) == 3
 
 
+@pytest.mark.slow
 def test_cli_traces_list_show_pull(api, tmp_path):
     url, _ = api
     cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", url, "--token", "s3cret"]
@@ -278,6 +284,7 @@ def test_cli_traces_list_show_pull(api, tmp_path):
     assert bad.returncode != 0 and "401" in bad.stderr
 
 
+@pytest.mark.slow
 def test_symlinked_trace_in_the_profile_dir_is_neither_stored_nor_served(tmp_path):
     """Defect: a symlink named like a rank trace was moved into the catalog and served by the download API,
     exposing any file the sidecar can read. Links are never taken, stored or served."""
@@ -327,6 +334,7 @@ def test_retention_never_deletes_a_path_that_metadata_names(tmp_path):
     assert (victim / "keep.txt").read_text() == "must survive"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("insecure", [False, True])
 def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path, insecure):
     """Defect: with no token configured anyone reaching the port could trigger captures and download traces,

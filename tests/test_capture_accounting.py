@@ -178,6 +178,7 @@ def enospc_on_second_file(monkeypatch):
     monkeypatch.setattr(shutil, "move", move)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["enospc", "unserializable_evidence"])
 def test_a_failed_store_is_store_failed_and_leaves_no_partial_directory(tmp_path, caplog, monkeypatch, failure):
     """Defect 9: ENOSPC in the catalog (or metadata that cannot be written: a numpy integer in the evidence)
@@ -275,6 +276,7 @@ def test_vllm_409_is_vllm_busy_not_skipped_busy(tmp_path):
     assert [k for k, _ in vllm.calls] == ["start", "stop", "start"], "the stale session is stopped, once"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hang, outcome", [("start", "start_failed"), ("stop", "no_trace")])
 def test_capture_timeout_bounds_the_whole_capture(tmp_path, hang, outcome):
     """Defect 11: a hanging /stop_profile took 95 s with --capture-timeout 1 (each call had its own 30 s, and
@@ -290,6 +292,7 @@ def test_capture_timeout_bounds_the_whole_capture(tmp_path, hang, outcome):
     assert_ended(c, outcome)
 
 
+@pytest.mark.slow
 def test_a_capture_that_stores_nothing_removes_its_own_files_and_only_those(tmp_path):
     """Defect 9: a rank trace that never completed stayed in the profile dir forever. The capture removes its
     own regular files; older files and links (even named with its prefix) stay where they are."""

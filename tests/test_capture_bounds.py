@@ -173,6 +173,7 @@ def test_the_capture_breakdown_is_the_pinned_one_on_real_two_rank_traces(tmp_pat
     assert before["tp2ep"]["breakdown"]["ep_wait"]["collectives"] == 24  # the pairing ran
 
 
+@pytest.mark.slow
 def test_analysing_four_ranks_costs_the_memory_of_about_one(tmp_path):
     """A capture held every rank's parsed trace at once (1/2/4/8 files of 3.9M events: 1.3/2.4/3.6/5.9 GB). Now
     it reads and analyses one rank at a time: four ranks of 150k events each (built from the two real tp2ep ranks

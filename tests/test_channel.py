@@ -356,6 +356,7 @@ def _check_race_snapshot(snap: Snapshot, constant: dict) -> int:
     return i
 
 
+@pytest.mark.slow
 def test_concurrent_writer_process_never_gives_a_torn_snapshot(tmp_path, monkeypatch):
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     ready, stop = ctx.Event(), ctx.Event()

@@ -52,6 +52,7 @@ def prometheus(tmp_path_factory):
         prom.stop()
 
 
+@pytest.mark.slow
 def test_url_goes_before_or_after_the_subcommand_and_host_port_is_http(sidecar):
     proc, where = sidecar
     token = ("--token", TOKEN)
@@ -82,6 +83,7 @@ def test_url_goes_before_or_after_the_subcommand_and_host_port_is_http(sidecar):
         term.close()
 
 
+@pytest.mark.slow
 def test_a_prometheus_is_named_not_a_sidecar_by_every_client(prometheus):
     where = prometheus.url.removeprefix("http://")
     for args in (["traces", "list"], ["traces", "show", ID], ["traces", "pull", ID, "--out", "/nonexistent/x"],

@@ -85,6 +85,7 @@ def tree(root) -> list[str]:
 
 # -- deadlines and size caps -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_server_that_drips_a_byte_every_2_s_ends_at_the_deadline(server):
     server.on("/api/captures", drip())
     code, err, _, took = run("traces", "--url", server.url, "--timeout", "5", "list", kill_after=100)
@@ -92,6 +93,7 @@ def test_a_server_that_drips_a_byte_every_2_s_ends_at_the_deadline(server):
     assert took < 60
 
 
+@pytest.mark.slow
 def test_eplb_against_a_dripping_sidecar_ends_at_the_deadline(server):
     server.on("/api/flight", drip(b'{"format": "moe-monitor-flight/1", '))
     code, err, _, took = run("eplb", "--live", "--url", server.url, "--timeout", "5", "--gpus", "2", kill_after=100)
@@ -105,6 +107,7 @@ def test_eplb_against_a_dripping_sidecar_ends_at_the_deadline(server):
     (["eplb", "--prometheus", "{url}", "--gpus", "2"], "/api/v1/query",
      huge(GiB, head=b'{"status": "success", "data": {"result": ["')),
 ], ids=["traces-list", "traces-list-announced", "eplb-live", "eplb-prometheus"])
+@pytest.mark.slow
 def test_a_1_gib_answer_is_refused_in_bounded_memory(server, args, route, body):
     server.on(route, body)
     code, err, rss, _ = run(*(a.format(url=server.url) for a in args))
@@ -112,6 +115,7 @@ def test_a_1_gib_answer_is_refused_in_bounded_memory(server, args, route, body):
     assert rss < RSS_LIMIT_MB, f"peak RSS {rss:.0f} MB"
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_as_the_flight_record_is_refused_in_bounded_memory(server, bomb, tmp_path):
     server.on("/api/flight", raw_answer(bomb))
     code, err, rss, _ = run("eplb", "--live", "--url", server.url, "--gpus", "2")

@@ -28,6 +28,7 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_sigterm_stops_everything_the_demo_started(tmp_path, tiny_model, sig):
     workdir = tmp_path / "demo"

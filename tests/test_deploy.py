@@ -560,6 +560,7 @@ def stop(proc: subprocess.Popen, log: Path | None = None) -> None:
     assert code == 0, f"{proc.args[0]} exited with {code} on SIGTERM:\n{log.read_text()[-4000:] if log else ''}"
 
 
+@pytest.mark.slow
 def test_sidecar_container_command_runs_and_answers_its_probes(pod, tmp_path):
     """The sidecar's command, args and env from the manifest, run for real: volume paths moved under tmp_path, the
     listen address and vLLM's URL on free loopback ports (nothing listens at the latter), Secrets as test values."""
@@ -707,6 +708,7 @@ def alertmanager(tmp_path):
         stop(am.popen, Path(am.log_path))
 
 
+@pytest.mark.slow
 def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
     base, sink = alertmanager
     other = "MoeHotExpert"
@@ -749,6 +751,7 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
     assert state[(other, "10.0.0.2:9464")]["state"] == "active"
 
 
+@pytest.mark.slow
 def test_generated_prometheus_starts_loads_the_rules_and_finds_alertmanager(tmp_path, alertmanager):
     """Prometheus with deploy/prometheus/prometheus.yml, copied with the rules directory; only the scrape targets
     (to a closed port) and the Alertmanager target (the one started here) changed."""

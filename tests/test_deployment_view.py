@@ -48,6 +48,8 @@ from moe_monitor.mixin.rules import (
 )
 from moe_monitor.plugin.steps import StepStats
 
+pytestmark = pytest.mark.slow  # real Prometheus + three sidecars, waits for scrapes: ~30 s
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICEMONITOR = ROOT / "deploy" / "kubernetes" / "multinode" / "servicemonitor.yaml"
 

@@ -193,6 +193,7 @@ def metadata(text: str) -> email.message.Message:
     return email.message_from_string(text)
 
 
+@pytest.mark.slow
 def test_sdist_and_wheel_carry_the_license_and_the_package(dist):
     (wheel,) = dist.glob("moe_monitor-*-py3-none-any.whl")
     (sdist,) = dist.glob("moe_monitor-*.tar.gz")

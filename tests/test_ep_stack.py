@@ -27,6 +27,8 @@ from moe_monitor.breakdown.trace import read_trace
 from moe_monitor.channel import read_segment
 from moe_monitor.demo import launch
 
+pytestmark = pytest.mark.slow  # runs benchmarks/ep_stack.py (4 ranks) and a sidecar once: ~10 s
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ep_stack.py")
 LAYERS, EXPERTS, TOP_K, TOKENS, STEPS, HOT = 3, 8, 2, 48, 4, 5

@@ -82,6 +82,7 @@ def wait_for_windows(url: str, n: int, timeout: float = 30) -> dict:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_live_sidecar_history_recommends_eplb_and_writes_loadable_placements(sidecar, tmp_path):
     proc, _ = sidecar
     assert len(wait_for_windows(proc.url, 5)["windows"]) >= 5
@@ -103,6 +104,7 @@ def test_live_sidecar_history_recommends_eplb_and_writes_loadable_placements(sid
     assert sum(row.count(HOT) for row in sglang["physical_to_logical_map"][:1]) > 1  # the hot expert is replicated
 
 
+@pytest.mark.slow
 def test_a_captured_flight_record_file_gives_the_same_history(sidecar, tmp_path):
     proc, _ = sidecar
     doc = wait_for_windows(proc.url, 5)
@@ -114,6 +116,7 @@ def test_a_captured_flight_record_file_gives_the_same_history(sidecar, tmp_path)
     assert [p["num_redundant_experts"] for p in report["advice"]["sweep"]] == [0, 8]
 
 
+@pytest.mark.slow
 def test_prometheus_range_history_matches_what_was_routed(sidecar):
     """A real Prometheus scrapes the sidecar each second; eplb reads increase() per layer and expert."""
     proc, work = sidecar
@@ -161,6 +164,7 @@ def test_bad_invocations_say_what_is_wrong(args, message, tmp_path):
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_deployment_that_does_not_fit_is_a_clear_error(sidecar, tmp_path):
     proc, _ = sidecar
     doc = wait_for_windows(proc.url, 2)

@@ -155,6 +155,7 @@ def write(writer: SegmentWriter, counts: np.ndarray, steps: StepStats) -> None:
     writer.publish(arrays)
 
 
+@pytest.mark.slow
 def test_real_sidecar_serves_the_flight_record(tmp_path):
     """`moe-monitor serve` with 1 s windows and a 4-window recorder, fed by the plugin's segment writer with
     expert 5 of layer 2 turning hot: /api/flight holds the newest 4 windows, in order, with the counts that
@@ -198,6 +199,7 @@ def test_real_sidecar_serves_the_flight_record(tmp_path):
         writer.close()
 
 
+@pytest.mark.slow
 def test_capture_stores_the_flight_record_of_the_minutes_before_it(tmp_path):
     """A manual capture through the sidecar's app: the record is stored beside the traces, served at
     /api/captures/<id>/flight, and `traces show` prints its summary."""

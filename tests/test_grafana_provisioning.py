@@ -47,6 +47,7 @@ def test_the_kustomization_makes_every_dashboard_a_configmap():
     assert k["generatorOptions"]["disableNameSuffixHash"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path,namespace", [(DEPLOYABLE, "monitoring"), (GRAFANA, None)],
                          ids=["deploy/kubernetes/grafana-dashboards", "grafana"])
 def test_kustomize_builds_labelled_configmaps_holding_the_committed_dashboards(path, namespace):

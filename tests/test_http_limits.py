@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 
+import pytest
 from conftest import free_port
 
 from moe_monitor.demo import launch
@@ -81,6 +82,7 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True  # reset
 
 
+@pytest.mark.slow
 def test_idle_and_slow_clients_neither_starve_scrapes_nor_flood_the_log(tmp_path):
     sidecar = start_sidecar(tmp_path)
     host, port = sidecar.url.removeprefix("http://").split(":")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 EXTRAS_ONLY = ("yaml", "grafana_foundation_sdk", "torch", "vllm", "transformers", "hta", "pandas", "triton")
 
@@ -60,6 +62,7 @@ def test_mixin_without_its_extra_names_it():
     assert "pip install 'moe-monitor[mixin]'" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_demo_and_gen_model_without_vllm_say_in_one_line_what_they_miss():
     for args, says in ((["demo", "--exit"], "moe-monitor demo needs vLLM"),
                        (["demo", "--exit", "--no-alerting"], "moe-monitor demo needs vLLM"),

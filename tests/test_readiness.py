@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 from conftest import free_port
 from test_top import Feeder
 
@@ -42,6 +43,7 @@ def until(url: str, status: int, timeout: float = 20, text: str = "") -> tuple[f
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_readyz_follows_the_segment_directory_and_the_log_says_why(tmp_path):
     seg = tmp_path / "seg"  # missing at start
     sidecar = launch.start_sidecar(str(seg), free_port(), str(tmp_path / "sidecar.log"),

@@ -93,6 +93,7 @@ def unit_tests_against_the_code(tmp_path) -> list[str]:
     return sorted(glob.glob(os.path.join(root, "tests", "rules", "*.yml")))
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass_against_the_code(tmp_path):
     result = promtool("test", "rules", *unit_tests_against_the_code(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -101,6 +102,7 @@ def test_promtool_unit_tests_pass_against_the_code(tmp_path):
 REPEATS = 30
 
 
+@pytest.mark.slow
 def test_every_promtool_unit_test_file_passes_30_times_in_a_row(tmp_path):
     """Issue #23: promtool evaluates rule groups in Go map order (random per run), so a result that depends on the
     order fails some runs only. Each file, 30 runs: 30 passes required (a 1-in-10 flake survives with p = 4 %)."""
@@ -112,6 +114,7 @@ def test_every_promtool_unit_test_file_passes_30_times_in_a_row(tmp_path):
     assert not failed, f"failures in {REPEATS} runs per file: {dict(failed)}; the first:\n{first}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", list(itertools.permutations(
     [g["name"] for g in rules_document(DEFAULT_CONFIG)["groups"]])), ids="|".join)
 def test_promtool_unit_tests_pass_whatever_order_the_groups_run_in(tmp_path, order):

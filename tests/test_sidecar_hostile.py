@@ -109,6 +109,7 @@ def damaged(tmp_path_factory):
     sidecar.stop()
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_in_a_stored_flight_record_costs_one_bounded_pass(damaged):
     """Before: a 2 MB flight.json.gz inflating to 2 GiB took the sidecar from 64 MB to 6.36 GB and timed out a
     scrape. Now: inflated once, in chunks, up to the 256 MiB bound; a clear 500; memory flat; scrapes answered."""
@@ -125,6 +126,7 @@ def test_a_decompression_bomb_in_a_stored_flight_record_costs_one_bounded_pass(d
     assert status == 200 and json.loads(body)["format"] == "moe-monitor-flight/1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capture_id, why", [(TRUNCATED, b"truncated"), (RANDOM, b"not a JSON object")])
 def test_a_damaged_stored_flight_record_is_a_clear_error_not_a_traceback(damaged, capture_id, why):
     status, body, _ = http(f"{damaged.url}/api/captures/{capture_id}/flight")
@@ -132,6 +134,7 @@ def test_a_damaged_stored_flight_record_is_a_clear_error_not_a_traceback(damaged
     assert "Traceback" not in damaged.log_tail(400)
 
 
+@pytest.mark.slow
 def test_a_malformed_request_repeated_on_kept_alive_connections_is_logged_once(damaged):
     """Before: each malformed second request on a kept-alive connection logged an ERROR with a traceback,
     unthrottled (8.9 MB of log in 15 s). Now: one warning per kind per minute, counted."""
@@ -157,6 +160,7 @@ def scrape_after_window(url: str) -> dict:
     return scrape(url + "/metrics")
 
 
+@pytest.mark.slow
 def test_a_trigger_body_that_never_ends_or_nests_too_deep_gets_a_4xx(damaged):
     port = int(damaged.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -176,6 +180,7 @@ def test_a_trigger_body_that_never_ends_or_nests_too_deep_gets_a_4xx(damaged):
     assert status == 400 and b"UTF-8 JSON" in body, (status, body[:200])
 
 
+@pytest.mark.slow
 def test_one_token_rule_and_a_start_up_line_that_says_what_is_open(damaged):
     for path in ("/api/captures", f"/api/captures/{GOOD}", f"/api/captures/{GOOD}/flight", "/api/flight"):
         assert http(damaged.url + path, token=None)[0] == 401, path
@@ -200,6 +205,7 @@ def publish(writer, counts, steps) -> None:
     writer.publish(arrays)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token-holder"])
 def test_clients_that_never_read_the_flight_record_do_not_stop_scrapes(tmp_path, token):
     """Before: 150 clients sending GET /api/flight and never reading, at nofile 256: 0 of 15 scrapes answered,

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 
+import pytest
 from conftest import free_port, samples, scrape
 
 from moe_monitor.capture.catalog import Catalog
@@ -28,6 +29,7 @@ def window_end(url: str) -> float:
     return samples(scrape(url + "/metrics"), "moe_window_end_timestamp_seconds").get((), 0.0)
 
 
+@pytest.mark.slow
 def test_fifo_and_a_link_to_one_named_like_segments_do_not_block_the_sidecar(tmp_path):
     segments = tmp_path / "seg"
     segments.mkdir()
@@ -47,6 +49,7 @@ def test_fifo_and_a_link_to_one_named_like_segments_do_not_block_the_sidecar(tmp
         sidecar.stop()
 
 
+@pytest.mark.slow
 def test_a_segment_file_name_that_is_not_utf8_is_served_and_labelled(tmp_path):
     segments = tmp_path / "seg"
     segments.mkdir()
@@ -62,6 +65,7 @@ def test_a_segment_file_name_that_is_not_utf8_is_served_and_labelled(tmp_path):
         sidecar.stop()
 
 
+@pytest.mark.slow
 def test_a_damaged_breakdown_in_the_catalog_is_counted_and_the_windows_go_on(tmp_path):
     """Defect 1: a corrupt breakdown.json present at start killed the window thread (500 on /metrics forever,
     /healthz 200). Now the capture is counted as an analysis error and everything else is exported."""
@@ -107,6 +111,7 @@ def test_only_a_whole_breakdown_is_exported():
         assert not valid_breakdown(damaged), damaged
 
 
+@pytest.mark.slow
 def test_bytes_that_are_not_utf8_get_400_and_401_not_500(tmp_path):
     """Defect 11 (part): a body or an Authorization header that is not UTF-8 answered 500."""
     import http.client
@@ -166,6 +171,7 @@ def _segment_bytes(model: str, layers: int, experts: int, dp: int = 0, hot: int 
     return pack_header(header) + payload
 
 
+@pytest.mark.slow
 def test_a_segment_without_experts_or_of_another_model_does_not_take_over(tmp_path):
     """Defect 10: present at start, a segment claiming 0 experts stopped every window metric, and another
     model's segment sorting first replaced the served model's metrics. Both are now left out and named."""
@@ -228,6 +234,7 @@ def test_a_failing_collector_drops_only_its_families():
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_damaged_capture_metadata_and_a_deleted_catalog_never_freeze_the_sidecar(tmp_path):
     """Defect 8: metadata that is a list, has no files, a string `created` or `total_bytes`, and a catalog
     directory deleted under the sidecar froze the metrics or answered 500 on /api/captures. Now the damaged
@@ -326,6 +333,7 @@ def test_a_stage_that_keeps_failing_is_counted_every_window_and_logged_once(capl
     assert samples(m, "moe_monitor_window_errors_total")[(("stage", "read"),)] == 3.0
 
 
+@pytest.mark.slow
 def test_a_segment_with_ep_size_0_and_a_placement_keeps_the_flight_recorder_recording(tmp_path):
     """Issue #24 item 6: a segment whose header says ep_size 0 but carries a placement raised in the window stage
     every window, outside the placement handling, so no window reached the flight recorder. Now the placement is

@@ -149,6 +149,7 @@ def test_dp_ep_eplb_load_sync_waits_for_the_other_dp_engine_and_dp_sync_is_not_o
     assert sum(sync["unmatched"].values()) == 2  # each engine's profile holds a sync the other's does not
 
 
+@pytest.mark.slow
 def test_what_the_cli_shows(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moe_monitor.cli", "analyze", *paths("tp2ep")], capture_output=True,
                          text=True, timeout=120, check=True).stdout

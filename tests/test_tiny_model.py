@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 
 from moe_monitor.demo import tiny_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # builds three models with torch + transformers: ~8 s
+
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 HOT_EXPERT = 3
 HOT_WORDS = ["hot", "blaze"]

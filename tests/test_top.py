@@ -467,6 +467,7 @@ def test_a_500_mib_exposition_is_refused_in_bounded_memory_and_time():
     assert rss < 400, f"peak RSS {rss:.0f} MB"
 
 
+@pytest.mark.slow
 def test_the_deadline_covers_the_body_of_a_sidecar_that_drips():
     """Headers at once, then a byte every 2 s: the 2 s deadline ends the poll (it covers the body's read)."""
     import asyncio
@@ -517,6 +518,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 def test_a_big_exposition_is_parsed_off_the_event_loop():
     """Defect (issue #24, 8): the keys were dead while a big exposition loaded: it was parsed on the event loop
     that also handles the keyboard. A ticker on the loop (in a process of its own, like top) measures the
@@ -575,6 +577,7 @@ def test_log_records_are_held_while_the_view_runs_and_written_after():
         root.removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_top_needs_a_terminal_and_names_its_extra_when_textual_is_missing():
     r = subprocess.run([sys.executable, "-m", "moe_monitor.top", "--url", "127.0.0.1:1"], capture_output=True,
                        text=True, stdin=subprocess.DEVNULL, timeout=60)
@@ -748,6 +751,7 @@ def heat_cell(screen: str, layer: int, expert: int) -> str:
     return row[end - 4:end].strip()
 
 
+@pytest.mark.slow
 def test_top_in_an_80x24_terminal_against_a_real_sidecar(sidecar):
     proc, tmp = sidecar
     term = Tmux(top_command() + ["--url", proc.url])
@@ -791,6 +795,7 @@ def test_top_in_an_80x24_terminal_against_a_real_sidecar(sidecar):
         term.close()
 
 
+@pytest.mark.slow
 def test_without_colour_the_heat_map_still_reads(sidecar):
     proc, _ = sidecar
     term = Tmux(top_command() + ["--url", proc.url], env={"NO_COLOR": "1"})
@@ -806,6 +811,7 @@ def test_without_colour_the_heat_map_still_reads(sidecar):
         term.close()
 
 
+@pytest.mark.slow
 def test_several_sidecars_one_without_flight_recorder_one_stopped_one_never_there(sidecar, tmp_path):
     """--url A --url B --url C: n switches; B runs without the flight recorder (404), then stops; C never ran.
     Neither ends the view or prints a traceback; both are retried."""
@@ -864,6 +870,7 @@ def routing_seen(url: str, timeout: float = 20) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_once_prints_a_plain_snapshot_of_every_view(sidecar):
     proc, _ = sidecar
     routing_seen(proc.url)
@@ -901,6 +908,7 @@ class StillFeeder(Feeder):
             self.publish()
 
 
+@pytest.mark.slow
 def test_once_says_idle_and_unreachable_instead_of_tables_of_zeros(tmp_path):
     feeder = StillFeeder(str(tmp_path / "seg"))
     proc = launch.start_sidecar(str(tmp_path / "seg"), free_port(), str(tmp_path / "sidecar.log"),

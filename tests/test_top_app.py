@@ -82,6 +82,7 @@ def text(app, name: str) -> str:
     return widget.content.plain if widget.display else ""
 
 
+@pytest.mark.slow
 def test_slash_filters_the_rows_and_esc_clears_it():
     async def test(app, pilot, _):
         assert shown(app) == ["L0", "L1", "L2", "L3"] and not app.query_one("#filterbar").display

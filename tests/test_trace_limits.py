@@ -104,6 +104,7 @@ def write_trace(path, events_json: bytes):
     return path
 
 
+@pytest.mark.slow
 def test_one_huge_string_costs_linear_time(tmp_path):
     """64 MiB in one name is refused (max_token) in less time than parsing 64 MiB of ordinary events."""
     size = 64 << 20
@@ -264,6 +265,7 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
 @given(events=st.lists(VALUES, max_size=5), info=st.dictionaries(st.sampled_from(["pg_config", "rank"]), VALUES),
        indent=st.sampled_from([None, 1]), ascii_only=st.booleans(), block=st.integers(1, 70),
        depth=st.integers(2, 10), token=st.integers(2, 90), event=st.integers(4, 500))
+@pytest.mark.slow
 def test_the_guard_agrees_with_a_plain_lexer(tmp_path, monkeypatch, events, info, indent, ascii_only, block, depth,
                                              token, event):
     """Events are what a top-level array holds: a list under "distributedInfo" ({...}) is not one."""
@@ -312,6 +314,7 @@ def members(pairs) -> bytes:
        as_object=st.integers(0, 15), indent=st.sampled_from([None, 1]), ascii_only=st.booleans(),
        block=st.sampled_from([1, 2, 5, 16, 70, 1 << 20]), max_events=st.integers(1, 12), max_names=st.integers(1, 60),
        in_array=st.integers(0, 15))
+@pytest.mark.slow
 def test_the_msgspec_and_ijson_readers_agree(tmp_path, monkeypatch, events, more, as_object, indent, ascii_only,
                                              block, max_events, max_names, in_array):
     dump = lambda v: json.dumps(v, indent=indent, ensure_ascii=ascii_only)  # noqa: E731
@@ -346,6 +349,7 @@ def test_integers_past_64_bits_are_read_where_yajl_refused_the_trace(tmp_path):
         read_trace(str(path), parser="ijson")
 
 
+@pytest.mark.slow
 def test_gzip_is_read_as_gzip_file_reads_it(tmp_path):
     """The msgspec path inflates in a thread with zlib (GzipFile's small reads would hand the GIL over at every
     8 KiB): members one after another, zero padding between them; cut short or corrupt, a TraceError."""

@@ -50,6 +50,7 @@ def sidecar_for(tmp_path):
         thing.__exit__() if isinstance(thing, FakeProfiler) else thing.stop()
 
 
+@pytest.mark.slow
 def test_a_trigger_against_vllm_without_profiler_is_listed_and_wait_says_why(sidecar_for, tmp_path):
     sidecar, where = sidecar_for("404")
     began = time.monotonic()
@@ -78,6 +79,7 @@ def test_a_trigger_against_vllm_without_profiler_is_listed_and_wait_says_why(sid
     assert samples(metrics, "moe_capture_catalog_captures") == {(): 0.0}, "a record is not a capture with traces"
 
 
+@pytest.mark.slow
 def test_wait_follows_a_running_capture_to_its_stored_traces(sidecar_for):
     """A profile that runs until the sidecar stops it (--capture-max-seconds 2): listed as running meanwhile,
     then ok with its breakdown, exit 0."""
@@ -103,6 +105,7 @@ def test_wait_follows_a_running_capture_to_its_stored_traces(sidecar_for):
     assert ", ok, " in r.stdout and "breakdown: experts" in r.stdout and "no trace stored" not in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_wait_gives_up_at_its_timeout_with_its_own_exit_status(sidecar_for):
     sidecar, where = sidecar_for("stuck", "--capture-max-seconds", "30", "--capture-timeout", "60")
     began = time.monotonic()
