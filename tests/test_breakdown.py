@@ -206,7 +206,7 @@ def test_hta_side_by_side_every_difference_is_its_rounding(tmp_path):
 
 def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
     """vLLM's profiler dir → the sidecar analyses the newest complete capture and exports its rows."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from conftest import parse_exposition
 
     from moe_monitor.sidecar.config import SidecarConfig
     from moe_monitor.sidecar.exporter import Exporter
@@ -221,10 +221,7 @@ def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
     exporter = Exporter(SidecarConfig(segment_dir=str(tmp_path / "segments"), profile_dir=str(profiles)),
                         clock=lambda: 4e9, process_metrics=False)
     exporter.captures.poll(background=False)
-    values = {}
-    for fam in text_string_to_metric_families(exporter.tick().body.decode()):
-        for s in fam.samples:
-            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    values = parse_exposition(exporter.tick().body.decode())
     expected = analyze([read_trace(GRAPH)])
     assert values[("moe_capture_info", (("capture", "capture-new"), ("ranks", "1")))] == 1
     assert values[("moe_capture_share", (("category", "experts"),))] == pytest.approx(

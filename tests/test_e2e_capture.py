@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import free_port, samples, scrape
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("vllm")
@@ -101,16 +101,15 @@ def test_steady_traffic_for_minutes_captures_nothing(server):
     stop = threading.Event()
     t = threading.Thread(target=traffic, args=(server, stop, (), 900), daemon=True)
     t.start()
-    ratios: dict[str, list[float]] = {}  # per detector key, current/baseline of each 5 s window
+    ratios: dict[tuple, list[float]] = {}  # per detector key (its labels), current/baseline of each 5 s window
     try:
         deadline = time.time() + STEADY_S
         while time.time() < deadline:
             time.sleep(5 - time.time() % 5 + 1)  # just after the sidecar closed a window: one sample each
-            body = urllib.request.urlopen(sidecar.url + "/metrics", timeout=10).read().decode().splitlines()
-            cur = {x.split("}")[0]: float(x.rsplit(" ", 1)[1]) for x in body if x.startswith("moe_detector_current")}
-            base = {x.split("}")[0]: float(x.rsplit(" ", 1)[1]) for x in body if x.startswith("moe_detector_baseline")}
+            metrics = scrape(sidecar.url + "/metrics")
+            cur, base = samples(metrics, "moe_detector_current"), samples(metrics, "moe_detector_baseline")
             for key, value in cur.items():
-                b = base.get(key.replace("current", "baseline"))
+                b = base.get(key)
                 if b and b > 0 and value == value:
                     ratios.setdefault(key, []).append(value / b)
         found = captures(sidecar)

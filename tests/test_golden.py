@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 
+from conftest import parse_exposition
+
 from moe_monitor.sidecar.config import SidecarConfig
 from moe_monitor.sidecar.exporter import Exporter
 
@@ -64,12 +66,7 @@ def test_promtool_accepts_the_exposition():
 
 def test_golden_window_figures_are_what_the_fixtures_hold(tmp_path):
     """Spot checks that make the golden file trustworthy: layer 5 (row 2) has expert 5 hot in the window."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values = {}
-    for fam in text_string_to_metric_families(exposition(tmp_path, expert_series="top", top_experts=2)):
-        for s in fam.samples:
-            values[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    values = parse_exposition(exposition(tmp_path, expert_series="top", top_experts=2))
     assert values[("moe_layer_top_expert_id", (("layer", "5"), ("rank", "1")))] == 5
     assert values[("moe_worst_layer_imbalance_ratio", (("layer", "5"),))] > 4
     assert values[("moe_layer_observable", (("layer", "7"),))] == 0
@@ -90,10 +87,9 @@ def test_all_is_the_fullest_tier(tmp_path):
     """`--expert-series all` exports what `top` does (the top-K gauges, same values) and the per-expert counters:
     the dashboards' top-K table and top-1 timeline have data under either."""
     def series(kind):
-        text = exposition(tmp_path / kind, expert_series=kind)
-        return {x.rsplit(" ", 1)[0]: x.rsplit(" ", 1)[1] for x in text.splitlines()
-                if x.startswith(("moe_layer_top_expert_", "moe_expert_routed_tokens_total"))}
+        return {k: v for k, v in parse_exposition(exposition(tmp_path / kind, expert_series=kind)).items()
+                if k[0].startswith(("moe_layer_top_expert_", "moe_expert_routed_tokens_total"))}
     top, full = series("top"), series("all")
-    assert top and all(k.startswith("moe_layer_top_expert_") for k in top)
+    assert top and all(name.startswith("moe_layer_top_expert_") for name, _ in top)
     assert {k: full[k] for k in top} == top
-    assert any(k.startswith("moe_expert_routed_tokens_total") for k in full)
+    assert any(name.startswith("moe_expert_routed_tokens_total") for name, _ in full)

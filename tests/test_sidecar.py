@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import parse_exposition
 
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, Ranks, SegmentWriter, Shape
 from moe_monitor.plugin.steps import StepStats
@@ -35,14 +35,6 @@ def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps
     return writer
 
 
-def parse(body: bytes) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
 class Scraper:
     """Each call rebuilds the exposition (one window tick) and looks a sample up, like a scrape would."""
 
@@ -52,7 +44,7 @@ class Scraper:
 
     def __call__(self, name, **labels):
         self.body = self.exporter.tick().body
-        return parse(self.body).get((name, frozenset((k, str(v)) for k, v in labels.items())))
+        return parse_exposition(self.body.decode()).get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))))
 
 
 @pytest.fixture
