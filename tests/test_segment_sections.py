@@ -10,7 +10,8 @@ import logging
 
 import numpy as np
 import pytest
-from test_sidecar import parse, publish
+from conftest import parse_exposition, samples
+from test_sidecar import publish
 
 from moe_monitor.channel import Ranks
 from moe_monitor.sidecar.config import SidecarConfig
@@ -26,20 +27,16 @@ def exporter(directory) -> Exporter:
 
 
 def value(m: dict, name: str, **labels):
-    return m.get((name, frozenset((k, str(v)) for k, v in labels.items())))
-
-
-def series(m: dict, name: str) -> dict[frozenset, float]:
-    return {labels: v for (n, labels), v in m.items() if n == name}
+    return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))))
 
 
 def ep_load(m: dict) -> dict[tuple[str, str], float]:
-    return {(dict(k)["layer"], dict(k)["ep_rank"]): v for k, v in series(m, "moe_ep_rank_routed_tokens_total").items()}
+    return {(dict(k)["layer"], dict(k)["ep_rank"]): v for k, v in samples(m, "moe_ep_rank_routed_tokens_total").items()}
 
 
 def refused(m: dict) -> dict[tuple[str, str, str], float]:
     return {(dict(k)["segment"], dict(k)["section"], dict(k)["reason"]): v
-            for k, v in series(m, "moe_monitor_segment_sections_refused").items()}
+            for k, v in samples(m, "moe_monitor_segment_sections_refused").items()}
 
 
 def warnings(caplog) -> list[str]:
@@ -48,7 +45,7 @@ def warnings(caplog) -> list[str]:
 
 def run(exp: Exporter, n: int, first: float = 1000.0) -> list[dict]:
     """n window ticks (the first one only takes the baseline)."""
-    return [parse(exp.tick(first + i).body) for i in range(n)]
+    return [parse_exposition(exp.tick(first + i).body.decode()) for i in range(n)]
 
 
 @pytest.mark.parametrize("columns", [5, 1 << 16])
@@ -121,7 +118,7 @@ def test_a_published_ep_rank_load_that_goes_down_is_refused_and_the_counter_neve
         seen = [run(exp, 1)[0]]
         for i, load in enumerate(loads):
             publish(tmp_path, ranks, COUNTS + 10 * (i + 1), writer=w, placement=PLACEMENT, rank_load=load)
-            seen.append(parse(exp.tick(1001.0 + i).body))
+            seen.append(parse_exposition(exp.tick(1001.0 + i).body.decode()))
     history = [ep_load(m) for m in seen]
     for before, after in zip(history, history[1:]):
         assert after.keys() == before.keys() and all(after[k] >= before[k] for k in before), (before, after)
@@ -139,6 +136,6 @@ def test_a_published_ep_rank_load_that_goes_down_is_refused_and_the_counter_neve
 
     restarted = publish(tmp_path, ranks, COUNTS, placement=PLACEMENT, rank_load=[[30, 30], [16, 16]])  # new writer
     assert restarted.generation != w.generation
-    m = parse(exp.tick(1010.0).body)
+    m = parse_exposition(exp.tick(1010.0).body.decode())
     assert refused(m) == {}  # a restart starts from zero: not a decrease (the counts before it are carried)
     assert all(ep_load(m)[k] >= history[-1][k] for k in history[-1])
