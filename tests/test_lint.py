@@ -1,4 +1,5 @@
-"""ruff (configured in pyproject.toml's [tool.ruff]) passes on the package, the tests and the benchmarks."""
+"""ruff (configured in pyproject.toml's [tool.ruff]) passes on the package, the tests and the benchmarks; mypy
+(its [tool.mypy]: the packages named in `files`) finds no type error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUFF = os.path.join(os.path.dirname(sys.executable), "ruff")
+MYPY = os.path.join(os.path.dirname(sys.executable), "mypy")
 
 
 def test_ruff_check_passes():
@@ -18,3 +20,10 @@ def test_ruff_check_passes():
     proc = subprocess.run([RUFF, "check", "--no-cache", "moe_monitor", "tests", "benchmarks"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ruff check failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+
+
+def test_mypy_passes():
+    if not os.path.isfile(MYPY):
+        pytest.skip(f"mypy is not installed next to {sys.executable}: pip install --group dev")
+    proc = subprocess.run([MYPY], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"mypy failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"

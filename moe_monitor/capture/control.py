@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 from moe_monitor.detect.detector import Detector
 from moe_monitor.detect.signals import signals_of
@@ -31,8 +33,9 @@ class CaptureControl:
     def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time):
         self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
         self.ranks = 1  # ranks that reported in the last window: a capture expects one trace per rank
-        self.flight = None  # (trigger time) -> a callable making the flight record's bytes (the capture's
-        # thread calls it), when the flight recorder is on
+        # (trigger time) -> a callable making the flight record's bytes (the capture's thread calls it), when the
+        # flight recorder is on
+        self.flight: Callable[[float], Any] | None = None
         self._window = self._stats = None
 
     def observe(self, window, stats, ranks: int) -> None:

@@ -56,8 +56,8 @@ class Totals:
             return False
         if self.step_hist is not None and other.step_hist is not None and (
                 self.step_hist.shape != other.step_hist.shape
-                or not np.array_equal(self.token_bounds, other.token_bounds)
-                or not np.array_equal(self.duration_bounds, other.duration_bounds)):
+                or not _same(self.token_bounds, other.token_bounds)
+                or not _same(self.duration_bounds, other.duration_bounds)):
             return False
         return True
 
@@ -80,15 +80,21 @@ class Totals:
                 merged[[union.index(x) for x in other.layer_ids]] += other.counts
                 self.layer_ids, self.counts = union, merged
         if other.step_hist is not None:
+            assert other.step_seconds is not None and other.step_tokens is not None  # set with step_hist
             if self.step_hist is None:
                 self.step_hist, self.step_seconds, self.step_tokens = (
                     other.step_hist.copy(), other.step_seconds.copy(), other.step_tokens.copy())
                 self.token_bounds, self.duration_bounds = other.token_bounds, other.duration_bounds
             else:
+                assert self.step_seconds is not None and self.step_tokens is not None
                 self.step_hist = self.step_hist + other.step_hist
                 self.step_seconds = self.step_seconds + other.step_seconds
                 self.step_tokens = self.step_tokens + other.step_tokens
         return True
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def totals_of(snap: Snapshot) -> Totals:

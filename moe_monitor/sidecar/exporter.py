@@ -25,7 +25,7 @@ from moe_monitor.capture.capturer import CaptureConfig, Capturer
 from moe_monitor.capture.catalog import Catalog, Retention
 from moe_monitor.capture.control import CaptureControl
 from moe_monitor.detect.detector import Detector
-from moe_monitor.stats.imbalance import layer_stats
+from moe_monitor.stats.imbalance import LayerStats, layer_stats
 from moe_monitor.stats.placement import Placement, PlacementError, RankLoadLedger, contiguous, load_placement
 
 from .collectors import ALL, Collector, Runner
@@ -37,7 +37,7 @@ from .readiness import SegmentDirLog, SegmentsSeen, readiness
 from .reading import DetectorView, Reading
 from .segments import SegmentSource
 from .vocabulary import family
-from .windows import LoadHistogram, Windower, next_boundary
+from .windows import LoadHistogram, Window, Windower, next_boundary
 
 log = logging.getLogger(__name__)
 TIER_ORDER = ("t0", "t1", "t2")
@@ -74,8 +74,10 @@ class Exporter:
         if process_metrics:
             ProcessCollector(namespace="moe_monitor", registry=self._process)
         self.detector = Detector(config.detector)
-        self.capturer = self.catalog = None
-        if config.captures_enabled:
+        self.capturer: Capturer | None = None
+        self.catalog: Catalog | None = None
+        self.captures: CatalogLatest | LatestBreakdown | None
+        if config.captures_enabled and config.vllm_url and config.profile_dir:  # (the first says the others)
             self.catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
                                                                  config.max_capture_age_s))
             self.capturer = Capturer(CaptureConfig(vllm_url=config.vllm_url, profile_dir=config.profile_dir,
@@ -85,11 +87,13 @@ class Exporter:
             self.captures = CatalogLatest(self.catalog)
         else:
             self.captures = LatestBreakdown(config.profile_dir, clock=clock) if config.profile_dir else None
-        self.control = CaptureControl(self.detector, self.capturer, config.vllm_url, clock)
+        self.control: CaptureControl = CaptureControl(self.detector, self.capturer, config.vllm_url, clock)
         self.flight = FlightRecorder(config.flight_windows, config.flight_max_bytes)
         self.control.flight = self._flight_file if self.flight.enabled else None
         self.model = ""
-        self.window = self._stats = self._window_load = None
+        self.window: Window | None = None
+        self._stats: LayerStats | None = None
+        self._window_load = None
         self._placement_warning: str | None = None
         self._ledger = RankLoadLedger()  # cumulative EP-rank load, attributed under the placement of its time
         self._cumulative_load = None  # the ledger's load after this tick's read; None when there is no placement
@@ -301,7 +305,7 @@ class Exporter:
 
 def apply_budget(families: list[Family], max_series: int) -> tuple[list[Family], dict[str, int], bool]:
     """Drop whole tiers, T2 first then T1, until the series fit the budget. T0 is never dropped."""
-    series = Counter()
+    series: Counter[str] = Counter()
     for f in families:
         series[f.tier] += f.series
     dropped: set[str] = set()

@@ -97,7 +97,8 @@ class AiohttpErrorFilter(logging.Filter):
         if isinstance(exc, HttpProcessingError):
             self.refusals.counts["bad_request"] += 1
             if (repeats := self.refusals.due(f"bad_request:{type(exc).__name__}")) is not None:
-                log.warning("malformed HTTP request from %s: %s%s", record.args[0] if record.args else "?",
+                peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+                log.warning("malformed HTTP request from %s: %s%s", peer,
                             (str(exc).splitlines() or [type(exc).__name__])[0], more(repeats))
             return False
         return self.refusals.due(f"handler:{type(exc).__name__}:{exc}") is not None
@@ -208,7 +209,10 @@ class _Refused(asyncio.Protocol):
     """A connection over the cap with none to make way: closed at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()  # the descriptor is released now, not after a lingering close
+        if isinstance(transport, asyncio.Transport):  # a TCP server's are: released now, not after a lingering close
+            transport.abort()
+        else:
+            transport.close()
 
 
 class ConnectionGuard:
@@ -223,22 +227,22 @@ class ConnectionGuard:
         self.admission, self.refusals = admission, refusals
 
     def __call__(self) -> asyncio.Protocol:
-        live = [h for h in self.server.connections if h.transport is not None]  # oldest first
+        live = [(h, h.transport) for h in self.server.connections if h.transport is not None]  # oldest first
         if len(live) >= self.cap:
-            idle = next((h for h in live if _waiting_for_request(h)), None)
+            idle = next((h for h, _ in live if _waiting_for_request(h)), None)
             if idle is not None:
                 idle.force_close()
                 self.refusals.add("evicted", "HTTP connection cap (%d) reached: closing idle connections to admit "
                                   "new ones", self.cap)
             else:
                 busy = self.admission.busy
-                oldest = min((h for h in live if h.transport in busy), key=lambda h: busy[h.transport], default=None)
+                oldest = min(((h, t) for h, t in live if t in busy), key=lambda ht: busy[ht[1]], default=None)
                 if oldest is None:
                     self.refusals.add("evicted", "HTTP connection cap (%d) reached with every connection busy: "
                                       "refusing new ones", self.cap)
                     return _Refused()
-                busy.pop(oldest.transport, None)
-                oldest.transport.abort()
+                busy.pop(oldest[1], None)
+                oldest[1].abort()
                 self.refusals.add("evicted", "HTTP connection cap (%d) reached: dropping the API connections busy "
                                   "longest to admit new ones", self.cap)
         handler = self.server()

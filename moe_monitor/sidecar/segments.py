@@ -60,7 +60,7 @@ def served_model(statuses: list[SegmentStatus], now_ns: int, stale_after_ns: int
     if not fresh:
         return None
     votes = Counter(h.model for h in fresh)
-    newest = {}
+    newest: dict[str, int] = {}
     for h in fresh:
         newest[h.model] = max(newest.get(h.model, 0), h.updated_unix_ns)
     return max(votes, key=lambda model: (votes[model], newest[model]))

@@ -25,6 +25,8 @@ import zlib
 from aiohttp import web
 
 from moe_monitor import __version__
+from moe_monitor.capture.capturer import Capturer
+from moe_monitor.capture.catalog import Catalog
 from moe_monitor.client.http import SIDECAR_HEADER
 
 from .exporter import Exporter
@@ -124,11 +126,16 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         async with admission.slot(request, kind):
             return await handler(request)
 
-    def catalog_or_503():
+    def catalog_or_503() -> Catalog:
         if exporter.catalog is None:
             raise web.HTTPServiceUnavailable(text=json.dumps({"error": "captures are not configured"}),
                                              content_type="application/json")
         return exporter.catalog
+
+    def capturer() -> Capturer:
+        """With the catalog: the exporter makes both or neither (call catalog_or_503 first)."""
+        assert exporter.capturer is not None
+        return exporter.capturer
 
     async def off_loop(func, *args):
         return await asyncio.get_running_loop().run_in_executor(None, func, *args)
@@ -139,7 +146,7 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
     async def list_captures(request: web.Request) -> web.StreamResponse:
         def listing() -> bytes:
             catalog = catalog_or_503()
-            running = exporter.capturer.running()  # before the catalog: a capture is in one or the other
+            running = capturer().running()  # before the catalog: a capture is in one or the other
             captures = catalog.list()  # the newest, at most catalog.LIST_LIMIT
             if running and any(c["id"] == running["id"] for c in captures[:1]):
                 running = None  # it ended in between: its outcome is listed
@@ -153,7 +160,7 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
 
     async def show_capture(request: web.Request) -> web.Response:
         catalog, capture_id = catalog_or_503(), request.match_info["id"]
-        meta = exporter.capturer.running(capture_id) or await off_loop(catalog.get, capture_id)
+        meta = capturer().running(capture_id) or await off_loop(catalog.get, capture_id)
         if meta is None:
             return web.json_response({"error": "no such capture"}, status=404)
         return web.json_response(meta)
@@ -350,6 +357,7 @@ async def _serve_http(app: web.Application, host: str, port: int, limits: HttpLi
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=limits.idle_timeout_s,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
+    assert runner.server is not None  # made by setup()
     admission = app[ADMISSION]
     try:
         # asyncio takes `backlog` both for listen() and for the accepts per wake-up: the burst here, and the

@@ -75,7 +75,7 @@ class LoadHistogram:
     def observe(self, window: Window, imbalance_ratio: np.ndarray) -> None:
         """`imbalance_ratio` NaN marks a layer whose window was too small to observe (see stats.imbalance)."""
         layers = tuple(int(x) for x in window.layer_ids)
-        if layers != self.layer_ids:
+        if layers != self.layer_ids or self.buckets is None or self.sums is None:
             self.layer_ids = layers
             self.buckets = np.zeros((len(layers), len(LOAD_RATIO_BUCKETS)), dtype=np.int64)
             self.sums = np.zeros(len(layers))

@@ -10,6 +10,7 @@ from .base import Collector
 
 def collect(r: Reading) -> list[Family]:
     d = r.detector
+    assert d is not None, "the exporter gives every reading its detector view"
     state = family("moe_detector_state")
     for name in DETECTOR_STATES:
         state.add(1 if name == d.state else 0, [("state", name)])

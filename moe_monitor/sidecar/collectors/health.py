@@ -19,12 +19,13 @@ def collect(r: Reading) -> list[Family]:
     ignored, refused = family("moe_monitor_segments_ignored"), family("moe_monitor_segment_sections_refused")
     states = Counter({s: 0 for s in SEGMENT_STATES})
     for s in r.statuses:
-        if s.snapshot is None:
+        age_s = s.age_s(r.now)
+        if s.snapshot is None or age_s is None:
             states["unreadable"] += 1
             up.add(0, [("segment", s.name)])
             continue
         h = s.snapshot.header
-        seconds = max(0.0, s.age_s(r.now))
+        seconds = max(0.0, age_s)
         fresh = seconds <= r.config.stale_after_s
         states["fresh" if fresh else "stale"] += 1
         up.add(1 if fresh else 0, [("segment", s.name)])

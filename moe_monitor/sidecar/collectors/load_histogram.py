@@ -17,7 +17,7 @@ LES = tuple(floatToGoString(b) for b in LOAD_RATIO_BUCKETS)
 def collect(r: Reading) -> list[Family]:
     f = family("moe_expert_load_ratio")
     h = r.load_histogram
-    if h is None or h.buckets is None:
+    if h is None or h.buckets is None or h.sums is None:
         return [f]
     cumulative = np.cumsum(h.buckets, axis=1)
     layers = layer_labels(h.layer_ids)

@@ -13,7 +13,7 @@ from .base import DENSE, Collector, layer_labels
 
 
 def collect(r: Reading) -> list[Family]:
-    counted = [s.snapshot for s in r.statuses if s.counted]
+    counted = [s.snapshot for s in r.statuses if s.counted and s.snapshot is not None]  # counted ones are read
     observable = family("moe_layer_observable")
     unobservable: list[int] = []
     if counted:  # a layer is unobservable if any counted rank cannot see it

@@ -20,6 +20,9 @@ def collect(r: Reading) -> list[Family]:
     hist, tokens = family("moe_step_duration_seconds"), family("moe_step_tokens_total")
     if totals.step_hist is None:
         return [hist, tokens]
+    seconds, step_tokens = totals.step_seconds, totals.step_tokens
+    assert (totals.duration_bounds is not None and totals.token_bounds is not None and seconds is not None
+            and step_tokens is not None)  # set together with step_hist
     les = [floatToGoString(b) for b in totals.duration_bounds]
     for p, phase in enumerate(PHASES):
         for t, bound in enumerate(totals.token_bounds):
@@ -29,9 +32,9 @@ def collect(r: Reading) -> list[Family]:
             tl = "+Inf" if int(bound) == INT64_MAX else str(int(bound))
             for le, c in zip(les, np.cumsum(row)):
                 hist.add(int(c), [("phase", phase), ("tokens_le", tl), ("le", le)], suffix="_bucket")
-            hist.add(float(totals.step_seconds[p, t]), [("phase", phase), ("tokens_le", tl)], suffix="_sum")
+            hist.add(float(seconds[p, t]), [("phase", phase), ("tokens_le", tl)], suffix="_sum")
             hist.add(int(row.sum()), [("phase", phase), ("tokens_le", tl)], suffix="_count")
-        tokens.add(int(totals.step_tokens[p].sum()), [("phase", phase)])
+        tokens.add(int(step_tokens[p].sum()), [("phase", phase)])
     return [hist, tokens]
 
 
