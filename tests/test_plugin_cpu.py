@@ -200,7 +200,7 @@ def test_monolithic_kernels_that_do_not_report_their_routing_stay_unobservable()
 def test_a_cpu_experts_kernel_that_routes_itself_is_tapped_at_its_select_experts():
     """vLLM 0.28-0.29 on CPU: the CPU experts kernel is monolithic and routes in its own `_select_experts` (no
     router runs, no routed-experts sink): the tap wraps that method of each layer's kernel, once, and passes
-    the kernel's result through unchanged (scripts/vllm-matrix runs the real one)."""
+    the kernel's result through unchanged (scripts/vllm-matrix runs the real one; 0.27's kernel below)."""
     import types
 
     from moe_monitor.plugin.attach import Attachment, MoELayer, selects_experts, tap_layers
@@ -223,6 +223,38 @@ def test_a_cpu_experts_kernel_that_routes_itself_is_tapped_at_its_select_experts
     weights, ids = experts._select_experts(torch.zeros(4, 16), logits, None, None, None, None)
     assert torch.equal(ids, CpuExperts()._select_experts(None, logits, None, None, None, None)[1])
     np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 3, 8))
+
+
+def test_vllm_027s_cpu_kernel_is_tapped_where_it_hands_the_ids_to_its_forward_method():
+    """vLLM 0.27 on CPU: the quant method's `cpu_fused_moe` (CPUFusedMOE) routes with a module function, then
+    calls its per-instance `forward_method(layer, x, topk_weights, topk_ids, ...)`: the tap wraps that."""
+    import types
+
+    from moe_monitor.plugin.attach import Attachment, MoELayer, selects_experts, tap_layers
+
+    class CPUFusedMOE:  # the shape of vLLM 0.27's
+        def __init__(self):
+            self.forward_method = self.forward_torch
+
+        def forward_torch(self, layer, x, topk_weights, topk_ids, activation, num_experts, on_input):
+            return x * 2
+
+        def __call__(self, layer, x, router_logits):
+            weights, ids = torch.topk(router_logits, 2, dim=-1)
+            return self.forward_method(layer, x, weights, ids.to(torch.int32), "silu", 8, False)
+
+    kernel = CPUFusedMOE()
+    runner = types.SimpleNamespace(_quant_method=types.SimpleNamespace(is_monolithic=True, moe_kernel=None,
+                                                                       cpu_fused_moe=kernel))
+    assert selects_experts(runner)
+    rec = Recorder(1, 8, 2, "cpu")
+    for _ in range(2):  # the plugin attached twice: tapped once
+        tap_layers(Attachment([MoELayer(0, "model.layers.0.mlp.experts", 8, 2, runner, True, via="experts")]), rec)
+    rec.set_valid_tokens(4)
+    logits, x = torch.randn(4, 8), torch.ones(4, 16)
+    assert torch.equal(kernel(None, x, logits), x * 2)
+    ids = torch.topk(logits, 2, dim=-1).indices
+    np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 4, 8))
 
 
 def test_publisher_survives_unwritable_directory_and_recovers(tmp_path):

@@ -8,8 +8,8 @@ Two places give a layer's routing decisions ([T, k] expert ids):
   buffer when `supports_routing_replay_capture()`. vLLM calls the sink's `capture_fn` after the kernel, in
   the same forward pass (graph-safe like the router's slot). Monolithic kernels without that support stay
   unobservable and are reported as such;
-- on vLLM 0.28-0.29 CPU, the CPU experts kernel is monolithic and routes in its own `_select_experts`
-  (one per layer, returning (weights, ids)): the tap wraps that method of the layer's kernel.
+- on vLLM 0.27-0.29 CPU, the CPU experts kernel is monolithic and routes by itself, one kernel object per
+  layer: the tap wraps the method of the layer's kernel that hands the ids out (`kernel_routing`).
 In every place a `Tap` records, then calls whoever else was there (vLLM's `--enable-return-routed-experts`
 capturer binds after the model is loaded: the patches below keep our tap first and chain theirs behind).
 """
@@ -102,25 +102,42 @@ def monolithic_experts(runner) -> object | None:
     return getattr(getattr(kernel, "impl", None), "fused_experts", None)
 
 
+def kernel_routing(runner) -> tuple[object, str] | None:
+    """Where a monolithic CPU kernel of vLLM 0.27-0.29 hands out the ids it routed, as (kernel object, method):
+    0.28-0.29: `CPUUnquantizedExperts._select_experts(...)` returns (weights, ids); 0.27: the quant method's
+    `cpu_fused_moe` (CPUFusedMOE) routes, then calls its `forward_method(layer, x, weights, ids, ...)`.
+    None for any other kernel."""
+    experts = monolithic_experts(runner)
+    if callable(getattr(experts, "_select_experts", None)):
+        return experts, "_select_experts"
+    cpu = getattr(getattr(runner, "_quant_method", None), "cpu_fused_moe", None)
+    if callable(getattr(cpu, "forward_method", None)):
+        return cpu, "forward_method"
+    return None
+
+
 def selects_experts(runner) -> bool:
-    """vLLM 0.28-0.29 on CPU: the monolithic CPU experts kernel routes in its own `_select_experts` method."""
-    return callable(getattr(monolithic_experts(runner), "_select_experts", None))
+    return kernel_routing(runner) is not None
 
 
-def tap_select_experts(experts, tap: Tap) -> None:
-    """Wrap the `_select_experts` of one layer's kernel (an instance attribute: other layers keep theirs)."""
-    if isinstance(getattr(experts, "_moe_monitor_tap", None), Tap):  # attached twice: keep the first tap
+def tap_kernel_routing(runner, tap: Tap) -> None:
+    """Wrap the method `kernel_routing` names on this layer's kernel object (an instance attribute: the other
+    layers' kernels keep theirs); the kernel's arguments and result pass through unchanged."""
+    owner, name = kernel_routing(runner)
+    if isinstance(getattr(owner, "_moe_monitor_tap", None), Tap):  # attached twice: keep the first tap
         return
-    original = experts._select_experts
-
-    @functools.wraps(original)
-    def _select_experts(*args, **kwargs):
-        result = original(*args, **kwargs)
-        tap(result[1])  # (topk_weights, topk_ids)
-        return result
-
-    experts._select_experts = _select_experts
-    experts._moe_monitor_tap = tap
+    original = getattr(owner, name)
+    if name == "_select_experts":
+        def routed(*args, **kwargs):
+            result = original(*args, **kwargs)
+            tap(result[1])  # (topk_weights, topk_ids)
+            return result
+    else:
+        def routed(*args, **kwargs):
+            tap(args[3] if len(args) > 3 else kwargs["topk_ids"])  # (layer, x, topk_weights, topk_ids, ...)
+            return original(*args, **kwargs)
+    setattr(owner, name, functools.wraps(original)(routed))
+    owner._moe_monitor_tap = tap
 
 
 def sink_unusable(runner) -> str:
@@ -156,7 +173,7 @@ def tap_layers(attachment: Attachment, recorder: Recorder) -> None:
         elif layer.via == "sink":
             tap_sink(layer.module, Tap(recorder, row, None))
         elif layer.via == "experts":
-            tap_select_experts(monolithic_experts(layer.module), Tap(recorder, row, None))
+            tap_kernel_routing(layer.module, Tap(recorder, row, None))
         else:
             router = layer.module.router
             existing = router.capture_fn
