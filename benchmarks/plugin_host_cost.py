@@ -295,7 +295,7 @@ def main() -> None:
         pairs = align(list(STEP_LOG), theirs)
         rows = {}
         for phase in ("prefill", "mixed", "decode"):
-            mine = [(t["step_s"], p[2], t["forward_s"]) for t, p in pairs if t["phase"] == phase]
+            mine = [(t["step_s"], p[2], t["forward_s"], t["idle_before_s"]) for t, p in pairs if t["phase"] == phase]
             if not mine:
                 continue
             trace_mean = statistics.fmean(x[0] for x in mine)
@@ -304,13 +304,16 @@ def main() -> None:
             rows[phase] = {"steps": len(mine), "trace_ms": 1e3 * trace_mean, "plugin_ms": 1e3 * plugin_mean,
                            "diff_pct": 100 * (plugin_mean / trace_mean - 1),
                            "forward_ms": 1e3 * statistics.fmean(x[2] for x in mine),
+                           "idle_before_ms": 1e3 * statistics.fmean(x[3] for x in mine),
+                           "within_bounds": sum(1 for x in mine if x[0] - 2e-6 <= x[1] <= x[0] + x[3] + 2e-6),
                            "diff_us_median": statistics.median(diffs), "diff_us_min": diffs[0],
                            "diff_us_max": diffs[-1]}
             r = rows[phase]
             print(f"{args.label} trace {phase:8s} {len(mine):3d} steps: plugin {r['plugin_ms']:.3f} ms, trace "
                   f"{r['trace_ms']:.3f} ms ({r['diff_pct']:+.2f} %; per step plugin-trace median "
                   f"{r['diff_us_median']:+.1f} us, {diffs[0]:+.1f} to {diffs[-1]:+.1f}); vLLM's forward "
-                  f"annotation {r['forward_ms']:.3f} ms", flush=True)
+                  f"annotation {r['forward_ms']:.3f} ms; device idle before the step {r['idle_before_ms']:.3f} ms; "
+                  f"{r['within_bounds']}/{len(mine)} steps within [trace, trace + idle before]", flush=True)
         emit({"kind": "trace", "trace_steps": len(theirs), "plugin_steps": len(STEP_LOG), "matched": len(pairs),
               "phases": rows, "trace_file": os.path.basename(sorted(files)[0])})
     out.close()

@@ -18,7 +18,10 @@ def trace_step_times(path: str) -> list[dict]:
     the first device work on vLLM's stream at or after the previous step's end (the plugin's begin event is
     recorded with that work) to the end of the step's last work on that stream before its sampled tokens are
     copied out (the D2H copy on vLLM's output stream follows sampling; the end event is recorded there).
-    Also `forward_s`, the device projection of vLLM's step annotation (it wraps the forward only). The last
+    Also `forward_s`, the device projection of vLLM's step annotation (it wraps the forward only), and
+    `idle_before_s`, the device's idle time on vLLM's stream between the previous step's end and this step's first
+    work (0 for the first step): the plugin's step starts when the device could start it (the previous end, or
+    the host's entry into the step if later), so it lies between `step_s` and `step_s + idle_before_s`. The last
     step of the trace is left out (its end is not bounded by a next step)."""
     import gzip
 
@@ -41,8 +44,10 @@ def trace_step_times(path: str) -> list[dict]:
         end = max(w["ts"] + w.get("dur", 0) for w in work if w["tid"] == main and step["ts"] <= w["ts"] < cut)
         first = [w["ts"] for w in work if w["tid"] == main and (prev_end or 0) <= w["ts"] <= step["ts"]]
         phase, tokens = step_phase(step["name"])
+        start = min(first) if first else step["ts"]
         out.append({"phase": phase, "tokens": tokens, "forward_s": step["dur"] / 1e6,
-                    "step_s": (end - (min(first) if first else step["ts"])) / 1e6})
+                    "step_s": (end - start) / 1e6,
+                    "idle_before_s": (start - prev_end) / 1e6 if prev_end is not None else 0.0})
         prev_end = end
     return out
 

@@ -240,6 +240,7 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
             for p in after if after[p][1] > before.get(p, (0, 0))[1]}
     phases = {s["phase"] for s in trace_steps}
     theirs = {p: float(np.mean([s["step_s"] for s in trace_steps if s["phase"] == p])) for p in phases}
+    idle = {p: float(np.mean([s["idle_before_s"] for s in trace_steps if s["phase"] == p])) for p in phases}
     forward = {p: float(np.mean([s["forward_s"] for s in trace_steps if s["phase"] == p])) for p in phases}
     counts = {p: sum(1 for s in trace_steps if s["phase"] == p) for p in phases}
     plugin_counts = {p: after[p][1] - before.get(p, (0, 0))[1] for p in after}
@@ -247,6 +248,7 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
            plugin_steps=plugin_counts, plugin_mean_s=ours,
            plugin_buckets={p: {le: n - buckets_before.get(p, {}).get(le, 0.0) for le, n in row.items()}
                            for p, row in buckets_after.items()}, trace_mean_s=theirs, trace_forward_mean_s=forward,
+           trace_idle_before_mean_s=idle,
            categories=shares, steps=[(s["phase"], s["tokens"], round(s["step_s"] * 1e6)) for s in trace_steps][:80])
     if os.environ.get("MOE_MONITOR_GPU_ARTIFACTS"):
         import shutil
@@ -255,9 +257,13 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
                 shutil.copy(f, os.path.join(os.environ["MOE_MONITOR_GPU_ARTIFACTS"],
                                             f"{stack.name}_{os.path.basename(f)}"))
     assert trace_steps, "the trace holds no vLLM step ranges"
+    # The plugin's step starts when the device could start it: the previous step's end, or the host's entry into
+    # the step when that came later. So it is at least the trace's step (first work to last work) and at most that
+    # plus the device's idle time before the step's first work (the host still preparing it); 3 % for the events'
+    # resolution and the steps at the profile's edges.
     for p in phases:
         if counts[p] >= 3 and p in ours:
-            assert abs(ours[p] - theirs[p]) <= 0.10 * theirs[p], (p, ours[p], theirs[p])
+            assert 0.97 * theirs[p] <= ours[p] <= 1.03 * (theirs[p] + idle[p]), (p, ours[p], theirs[p], idle[p])
 
 
 def test_startup_stress_with_a_fast_publisher(gpu_model, tmp_path):

@@ -96,8 +96,11 @@ def count_stacked(counts: torch.Tensor, mirror: torch.Tensor, ids: torch.Tensor,
     if _direct if direct is None else direct:
         kernel = _compiled.get((block, bins, ids_by_row, ids.dtype))
         if kernel is not None and not torch.compiler.is_compiling() and ids.data_ptr() % 16 == 0:
-            kernel.run(rows.numel(), 1, 1, _raw_stream(ids.device.index), kernel.function, kernel.packed_metadata,
-                       None, None, None, *args, block, bins, ids_by_row)
+            grid, stream = (rows.numel(), 1, 1), _raw_stream(ids.device.index)
+            enter, leave = _launch_hooks()  # as JITFunction.run does: torch may install one (its profiler's)
+            meta = kernel.launch_metadata(grid, stream, *args, block, bins, ids_by_row) if enter else None
+            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args, block, bins,
+                       ids_by_row)
             return
     kernel = moe_monitor_count_routing[(rows.numel(),)](*args, BLOCK=block, BINS=bins, IDS_BY_ROW=ids_by_row)
     if kernel is not None and ids.numel() and not torch.compiler.is_compiling():
@@ -109,11 +112,10 @@ def _raw_stream(index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
-def _launch_hooks_set() -> bool:
-    """A Triton launch hook (e.g. the proton profiler's) wants every launch: only the JIT path calls it."""
-    knobs = getattr(triton, "knobs", None)
-    runtime = getattr(knobs, "runtime", None)
-    return bool(getattr(runtime, "launch_enter_hook", None) or getattr(runtime, "launch_exit_hook", None))
+def _launch_hooks():
+    """Triton's launch enter/exit hooks (None when unset), which every launch passes to the launcher."""
+    runtime = triton.knobs.runtime
+    return runtime.launch_enter_hook, runtime.launch_exit_hook
 
 
 def prove_direct(device: torch.device, num_experts: int, top_k: int, dtypes) -> str:
@@ -121,8 +123,7 @@ def prove_direct(device: torch.device, num_experts: int, top_k: int, dtypes) -> 
     (random ids, some out of range, a partial valid count), else why not."""
     if not hasattr(torch._C, "_cuda_getCurrentRawStream"):
         return "this torch has no raw current-stream accessor"
-    if _launch_hooks_set():
-        return "a Triton launch hook is installed"
+    _launch_hooks()  # this Triton has knobs.runtime's launch hooks (3.4+): AttributeError otherwise
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = torch.zeros(1, dtype=torch.int64, device=device)
     for dtype in dtypes:
