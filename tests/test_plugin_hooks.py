@@ -65,6 +65,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a vLLM CPU engine in a subprocess: ~25 s
 def test_dummy_runs_after_serving_count_nothing(tiny_model, tmp_path):
     """vLLM's dummy runs (an idle DP rank's `execute_dummy_batch`, warm-ups) are forwards through the tapped routers
     with no step around them: the count of valid tokens is zeroed before each, so the step before them is not
