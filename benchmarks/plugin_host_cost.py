@@ -138,13 +138,9 @@ def _detach(worker, on: bool):
 
 def _describe(worker):
     m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
-    from moe_monitor.plugin import triton_flush
-
     return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
             "timer_events": type(getattr(m.timer, "events", None)).__name__,
-            "zero_after_forward": getattr(m, "zero_after_forward", True),
-            "direct_launch": getattr(triton_flush, "_direct", False),
-            "direct_why_not": getattr(triton_flush, "direct_why_not", "")}
+            "zero_after_forward": getattr(m, "zero_after_forward", True)}
 
 
 STEP_LOG: list[tuple[str, int, float]] = []

@@ -30,12 +30,8 @@ def _recorder(stack, mode, capacity=64, id_dtypes=(torch.int32, torch.int64)):
     s = stack.shape
     rec = Recorder(s.layers, s.experts, s.top_k, "cuda", capacity=capacity, mode=mode, id_dtypes=id_dtypes)
     rec.set_rows(list(range(s.layers)))
-    # Every check runs the fast paths the plugin uses on this machine: the driver's stream write for the token
-    # count, and eager flushes launched directly through Triton's compiled launcher.
-    from moe_monitor.plugin import triton_flush
-
+    # Every check runs the path the plugin uses on this machine: the driver's stream write for the token count.
     assert rec.driver is not None, "the driver's calls must be usable on the GPU machine"
-    assert triton_flush._direct, f"the direct launch must be usable here: {triton_flush.direct_why_not}"
     return rec
 
 
