@@ -44,6 +44,7 @@ import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
 from vllm_cost import SHAPES, write_model  # noqa: E402
 from vllm_traces import prompts_of  # noqa: E402
 
@@ -52,14 +53,7 @@ PER_STEP = ("WorkerMonitor.step_begin", "WorkerMonitor.forward_done", "WorkerMon
 
 
 def timed(name: str, fn):
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            SAMPLES[name].append(time.perf_counter_ns() - t)
-    wrapper.__wrapped__ = fn
-    return wrapper
+    return timing.timed(name, fn, lambda key, ns: SAMPLES[key].append(ns))
 
 
 def hook_sites():

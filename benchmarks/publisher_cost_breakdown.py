@@ -24,17 +24,14 @@ from collections import defaultdict
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402
+
 NS: dict[str, int] = defaultdict(int)  # stage -> ns in the current publish
 
 
 def timed(name: str, fn):
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            NS[name] += time.perf_counter_ns() - t
-    return wrapper
+    return timing.timed(name, fn, lambda key, ns: NS.__setitem__(key, NS[key] + ns))
 
 
 class Shim:
