@@ -92,25 +92,9 @@ def wrapper_cost(n: int = 100_000) -> float:
 
 
 def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
-    import numpy as np
-    import torch
+    from publisher_cost_breakdown import make_publisher
 
-    from moe_monitor.channel import Ranks, SegmentWriter, Shape
-    from moe_monitor.plugin.attach import Attachment, MoELayer
-    from moe_monitor.plugin.publisher import Publisher
-    from moe_monitor.plugin.recorder import Recorder
-    from moe_monitor.plugin.steps import StepStats
-
-    recorder = Recorder(layers, experts, 8, "cpu")
-    recorder.counts[:, :experts] = torch.from_numpy(np.random.default_rng(0).integers(0, 1 << 40,
-                                                                                      size=(layers, experts)))
-    recorder.seen_rows.update(range(layers))
-    steps = StepStats()
-    steps.record("decode", 8, 0.01)
-    attachment = Attachment([MoELayer(i, f"layers.{i}.mlp", experts, 8, None, True) for i in range(layers)])
-    shape = Shape(layers, experts, len(steps.token_bounds), len(steps.duration_bounds))
-    writer = SegmentWriter(tempfile.mkdtemp(prefix="seg_"), "bench", Ranks(), shape, 8)
-    pub = Publisher(writer, recorder, steps, attachment, 1.0)
+    pub = make_publisher(layers, experts)
     times = []
     for _ in range(repeats):
         t = time.perf_counter_ns()
