@@ -3,15 +3,15 @@
 Step time is compared like with like: the mean step duration of each (phase, tokens-per-step bucket) in the
 window against the same key over the recent history, so a shift in the batch mix (more prefill, bigger
 batches) is not a regression. The step-time baseline is a high quantile (p90 by default) of that history, the
-slow end of normal, not its median: a host's speed drifts for minutes at a time (measured on a 2-vCPU VM:
-every key 20-30 % faster for ~85 s, then back), and against a median pulled down by a fast spell the return to
-normal reads as a regression. The gap between p90 and the median is the host's own window-to-window spread
-(p90 was 9-32 % above the median per key over 420 s on that VM), so a steadier host gets a tighter baseline.
+slow end of normal, not its median: a host's speed drifts for minutes at a time (every key 20-30 % faster for
+~85 s, then back, on a 2-vCPU VM), and against a median pulled down by a fast spell the return to normal reads as
+a regression. The gap between p90 and the median is the host's own window-to-window spread (9-32 % per key on
+that VM), so a steadier host gets a tighter baseline.
 A window must also clear the key's median by `step_noise_sigmas` (3) robust standard deviations (1.4826 x MAD of
 the same history): p90 x (1 + margin) is a fixed multiple of the slow end of normal, too tight for a key whose
-windows wander by a third either way (few steps, other jobs on a small CPU host), where one clean-clone CI run
-captured decode <= 8 tokens at +35 % over p90 on steady traffic; the spread bar is what such a key needs, and
-on a steady key (spread under ~20 %) the margin still sets the bar.
+windows wander by a third either way (few steps, other jobs on a small CPU host: steady decode traffic there
+reaches +35 % over p90); the spread bar is what such a key needs, and on a steady key (spread under ~20 %) the
+margin still sets the bar. docs/captures.md has the measurements behind these choices.
 Imbalance is compared with an absolute threshold and with its own recent median. A signal fires after
 `consecutive` windows in a row exceed, each with enough samples; idle windows neither count nor break a
 streak. Nothing fires during warm-up, in cooldown after a capture, or beyond the hourly budget (manual

@@ -35,7 +35,7 @@ DEPLOYMENT_LAYER_EXPERT_IMBALANCE = "moe:deployment_layer_expert_imbalance_ratio
 # Rules of one group run one after the other at the same evaluation time; groups run concurrently (Prometheus) or in
 # an unspecified order (promtool), each at its own offset. A rule that reads a recording rule therefore sits in the
 # same group, after it (check_rule_order): read across groups it would see the recording one evaluation late, or
-# not, by chance (issue #23: the deployment alert fired at 16m or 17m depending on promtool's group order).
+# not, by chance (an alert with `for:` would then fire one evaluation later or not, depending on the group order).
 RECORDING_GROUP = "moe-monitor.rules"
 DEPLOYMENT_GROUP = "moe-monitor.deployment"
 ALERTING_GROUP = "moe-monitor.alerts"

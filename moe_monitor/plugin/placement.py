@@ -12,12 +12,13 @@ at attach (on the worker thread, before any CUDA-graph capture). After that, eve
 (async EPLB: one layer), which get the new map as a **host** tensor: the wrappers below copy it from there,
 with no CUDA call, on whatever thread vLLM commits from. At each commit the plugin also closes the
 placement's epoch: the counts routed under it (the recorder's host mirror, read then) are attributed to EP
-ranks under it. A rearrangement every few seconds made the sidecar's own attribution (per 1 s window, with
-the placement at the window's end) 6-11 % wrong on real vLLM (benchmarks/results/vllm_ep_h200.md). The
+ranks under it: attributing in the sidecar instead (per 1 s window, with the placement at the window's end) is
+6-11 % wrong on real vLLM with a rearrangement every few seconds (benchmarks/results/vllm_ep_h200.md). The
 publisher reads `LivePlacement.epoch`, swapped whole at each change (never written in place while read).
 Host cost at DeepSeek-V3 scale (benchmarks/placement_cost.py): 0.6 ms per commit, whole-model or per-layer (async
-EPLB: one per step while layers move, ~61 steps per rearrangement), 0.6 ms per publish. Splitting only the
-committed layer cuts the per-layer commit to 0.06 ms; that version is waiting for its run on real GPU vLLM.
+EPLB: one per step while layers move, ~61 steps per rearrangement; every commit splits the whole model's counts),
+0.6 ms per publish. This is the version proven on real GPU vLLM; benchmarks/results/placement_cost.txt also has
+the cost of a per-layer commit that splits only its layer (0.06 ms).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Strategies, same counts (tests/test_plugin_cpu.py, tests/test_recorder_gpu.py, b
   capture that keeps a layer's ids from being reused by a later allocation of the same graph, and frees them
   for the next capture in the pool (vLLM captures every batch size into one pool; its graphs replay one at a
   time, each writing its ids before its flush reads them: tests/test_recorder_gpu.py). Keeping them for the
-  graph's lifetime instead (until 2026-11-30) held memory per captured size and shifted the pool's layout
-  for every later, smaller capture (benchmarks/results/vllm_cost_h200.md).
+  graph's lifetime instead would hold memory per captured size and shift the pool's layout for every later,
+  smaller capture (benchmarks/results/vllm_cost_h200.md).
 - `staged` (CUDA): each tap copies its ids into a persistent staging buffer allocated before any capture
   (one copy kernel per layer), and the same kernel counts the buffer after the last layer. Nothing is held
   in the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the

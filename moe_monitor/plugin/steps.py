@@ -3,7 +3,7 @@
 `record()` runs on vLLM's worker thread once a step, so it only appends a tuple to a deque (~40 ns; deque appends
 and pops are thread-safe). The publisher's `snapshot()` drains the deque once an interval and bins the steps with
 numpy (searchsorted + bincount: ~50 us for 400 steps on the 2-core development VM). Binning each step on the worker
-thread with numpy scalar indexing cost ~1 us a step (benchmarks/plugin_host_cost.py).
+thread with numpy scalar indexing would cost ~1 us a step (benchmarks/plugin_host_cost.py).
 
 The deque is bounded (`max_queued` steps: over a minute of 1 ms steps); if the publisher stalls longer, the oldest
 queued steps are dropped, counted in `dropped` and logged once.

@@ -1,7 +1,7 @@
 """A small writer of the Prometheus text format (0.0.4), fast for dense label sets.
 
 The sidecar renders its whole exposition once per window and serves the cached bytes, so a scrape costs a
-memory copy. prometheus_client's families are built per sample in Python and took ~200 ms for 16k series
+memory copy. prometheus_client's families are built per sample in Python and take ~200 ms for 16k series
 (benchmarks/sidecar_scale.py measures both); here the label part of every line of a dense family is
 rendered once per shape and cached, and only values are formatted per window. promtool check metrics and
 prometheus_client's parser read the output in tests.

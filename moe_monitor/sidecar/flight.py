@@ -43,9 +43,9 @@ class FlightError(ValueError):
 
 @dataclass(frozen=True)
 class FlightWindow:
-    """One closed window, kept as the JSON object the record serves (encoded once, when it is recorded: a
-    request or a capture then costs a join, not a serialisation; issue #24: 16 clients re-encoding a 12.6 MB
-    record took 37.5 CPU-s in 30 s)."""
+    """One closed window, kept as the JSON object the record serves (encoded once, when it is recorded, so a
+    request or a capture costs a join, not a serialisation: re-encoding a 12 MB record per answer costs ~0.45
+    CPU-s, docs/security.md)."""
     start: float
     end: float
     experts: int

@@ -1,4 +1,4 @@
-"""What keeps the sidecar's HTTP edge serving scrapes whatever its clients do (issues #14 and #24): a connection cap
+"""What keeps the sidecar's HTTP edge serving scrapes whatever its clients do (docs/security.md): a connection cap
 that makes room by closing idle connections first and then the API connection busy longest (never a scrape's),
 a deadline for the first request's headers, a concurrency limit per kind of API request, a progress deadline for
 every streamed answer (a client that stops reading is dropped), and logs that cannot be flooded.
@@ -260,7 +260,7 @@ class ConnectionGuard:
 class LoopErrorLog:
     """The event loop's exception handler, logging each kind of error at most once per LOG_EVERY_S with a count of
     the repeats. When accept() fails with EMFILE, CPython before gh-151615 reports it up to `backlog` times per
-    wake-up and reschedules as often: unthrottled that wrote hundreds of MB a minute and starved /metrics."""
+    wake-up and reschedules as often: unthrottled, that writes hundreds of MB a minute and starves /metrics."""
 
     def __init__(self, refusals: Refusals) -> None:
         self.refusals = refusals

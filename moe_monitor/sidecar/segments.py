@@ -101,7 +101,7 @@ class SegmentSource:
     def _read_all(self, paths: list[str]) -> list[SegmentStatus]:
         """One read per file, then the torn ones (a writer was publishing) again after one short pause, a few
         rounds: the pauses are shared by all files, so a directory of thousands of bad files costs a bounded
-        wait per window (per-file back-off took 8 s for 500 files whose writer was stuck mid-publish)."""
+        wait per window (a per-file back-off would wait 8 s for 500 files whose writer is stuck mid-publish)."""
         kwargs = {"max_payload": self.max_payload} if self.max_payload else {}
         results: dict[str, Snapshot | SegmentError] = {}
         pending = paths

@@ -1,7 +1,7 @@
 """HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz (the process
 answers), /readyz (the window loop runs and fresh segments are there, else 503 and why), a landing page, the
 captures API and the flight recorder (/api/flight), served behind limits (a connection cap, idle and header
-timeouts) that keep clients which hold connections from starving the scrapes (issue #14, defect 6). Every answer
+timeouts) that keep clients which hold connections from starving the scrapes (docs/security.md). Every answer
 carries `X-Moe-Monitor: <version>`, by which the clients tell the sidecar from any other server.
 
 aiohttp rather than prometheus_client's built-in server because the sidecar grows more routes (the trace
@@ -256,8 +256,8 @@ def accepts_gzip(request: web.Request) -> bool:
 class StoredFlight:
     """A capture's stored flight record, served as it is (gzip to a client that accepts it) or inflated on the
     way out. The catalog is on disk, writable by others: a record is inflated once, in chunks, with a bound
-    (flight.MAX_JSON_BYTES) before it is served, and the verdict kept per file version. A 2 MB file that inflates
-    to 2 GiB took the sidecar from 64 MB to 6.36 GB (issue #24); now it costs at most one bounded pass."""
+    (flight.MAX_JSON_BYTES) before it is served, and the verdict kept per file version, so a small file that
+    inflates to gigabytes costs at most one bounded pass, not the sidecar's memory (docs/security.md)."""
 
     def __init__(self, refusals: Refusals) -> None:
         self.refusals = refusals
