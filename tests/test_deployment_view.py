@@ -12,7 +12,8 @@ silent for labelled sidecars; every query of the MoE deployment dashboard return
 Why the counts jump once and then hold: rate() over a range divides by the span of the samples it finds, which
 depends on each target's scrape phase. A single jump that every target's range holds from both sides (before and
 after) makes each target's rate (P1 - P0) / span with the same span (one scrape a second, the same number of
-samples), so the sums compare exactly. The rule expressions are evaluated by the query API at a time in the middle of
+samples), so the sums compare to the scrape timing (ACROSS_TARGETS); one target's series against each other
+exactly. The rule expressions are evaluated by the query API at a time in the middle of
 that stretch, when every sample is ingested (a rule evaluation can miss a scrape still in flight); the recorded
 series are checked against them too.
 """
@@ -57,6 +58,10 @@ L, E, W, TOP_K = 3, 16, 4, 2  # layers, experts, EP ranks = DP ranks (contiguous
 NODES = {"a": (0, 1), "b": (2, 3), "c": (0, 1, 2, 3)}  # which DP ranks' segments each sidecar reads
 DSV3, SINGLE = "inference/dsv3-0", "inference/single-0"
 RATE_WINDOW = 10  # seconds: rate_window of the rules below; one scrape and one rule evaluation a second
+# Figures of different targets (A+B against C) agree to the scrape timing: each sample carries its scrape's actual
+# start time; Prometheus aligns a timestamp within 2 ms of its schedule, and a scrape later than that under load (the
+# 2-core VM with other work: 588.91 against 588.89 once) changes that target's span by milliseconds in seconds.
+ACROSS_TARGETS = 1e-3
 TEST_CONFIG = {"rate_window": f"{RATE_WINDOW}s", "ep_rank_imbalance_for": "2s", "min_expert_load": 0}
 
 
@@ -224,8 +229,8 @@ def test_deployment_ep_rank_rates_are_the_single_sidecar_rates(stack, jump):
         for rank in range(W):
             key = (str(layer), str(rank))
             summed, single = deployment[(DSV3, *key)], per_instance[(address["c"], *key)]
-            assert summed == pytest.approx(single, rel=1e-9, abs=1e-9), (layer, rank)
-            assert deployment[(SINGLE, *key)] == pytest.approx(single, rel=1e-9, abs=1e-9)
+            assert summed == pytest.approx(single, rel=ACROSS_TARGETS), (layer, rank)
+            assert deployment[(SINGLE, *key)] == pytest.approx(single, rel=1e-9, abs=1e-9)  # C's own series
             assert summed == pytest.approx(per_instance[(address["a"], *key)] + per_instance[(address["b"], *key)],
                                            rel=1e-9)
             span = expected[layer, rank] / summed  # seconds the samples spanned; the same for every series
@@ -251,8 +256,8 @@ def test_deployment_imbalance_is_the_single_sidecar_imbalance(stack, jump):
     single = by(instant(prom, inlined(cfg, LAYER_EP_RANK_IMBALANCE), at), "instance", "layer")
     expected = max_over_mean(ep_rank_load(routed.sum(0)))  # [L]
     for layer in range(L):
-        assert deployment[(DSV3, str(layer))] == pytest.approx(single[(address["c"], str(layer))], rel=1e-9)
-        assert deployment[(DSV3, str(layer))] == pytest.approx(expected[layer], rel=1e-9)
+        assert deployment[(DSV3, str(layer))] == pytest.approx(single[(address["c"], str(layer))], rel=ACROSS_TARGETS)
+        assert deployment[(DSV3, str(layer))] == pytest.approx(expected[layer], rel=ACROSS_TARGETS)
         assert deployment[(SINGLE, str(layer))] == pytest.approx(expected[layer], rel=1e-9)
     assert min(expected) > 1.1 and max(expected) > 2
     print(f"EP-rank max/mean per layer, deployment (A+B) = C = routing: {[round(float(x), 6) for x in expected]}")
@@ -262,10 +267,11 @@ def test_deployment_imbalance_is_the_single_sidecar_imbalance(stack, jump):
     for layer in range(L):
         for e in range(E):
             assert experts[(DSV3, str(layer), str(e))] == pytest.approx(experts[(SINGLE, str(layer), str(e))],
-                                                                      rel=1e-9)
-        assert expert_imbalance[(DSV3, str(layer))] == pytest.approx(max_over_mean(routed.sum(0))[layer], rel=1e-9)
+                                                                      rel=ACROSS_TARGETS)
+        assert expert_imbalance[(DSV3, str(layer))] == pytest.approx(max_over_mean(routed.sum(0))[layer],
+                                                                     rel=ACROSS_TARGETS)
         assert expert_imbalance[(SINGLE, str(layer))] == pytest.approx(expert_imbalance[(DSV3, str(layer))],
-                                                                      rel=1e-9)
+                                                                      rel=ACROSS_TARGETS)
     print(f"expert max/mean per layer: {[round(float(x), 6) for x in max_over_mean(routed.sum(0))]}")
 
 
