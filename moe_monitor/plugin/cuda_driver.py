@@ -1,5 +1,6 @@
-"""The few CUDA driver calls the step hooks make, through ctypes: about a microsecond of host time each, where
-a Triton launch from Python costs 25-40 us and torch's Event wrappers a few (benchmarks/results/plugin_host_cost_*.md).
+"""The few CUDA driver calls the step hooks make, through ctypes: 1.6-2.3 us of host time each alone, where a Triton
+launch from Python costs 11-22 us and torch's `Event.record()` 6-7 us (benchmarks/cuda_call_cost.py on an H100;
+inside vLLM's step every call costs more: benchmarks/results/plugin_host_cost_h100.md).
 
 - `write_u64(stream, address, value)`: cuStreamWriteValue64, the step's token count into the recorder's device
   scalar in stream order: no kernel, no source buffer to keep alive while the device is behind.

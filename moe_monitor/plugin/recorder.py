@@ -23,8 +23,8 @@ Strategies, same counts (tests/test_plugin_cpu.py, tests/test_recorder_gpu.py, b
   in the CUDA graph's memory pool, so the graph's own allocations are laid out exactly as without the
   recorder (docs/recorder.md: why that matters for measurement).
 
-On CUDA the step's token count is written by the driver's stream write (cuda_driver.py: no kernel, ~1 us of
-host time; a Triton kernel where that call is unusable), and the counting kernel is a Triton kernel named
+On CUDA the step's token count is written by the driver's stream write (cuda_driver.py: no kernel, ~2 us of
+host time alone; a Triton kernel where that call is unusable), and the counting kernel is a Triton kernel named
 `moe_monitor_*`, so profiler traces show it by name in the breakdown's `monitoring` row. The
 exceptions are copies: the fused mode's `torch.stack` (one `CatArrayBatchedCopy`, right before the counting
 kernel: attributed by its position) and the staged mode's per-layer copies. The counting kernel also writes
@@ -104,8 +104,8 @@ class Recorder:
 
     def set_valid_tokens(self, n: int) -> None:
         """Called by the step hook before the forward pass, and with 0 before any forward that is not a step
-        (vLLM's dummy runs). No sync. On CUDA a stream write of the driver (~1 us of host time), else a
-        one-thread Triton kernel (~25 us: its Python launcher); on CPU a fill.
+        (vLLM's dummy runs). No sync. On CUDA a stream write of the driver (~2 us of host time alone), else a
+        one-thread Triton kernel (~11 us alone: its Python launcher); on CPU a fill (benchmarks/cuda_call_cost.py).
         A step boundary: ids still pending (a step that never reached the last row) are counted first,
         with the valid count of their own step."""
         if self._pending:

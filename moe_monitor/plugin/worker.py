@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class WorkerMonitor:
-    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread, and each step
-    costs them a few microseconds of host time (docs/recorder.md, "Cost"): a stream write, two event records,
-    the event queries of finished steps and a few attribute reads."""
+    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread; per step they
+    make a stream write, an event record at the step's end (and at its start when the device was idle), one
+    elapsed-time query per finished step, and read a few attributes (what that costs: docs/recorder.md, "Cost")."""
 
     def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer,
                  zero_after_forward: bool = True):
