@@ -24,7 +24,7 @@ TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048)
 MEMORY_CATS = ("gpu_memcpy", "gpu_memset")  # device events that are copies, whatever runs them
 
 
-class Anchors(dict):
+class Anchors(dict[str, re.Pattern]):
     """The [anchors] patterns by kind, with the kinds each kernel name matches memoised: a trace repeats a few
     hundred names hundreds of thousands of times, and the classifier asks several kinds of each."""
 
@@ -43,7 +43,7 @@ class Anchors(dict):
 class Rules:
     categories: tuple[str, ...]
     annotations: tuple[tuple[str, re.Pattern], ...]
-    anchors: dict[str, re.Pattern]
+    anchors: Anchors
     patterns: tuple[tuple[str, re.Pattern], ...]
 
 
@@ -97,7 +97,8 @@ def units_of(trace: Trace) -> list[Unit]:
 def self_times(ops: list[Event]) -> list[tuple[Event, float, tuple[str, ...]]]:
     """Self time of nested CPU ops (per thread): duration minus the direct children's durations, with the
     names of the enclosing ops."""
-    out, stacks = [], defaultdict(list)  # thread -> open [event, self time, parents] frames
+    out: list[tuple[Event, float, tuple[str, ...]]] = []
+    stacks: defaultdict[int, list[list]] = defaultdict(list)  # thread -> open [event, self time, parents] frames
     for e in ops:
         stack = stacks[e.stream]
         while stack and stack[-1][0].ts + stack[-1][0].dur <= e.ts:
@@ -191,7 +192,7 @@ def classify(trace: Trace, units: list[Unit], rules: Rules) -> list[dict]:
 KEEP_IN_TAIL = ("memory", "monitoring", *COMM_CATEGORIES)
 
 
-def _monitoring(seq: list[Unit], anchor: dict[str, re.Pattern]) -> None:
+def _monitoring(seq: list[Unit], anchor: Anchors) -> None:
     """moe-monitor's kernels (named `moe_monitor_*`) and the copy right before its counting kernel on the same
     stream (the fused recorder's torch.stack: a `CatArrayBatchedCopy`) are `monitoring`."""
     own, feeder = anchor.get("monitoring"), anchor.get("monitoring_feeder")
@@ -204,7 +205,7 @@ def _monitoring(seq: list[Unit], anchor: dict[str, re.Pattern]) -> None:
                 seq[i - 1].category = "monitoring"
 
 
-def _shared_experts(by_stream: dict, blocks: list[dict], anchor: dict[str, re.Pattern]) -> None:
+def _shared_experts(by_stream: dict, blocks: list[dict], anchor: Anchors) -> None:
     """Work on another stream that starts inside a MoE block (from its norm or router GEMM to the next kernel
     past its tail on its own stream) is expert work: vLLM runs shared experts (DeepSeek, Qwen2-MoE) on a second
     stream beside the routed ones (their GEMMs, activation and split-K reduction), launched after the routed
@@ -237,7 +238,7 @@ def _step_windows(trace: Trace, units: list[Unit]) -> list[list[Unit]]:
     return windows
 
 
-def _sampling_tails(trace: Trace, units: list[Unit], anchor: dict[str, re.Pattern]) -> set[int]:
+def _sampling_tails(trace: Trace, units: list[Unit], anchor: Anchors) -> set[int]:
     """The units (by id) of each engine step's lm_head and sampling, on a GPU trace with vLLM's step ranges: the
     last GEMM of the step's window when no expert kernel follows it and a norm (the final norm) lies between
     the step's last expert kernel and it, with everything after it in the window (the sampler, which vLLM 0.26
@@ -307,7 +308,8 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
     moe-monitor's kernels `monitoring`."""
     skip = [u.category == "monitoring" or u.event.cat in MEMORY_CATS for u in seq]
     expert_idx = [i for i, u in enumerate(seq) if not skip[i] and _is(anchor, "experts", u)]
-    blocks, prev_end = [], -1
+    blocks: list[dict] = []
+    prev_end = -1
     for first, last in _expert_runs(seq, expert_idx, anchor):
         stop = next((j for j in range(first - 1, prev_end, -1) if not skip[j] and
                      (_is(anchor, "norm", seq[j]) or _is(anchor, "attention", seq[j]))), prev_end)
@@ -323,8 +325,8 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
         shared = [j for j in gemms if router is not None and j > router]
         shared_end = -1
         if shared:
-            after = [j for j in hints if j > shared[-1]]
-            shared_end = after[0] - 1 if after else _gemm_end(seq, shared[-1], anchor)
+            later = [j for j in hints if j > shared[-1]]
+            shared_end = later[0] - 1 if later else _gemm_end(seq, shared[-1], anchor)
         gate_us = 0.0
         begin = router if router is not None else (front[0] if front else first)
         router_end = _gemm_end(seq, router, anchor) if router is not None else -1
@@ -357,7 +359,8 @@ def _structure(seq: list[Unit], anchor: Anchors) -> list[dict]:
                     first_us += u.us  # an op the first expert op runs (CPU: _grouped_mm runs mm)
             elif not u.category:
                 u.category = "all_to_all" if _is(anchor, "communication", u) else "experts"
-        prev_end, after = last, None
+        prev_end = last
+        after: float | None = None
         for j in range(last + 1, len(seq)):
             u = seq[j]
             if skip[j]:
@@ -394,7 +397,7 @@ def _expert_runs(seq: list[Unit], expert_idx: list[int], anchor: Anchors) -> lis
             runs[-1][1] = i
         else:
             runs.append([i, i])
-    return [tuple(run) for run in runs]
+    return [(first, last) for first, last in runs]
 
 
 def _gemm_start(seq: list[Unit], j: int, anchor: Anchors) -> bool:
@@ -421,15 +424,15 @@ def _idle(trace: Trace, units: list[Unit], span: Event) -> tuple[float, float]:
     lo, hi = span.ts, span.ts + span.dur
     intervals = sorted((max(u.event.ts, lo), min(u.event.ts + u.event.dur, hi)) for u in units
                        if u.event.ts < hi and u.event.ts + u.event.dur > lo)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in intervals:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
+    busy = 0.0
+    if intervals:
+        cur_s, cur_e = intervals[0]
+        for s, e in intervals[1:]:
+            if s > cur_e:
                 busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
         busy += cur_e - cur_s
     return busy, max(0.0, (hi - lo) - busy)
 
@@ -511,7 +514,7 @@ class Breakdown:
             for c, v in step_cats.items():
                 ph[c] = ph.get(c, 0.0) + v
             ph["idle"] += idle
-        if trace.is_gpu and trace.steps:
+        if windows is not None and trace.steps:  # GPU traces
             table = collectives_of(units, windows, rank_blocks)
             known = self.collectives.get(trace.rank)
             self.collectives[trace.rank] = table if known is None else known + table

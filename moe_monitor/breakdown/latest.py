@@ -15,10 +15,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .analyze import analyze_files
 from .record import BreakdownRecord
 from .trace import TraceError
+
+if TYPE_CHECKING:
+    from moe_monitor.capture.catalog import Catalog
 
 log = logging.getLogger(__name__)
 RANK_FILE = re.compile(r"^(?P<prefix>.*?)dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
@@ -98,7 +102,7 @@ class LatestBreakdown:
 class CatalogLatest:
     """The newest catalogued capture with a breakdown, in LatestBreakdown's shape (for capture_t0)."""
 
-    def __init__(self, catalog):
+    def __init__(self, catalog: Catalog) -> None:
         self.catalog, self.errors = catalog, 0
         self.capture: Capture | None = None
         self.result: BreakdownRecord | None = None

@@ -5,6 +5,7 @@ failing the exporter later."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,13 @@ class BreakdownRecord:
         blocks = result.get("moe_blocks")
         if not isinstance(blocks, dict) or not isinstance(blocks.get("count"), int):
             raise ValueError("moe_blocks.count is not an integer")
-        figures = [blocks.get("preamble_us"), blocks.get("first_expert_us")]
-        if blocks["count"] and not all(_number(x) for x in figures):
-            raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
-        pre, first = (float(x) for x in figures) if blocks["count"] else (None, None)
+        pre_us, first_us = blocks.get("preamble_us"), blocks.get("first_expert_us")
+        pre: float | None = None
+        first: float | None = None
+        if blocks["count"]:
+            if not (_number(pre_us) and _number(first_us)):
+                raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
+            pre, first = float(pre_us), float(first_us)
         ep_wait, ep_caused = None, None
         wait = result.get("ep_wait")  # absent in breakdowns stored before it existed
         if wait is not None:
@@ -87,5 +91,5 @@ def _per_rank(value) -> bool:
     return isinstance(value, dict) and all(isinstance(r, str) and _number(v) for r, v in value.items())
 
 
-def _number(value) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

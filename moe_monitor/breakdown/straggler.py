@@ -43,12 +43,14 @@ import functools
 import re
 from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from operator import itemgetter
+from typing import overload
 
 import numpy as np
+import numpy.typing as npt
 
 EP, TP, GATHER, SYNC, OTHER = "ep_dispatch_combine", "tp_allreduce", "allgather_reducescatter", "sync", "other"
 KINDS = (TP, GATHER, SYNC, EP, OTHER)  # the order of the report's columns
@@ -82,7 +84,7 @@ class Collective:
     top: tuple[tuple[str, float], ...] = ()  # the segment's busiest kernels: (name, us), busiest first
 
 
-class CollectiveTable(Sequence):
+class CollectiveTable(Sequence[Collective]):
     """One rank's collectives in numpy columns, in the order they started; a Sequence of Collective. ~58 bytes
     each where a Collective with its floats is ~300."""
 
@@ -109,7 +111,15 @@ class CollectiveTable(Sequence):
     def __len__(self) -> int:
         return len(self.end)
 
-    def __getitem__(self, i: int) -> Collective:
+    @overload
+    def __getitem__(self, i: int) -> Collective: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> CollectiveTable: ...
+
+    def __getitem__(self, i: int | slice) -> Collective | CollectiveTable:
+        if isinstance(i, slice):  # the rows of a slice, as a table (a Sequence's slice)
+            return CollectiveTable.of_columns(self.names, **{c: getattr(self, c)[i] for c in self.COLUMNS})
         layer = int(self.layer[i])
         return Collective(float(self.end[i]), float(self.us[i]), self.names[self.name[i]],
                           None if layer < 0 else layer, KINDS[self.kind[i]], float(self.busy[i]), float(self.idle[i]),
@@ -123,7 +133,7 @@ class CollectiveTable(Sequence):
         return CollectiveTable([*self, *other])
 
     @classmethod
-    def of_columns(cls, names: list[str], **columns: np.ndarray) -> CollectiveTable:
+    def of_columns(cls, names: list[str], **columns: npt.ArrayLike) -> CollectiveTable:
         """A table from its columns (name and top_code: codes into `names`), cast to the table's types."""
         table = cls()
         for column, values in columns.items():
@@ -182,11 +192,14 @@ def _segments(units: list) -> tuple[list, list[str], dict[str, array]]:
     intervals as it goes; memory: the collectives' columns, not the units'."""
     if any(b.event.ts < a.event.ts for a, b in pairwise(units)):
         units = sorted(units, key=lambda u: u.event.ts)
-    comm, codes, inf = [], {}, float("inf")
+    comm: list = []
+    codes: dict[str, int] = {}
+    inf = float("inf")
     end, us, name, busy_col, idle_col, after_prev, top_code, top_us = columns = (
         array("d"), array("d"), array("i"), array("d"), array("d"), array("b"), array("i"), array("d"))
     lo = -inf  # the previous collective's end: the segment's start (-inf: no collective yet)
-    seg_busy, kernels = 0.0, defaultdict(float)
+    seg_busy = 0.0
+    kernels: defaultdict[str, float] = defaultdict(float)
     cur_s = cur_e = -inf  # the union's interval still open
     for u in units:
         event = u.event
@@ -221,7 +234,7 @@ def _segments(units: list) -> tuple[list, list[str], dict[str, array]]:
     return comm, list(codes), dict(zip(names, columns))
 
 
-def collective_wait(ranks_ops: dict[str, Sequence[Collective]], tolerance_us: float = 30.0) -> dict | None:
+def collective_wait(ranks_ops: Mapping[str, Sequence[Collective]], tolerance_us: float = 30.0) -> dict | None:
     """Per kind of collective: each rank's wait, the rank it waited for, the waiting each rank caused and why. None
     with fewer than two ranks or no collective at all."""
     ranks = sorted(ranks_ops)
@@ -289,12 +302,12 @@ class _KindSums:
                      "unexplained": caused - self.idle[r] - self.busy[r]}
             kernels = sorted(self.kernels[r].items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
             why[r] = {"idle_us": self.idle[r], "busy_us": self.busy[r], "unexplained_us": parts["unexplained"],
-                      "reason": max(parts, key=parts.get), "kernels": [[name, us] for name, us in kernels]}
+                      "reason": max(parts, key=parts.__getitem__), "kernels": [[name, us] for name, us in kernels]}
         return {
             "collectives": self.collectives,  # matched on every rank
             "unmatched": self.unmatched,  # per rank: its collectives of this kind not matched on every rank
             "wait_us": self.wait,  # per rank: time its collectives spent waiting for the last rank
-            "waited_for": {r: (max(by, key=by.get) if self.wait[r] > 0 else None) for r, by in self.by.items()},
+            "waited_for": {r: (max(by, key=by.__getitem__) if self.wait[r] > 0 else None) for r, by in self.by.items()},
             "caused_us": self.caused,  # per rank: the others' wait while it was the last to arrive
             "last_arrivals": self.last,
             "why": why,  # per rank that caused waiting: that waiting split into its device idle and busy excess
@@ -323,7 +336,7 @@ def _match(tables: list[CollectiveTable], tolerance: float) -> np.ndarray:
     return partner
 
 
-def ep_wait(ranks_ops: dict[str, Sequence[Collective]], tolerance_us: float = 30.0) -> dict | None:
+def ep_wait(ranks_ops: Mapping[str, Sequence[Collective]], tolerance_us: float = 30.0) -> dict | None:
     """EP dispatch/combine only, per rank and per MoE layer. None with fewer than two ranks or no EP collective
     matched on all of them. Each rank's collectives: a list of Collective or a CollectiveTable (what a capture
     keeps of a rank)."""

@@ -31,14 +31,15 @@ import re
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import ijson
 import msgspec
 import numpy as np
 
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-KEPT_CATS = {c: c for c in (*DEVICE_CATS, "cpu_op", "gpu_user_annotation", "user_annotation")}  # one copy each
+# one copy of each; keyed by str, asked also for the None of an event without cat
+KEPT_CATS: dict[str | None, str] = {c: c for c in (*DEVICE_CATS, "cpu_op", "gpu_user_annotation", "user_annotation")}
 STEP_RE = re.compile(r"^execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
 RANK_RE = re.compile(r"dp(\d+)_pp(\d+)_tp(\d+)(?:_dcp\d+)?_ep(\d+)_rank(\d+)")
 # torch.distributed's own range around each collective's work (`gloo:all_to_all`, `nccl:all_reduce`, ...).
@@ -261,8 +262,8 @@ class _Guard:
             depth = np.cumsum(step, dtype=np.int32)  # after each bracket
             depth += self.depth
             if int(depth.max()) > limits.max_depth:
-                at = start + int(where[np.argmax(depth > limits.max_depth)])
-                raise self.refuse(f"arrays/objects nested deeper than the limit at JSON byte {at}", "max_depth")
+                deep = start + int(where[np.argmax(depth > limits.max_depth)])
+                raise self.refuse(f"arrays/objects nested deeper than the limit at JSON byte {deep}", "max_depth")
             self.depth = int(depth[-1])
             parents = np.flatnonzero((depth == _EVENT_LEVEL - 1) & opener)  # what the elements are in
             arrays = np.concatenate(([self.in_array], brackets[parents] == ord("[")))
@@ -420,7 +421,8 @@ class _Complete(msgspec.Struct, gc=False, tag_field="ph", tag="X"):
 # a GPU trace's events are flows, "s"/"f"). A phase not listed, or none, fails the batch: read again by ijson.
 _PHASES = tuple(msgspec.defstruct(f"_Phase{i}", [], tag_field="ph", tag=ph, gc=False)
                 for i, ph in enumerate("BEiICbnestfPNODMVvRc()STpF"))
-_DECODER = msgspec.json.Decoder(list[Union[(_Complete, *_PHASES)]])
+_EVENT: Any = Union[(_Complete, *_PHASES)]  # built at run time: no static type
+_DECODER = msgspec.json.Decoder(list[_EVENT])
 
 
 class _Unusual(Exception):
@@ -541,9 +543,10 @@ class _Events:
         if not self.count:
             raise TraceError(f"{path}: no traceEvents: not a torch.profiler Chrome trace")
         if not trace.is_gpu:  # in place, so that each tuple goes as its Event comes
-            trace.cpu_ops = ops = self.cpu_ops + self.comm
+            ops: list[Any] = self.cpu_ops + self.comm  # tuples, then their Events
             for i, (name, ts, dur, stream) in enumerate(ops):
                 ops[i] = Event(name, ts, dur, stream, "cpu_op")
+            trace.cpu_ops = ops
         self.cpu_ops = self.comm = []
         if trace.is_gpu:  # prefer the device projection of the step ranges when the trace has one
             device_steps = [s for s in trace.steps if s.cat == "gpu_user_annotation"]
@@ -577,7 +580,7 @@ class _Document:
         """The parser is inside the top-level traceEvents array, between two of its elements."""
         return self.in_events and self.depth == 2
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         for i in range(0, len(data), _FEED):  # never b"": the parser takes it for the end of the input
             self.parser.send(bytes(data[i : i + _FEED]))
             self._follow()

@@ -129,7 +129,7 @@ class Shape:
     def sections(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         L, E, P = self.num_layers, self.num_experts, self.num_phases
         TB, DB = self.num_token_buckets, self.num_duration_buckets
-        return [
+        sections: list[tuple[str, np.dtype, tuple[int, ...]]] = [
             ("layer_ids", np.dtype("<i4"), (L,)),
             ("layer_flags", np.dtype("u1"), (_pad8(L),)),
             ("counts", np.dtype("<i8"), (L, E)),
@@ -138,8 +138,12 @@ class Shape:
             ("step_hist", np.dtype("<i8"), (P, TB, DB)),
             ("step_seconds", np.dtype("<f8"), (P, TB)),
             ("step_tokens", np.dtype("<i8"), (P, TB)),
-        ] + ([("physical_to_logical", np.dtype("<i4"), (L, self.num_physical))] if self.num_physical else []) \
-          + ([("ep_rank_load", np.dtype("<f8"), (L, self.num_load_ranks))] if self.num_load_ranks else [])
+        ]
+        if self.num_physical:
+            sections.append(("physical_to_logical", np.dtype("<i4"), (L, self.num_physical)))
+        if self.num_load_ranks:
+            sections.append(("ep_rank_load", np.dtype("<f8"), (L, self.num_load_ranks)))
+        return sections
 
     @property
     def payload_size(self) -> int:
@@ -258,8 +262,8 @@ def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
         raise SegmentError("truncated", f"file has {size} bytes, header promises {end}")
     refused = {r.section: r for r in header_refusals(h)}
     arrays, crc = {}, 0
-    for kept, run in itertools.groupby(h.shape.sections(), key=lambda section: section[0] not in refused):
-        run = [(name, dt, shape, dt.itemsize * math.prod(shape)) for name, dt, shape in run]
+    for kept, group in itertools.groupby(h.shape.sections(), key=lambda section: section[0] not in refused):
+        run = [(name, dt, shape, dt.itemsize * math.prod(shape)) for name, dt, shape in group]
         n = sum(nbytes for *_, nbytes in run)
         if not kept:  # only checksummed, a piece at a time
             while n:

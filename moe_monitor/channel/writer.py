@@ -74,7 +74,7 @@ class SegmentWriter:
         parts = payload_parts(self._sections, self._shape.num_layers, arrays)
         crc = 0
         for part in parts:
-            crc = zlib.crc32(part, crc)  # the GIL is released for parts over 5 KiB (the counts)
+            crc = zlib.crc32(part.data, crc)  # the GIL is released for parts over 5 KiB (the counts)
         head = self._head
         _UPDATED.pack_into(head, HEADER_OFFSETS["updated_unix_ns"], time.time_ns())
         _CRC.pack_into(head, HEADER_OFFSETS["payload_crc32"], crc)

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from moe_monitor.eplb.placement import Placement, _count, check_load, nonnegative_matrix, plan_placement
 from moe_monitor.stats.imbalance import rank_imbalance, sglang_balancedness, vllm_balancedness
@@ -69,7 +70,7 @@ def identity_rank_load(load: object, num_gpus: int, strategy: str = "linear") ->
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     out = np.zeros((w.shape[0], num_gpus))
-    np.add.at(out, (slice(None), owner), w)
+    np.add.at(out, (slice(None), owner), w)  # type: ignore[arg-type]  # numpy's stubs omit the tuple index it takes
     return out
 
 
@@ -141,7 +142,7 @@ class LoadSummary:
         return int(np.nanargmax(self.straggler))
 
     def to_dict(self, per_layer: bool = True) -> dict:
-        doc = {
+        doc: dict[str, object] = {
             "straggler_mean": _finite(self.mean_straggler),
             "straggler_worst": _finite(self.worst_straggler),
             "worst_layer": self.worst_layer,
@@ -372,7 +373,7 @@ def redundancy_sweep(num_experts: int, num_gpus: int, steps: int = 4) -> list[in
 
 def advise(load: object, *, num_gpus: int, num_nodes: int = 1, num_groups: int = 1,
            redundant: Iterable[int] | None = None, tolerance: float = 0.01, strategy: str = "linear",
-           parts: Sequence[object] = (), min_per_cell: float = MIN_PER_CELL) -> Advice:
+           parts: Sequence[npt.ArrayLike] = (), min_per_cell: float = MIN_PER_CELL) -> Advice:
     """Sweep redundant experts (default `redundancy_sweep(E, W)`) and recommend one (`RULE`). `parts`: the
     history's time-ordered sub-ranges (their sum is about `load`); with two or more, the rule reads each setting's
     straggler on held-out sub-ranges (a placement fitted to noise does not carry over) and the recommendation

@@ -128,34 +128,42 @@ class RankLoadLedger:
         """Raises PlacementError (state unchanged) when the counts must be split and the placement does not fit."""
         counts = np.asarray(counts, dtype=np.int64)
         ranks = published.shape[1] if published is not None else placement.num_ranks if placement else None
-        fresh = (self.counts is None or self.load is None or counts.shape != self.counts.shape
-                 or self.load.shape[1] != ranks or bool((counts < self.counts).any()))
-        offset = 0.0
-        if fresh:
+        prev = self._continued(counts, ranks)
+        offset: np.ndarray | float = 0.0
+        if prev is None:
             load = published.copy() if published is not None else _split(placement, counts)
         elif published is not None and self.published is not None and published.shape == self.published.shape \
                 and bool((published >= self.published).all()):
             load, offset = published + self.offset, self.offset
         else:
-            load = self.load + self._growth(placement, counts - self.counts, published is not None)
+            prev_counts, prev_load = prev
+            load = prev_load + self._growth(placement, counts - prev_counts, prev_load, published is not None)
             offset = 0.0 if published is None else load - published
-        if fresh:
+        if prev is None:
             self.resets += 1
         self.counts, self.load, self.published, self.offset = counts.copy(), load, published, offset
         return load
 
-    def _growth(self, placement: Placement | None, new: np.ndarray, published: bool) -> np.ndarray:
+    def _continued(self, counts: np.ndarray, ranks: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The previous (counts, load) when `counts` continue them (same shape, same EP size, no counter lower);
+        None when everything must be attributed afresh."""
+        if self.counts is None or self.load is None or counts.shape != self.counts.shape \
+                or self.load.shape[1] != ranks or bool((counts < self.counts).any()):
+            return None
+        return self.counts, self.load
+
+    def _growth(self, placement: Placement | None, new: np.ndarray, load: np.ndarray, published: bool) -> np.ndarray:
         """New assignments under the placement; none, where the plugin's figures are there but no placement fits
         (the counter pauses for that tick rather than guess)."""
         try:
             growth = _split(placement, new)
-            if growth.shape != self.load.shape:
-                raise PlacementError(f"the placement has {growth.shape[1]} EP ranks, the load {self.load.shape[1]}")
+            if growth.shape != load.shape:
+                raise PlacementError(f"the placement has {growth.shape[1]} EP ranks, the load {load.shape[1]}")
             return growth
         except PlacementError:
             if not published:
                 raise
-            return np.zeros_like(self.load)
+            return np.zeros_like(load)
 
 
 def _split(placement: Placement | None, counts: np.ndarray) -> np.ndarray:
