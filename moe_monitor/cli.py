@@ -64,8 +64,8 @@ def settings_options(config_cls):
 def serve(**values) -> None:
     """Read every rank's segment and export Prometheus metrics."""
     from moe_monitor.settings import build, specs
-    from moe_monitor.sidecar.exporter import Exporter
     from moe_monitor.sidecar.server import serve as run_server
+    from moe_monitor.sidecar.wiring import build as build_sidecar
     from moe_monitor.stats.placement import PlacementError
 
     try:
@@ -74,7 +74,7 @@ def serve(**values) -> None:
         hint = next((s.flag for s in specs(SidecarConfig) if str(e).startswith(s.name.split(".")[-1])), None)
         raise click.BadParameter(str(e), param_hint=hint) from None
     try:
-        exporter = Exporter(cfg)
+        exporter = build_sidecar(cfg)
     except PlacementError as e:
         raise click.BadParameter(str(e), param_hint="--placement") from None
     except OSError as e:

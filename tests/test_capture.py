@@ -24,8 +24,8 @@ from moe_monitor.capture.capturer import CaptureConfig, Capturer
 from moe_monitor.capture.catalog import Catalog, QuotaError, Retention
 from moe_monitor.detect.detector import DetectorConfig
 from moe_monitor.sidecar.config import SidecarConfig
-from moe_monitor.sidecar.exporter import Exporter
 from moe_monitor.sidecar.server import build_app
+from moe_monitor.sidecar.wiring import build
 
 TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "traces", "gpu_graph.pt.trace.json.gz")
 
@@ -201,7 +201,7 @@ def api(tmp_path):
         cfg = SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=vllm.profile_dir, vllm_url=vllm.url,
                             capture_dir=str(tmp_path / "store"), api_token="s3cret",
                             detector=DetectorConfig(max_per_hour=2, cooldown_s=0))
-        exporter = Exporter(cfg, process_metrics=False)
+        exporter = build(cfg, process_metrics=False)
         exporter.capturer.run("20261123T120000Z-imbalance-abcdef", "imbalance", {"signal": "x"}, {})
         with serve_app(exporter) as url:
             yield url, exporter

@@ -206,14 +206,14 @@ def test_capture_stores_the_flight_record_of_the_minutes_before_it(tmp_path):
     from test_capture import FakeProfiler, http, serve_app
 
     from moe_monitor.detect.detector import DetectorConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
 
     with FakeProfiler(str(tmp_path / "profiles")) as vllm:
         os.makedirs(vllm.profile_dir, exist_ok=True)
         cfg = SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=vllm.profile_dir, vllm_url=vllm.url,
                             capture_dir=str(tmp_path / "store"), api_token="t", window_s=5, flight_minutes=1,
                             detector=DetectorConfig(max_per_hour=5, cooldown_s=0))
-        exporter = Exporter(cfg, process_metrics=False)
+        exporter = build(cfg, process_metrics=False)
         for i in range(15):
             exporter.flight.record(window(1000 + 5 * i, [[10, 10, 10, 10 + 40 * (i > 10)], [1, 1, 1, 1]]), None)
         with serve_app(exporter) as url:

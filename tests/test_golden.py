@@ -16,7 +16,7 @@ import subprocess
 from conftest import parse_exposition
 
 from moe_monitor.sidecar.config import SidecarConfig
-from moe_monitor.sidecar.exporter import Exporter
+from moe_monitor.sidecar.wiring import build
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 GOLDEN = os.path.join(FIXTURES, "golden.prom")
@@ -27,8 +27,8 @@ VOLATILE = ("moe_monitor_build_duration_seconds ", "moe_monitor_collector_durati
 def exposition(tmp_path, **config) -> str:
     segments = tmp_path / "segments"
     now = [T0]
-    exporter = Exporter(SidecarConfig(segment_dir=str(segments), window_s=5, min_window_assignments=50, **config),
-                        clock=lambda: now[0] + 1, process_metrics=False)
+    exporter = build(SidecarConfig(segment_dir=str(segments), window_s=5, min_window_assignments=50, **config),
+                     clock=lambda: now[0] + 1, process_metrics=False)
     shutil.copytree(os.path.join(FIXTURES, "segments", "t0"), segments)
     exporter.tick(T0)
     shutil.rmtree(segments)

@@ -12,7 +12,7 @@ from conftest import parse_exposition
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, Ranks, SegmentWriter, Shape
 from moe_monitor.plugin.steps import StepStats
 from moe_monitor.sidecar.config import SidecarConfig
-from moe_monitor.sidecar.exporter import Exporter
+from moe_monitor.sidecar.wiring import build
 
 L, E = 2, 4
 
@@ -38,7 +38,7 @@ def publish(directory, ranks: Ranks, counts, layer_ids=(0, 1), flags=None, steps
 class Scraper:
     """Each call rebuilds the exposition (one window tick) and looks a sample up, like a scrape would."""
 
-    def __init__(self, exporter: Exporter):
+    def __init__(self, exporter):
         self.exporter = exporter
         self.body = b""
 
@@ -49,7 +49,7 @@ class Scraper:
 
 @pytest.fixture
 def scrape(tmp_path):
-    return Scraper(Exporter(SidecarConfig(segment_dir=str(tmp_path), expert_series="all")))
+    return Scraper(build(SidecarConfig(segment_dir=str(tmp_path), expert_series="all")))
 
 
 def tokens(scrape, layer, expert):
@@ -188,7 +188,7 @@ def test_bad_files_counted_never_fail_the_scrape(tmp_path, scrape, content, kind
 
 def test_stale_segment(tmp_path):
     now = [time.time()]
-    scrape = Scraper(Exporter(SidecarConfig(segment_dir=str(tmp_path), stale_after_s=5), clock=lambda: now[0]))
+    scrape = Scraper(build(SidecarConfig(segment_dir=str(tmp_path), stale_after_s=5), clock=lambda: now[0]))
     publish(tmp_path, Ranks(), np.zeros((L, E)))
     assert scrape("moe_monitor_segment_up", segment="dp0-pp0-tp0") == 1
     now[0] += 60
@@ -202,3 +202,19 @@ def test_a_published_ep_rank_load_that_is_not_finite_is_not_exported(tmp_path, s
     publish(tmp_path, Ranks(ep_size=2), counts, placement=placement, rank_load=[[np.nan, 1], [-5, 2]])
     assert scrape("moe_ep_rank_routed_tokens_total", layer=0, ep_rank=0) == 40 + 5  # split by the sidecar instead
     assert "published EP-rank load is negative or not finite" in caplog.text
+
+
+def test_the_captures_collector_reads_only_the_frozen_reading():
+    """Collectors see plain summaries, never the capturer or the catalog: a hand-built Reading is enough."""
+    from moe_monitor.sidecar.collectors import captures
+    from moe_monitor.sidecar.exposition import render
+    from moe_monitor.sidecar.reading import CapturesView, Reading
+
+    view = CapturesView(outcomes=((("imbalance", "ok"), 2), (("manual", "skipped_busy"), 1)), busy=True,
+                        profiler_enabled=True, last_duration_s=4.5, last_end=1000.0, catalog_captures=2,
+                        catalog_bytes=1 << 20, catalog_damaged=1)
+    reading = Reading(1001.0, SidecarConfig(segment_dir="/nonexistent"), (), None, {}, 0, captures=view)
+    values = parse_exposition(render(captures.collect(reading)).decode())
+    assert values[("moe_captures_total", (("outcome", "ok"), ("reason", "imbalance")))] == 2
+    assert values[("moe_capture_in_progress", ())] == 1 and values[("moe_capture_catalog_bytes", ())] == 1 << 20
+    assert values[("moe_capture_catalog_damaged", ())] == 1 and values[("moe_capture_last_duration_seconds", ())] == 4.5

@@ -214,7 +214,7 @@ def test_a_failing_collector_drops_only_its_families():
 
     from moe_monitor.sidecar.collectors import ALL, Collector
     from moe_monitor.sidecar.config import SidecarConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
 
     calls = []
 
@@ -223,8 +223,8 @@ def test_a_failing_collector_drops_only_its_families():
         raise RuntimeError("boom")
 
     collectors = tuple(c if c.name != "steps" else Collector("steps", "t0", broken) for c in ALL)
-    exporter = Exporter(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False,
-                        collectors=collectors)
+    exporter = build(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False,
+                     collectors=collectors)
     for _ in range(2):
         m = parse_exposition(exporter.tick().body.decode())
     success = {dict(k)["collector"]: v for k, v in samples(m, "moe_monitor_collector_success").items()}
@@ -317,9 +317,9 @@ def test_a_stage_that_keeps_failing_is_counted_every_window_and_logged_once(capl
     from conftest import parse_exposition
 
     from moe_monitor.sidecar.config import SidecarConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
 
-    exporter = Exporter(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False)
+    exporter = build(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False)
     good = exporter.tick()
     exporter.source.read = lambda now: (_ for _ in ()).throw(OSError("disk gone"))
     with caplog.at_level("ERROR"):
@@ -331,6 +331,30 @@ def test_a_stage_that_keeps_failing_is_counted_every_window_and_logged_once(capl
     del exporter.source.read  # it works again: the count is exported with the next exposition
     m = parse_exposition(exporter.tick().body.decode())
     assert samples(m, "moe_monitor_window_errors_total")[(("stage", "read"),)] == 3.0
+
+
+def test_a_failing_stage_reports_like_a_collector_and_the_later_stages_still_run():
+    """Each window stage reports its success and duration in the collectors' families; one that raises (here
+    the EP-rank attribution) reports 0, is counted in its window_errors row, its figures are missing, and every
+    later stage runs on (the window, detection, the exposition)."""
+    from conftest import parse_exposition
+
+    from moe_monitor.sidecar.config import SidecarConfig
+    from moe_monitor.sidecar.wiring import build
+
+    exporter = build(SidecarConfig(segment_dir=os.path.dirname(SEGMENT)), process_metrics=False)
+    exporter.tick(1000.0)
+    ep_load = exporter.parts.pipeline.stages[2]
+    assert ep_load.name == "ep_load"
+    ep_load.run = lambda reading: (_ for _ in ()).throw(RuntimeError("boom"))
+    m = parse_exposition(exporter.tick(1005.0).body.decode())
+    success = {dict(k)["collector"]: v for k, v in samples(m, "moe_monitor_collector_success").items()}
+    assert success["stage:ep_load"] == 0.0, success
+    assert all(success[f"stage:{s}"] == 1.0 for s in ("read", "window", "flight", "detect", "breakdown", "render"))
+    assert {dict(k)["collector"] for k in samples(m, "moe_monitor_collector_duration_seconds")} == set(success)
+    assert samples(m, "moe_monitor_window_errors_total")[(("stage", "window"),)] == 1.0
+    assert not samples(m, "moe_ep_rank_routed_tokens_total") and samples(m, "moe_layer_imbalance_ratio")
+    assert exporter.window is not None and exporter.window.end == 1005.0
 
 
 @pytest.mark.slow

@@ -29,18 +29,33 @@ def window_context(vllm_url: str | None, window, stats) -> dict:
     return ctx
 
 
+class RanksReported:
+    """Ranks that reported in the last window: a capture expects one trace per rank. The control sets it, the
+    capturer calls it (made before both, so neither needs the other to exist first)."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+    def __call__(self) -> int:
+        return self.value
+
+
 class CaptureControl:
-    def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time):
+    def __init__(self, detector: Detector, capturer=None, vllm_url: str | None = None, clock=time.time,
+                 flight: Callable[[float], Any] | None = None, ranks: RanksReported | None = None):
+        """`flight`: (trigger time) -> the flight record's bytes (the capture's thread calls it), when the flight
+        recorder is on."""
         self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
-        self.ranks = 1  # ranks that reported in the last window: a capture expects one trace per rank
-        # (trigger time) -> a callable making the flight record's bytes (the capture's thread calls it), when the
-        # flight recorder is on
-        self.flight: Callable[[float], Any] | None = None
+        self.flight, self.reported = flight, ranks if ranks is not None else RanksReported()
         self._window = self._stats = None
+
+    @property
+    def ranks(self) -> int:
+        return self.reported.value
 
     def observe(self, window, stats, ranks: int) -> None:
         """A window closed: feed the detector, start a capture when it decides so."""
-        self._window, self._stats, self.ranks = window, stats, max(1, ranks)
+        self._window, self._stats, self.reported.value = window, stats, max(1, ranks)
         capturer = self.capturer
         if capturer is not None and (capturer.busy or (capturer.last_end or 0) > window.start):
             return  # the profiler slows the steps it records: those windows are neither evidence nor baseline

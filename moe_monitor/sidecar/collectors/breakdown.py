@@ -10,6 +10,8 @@ from .base import Collector
 
 def collect(r: Reading) -> list[Family]:
     latest = r.breakdown
+    if latest is None:  # no --profile-dir (the collector is off then)
+        return []
     errors = family("moe_capture_analysis_errors_total")
     errors.add(latest.errors)
     out = [errors]

@@ -9,29 +9,31 @@ from .base import Collector
 
 
 def collect(r: Reading) -> list[Family]:
-    capturer = r.capturer
+    c = r.captures
+    if c is None:  # captures not configured (the collector is off then)
+        return []
     total = family("moe_captures_total")
-    for (reason, outcome), n in sorted(capturer.outcomes.items()):
-        total.add(n, [("reason", reason), ("outcome", outcome)])
+    for (reason, outcome), count in c.outcomes:
+        total.add(count, [("reason", reason), ("outcome", outcome)])
     running = family("moe_capture_in_progress")
-    running.add(1 if capturer.busy else 0)
+    running.add(1 if c.busy else 0)
     out = [total, running]
-    if capturer.profiler_enabled is not None:
+    if c.profiler_enabled is not None:
         enabled = family("moe_capture_profiler_enabled")
-        enabled.add(1 if capturer.profiler_enabled else 0)
+        enabled.add(1 if c.profiler_enabled else 0)
         out.append(enabled)
-    if capturer.last_end is not None:
+    if c.last_end is not None:
         d = family("moe_capture_last_duration_seconds")
-        d.add(capturer.last_duration_s)
+        d.add(c.last_duration_s or 0.0)
         e = family("moe_capture_last_end_timestamp_seconds")
-        e.add(capturer.last_end)
+        e.add(c.last_end)
         out += [d, e]
     n = family("moe_capture_catalog_captures")  # the catalog's own counts: a window never lists the catalog
-    n.add(r.catalog.count)
+    n.add(c.catalog_captures)
     b = family("moe_capture_catalog_bytes")
-    b.add(r.catalog.total_bytes)
+    b.add(c.catalog_bytes)
     damaged = family("moe_capture_catalog_damaged")
-    damaged.add(len(r.catalog.damaged))
+    damaged.add(c.catalog_damaged)
     return out + [n, b, damaged]
 
 

@@ -1,0 +1,86 @@
+"""The sidecar put together: `build(config, clock)` makes every collaborator once, in dependency order, and
+hands them to the `Exporter`. `serve` and the tests call it; a test replaces a part by passing `parts=` its
+own `Parts` (built here, then changed with dataclasses.replace)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from moe_monitor.breakdown.latest import CatalogLatest, LatestBreakdown
+from moe_monitor.capture.capturer import CaptureConfig, Capturer
+from moe_monitor.capture.catalog import Catalog, Retention
+from moe_monitor.capture.control import CaptureControl, RanksReported
+from moe_monitor.detect.detector import Detector
+
+from .collectors import ALL, Collector, Runner
+from .config import SidecarConfig
+from .exporter import Exporter
+from .flight import FlightRecorder
+from .segments import SegmentSource
+from .stages import Pipeline, StageReport
+from .stages.breakdown import PollBreakdown
+from .stages.detect import Detect
+from .stages.ep_load import EpLoad
+from .stages.read import Read
+from .stages.record import RecordFlight
+from .stages.render import Render
+from .stages.window import CloseWindow
+
+
+@dataclass(frozen=True)
+class Parts:
+    source: SegmentSource
+    detector: Detector
+    catalog: Catalog | None
+    capturer: Capturer | None
+    latest: CatalogLatest | LatestBreakdown | None  # the newest breakdown's source
+    control: CaptureControl
+    window: CloseWindow
+    flight: RecordFlight
+    read: Read
+    render: Render
+    pipeline: Pipeline
+
+
+def parts(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
+          collectors: tuple[Collector, ...] = ALL) -> Parts:
+    source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)
+    ep_load = EpLoad(config.placement_file)  # raises PlacementError for a --placement that cannot be used
+    flight = RecordFlight(FlightRecorder(config.flight_windows, config.flight_max_bytes))
+    detector = Detector(config.detector)
+    ranks = RanksReported()
+    catalog: Catalog | None = None
+    capturer: Capturer | None = None
+    latest: CatalogLatest | LatestBreakdown | None = None
+    if config.captures_enabled and config.vllm_url and config.profile_dir:  # (the first says the others)
+        catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
+                                                        config.max_capture_age_s))
+        capturer = Capturer(CaptureConfig(vllm_url=config.vllm_url, profile_dir=config.profile_dir,
+                                          api_key=config.vllm_api_key, iterations=config.capture_iterations,
+                                          timeout_s=config.capture_timeout_s, run_s=config.capture_run_s),
+                            catalog, expected_ranks=ranks, clock=clock)
+        latest = CatalogLatest(catalog)
+    elif config.profile_dir:
+        latest = LatestBreakdown(config.profile_dir, clock=clock)
+    control = CaptureControl(detector, capturer, config.vllm_url, clock,
+                             flight=flight.file if flight.recorder.enabled else None, ranks=ranks)
+    process = CollectorRegistry(auto_describe=False)  # the sidecar's own CPU, memory, fds
+    if process_metrics:
+        ProcessCollector(namespace="moe_monitor", registry=process)
+    report = StageReport()
+    read = Read(config, source, clock)
+    render = Render(Runner(collectors), report, flight.recorder, process)
+    window = CloseWindow(config)
+    pipeline = Pipeline((read, window, ep_load, flight, Detect(detector, control),
+                         PollBreakdown(latest, capturer, catalog), render), report)
+    return Parts(source, detector, catalog, capturer, latest, control, window, flight, read, render, pipeline)
+
+
+def build(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
+          collectors: tuple[Collector, ...] = ALL) -> Exporter:
+    """The sidecar's window loop with every part made once. Raises PlacementError (a --placement that cannot
+    be used) or OSError (a capture directory that cannot be made)."""
+    return Exporter(config, clock, parts=parts(config, clock, process_metrics, collectors))
