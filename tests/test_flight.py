@@ -234,3 +234,34 @@ def test_capture_stores_the_flight_record_of_the_minutes_before_it(tmp_path):
             raw = subprocess.run(cli + ["show", capture_id, "--json"], capture_output=True, text=True, check=True,
                                  timeout=60).stdout
             assert json.loads(raw)["id"] == capture_id
+
+
+def test_a_capture_takes_the_flight_record_through_the_wiring_without_vllm(tmp_path):
+    """build() hands the capture control the flight recorder's snapshot and the ranks that reported: a fake
+    capturer (no vLLM, no HTTP) receives the record of the windows before the trigger (gzipped by the capture's
+    thread when it calls the file's maker)."""
+    from moe_monitor.sidecar.flight import FILE
+    from moe_monitor.sidecar.wiring import build
+
+    class FakeCapturer:
+        busy, last_end, last_duration_s, profiler_enabled = False, None, None, None
+        outcomes: dict = {}
+
+        def __init__(self):
+            self.triggered = []
+
+        def trigger(self, reason, evidence, context, extra):
+            self.triggered.append((reason, extra))
+            return "20261123T120000Z-manual-abcdef"
+
+    fake = FakeCapturer()
+    cfg = SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=str(tmp_path / "profiles"),
+                        vllm_url="http://127.0.0.1:9", capture_dir=str(tmp_path / "store"), flight_minutes=1)
+    exporter = build(cfg, process_metrics=False, capturer=fake)
+    for i in range(3):
+        exporter.flight.record(window(1000 + 5 * i, [[10, 10, 10, 10], [1, 1, 1, 1]]), None)
+    assert exporter.trigger_manual("look") == (202, {"id": "20261123T120000Z-manual-abcdef"})
+    (reason, extra), = fake.triggered
+    doc = json.loads(gzip.decompress(extra[FILE]()))
+    assert reason == "manual" and len(doc["windows"]) == 3 and exporter.control.ranks == 1
+    assert b"moe_captures_total" in exporter.tick().body  # the captures collector reads the fake's summary

@@ -1,6 +1,7 @@
 """The sidecar put together: `build(config, clock)` makes every collaborator once, in dependency order, and
-hands them to the `Exporter`. `serve` and the tests call it; a test replaces a part by passing `parts=` its
-own `Parts` (built here, then changed with dataclasses.replace)."""
+hands them to the `Exporter`. `serve` and the tests call it; a test hands in a fake for an outside part (the
+segment source, the detector, the catalog, the capturer, the breakdown source) and every stage uses it, e.g. a
+capture test without vLLM or HTTP where neither is the subject."""
 
 from __future__ import annotations
 
@@ -46,25 +47,27 @@ class Parts:
 
 
 def parts(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
-          collectors: tuple[Collector, ...] = ALL) -> Parts:
-    source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)
+          collectors: tuple[Collector, ...] = ALL, *, source: SegmentSource | None = None,
+          detector: Detector | None = None, catalog: Catalog | None = None, capturer: Capturer | None = None,
+          latest: CatalogLatest | LatestBreakdown | None = None) -> Parts:
+    """Every part, made once in dependency order; the keyword parts are made only when not handed in."""
+    if source is None:
+        source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)
     ep_load = EpLoad(config.placement_file)  # raises PlacementError for a --placement that cannot be used
     flight = RecordFlight(FlightRecorder(config.flight_windows, config.flight_max_bytes))
-    detector = Detector(config.detector)
+    detector = detector if detector is not None else Detector(config.detector)
     ranks = RanksReported()
-    catalog: Catalog | None = None
-    capturer: Capturer | None = None
-    latest: CatalogLatest | LatestBreakdown | None = None
     if config.captures_enabled and config.vllm_url and config.profile_dir:  # (the first says the others)
-        catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
-                                                        config.max_capture_age_s))
-        capturer = Capturer(CaptureConfig(vllm_url=config.vllm_url, profile_dir=config.profile_dir,
-                                          api_key=config.vllm_api_key, iterations=config.capture_iterations,
-                                          timeout_s=config.capture_timeout_s, run_s=config.capture_run_s),
-                            catalog, expected_ranks=ranks, clock=clock)
-        latest = CatalogLatest(catalog)
+        if catalog is None:
+            catalog = Catalog(config.capture_dir, Retention(config.max_captures, config.max_capture_bytes,
+                                                            config.max_capture_age_s))
+        capturer = capturer if capturer is not None else Capturer(CaptureConfig(
+            vllm_url=config.vllm_url, profile_dir=config.profile_dir, api_key=config.vllm_api_key,
+            iterations=config.capture_iterations, timeout_s=config.capture_timeout_s, run_s=config.capture_run_s),
+            catalog, expected_ranks=ranks, clock=clock)
+        latest = latest if latest is not None else CatalogLatest(catalog)
     elif config.profile_dir:
-        latest = LatestBreakdown(config.profile_dir, clock=clock)
+        latest = latest if latest is not None else LatestBreakdown(config.profile_dir, clock=clock)
     control = CaptureControl(detector, capturer, config.vllm_url, clock,
                              flight=flight.file if flight.recorder.enabled else None, ranks=ranks)
     process = CollectorRegistry(auto_describe=False)  # the sidecar's own CPU, memory, fds
@@ -80,7 +83,7 @@ def parts(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
 
 
 def build(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
-          collectors: tuple[Collector, ...] = ALL) -> Exporter:
-    """The sidecar's window loop with every part made once. Raises PlacementError (a --placement that cannot
-    be used) or OSError (a capture directory that cannot be made)."""
-    return Exporter(config, clock, parts=parts(config, clock, process_metrics, collectors))
+          collectors: tuple[Collector, ...] = ALL, **fakes) -> Exporter:
+    """The sidecar's window loop with every part made once (`fakes`: parts' keyword parts). Raises
+    PlacementError (a --placement that cannot be used) or OSError (a capture directory that cannot be made)."""
+    return Exporter(config, clock, parts=parts(config, clock, process_metrics, collectors, **fakes))
