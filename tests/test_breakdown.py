@@ -401,3 +401,17 @@ def test_the_msgspec_reader_returns_what_the_ijson_reader_does(path):
     new, old = read_trace(path), read_trace(path, parser="ijson")
     assert fields(new) == fields(old)
     assert new.device or new.cpu_ops
+
+
+@pytest.mark.parametrize("name, prefix", [
+    ("e2e_dp0_pp0_tp0_dcp0_ep0_rank0.1796644925576344506.pt.trace.json.gz", "e2e_"),  # vLLM >= 0.32, 0.26 GPU
+    ("dp1_pp0_tp0_dcp0_ep1_rank1.17966.pt.trace.json", ""),
+    ("1796644907564650089-rank-0.1796644925576344506.pt.trace.json.gz", ""),  # vLLM 0.27-0.31 CPU
+    ("vm_8792.async_llm.1796644925768064530.pt.trace.json.gz", None),  # the API server's trace: no model kernels
+    ("profiler_out_0.txt", None),
+])
+def test_rank_trace_files_of_every_supported_vllm(name, prefix):
+    from moe_monitor.breakdown.latest import rank_trace
+
+    m = rank_trace(name)
+    assert (m.group("prefix") if m else None) == prefix

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from moe_monitor.capture.catalog import Catalog
 
 log = logging.getLogger(__name__)
-RANK_FILE = re.compile(r"^(?P<prefix>.*?)dp\d+_pp\d+_tp\d+.*\.pt\.trace\.json(\.gz)?$")
+# vLLM >= 0.32 and vLLM 0.26 on GPU: `<prefix>dp0_pp0_tp0_..._rank0.<ns>.pt.trace.json.gz`; vLLM 0.27-0.31 on CPU:
+# `<trace id>-rank-0.<ns>.pt.trace.json.gz` (no prefix: those vLLMs ignore /start_profile's body).
+RANK_FILE = re.compile(r"^(?P<prefix>.*?)(?:dp\d+_pp\d+_tp\d+.*|\d+-rank-\d+\.\d+)\.pt\.trace\.json(\.gz)?$")
 
 
 def rank_trace(name: str) -> re.Match | None:
