@@ -5,7 +5,9 @@ it, and nothing in it is a live object another thread writes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,11 +24,16 @@ if TYPE_CHECKING:
     from moe_monitor.breakdown.latest import Capture
 
 
+def frozen(mapping: Mapping) -> Mapping:
+    """A read-only copy (the window thread's counters go on changing; the reading's must not)."""
+    return MappingProxyType(dict(mapping))
+
+
 @dataclass(frozen=True)
 class DetectorView:
     state: str
-    baselines: dict  # (signal, phase, tokens_le) -> value
-    currents: dict
+    baselines: Mapping  # (signal, phase, tokens_le) -> value
+    currents: Mapping
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ class Reading:
     config: SidecarConfig
     statuses: tuple[SegmentStatus, ...]
     totals: Totals
-    read_errors: dict[str, int]
+    read_errors: Mapping[str, int]  # kind -> reads that failed so far
     restarts: int
     boundary: float | None = None  # the window boundary of this pass; None: a refresh, no window closes
     seen: SegmentsSeen | None = None

@@ -8,7 +8,7 @@ from dataclasses import replace
 from moe_monitor.capture.control import CaptureControl
 from moe_monitor.detect.detector import Detector
 
-from ..reading import DetectorView, Reading
+from ..reading import DetectorView, Reading, frozen
 
 
 class Detect:
@@ -26,4 +26,4 @@ class Detect:
 
     def fallback(self, r: Reading) -> Reading:
         d = self.detector
-        return replace(r, detector=DetectorView(d.state(r.now), dict(d.baselines), dict(d.currents)))
+        return replace(r, detector=DetectorView(d.state(r.now), frozen(d.baselines), frozen(d.currents)))

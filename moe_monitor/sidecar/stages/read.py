@@ -7,7 +7,7 @@ import os
 
 from ..config import SidecarConfig
 from ..readiness import SegmentDirLog, SegmentsSeen
-from ..reading import Reading
+from ..reading import Reading, frozen
 from ..segments import SegmentSource
 from .base import Tick
 
@@ -31,7 +31,7 @@ class Read:
         said = self._dir_log.observe(self.seen)
         if said is not None:
             log.log(*said)
-        return Reading(now, cfg, tuple(statuses), totals, dict(self.source.read_errors),
+        return Reading(now, cfg, tuple(statuses), totals, frozen(self.source.read_errors),
                        self.source.aggregator.restarts, boundary=tick.boundary, seen=self.seen)
 
     def fallback(self, tick: Tick) -> Reading:
