@@ -203,9 +203,10 @@ METRICS: tuple[Metric, ...] = (
     # -- the exporter about itself (always rendered, never cut by the budget)
     _M("moe_monitor_collector_success", "gauge", ("collector",), "t0", "exporter",
        "1 when the collector built its families for this exposition; 0 when it failed (its families are "
-       "missing from this exposition, the rest is served; the log says why)."),
+       "missing from this exposition, the rest is served; the log says why). collector=\"stage:<name>\": a "
+       "stage of the window loop, 1 when it ran (render's row is the previous pass)."),
     _M("moe_monitor_collector_duration_seconds", "gauge", ("collector",), "t0", "exporter",
-       "Time the collector took to build its families for this exposition."),
+       "Time the collector (or, collector=\"stage:<name>\", the window loop's stage) took for this exposition."),
     _M("moe_monitor_window_errors_total", "counter", ("stage",), "t0", "exporter",
        "Windows in which a stage of the window loop failed (read: the segments; window: closing the window and "
        "its statistics; detect: the regression detector; breakdown: looking for a new capture breakdown; "
