@@ -124,9 +124,18 @@ def test_the_alert_fires_and_the_detector_captures_on_its_own(demo):
     assert "-imbalance-" in capture_id
     # what the demo prints of it: `traces show`, breakdown and flight record included
     assert f"traces show {capture_id}\ncapture {capture_id}: imbalance, ok" in out, out
-    # the breakdown line, wrapped at 80 columns (its continuation lines are indented)
+    # the breakdown line, wrapped at 80 columns (its continuation lines are indented); it leaves out categories
+    # under 0.1 %, where the gate of this tiny model can fall on a loaded machine (CI, 2026-12-07): the gate is
+    # checked in the whole breakdown, as `traces show --json` gives it
     shares = dict(re.findall(r"(\w+) ([\d.]+) %", re.search(r"^breakdown: (.*(?:\n  .*)*)", out, re.M).group(1)))
-    assert float(shares["experts"]) > 0 and float(shares["gate"]) > 0, shares
+    assert float(shares["experts"]) > 0, shares
+    env = {**os.environ, "MOE_MONITOR_API_TOKEN": demo["token"],
+           "MOE_MONITOR_URL": demo["sidecar"].removeprefix("http://")}
+    shown = subprocess.run([sys.executable, "-m", "moe_monitor.cli", "traces", "show", capture_id, "--json"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    breakdown = json.loads(shown.stdout)["breakdown"]
+    assert breakdown["experts"] > 0 and breakdown["gate"] > 0, breakdown
     assert re.search(r"^flight record: \d+ windows", out, re.M), out
 
 
