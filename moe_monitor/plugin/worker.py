@@ -29,13 +29,12 @@ class WorkerMonitor:
     make a stream write, an event record at the step's end (and at its start when the device was idle), one
     elapsed-time query per finished step, and read a few attributes (what that costs: docs/recorder.md, "Cost")."""
 
-    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer,
-                 zero_after_forward: bool = True):
+    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer):
         self.recorder, self.publisher, self.timer = recorder, publisher, timer
-        # Forwards that are not steps (vLLM's dummy runs: DP idle ranks, warm-up) must count nothing. Where the
-        # runner's dummy run is wrapped (wrap_dummy_run), the count is zeroed before each of them; else after
-        # every step's forward, which costs a second write a step.
-        self.zero_after_forward = zero_after_forward
+        # Forwards that are not steps (vLLM's dummy runs: DP idle ranks, warm-up) must count nothing. Until
+        # wrap_dummy_run zeroes the count before each of them (build_monitor), it is zeroed after every step's
+        # forward, which costs a second write a step.
+        self.zero_after_forward = True
         self.off = False  # a hook failed: the worker runs without moe-monitor from then on
 
     def step_begin(self, scheduler_output) -> None:
