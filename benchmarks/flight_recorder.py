@@ -21,8 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_monitor.schema.flight_record import parse  # noqa: E402
 from moe_monitor.sidecar.config import SidecarConfig  # noqa: E402
-from moe_monitor.sidecar.flight import FlightRecorder, parse  # noqa: E402
+from moe_monitor.sidecar.flight import FlightRecorder  # noqa: E402
 from moe_monitor.sidecar.windows import Window  # noqa: E402
 
 CONFIGS = [  # name, layers, experts, EP ranks, window seconds, minutes

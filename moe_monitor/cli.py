@@ -305,7 +305,7 @@ def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
 
     from moe_monitor.client import printable
     from moe_monitor.client.records import flight_record
-    from moe_monitor.sidecar.flight import FILE, MAX_JSON_BYTES, render_summary
+    from moe_monitor.schema.flight_record import FILE, MAX_JSON_BYTES, render_summary
 
     meta, files = _capture(ctx, _asked_id(capture_id))
     if as_json:

@@ -18,8 +18,8 @@ from conftest import free_port
 from test_top import TOKEN, Tmux, fed_sidecar, top_command
 
 from moe_monitor import __version__
-from moe_monitor.client import SIDECAR_HEADER
 from moe_monitor.demo import promstack
+from moe_monitor.schema.api import SIDECAR_HEADER
 
 ID = "20261123T120000Z-manual-abcdef"
 

@@ -20,8 +20,9 @@ from conftest import free_port
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 from moe_monitor.demo import launch
 from moe_monitor.plugin.steps import StepStats
+from moe_monitor.schema.flight_record import FlightError, parse, render_summary, summary
 from moe_monitor.sidecar.config import SidecarConfig
-from moe_monitor.sidecar.flight import FlightError, FlightRecorder, parse, render_summary, summary
+from moe_monitor.sidecar.flight import FlightRecorder
 from moe_monitor.sidecar.windows import Window
 
 
@@ -240,7 +241,7 @@ def test_a_capture_takes_the_flight_record_through_the_wiring_without_vllm(tmp_p
     """build() hands the capture control the flight recorder's snapshot and the ranks that reported: a fake
     capturer (no vLLM, no HTTP) receives the record of the windows before the trigger (gzipped by the capture's
     thread when it calls the file's maker)."""
-    from moe_monitor.sidecar.flight import FILE
+    from moe_monitor.schema.flight_record import FILE
     from moe_monitor.sidecar.wiring import build
 
     class FakeCapturer:

@@ -1,5 +1,5 @@
 """`moe-monitor top` reads the sidecar's exposition by name: every metric name and label name it uses is one the
-vocabulary declares (moe_monitor/sidecar/vocabulary.py), so renaming a metric there without changing top fails here,
+vocabulary declares (moe_monitor/schema/vocabulary.py), so renaming a metric there without changing top fails here,
 not on an SRE's screen."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from moe_monitor.sidecar.vocabulary import BY_NAME
+from moe_monitor.schema.vocabulary import BY_NAME
 
 TOP = Path(__file__).resolve().parent.parent / "moe_monitor" / "top"
 SUFFIXES = ("_bucket", "_sum", "_count")  # a histogram's series

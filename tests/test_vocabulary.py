@@ -1,5 +1,5 @@
 """One vocabulary: every family the sidecar exports, and every metric the shipped rules and dashboards query,
-is declared in moe_monitor/sidecar/vocabulary.py (the generated docs/reference/metrics.md lists them)."""
+is declared in moe_monitor/schema/vocabulary.py (the generated docs/reference/metrics.md lists them)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from test_golden import exposition
 
 from moe_monitor.mixin.build import generate
 from moe_monitor.mixin.config import MixinConfig
-from moe_monitor.sidecar.vocabulary import BY_NAME, CAPTURE_OUTCOMES, METRICS
+from moe_monitor.schema.vocabulary import BY_NAME, CAPTURE_OUTCOMES, METRICS
 
 NAME = re.compile(r"\bmoe_[a-z0-9_]+")
 SUFFIXES = ("_bucket", "_sum", "_count")

@@ -36,7 +36,7 @@ import aiohttp
 from moe_monitor.breakdown.analyze import analyze_files
 from moe_monitor.breakdown.latest import rank_trace
 from moe_monitor.breakdown.trace import TraceError
-from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES
+from moe_monitor.schema.vocabulary import CAPTURE_OUTCOMES
 
 from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
 from .telemetry import capture_span
@@ -44,7 +44,7 @@ from .telemetry import capture_span
 log = logging.getLogger(__name__)
 
 # moe_captures_total's outcome label, one per capture (docs/captures.md says what each means).
-OUTCOMES = tuple(CAPTURE_OUTCOMES)  # their meanings: moe_monitor/sidecar/vocabulary.py
+OUTCOMES = tuple(CAPTURE_OUTCOMES)  # their meanings: moe_monitor/schema/vocabulary.py
 
 
 class ProfilerDisabled(Exception):

@@ -12,7 +12,7 @@ from typing import Any
 
 from moe_monitor.detect.detector import Detector
 from moe_monitor.detect.signals import signals_of
-from moe_monitor.sidecar.flight import FILE as FLIGHT_FILE
+from moe_monitor.schema.flight_record import FILE as FLIGHT_FILE
 
 log = logging.getLogger(__name__)
 

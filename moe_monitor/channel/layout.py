@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe_monitor.schema.segment import MAX_EP_SIZE, MAX_REDUNDANT_SLOTS
+
 MAGIC = b"MOEMSEG\x00"
 VERSION = 2  # 2: the header's last reserved word is num_physical (S), and the placement section follows
 READABLE_VERSIONS = (1, 2)  # version 1 (moe-monitor before the placement section) reads as S = 0
@@ -77,8 +79,6 @@ HEADER_OFFSETS = {name: struct.calcsize("<" + "".join(code for _, code in HEADER
                   for i, (name, _) in enumerate(HEADER_FIELDS)}
 SEQ_OFFSET = HEADER_OFFSETS["seq"]
 assert HEADER.size <= HEADER_SIZE
-MAX_EP_SIZE = 4096  # EP ranks a segment may describe: wide EP runs at 32-320 (DeepSeek-V3 serving)
-MAX_REDUNDANT_SLOTS = 1024  # see max_slots
 RANK_FIELDS = ("global_rank", "world_size", "dp_rank", "dp_size", "tp_rank", "tp_size",
                "pp_rank", "pp_size", "ep_rank", "ep_size")
 

@@ -7,7 +7,6 @@ path is made of them. No torch, vLLM or YAML here: aiohttp and the standard libr
 from moe_monitor.client.http import (
     DEFAULT_TIMEOUT_S,
     JSON_MAX_BYTES,
-    SIDECAR_HEADER,
     Client,
     ClientError,
     Gunzip,
@@ -17,5 +16,5 @@ from moe_monitor.client.http import (
 )
 from moe_monitor.client.untrusted import capture_id, file_name, printable
 
-__all__ = ["DEFAULT_TIMEOUT_S", "JSON_MAX_BYTES", "SIDECAR_HEADER", "Client", "ClientError", "Gunzip", "capture_id",
+__all__ = ["DEFAULT_TIMEOUT_S", "JSON_MAX_BYTES", "Client", "ClientError", "Gunzip", "capture_id",
            "file_name", "gunzip", "normalise_url", "printable", "read_body"]

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import aiohttp
 
 from moe_monitor.client.untrusted import printable
+from moe_monitor.schema.api import SIDECAR_HEADER
 
 MiB = 1 << 20
 DEFAULT_TIMEOUT_S = 30.0  # a JSON answer, whole
@@ -28,7 +29,6 @@ JSON_MAX_BYTES = 8 * MiB  # a capture's metadata, the capture list, a trigger's 
 ERROR_MAX_BYTES = 64 << 10  # the body of an error answer (only its message is shown)
 DOWNLOAD_MAX_BYTES = 16 << 30  # one trace file, whatever its metadata declares
 DOWNLOAD_MIN_RATE = 256 << 10  # bytes/s a download is allowed on top of its base deadline (10 x the timeout)
-SIDECAR_HEADER = "X-Moe-Monitor"  # on every answer of the sidecar (its version): how clients tell it from others
 
 
 _STALLED = getattr(aiohttp, "SocketTimeoutError", ())  # aiohttp >= 3.10; older ones say "within N s"

@@ -11,7 +11,7 @@ import numpy as np
 
 from moe_monitor.client.http import ClientError, gunzip
 from moe_monitor.client.untrusted import capture_id, file_name, printable
-from moe_monitor.sidecar.flight import MAX_JSON_BYTES, FlightError, parse
+from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError, parse
 
 MAX_EXPERTS = 4096  # logical experts per MoE layer (DeepSeek-V3 256, Kimi K2 384, Qwen3-Next 512)
 MAX_LAYER_ID = 1023  # a MoE layer's model layer id (placement files have a row per id up to it)
@@ -61,7 +61,7 @@ def capture_metadata(meta: object, what: str, asked: str | None = None) -> list[
 
 
 def flight_record(data: bytes | bytearray, what: str) -> dict:
-    """A flight record (gzipped or plain, at most flight.MAX_JSON_BYTES once inflated) parsed and checked
+    """A flight record (gzipped or plain, at most flight_record.MAX_JSON_BYTES once inflated) parsed and checked
     (`check_flight`). ClientError naming `what` and what is wrong."""
     if data[:2] == b"\x1f\x8b":
         data = gunzip(data, MAX_JSON_BYTES, what)
@@ -103,7 +103,7 @@ def _matrix(x: object, rows: int, cols: int | None, what: str) -> np.ndarray:
 
 
 def check_flight(doc: dict, what: str) -> dict:
-    """A parsed flight record checked beyond `flight.parse` (which checks the format and the counts' lengths):
+    """A parsed flight record checked beyond `flight_record.parse` (which checks the format and the counts' lengths):
     layer ids and the expert count bounded, every window's start, end and counts numbers, counts finite and
     >= 0. Returns a copy whose windows hold counts (and rank_load) as float64 arrays."""
     layers = layer_ids(doc["layer_ids"], what)

@@ -22,7 +22,7 @@ import numpy as np
 from moe_monitor.client import DEFAULT_TIMEOUT_S, Client, ClientError
 from moe_monitor.client.records import MAX_CELLS, MAX_EXPERTS, MAX_LAYER_ID, check_flight, flight_record
 from moe_monitor.eplb.balance import FOLDS
-from moe_monitor.sidecar.flight import MAX_JSON_BYTES
+from moe_monitor.schema.flight_record import MAX_JSON_BYTES
 
 RANGE_RE = re.compile(r"^\d+[smhdw]$")
 EXPERT_METRIC = "moe_expert_routed_tokens_total"
@@ -84,7 +84,7 @@ def from_flight_bytes(data: bytes, source: str) -> History:
 
 
 def from_file(path: str) -> History:
-    """A flight record file (a pulled capture's flight.json.gz); read at most flight.MAX_JSON_BYTES of it."""
+    """A flight record file (a pulled capture's flight.json.gz); read at most flight_record.MAX_JSON_BYTES of it."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_JSON_BYTES + 1)

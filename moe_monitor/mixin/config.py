@@ -18,8 +18,8 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES as _OUTCOMES
-from moe_monitor.sidecar.vocabulary import METRICS as _METRICS
+from moe_monitor.schema.vocabulary import CAPTURE_OUTCOMES as _OUTCOMES
+from moe_monitor.schema.vocabulary import METRICS as _METRICS
 
 RUNBOOK_URL = "https://github.com/moe-monitor/moe-monitor/blob/main/docs/runbooks.md"
 

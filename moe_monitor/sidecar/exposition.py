@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moe_monitor.schema.vocabulary import BY_NAME
+
 
 def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -64,6 +66,13 @@ class Family:
     @property
     def series(self) -> int:
         return len(self.lines)
+
+
+def family(name: str) -> Family:
+    """An empty family of the declared metric `name` (KeyError for an undeclared one: declare it in
+    schema/vocabulary.py)."""
+    m = BY_NAME[name]
+    return Family(m.name, m.type, m.help, tier=m.tier)
 
 
 _NL: list[str] = []

@@ -27,11 +27,11 @@ from aiohttp import web
 from moe_monitor import __version__
 from moe_monitor.capture.capturer import Capturer
 from moe_monitor.capture.catalog import Catalog
-from moe_monitor.client.http import SIDECAR_HEADER
+from moe_monitor.schema.api import SIDECAR_HEADER
+from moe_monitor.schema.flight_record import FILE as FLIGHT_FILE
+from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError
 
 from .exporter import Exporter
-from .flight import FILE as FLIGHT_FILE
-from .flight import MAX_JSON_BYTES, FlightError
 from .http_guard import (
     BACKLOG,
     BODY_TIMEOUT_S,
@@ -256,7 +256,7 @@ def accepts_gzip(request: web.Request) -> bool:
 class StoredFlight:
     """A capture's stored flight record, served as it is (gzip to a client that accepts it) or inflated on the
     way out. The catalog is on disk, writable by others: a record is inflated once, in chunks, with a bound
-    (flight.MAX_JSON_BYTES) before it is served, and the verdict kept per file version, so a small file that
+    (flight_record.MAX_JSON_BYTES) before it is served, and the verdict kept per file version, so a small file that
     inflates to gigabytes costs at most one bounded pass, not the sidecar's memory (docs/security.md)."""
 
     def __init__(self, refusals: Refusals) -> None:

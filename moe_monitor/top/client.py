@@ -15,8 +15,9 @@ import time
 import aiohttp
 import msgspec
 
-from moe_monitor.client import JSON_MAX_BYTES, SIDECAR_HEADER, ClientError, normalise_url, read_body
+from moe_monitor.client import JSON_MAX_BYTES, ClientError, normalise_url, read_body
 from moe_monitor.client.http import ERROR_MAX_BYTES, error_text, reason
+from moe_monitor.schema.api import SIDECAR_HEADER
 
 from .core import Fetched, MetricsError, parse_metrics
 

@@ -2,7 +2,7 @@
 JSON) in, plain dataclasses out. No terminal, no HTTP, no clock: `render.py` draws these, `app.py` fetches
 and shows them, and the tests feed them text.
 
-Names come from the sidecar's vocabulary (moe_monitor/sidecar/vocabulary.py, docs/reference/metrics.md).
+Names come from the sidecar's vocabulary (moe_monitor/schema/vocabulary.py, docs/reference/metrics.md).
 Per-layer balance, the detector and the capture breakdown are gauges of the last closed window and are read
 as they are. Step percentiles and EP-rank load are computed from the *difference* of two expositions'
 cumulative histograms and counters, i.e. over the last interval, as `histogram_quantile(rate(...))` does in

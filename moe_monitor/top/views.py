@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from rich.text import Text
 
-from moe_monitor.sidecar.vocabulary import DETECTOR_STATES
+from moe_monitor.schema.vocabulary import DETECTOR_STATES
 
 from . import core, rows
 from .text import ago, bar, clock, count, line, multiple, pack, para, ratio, seconds, severity

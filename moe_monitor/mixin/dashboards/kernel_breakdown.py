@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders import dashboard as db
 
-from moe_monitor.sidecar.vocabulary import CAPTURE_OUTCOMES, DETECTOR_STATES
+from moe_monitor.schema.vocabulary import CAPTURE_OUTCOMES, DETECTOR_STATES
 
 from ..panels import (
     AGO_MS,

@@ -6,9 +6,8 @@ import numpy as np
 
 from moe_monitor.stats.imbalance import rank_imbalance, sglang_balancedness, vllm_balancedness
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from .base import Collector, layer_family
 
 LAYER_STATS = (  # metric, LayerStats field

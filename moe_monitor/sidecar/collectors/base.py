@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import SidecarConfig
-from ..exposition import DenseLabels, Family
+from ..exposition import DenseLabels, Family, family
 from ..once import OncePerCause
 from ..reading import Reading
-from ..vocabulary import family
 
 log = logging.getLogger(__name__)
 

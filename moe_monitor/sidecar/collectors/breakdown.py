@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from .base import Collector
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..exposition import Family
+from moe_monitor.schema.vocabulary import DETECTOR_STATES
+
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import DETECTOR_STATES, family
 from .base import Collector
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections import Counter
 
 from moe_monitor import __version__
+from moe_monitor.schema.vocabulary import SEGMENT_READ_ERRORS, SEGMENT_STATES
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import SEGMENT_READ_ERRORS, SEGMENT_STATES, family
 from .base import Collector
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client.utils import floatToGoString
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from ..windows import LOAD_RATIO_BUCKETS
 from .base import DENSE, Collector, layer_labels
 

@@ -6,9 +6,8 @@ import numpy as np
 
 from moe_monitor.channel import LAYER_UNOBSERVABLE
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from .base import DENSE, Collector, layer_labels
 
 

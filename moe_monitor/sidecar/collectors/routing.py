@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from .base import DENSE, Collector, layer_labels
 
 

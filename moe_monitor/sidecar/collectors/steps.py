@@ -7,9 +7,8 @@ from prometheus_client.utils import floatToGoString
 
 from moe_monitor.channel import PHASES
 
-from ..exposition import Family
+from ..exposition import Family, family
 from ..reading import Reading
-from ..vocabulary import family
 from .base import Collector
 
 INT64_MAX = np.iinfo(np.int64).max

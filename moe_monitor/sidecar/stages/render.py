@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ..collectors import Runner
-from ..exposition import Family, render
+from ..exposition import Family, family, render
 from ..flight import FlightRecorder
 from ..reading import Reading
-from ..vocabulary import family
 from .base import ERROR_ROWS, StageReport
 
 TIER_ORDER = ("t0", "t1", "t2")

@@ -1,16 +1,15 @@
 """Every name the sidecar exports, as data: metric families (type, labels, tier, help, collector), capture
-outcomes and detector states. Collectors build their families from here (`family(name)`), docs/metrics.md's
-reference section is generated from here (`reference_markdown`), and the tests check both against it, so a
-name, a help text or a label set lives in exactly one place.
+outcomes and detector states. Collectors build their families from here (`sidecar.exposition.family(name)`),
+docs/metrics.md's reference section is generated from here (`reference_markdown`), the mixin and `top` query
+these names, and the tests check all of them against it, so a name, a help text or a label set lives in exactly
+one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_monitor.channel.layout import MAX_EP_SIZE, MAX_REDUNDANT_SLOTS
-
-from .exposition import Family
+from moe_monitor.schema.segment import MAX_EP_SIZE, MAX_REDUNDANT_SLOTS
 
 
 @dataclass(frozen=True)
@@ -231,12 +230,6 @@ METRICS: tuple[Metric, ...] = (
 BY_NAME = {m.name: m for m in METRICS}
 if len(BY_NAME) != len(METRICS):
     raise AssertionError("a metric name is declared twice")
-
-
-def family(name: str) -> Family:
-    """An empty family of the declared metric `name` (KeyError for an undeclared one: declare it above)."""
-    m = BY_NAME[name]
-    return Family(m.name, m.type, m.help, tier=m.tier)
 
 
 def reference_markdown() -> str:
