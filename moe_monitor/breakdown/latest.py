@@ -4,25 +4,28 @@ vLLM's workers write `<prefix>dp0_pp0_tp0_dcp0_ep0_rank0.<ns>.pt.trace.json.gz` 
 server's `*.async_llm.*` trace has no model kernels and is ignored. A capture is the set of rank files with
 the same prefix written within a minute of the newest; it is analysed once its files have stopped changing
 (`settle_s`), in a background thread so the window loop never waits for it.
+
+`BreakdownSource` is what the sidecar's breakdown stage polls. Two sources have that shape: `LatestBreakdown`
+here, which analyses the newest traces in vLLM's profile directory itself (captures off: someone else profiles),
+and `capture.latest.CatalogLatest`, which reads the breakdown the capturer stored with its newest capture
+(captures on: the capturer already analysed the traces, stored them in its catalog and removed them from the
+profile directory). Exactly one
+of them is wired (sidecar/wiring.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .analyze import analyze_files
 from .record import BreakdownRecord
 from .trace import TraceError
-
-if TYPE_CHECKING:
-    from moe_monitor.capture.catalog import Catalog
 
 log = logging.getLogger(__name__)
 # vLLM >= 0.32 and vLLM 0.26 on GPU: `<prefix>dp0_pp0_tp0_..._rank0.<ns>.pt.trace.json.gz`; vLLM 0.27-0.31 on CPU:
@@ -65,7 +68,19 @@ def newest_capture(directory: str, now: float, settle_s: float = 2.0, span_s: fl
     return Capture(prefix, tuple(group), end)
 
 
+class BreakdownSource(Protocol):
+    """The newest analysed capture as the breakdown stage reads it: `poll` once per window, never waiting for an
+    analysis; `capture` and `result` (both frozen) and `errors` (analyses that failed so far) read after it."""
+    errors: int
+    capture: Capture | None
+    result: BreakdownRecord | None
+
+    def poll(self, background: bool = True) -> None: ...
+
+
 class LatestBreakdown:
+    """The newest rank traces in vLLM's profile directory, analysed here off the window thread."""
+
     def __init__(self, directory: str, settle_s: float = 2.0, clock=time.time, max_files: int = 64):
         self.directory, self.settle_s, self._clock, self.max_files = directory, settle_s, clock, max_files
         self.capture: Capture | None = None
@@ -99,43 +114,6 @@ class LatestBreakdown:
             log.warning("cannot analyse capture %r: %s", capture.prefix, e)
         finally:
             self._busy.release()
-
-
-class CatalogLatest:
-    """The newest catalogued capture with a breakdown, in LatestBreakdown's shape (for capture_t0)."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog, self.errors = catalog, 0
-        self.capture: Capture | None = None
-        self.result: BreakdownRecord | None = None
-
-    def poll(self, background: bool = True) -> None:
-        """Once per window: the catalog's index brought up to date (one stat unless someone else changed the
-        directory; never waiting for another thread's listing), its newest capture with a breakdown.json looked
-        up in memory, and that capture's metadata and breakdown read once. Nothing here grows with the catalog's
-        size."""
-        self.catalog.refresh(blocking=False)
-        found = self.catalog.newest_with_breakdown()
-        if found is None or (self.capture is not None and self.capture.prefix == found[0]):
-            return
-        capture_id, path = found
-        meta = self.catalog.get(capture_id)
-        if meta is None:  # gone or damaged since it was indexed
-            return
-        self.result = None
-        try:
-            with open(path, "rb") as f:
-                result = json.load(f)
-            self.result = BreakdownRecord.from_json(result)
-        except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
-            self.errors += 1
-            log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
-        try:
-            self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]), float(meta["created"]))
-        except (KeyError, TypeError, ValueError) as e:
-            self.errors, self.result = self.errors + 1, None
-            self.capture = Capture(meta["id"], (), 0.0)
-            log.warning("capture %s: damaged metadata: %r", meta["id"], e)
 
 
 def valid_breakdown(result) -> bool:

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from moe_monitor.breakdown.latest import CatalogLatest, LatestBreakdown
+from moe_monitor.breakdown.latest import BreakdownSource, LatestBreakdown
 from moe_monitor.capture.capturer import CaptureConfig, Capturer
 from moe_monitor.capture.catalog import Catalog, Retention
 from moe_monitor.capture.control import CaptureControl, RanksReported
+from moe_monitor.capture.latest import CatalogLatest
 from moe_monitor.detect.detector import Detector
 
 from .collectors import ALL, Collector, Runner
@@ -37,7 +38,7 @@ class Parts:
     detector: Detector
     catalog: Catalog | None
     capturer: Capturer | None
-    latest: CatalogLatest | LatestBreakdown | None  # the newest breakdown's source
+    latest: BreakdownSource | None  # the catalog's newest breakdown with captures on, else the profile dir's
     control: CaptureControl
     window: CloseWindow
     flight: RecordFlight
@@ -49,7 +50,7 @@ class Parts:
 def parts(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
           collectors: tuple[Collector, ...] = ALL, *, source: SegmentSource | None = None,
           detector: Detector | None = None, catalog: Catalog | None = None, capturer: Capturer | None = None,
-          latest: CatalogLatest | LatestBreakdown | None = None) -> Parts:
+          latest: BreakdownSource | None = None) -> Parts:
     """Every part, made once in dependency order; the keyword parts are made only when not handed in."""
     if source is None:
         source = SegmentSource(config.segment_dir, config.max_segment_bytes, config.stale_after_s)

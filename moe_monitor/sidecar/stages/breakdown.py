@@ -1,12 +1,12 @@
-"""Stage `breakdown`: the newest profiler capture looked up (breakdown/latest.py: the catalog's index brought up
-to date once, or vLLM's profile directory listed once, and a new capture analysed off this thread), and the
-breakdown and the captures' figures copied into the reading."""
+"""Stage `breakdown`: the newest profiler capture looked up (capture/latest.py: the catalog's index brought up
+to date once; or breakdown/latest.py: vLLM's profile directory listed once, and a new capture analysed off this
+thread), and the breakdown and the captures' figures copied into the reading."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from moe_monitor.breakdown.latest import CatalogLatest, LatestBreakdown
+from moe_monitor.breakdown.latest import BreakdownSource
 from moe_monitor.capture.capturer import Capturer
 from moe_monitor.capture.catalog import Catalog
 
@@ -17,7 +17,7 @@ class PollBreakdown:
     name = errors_as = "breakdown"
     required = False
 
-    def __init__(self, latest: CatalogLatest | LatestBreakdown | None, capturer: Capturer | None,
+    def __init__(self, latest: BreakdownSource | None, capturer: Capturer | None,
                  catalog: Catalog | None):
         self.latest, self.capturer, self.catalog = latest, capturer, catalog
 
