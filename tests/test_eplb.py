@@ -42,15 +42,16 @@ README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
 
 def test_published_example_exactly():
     p = rebalance_experts(np.array(README_WEIGHT), 16, 4, 2, 8)  # num_replicas, num_groups, num_nodes, num_gpus
-    assert p.phy2log.tolist() == README_PHY2LOG
-    assert p.policy == "hierarchical" and p.slots_per_gpu == 2 and p.num_redundant == 4
+    phy2log = p.placement.physical_to_logical
+    assert phy2log.tolist() == README_PHY2LOG and p.placement.num_ranks == 8
+    assert p.policy == "hierarchical" and p.placement.slots_per_rank == 2 and p.num_redundant == 4
     for layer in range(2):
-        assert np.array_equal(p.logcnt[layer], np.bincount(p.phy2log[layer], minlength=12))
+        assert np.array_equal(p.logcnt[layer], np.bincount(phy2log[layer], minlength=12))
         for expert in range(12):
             slots = p.log2phy[layer, expert]
             real = slots[slots >= 0]
             assert len(real) == p.logcnt[layer, expert] and (np.diff(real) > 0).all()
-            assert (p.phy2log[layer, real] == expert).all()
+            assert (phy2log[layer, real] == expert).all()
     assert p.log2phy.shape == (2, 12, 2)  # at most 2 replicas per expert in this example
 
 
@@ -179,11 +180,12 @@ def test_placement_properties_on_random_loads():
         load[:, rng.integers(num_experts)] *= 30  # one hot expert per layer
         p = plan_placement(load, num_gpus=gpus, num_redundant=redundant, num_nodes=nodes, num_groups=groups)
         assert p.policy == ("hierarchical" if groups % nodes == 0 else "global")
-        assert p.phy2log.shape == (4, num_experts + redundant) and p.num_physical % gpus == 0
-        slot_node = np.arange(p.num_physical) // (p.num_physical // nodes)
+        phy2log, num_physical = p.placement.physical_to_logical, p.placement.num_physical
+        assert phy2log.shape == (4, num_experts + redundant) and num_physical % gpus == 0
+        slot_node = np.arange(num_physical) // (num_physical // nodes)
         for layer in range(4):
             # every logical expert placed, as many times as logcnt says
-            assert np.array_equal(np.bincount(p.phy2log[layer], minlength=num_experts), p.logcnt[layer])
+            assert np.array_equal(np.bincount(phy2log[layer], minlength=num_experts), p.logcnt[layer])
             assert (p.logcnt[layer] >= 1).all()
             # replicas went to the heaviest experts: the last replica an expert got was deserved
             # (its load per replica then, w / (c - 1), was at least any other expert's final w / c)
@@ -196,7 +198,7 @@ def test_placement_properties_on_random_loads():
                 # each expert group stays within one node
                 size = num_experts // groups
                 for g in range(groups):
-                    holds_group = np.isin(p.phy2log[layer], g * size + np.arange(size))
+                    holds_group = np.isin(phy2log[layer], g * size + np.arange(size))
                     assert len(set(slot_node[holds_group])) == 1
         # on these (seeded, skewed) loads EPLB is better than no EPLB; it is a heuristic, not a guarantee
         before = identity_rank_load(load, gpus)
@@ -330,7 +332,7 @@ def test_placement_equals_vllms_own_eplb_policy_on_random_loads():
         for _ in range(5):
             weight = rng.permutation(logical * 3)[:logical].reshape(1, logical) + rng.random((1, logical))
             weight = np.vstack([weight, rng.random((2, logical)) * 1000])  # distinct values: no ties
-            ours = rebalance_experts(weight, physical, groups, nodes, gpus).phy2log
+            ours = rebalance_experts(weight, physical, groups, nodes, gpus).placement.physical_to_logical
             theirs = DefaultEplbPolicy.rebalance_experts(torch.tensor(weight), physical, groups, nodes, gpus)
             theirs = theirs[0] if isinstance(theirs, tuple) else theirs
             assert np.array_equal(ours, np.asarray(theirs)), (logical, physical, groups, nodes, gpus)

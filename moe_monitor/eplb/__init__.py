@@ -31,7 +31,7 @@ from moe_monitor.eplb.formats import (
     write_placement_files,
 )
 from moe_monitor.eplb.placement import (
-    Placement,
+    Plan,
     balanced_packing,
     check_load,
     log2phy_from_phy2log,
@@ -46,7 +46,7 @@ __all__ = [
     "Advice",
     "BalanceReport",
     "LoadSummary",
-    "Placement",
+    "Plan",
     "SweepPoint",
     "advise",
     "balance_report",

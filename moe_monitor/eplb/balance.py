@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from moe_monitor.eplb.placement import Placement, _count, check_load, nonnegative_matrix, plan_placement
+from moe_monitor.eplb.placement import Plan, _count, check_load, nonnegative_matrix, plan_placement
 from moe_monitor.stats.imbalance import rank_imbalance, sglang_balancedness, vllm_balancedness
 
 __all__ = [
@@ -74,15 +74,15 @@ def identity_rank_load(load: object, num_gpus: int, strategy: str = "linear") ->
     return out
 
 
-def placement_rank_load(load: object, placement: Placement) -> np.ndarray:
-    """Per-rank load [L, W] under `placement`, each replica carrying an equal share of its expert's load."""
+def placement_rank_load(load: object, plan: Plan) -> np.ndarray:
+    """Per-rank load [L, W] under the plan's placement, each replica carrying an equal share of its expert's load
+    (`Placement.rank_load`, the split the sidecar exports)."""
     w = check_load(load)
-    if w.shape != placement.logcnt.shape:
+    placement = plan.placement
+    if w.shape != (placement.num_layers, plan.num_logical):
         raise ValueError(f"load has shape {w.shape} but the placement is for {placement.num_layers} layers x "
-                         f"{placement.num_logical} experts")
-    rows = np.arange(w.shape[0])[:, None]
-    per_slot = w[rows, placement.phy2log] / placement.logcnt[rows, placement.phy2log]
-    return per_slot.reshape(w.shape[0], placement.num_gpus, placement.slots_per_gpu).sum(axis=2)
+                         f"{plan.num_logical} experts")
+    return placement.rank_load(w)
 
 
 def _rank_load(rank_load: object) -> np.ndarray:
@@ -170,20 +170,20 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 @dataclass(frozen=True)
 class BalanceReport:
-    """Before (no EPLB, `strategy` placement) and after (`placement`) for one load history."""
+    """Before (no EPLB, `strategy` placement) and after (`plan`) for one load history."""
 
-    placement: Placement
+    plan: Plan
     strategy: str
     before: LoadSummary
     after: LoadSummary
 
     def to_dict(self, per_layer: bool = True) -> dict:
-        p = self.placement
+        p, pl = self.plan, self.plan.placement
         return {
             "deployment": {
-                "num_layers": p.num_layers, "num_logical_experts": p.num_logical, "num_gpus": p.num_gpus,
+                "num_layers": pl.num_layers, "num_logical_experts": p.num_logical, "num_gpus": pl.num_ranks,
                 "num_nodes": p.num_nodes, "num_groups": p.num_groups, "num_redundant_experts": p.num_redundant,
-                "num_physical_experts": p.num_physical, "slots_per_gpu": p.slots_per_gpu, "policy": p.policy,
+                "num_physical_experts": pl.num_physical, "slots_per_gpu": pl.slots_per_rank, "policy": p.policy,
                 "before_strategy": self.strategy,
             },
             "before": self.before.to_dict(per_layer),
@@ -191,11 +191,11 @@ class BalanceReport:
         }
 
     def format_table(self, per_layer: bool = False) -> str:
-        p = self.placement
+        p, pl = self.plan, self.plan.placement
         lines = [
-            f"EPLB placement: {p.num_logical} logical + {p.num_redundant} redundant = {p.num_physical} physical "
-            f"experts per layer on {p.num_gpus} GPUs ({p.slots_per_gpu} per GPU), {p.num_nodes} node(s), "
-            f"{p.num_groups} expert group(s), {p.policy} policy; {p.num_layers} MoE layers",
+            f"EPLB placement: {p.num_logical} logical + {p.num_redundant} redundant = {pl.num_physical} physical "
+            f"experts per layer on {pl.num_ranks} GPUs ({pl.slots_per_rank} per GPU), {p.num_nodes} node(s), "
+            f"{p.num_groups} expert group(s), {p.policy} policy; {pl.num_layers} MoE layers",
             f"{'':24}{'before (no EPLB, ' + self.strategy + ')':>28}{'after (EPLB)':>16}",
         ]
         b, a = self.before, self.after
@@ -214,12 +214,12 @@ class BalanceReport:
         return "\n".join(lines)
 
 
-def balance_report(load: object, placement: Placement, *, strategy: str = "linear") -> BalanceReport:
-    """Predicted balance of `load` without EPLB (`strategy`) and under `placement`."""
+def balance_report(load: object, plan: Plan, *, strategy: str = "linear") -> BalanceReport:
+    """Predicted balance of `load` without EPLB (`strategy`) and under the plan's placement."""
     w = check_load(load)
-    return BalanceReport(placement=placement, strategy=strategy,
-                         before=summarize(identity_rank_load(w, placement.num_gpus, strategy)),
-                         after=summarize(placement_rank_load(w, placement)))
+    return BalanceReport(plan=plan, strategy=strategy,
+                         before=summarize(identity_rank_load(w, plan.placement.num_ranks, strategy)),
+                         after=summarize(placement_rank_load(w, plan)))
 
 
 @dataclass(frozen=True)
@@ -390,14 +390,14 @@ def advise(load: object, *, num_gpus: int, num_nodes: int = 1, num_groups: int =
     if any(f.shape != w.shape for f in folds):
         raise ValueError(f"parts: every sub-range must be {w.shape[0]} layers x {w.shape[1]} experts like the load")
 
-    def plan(fit: np.ndarray, r: int) -> Placement:
+    def plan(fit: np.ndarray, r: int) -> Plan:
         return plan_placement(fit, num_gpus=num_gpus, num_redundant=r, num_nodes=num_nodes, num_groups=num_groups)
 
     baseline = SweepPoint(None, w.shape[1] / num_gpus, summarize(identity_rank_load(w, num_gpus, strategy)))
     points = []
     for r in values:
-        placement = plan(w, r)
-        points.append(SweepPoint(r, placement.slots_per_gpu, summarize(placement_rank_load(w, placement))))
+        planned = plan(w, r)
+        points.append(SweepPoint(r, planned.placement.slots_per_rank, summarize(placement_rank_load(w, planned))))
     score = [p.summary.mean_straggler for p in points]
     held: list[float] = []
     per_fold: list[int | None] = []

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_monitor.eplb.placement import Placement, _count, check_load
+from moe_monitor.eplb.placement import Plan, _count, check_load
 
 __all__ = [
     "FILE_NAMES",
@@ -73,16 +73,17 @@ def _layer_rows(num_moe_layers: int, num_hidden_layers: int | None,
     return rows, np.asarray(ids, dtype=np.int64)
 
 
-def sglang_init_expert_location(placement: Placement, *, num_hidden_layers: int | None = None,
+def sglang_init_expert_location(plan: Plan, *, num_hidden_layers: int | None = None,
                                 moe_layer_ids: Sequence[int] | None = None) -> dict:
     """`{"physical_to_logical_map": [num_hidden_layers][num_physical]}` for SGLang's `--init-expert-location`.
 
     Without moe_layer_ids every model layer is taken to be a MoE layer (Qwen3-MoE, Mixtral, ...). Dense layers
     get SGLang's trivial map (`init_trivial`: slot i holds expert i % E). Start SGLang with
-    `--ep-num-redundant-experts` = placement.num_redundant and an EP size of placement.num_gpus."""
+    `--ep-num-redundant-experts` = plan.num_redundant and an EP size of plan.placement.num_ranks."""
+    placement = plan.placement
     rows, ids = _layer_rows(placement.num_layers, num_hidden_layers, moe_layer_ids)
-    full = np.tile(np.arange(placement.num_physical) % placement.num_logical, (rows, 1))
-    full[ids] = placement.phy2log
+    full = np.tile(np.arange(placement.num_physical) % plan.num_logical, (rows, 1))
+    full[ids] = placement.physical_to_logical
     return {"physical_to_logical_map": full.tolist()}
 
 
@@ -109,7 +110,7 @@ def vllm_args(num_redundant: int) -> list[str]:
     return ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps({"num_redundant_experts": r})]
 
 
-def vllm_eplb_state(placement: Placement) -> dict:
+def vllm_eplb_state(plan: Plan) -> dict:
     """The maps vLLM's EPLB state would hold for this placement, under vLLM's names (EplbModelState), with the
     flags that make vLLM compute its own. NOT loadable by vLLM: see the module docstring."""
     return {
@@ -120,24 +121,24 @@ def vllm_eplb_state(placement: Placement) -> dict:
                  "its own load window. Apply the redundant-expert count with vllm_args. vLLM pads "
                  "logical_to_physical_map with -1 to 1024 columns internally; here it is padded to the largest "
                  "replica count."),
-        "vllm_args": vllm_args(placement.num_redundant),
-        "num_moe_layers": placement.num_layers,
-        "num_logical_experts": placement.num_logical,
-        "num_physical_experts": placement.num_physical,
-        "num_redundant_experts": placement.num_redundant,
-        "ep_size": placement.num_gpus,
-        "num_nodes": placement.num_nodes,
-        "num_expert_groups": placement.num_groups,
-        "policy": placement.policy,
-        "physical_to_logical_map": placement.phy2log.tolist(),
-        "logical_to_physical_map": placement.log2phy.tolist(),
-        "logical_replica_count": placement.logcnt.tolist(),
+        "vllm_args": vllm_args(plan.num_redundant),
+        "num_moe_layers": plan.placement.num_layers,
+        "num_logical_experts": plan.num_logical,
+        "num_physical_experts": plan.placement.num_physical,
+        "num_redundant_experts": plan.num_redundant,
+        "ep_size": plan.placement.num_ranks,
+        "num_nodes": plan.num_nodes,
+        "num_expert_groups": plan.num_groups,
+        "policy": plan.policy,
+        "physical_to_logical_map": plan.placement.physical_to_logical.tolist(),
+        "logical_to_physical_map": plan.log2phy.tolist(),
+        "logical_replica_count": plan.logcnt.tolist(),
     }
 
 
-def sidecar_placement(placement: Placement) -> dict:
+def sidecar_placement(plan: Plan) -> dict:
     """moe-monitor's own `--placement` file (moe_monitor/stats/placement.py): one map per MoE layer."""
-    return {"num_ranks": placement.num_gpus, "physical_to_logical": placement.phy2log.tolist()}
+    return {"num_ranks": plan.placement.num_ranks, "physical_to_logical": plan.placement.physical_to_logical.tolist()}
 
 
 def write_json(path: str | Path, doc: dict) -> Path:
@@ -149,7 +150,7 @@ def write_json(path: str | Path, doc: dict) -> Path:
     return path
 
 
-def write_placement_files(out_dir: str | Path, placement: Placement, load: object | None = None, *,
+def write_placement_files(out_dir: str | Path, plan: Plan, load: object | None = None, *,
                           num_hidden_layers: int | None = None,
                           moe_layer_ids: Sequence[int] | None = None) -> dict[str, Path]:
     """Write every format (FILE_NAMES) into out_dir; the SGLang logical_count file only when `load` is given.
@@ -157,14 +158,14 @@ def write_placement_files(out_dir: str | Path, placement: Placement, load: objec
     out = Path(out_dir)
     docs = {
         "sglang_init_expert_location": sglang_init_expert_location(
-            placement, num_hidden_layers=num_hidden_layers, moe_layer_ids=moe_layer_ids),
-        "vllm_eplb_state": vllm_eplb_state(placement),
-        "sidecar_placement": sidecar_placement(placement),
+            plan, num_hidden_layers=num_hidden_layers, moe_layer_ids=moe_layer_ids),
+        "vllm_eplb_state": vllm_eplb_state(plan),
+        "sidecar_placement": sidecar_placement(plan),
     }
     if load is not None:
         w = check_load(load)
-        if w.shape != placement.logcnt.shape:
-            raise ValueError(f"load has shape {w.shape}, the placement is for {placement.logcnt.shape}")
+        if w.shape != plan.logcnt.shape:
+            raise ValueError(f"load has shape {w.shape}, the placement is for {plan.logcnt.shape}")
         docs["sglang_logical_count"] = sglang_logical_count(w, num_hidden_layers=num_hidden_layers,
                                                             moe_layer_ids=moe_layer_ids)
     return {name: write_json(out / FILE_NAMES[name], doc) for name, doc in docs.items()}

@@ -24,13 +24,16 @@ published example exactly (tests/test_eplb.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
 
+from moe_monitor.stats.placement import Placement
+
 __all__ = [
-    "Placement",
+    "Plan",
     "balanced_packing",
     "check_load",
     "log2phy_from_phy2log",
@@ -232,55 +235,34 @@ def log2phy_from_phy2log(phy2log: np.ndarray, num_logical: int, width: int | Non
 
 
 @dataclass(frozen=True)
-class Placement:
-    """One placement per MoE layer. phy2log [layers, num_physical]: the logical expert in each physical slot
-    (slots GPU by GPU); log2phy [layers, num_logical, max_replicas]: each expert's slots, ascending, -1 padded;
-    logcnt [layers, num_logical]: replicas per expert. `policy` is "hierarchical" or "global"."""
+class Plan:
+    """A placement the algorithm planned and the deployment it was planned for. `placement` is the placement type
+    the sidecar and the plugin split load with (moe_monitor/stats/placement.py): physical slots GPU by GPU over
+    `placement.num_ranks` GPUs. `policy` is "hierarchical" or "global"."""
 
-    phy2log: np.ndarray
-    log2phy: np.ndarray
-    logcnt: np.ndarray
-    num_gpus: int
+    placement: Placement
+    num_logical: int
     num_nodes: int
     num_groups: int
     policy: str
 
     @property
-    def num_layers(self) -> int:
-        return int(self.phy2log.shape[0])
-
-    @property
-    def num_physical(self) -> int:
-        return int(self.phy2log.shape[1])
-
-    @property
-    def num_logical(self) -> int:
-        return int(self.logcnt.shape[1])
-
-    @property
     def num_redundant(self) -> int:
-        return self.num_physical - self.num_logical
+        return self.placement.num_physical - self.num_logical
 
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_physical // self.num_gpus
+    @functools.cached_property
+    def logcnt(self) -> np.ndarray:
+        """int64 [layers, num_logical]: replicas per expert."""
+        return self.placement.replicas(self.num_logical)
 
-    def gpu_of_slot(self) -> np.ndarray:
-        """[num_physical]: the EP rank (GPU) holding each physical slot."""
-        return np.arange(self.num_physical) // self.slots_per_gpu
-
-    def to_dict(self) -> dict:
-        return {
-            "num_layers": self.num_layers, "num_logical_experts": self.num_logical,
-            "num_physical_experts": self.num_physical, "num_redundant_experts": self.num_redundant,
-            "num_gpus": self.num_gpus, "num_nodes": self.num_nodes, "num_groups": self.num_groups,
-            "slots_per_gpu": self.slots_per_gpu, "policy": self.policy,
-            "phy2log": self.phy2log.tolist(), "log2phy": self.log2phy.tolist(), "logcnt": self.logcnt.tolist(),
-        }
+    @functools.cached_property
+    def log2phy(self) -> np.ndarray:
+        """int64 [layers, num_logical, max_replicas]: each expert's slots, ascending, -1 padded."""
+        return log2phy_from_phy2log(self.placement.physical_to_logical, self.num_logical)
 
 
 def rebalance_experts(weight: object, num_physical: int, num_groups: int, num_nodes: int,
-                      num_gpus: int) -> Placement:
+                      num_gpus: int) -> Plan:
     """The published entry point: hierarchical policy when num_groups % num_nodes == 0, else global (one group,
     one node). weight: the load history [layers, num_logical] (see `check_load`)."""
     w = check_load(weight, "weight")
@@ -290,16 +272,16 @@ def rebalance_experts(weight: object, num_physical: int, num_groups: int, num_no
     num_gpus = _count(num_gpus, "num_gpus")
     _check_deployment(w.shape[1], num_physical, num_groups, num_nodes, num_gpus)
     if num_groups % num_nodes == 0:
-        policy, (phy2log, _, logcnt) = "hierarchical", rebalance_experts_hierarchical(
+        policy, (phy2log, _, _) = "hierarchical", rebalance_experts_hierarchical(
             w, num_physical, num_groups, num_nodes, num_gpus)
     else:
-        policy, (phy2log, _, logcnt) = "global", rebalance_experts_hierarchical(w, num_physical, 1, 1, num_gpus)
-    return Placement(phy2log=phy2log, log2phy=log2phy_from_phy2log(phy2log, w.shape[1]), logcnt=logcnt,
-                     num_gpus=num_gpus, num_nodes=num_nodes, num_groups=num_groups, policy=policy)
+        policy, (phy2log, _, _) = "global", rebalance_experts_hierarchical(w, num_physical, 1, 1, num_gpus)
+    return Plan(placement=Placement(num_gpus, phy2log), num_logical=w.shape[1], num_nodes=num_nodes,
+                num_groups=num_groups, policy=policy)
 
 
 def plan_placement(load: object, *, num_gpus: int, num_redundant: int = 0, num_nodes: int = 1,
-                   num_groups: int = 1) -> Placement:
+                   num_groups: int = 1) -> Plan:
     """The placement for a deployment: `num_gpus` EP ranks on `num_nodes` nodes, `num_redundant` extra physical
     experts per layer (vLLM's `num_redundant_experts`, SGLang's `--ep-num-redundant-experts`), `num_groups`
     expert groups (the model's group-limited routing; 1 for models without it)."""

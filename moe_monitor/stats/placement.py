@@ -25,31 +25,48 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
+    """Which logical expert each physical slot holds, per MoE layer, with the slots dealt to `num_ranks` EP ranks
+    contiguously (`slots_per_rank` each, as vLLM and SGLang lay them out). The one placement type: the sidecar
+    splits counts with it, the plugin attributes load under vLLM's live placement with it, and the EPLB advisor's
+    plans hold one."""
+
     num_ranks: int
-    physical_to_logical: np.ndarray  # [layers, physical slots] (or [1, slots] for every layer)
+    physical_to_logical: np.ndarray  # int64 [layers, physical slots] (or [1, slots] for every layer)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.physical_to_logical.shape[0])
+
+    @property
+    def num_physical(self) -> int:
+        return int(self.physical_to_logical.shape[1])
 
     @property
     def slots_per_rank(self) -> int:
-        return self.physical_to_logical.shape[1] // self.num_ranks
+        return self.num_physical // self.num_ranks
+
+    def replicas(self, num_experts: int) -> np.ndarray:
+        """int64 [layers, num_experts]: how many physical slots hold each logical expert (0: none)."""
+        return np.stack([np.bincount(row, minlength=num_experts) for row in self.physical_to_logical])
 
     def rank_load(self, counts: np.ndarray) -> np.ndarray:
-        """Load per EP rank, float64 [layers, ranks], from logical counts [layers, experts]."""
+        """Load per EP rank, float64 [layers, ranks], from logical counts [layers, experts]: each slot carries its
+        expert's count divided by the expert's replica count (tokens split evenly over the replicas, which is
+        what vLLM's replica choice gives on average), summed over each rank's slots."""
         c = np.asarray(counts, dtype=np.float64)
         L, E = c.shape
         if self.num_ranks < 1:
             raise PlacementError(f"{self.num_ranks} EP ranks: at least 1 expected")
-        if self.physical_to_logical.shape[0] not in (1, L):
-            raise PlacementError(f"placement has {self.physical_to_logical.shape[0]} layers, the model has {L} "
-                                 "MoE layers")
-        p2l = np.broadcast_to(self.physical_to_logical, (L, self.physical_to_logical.shape[1]))
+        if self.num_layers not in (1, L):
+            raise PlacementError(f"placement has {self.num_layers} layers, the model has {L} MoE layers")
+        p2l = np.broadcast_to(self.physical_to_logical, (L, self.num_physical))
         if p2l.max(initial=-1) >= E:
             raise PlacementError(f"placement names logical expert {int(p2l.max())}, the model has {E}")
         if p2l.min(initial=0) < 0:
             raise PlacementError(f"placement names logical expert {int(p2l.min())}: ids start at 0")
         if p2l.shape[1] % self.num_ranks:
             raise PlacementError(f"{p2l.shape[1]} physical slots do not split evenly over {self.num_ranks} EP ranks")
-        replicas = np.stack([np.bincount(row, minlength=E) for row in self.physical_to_logical]).astype(np.float64)
-        replicas = np.broadcast_to(replicas, (L, E))
+        replicas = np.broadcast_to(self.replicas(E).astype(np.float64), (L, E))
         if (replicas == 0).any():
             missing = int(np.argwhere(replicas == 0)[0][1])
             raise PlacementError(f"logical expert {missing} has no physical slot: its tokens would be lost")
