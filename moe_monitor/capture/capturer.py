@@ -36,7 +36,7 @@ import aiohttp
 from moe_monitor.breakdown.analyze import analyze_files
 from moe_monitor.breakdown.latest import rank_trace
 from moe_monitor.breakdown.trace import TraceError
-from moe_monitor.schema.vocabulary import CAPTURE_OUTCOMES
+from moe_monitor.schema.vocabulary import ALERT_OUTCOMES, CAPTURE_OUTCOMES
 
 from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
 from .telemetry import capture_span
@@ -146,6 +146,7 @@ class Capturer:
     def __init__(self, cfg: CaptureConfig, catalog: Catalog, expected_ranks=lambda: 1, clock=time.time):
         self.cfg, self.catalog, self.expected_ranks, self._clock = cfg, catalog, expected_ranks, clock
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.alert_outcomes: Counter[str] = Counter({o: 0 for o in ALERT_OUTCOMES})  # Alertmanager's, by what was done
         self.profiler_enabled: bool | None = None  # unknown until the first capture
         self.last_duration_s: float | None = None
         self.last_end: float | None = None

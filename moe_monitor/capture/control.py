@@ -1,11 +1,12 @@
-"""The one owner of "should a capture start now": the detector's decisions and manual requests go through
-here, against one budget and cooldown (the detector's), the capturer's busy flag, and the rule that windows
-the profiler slowed down are neither evidence nor baseline."""
+"""The one owner of "should a capture start now": the detector's decisions, manual requests and Alertmanager's
+alerts go through here, against one budget and cooldown (the detector's), the capturer's busy flag, and the rule
+that windows the profiler slowed down are neither evidence nor baseline."""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from moe_monitor.detect.detector import Detector
 from moe_monitor.detect.signals import signals_of
 from moe_monitor.schema.flight_record import FILE as FLIGHT_FILE
+
+from . import alerts as am
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class CaptureControl:
         self.detector, self.capturer, self.vllm_url, self._clock = detector, capturer, vllm_url, clock
         self.flight, self.reported = flight, ranks if ranks is not None else RanksReported()
         self._window = self._stats = None
+        self.seen = am.Seen()
+        self._seeded = False  # self.seen holds the catalog's alert captures (read at the first notification)
+        self._alert_lock = threading.Lock()
 
     @property
     def ranks(self) -> int:
@@ -83,6 +89,54 @@ class CaptureControl:
             return 409, {"error": "a capture is already running"}
         self.detector.record_capture(now)
         return 202, {"id": capture_id}
+
+    def alerts(self, note: am.Notification) -> list[dict]:
+        """What is done with each alert of an Alertmanager notification: the firing alerts of ours not captured
+        before get one capture between them, within the budget, the cooldown and one capture at a time, like the
+        detector's; resolved alerts, others' and firings already captured get none (capture/alerts.py). Needs the
+        capturer (the HTTP edge answers 503 without one)."""
+        with self._alert_lock:
+            self._seed()
+            verdicts = am.classify(note, self.seen)
+            fresh = [a for a, outcome, _ in verdicts if outcome is None]
+            outcome, capture_id = self._alert_capture(note, fresh) if fresh else (None, None)
+            out = []
+            for alert, said, known in verdicts:
+                said, known = (outcome, capture_id) if said is None else (said, known)
+                self.capturer.alert_outcomes[said] += 1
+                out.append({"alertname": alert.name, "status": alert.status, "fingerprint": alert.fingerprint,
+                            "startsAt": alert.starts_at, "outcome": said, **({"id": known} if known else {})})
+            return out
+
+    def _alert_capture(self, note: am.Notification, fresh: list[am.Alert]) -> tuple[str, str | None]:
+        now, first = self._clock(), fresh[0]
+        if self.detector.cooling_down(now):
+            return "cooldown", None
+        if not self.detector.allow_manual(now):
+            return "over_budget", None
+        context = {**self._context(), "alert_keys": [list(a.key) for a in fresh]}
+        extra = {**self._extra(now), am.FILE: am.bundle_file(note, fresh, now)}
+        capture_id = self.capturer.trigger("alert", am.evidence(first, len(fresh)), context, extra)
+        if capture_id is None:
+            return "busy", None
+        self.detector.record_capture(now)
+        for a in fresh:
+            self.seen.add(a.key, capture_id)
+        log.warning("alert %s (fingerprint %s, since %s)%s: capturing %s", first.name, first.fingerprint,
+                    first.starts_at, f" and {len(fresh) - 1} more" if len(fresh) > 1 else "", capture_id)
+        return "captured", capture_id
+
+    def _seed(self) -> None:
+        """Once: the alert captures the catalog holds, so that a restarted sidecar does not capture them again."""
+        if self._seeded or self.capturer is None:
+            return
+        self._seeded = True
+        try:
+            for key, capture_id in am.seen_in(self.capturer.catalog.list()):
+                self.seen.add(key, capture_id)
+        except Exception:  # noqa: BLE001 - a catalog that cannot be listed costs the deduplication of old captures
+            log.exception("cannot read the catalog's alert captures; alerts captured before a restart may be "
+                          "captured again")
 
     def _extra(self, trigger: float) -> dict:
         """Files a capture stores beside its traces: the flight record of the minutes before the trigger (its

@@ -113,7 +113,7 @@ class Detector:
     def state(self, now: float) -> str:
         if self.active_windows < self.config.warmup_windows:
             return "warmup"
-        if self.last_capture is not None and now - self.last_capture < self.config.cooldown_s:
+        if self.cooling_down(now):
             return "cooldown"
         if self._budget_left(now) <= 0:
             return "budget_exhausted"
@@ -123,6 +123,10 @@ class Detector:
         while self._captures and now - self._captures[0] > 3600:
             self._captures.popleft()
         return self.config.max_per_hour - len(self._captures)
+
+    def cooling_down(self, now: float) -> bool:
+        """Within the cooldown after the last capture (automatic ones wait it out; manual ones do not)."""
+        return self.last_capture is not None and now - self.last_capture < self.config.cooldown_s
 
     def allow_manual(self, now: float) -> bool:
         return self._budget_left(now) > 0

@@ -23,7 +23,7 @@ class Metric:
 
 
 DETECTOR_STATES = ("warmup", "armed", "cooldown", "budget_exhausted")
-CAPTURE_REASONS = ("step_time", "imbalance", "manual")
+CAPTURE_REASONS = ("step_time", "imbalance", "manual", "alert")
 CAPTURE_OUTCOMES = {  # every capture ends with exactly one (docs/captures.md has what is kept for each)
     "ok": "every rank's trace stored and analysed",
     "partial": "fewer rank traces than ranks by the deadline; the rest stored and analysed",
@@ -37,6 +37,16 @@ CAPTURE_OUTCOMES = {  # every capture ends with exactly one (docs/captures.md ha
     "store_failed": "storing failed (ENOSPC, an I/O error); nothing of it is left in the catalog",
     "error": "an unexpected exception in the capture (a bug: traceback in the log)",
     "skipped_busy": "not started: this sidecar's previous capture was still running",
+}
+ALERT_OUTCOMES = {  # each alert of an Alertmanager notification (POST /api/alerts) gets one (docs/incidents.md)
+    "captured": "a firing alert of ours, new: a capture started for it (with the other new ones of its notification)",
+    "deduplicated": "a firing a capture was already started for (same fingerprint and startsAt): a repeat or a "
+                    "group update",
+    "cooldown": "a firing alert of ours, new, within --capture-cooldown of the last capture: no capture",
+    "over_budget": "a firing alert of ours, new, with --max-captures-per-hour spent: no capture",
+    "busy": "a firing alert of ours, new, while a capture was running: no capture",
+    "not_ours": "not one of the shipped rules' routing or step-time alerts: no capture",
+    "resolved": "a resolved alert: no capture",
 }
 SEGMENT_READ_ERRORS = {
     "io": "cannot open or read the file, or it is not a regular file",
@@ -176,6 +186,9 @@ METRICS: tuple[Metric, ...] = (
        "Bytes in the trace catalog (never above --max-capture-bytes)."),
     _M("moe_capture_catalog_damaged", "gauge", (), "t0", "captures",
        "Capture directories whose metadata.json is unusable: not listed, not served, kept for inspection."),
+    _M("moe_capture_alerts_total", "counter", ("outcome",), "t0", "captures",
+       "Alerts received from Alertmanager's webhook (POST /api/alerts) by what was done with them (" +
+       ", ".join(ALERT_OUTCOMES) + ")."),
     # -- health of the segments and the sidecar
     _M("moe_monitor_segment_up", "gauge", ("segment",), "t0", "health",
        "1 when the rank's segment was read and is fresh."),
@@ -245,6 +258,9 @@ def reference_markdown() -> str:
     out += ["Capture outcomes (`moe_captures_total{outcome}`, `moe-monitor traces list`):", "",
             "| outcome | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in CAPTURE_OUTCOMES.items()]
+    out += ["", "Alert outcomes (`moe_capture_alerts_total{outcome}`, POST /api/alerts):", "",
+            "| outcome | meaning |", "|---|---|"]
+    out += [f"| `{k}` | {v} |" for k, v in ALERT_OUTCOMES.items()]
     out += ["", "Segment read errors (`moe_monitor_segment_read_errors_total{kind}`):", "",
             "| kind | meaning |", "|---|---|"]
     out += [f"| `{k}` | {v} |" for k, v in SEGMENT_READ_ERRORS.items()]

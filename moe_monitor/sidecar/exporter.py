@@ -88,6 +88,10 @@ class Exporter:
     def trigger_manual(self, reason: str) -> tuple[int, dict]:
         return self.control.manual(reason)
 
+    def alerts(self, note) -> list[dict]:
+        """What was done with each alert of an Alertmanager notification (capture/control.py)."""
+        return self.control.alerts(note)
+
     def flight_json(self, last: int | None = None, since: float | None = None, gzipped: bool = False) -> bytes:
         return self.parts.flight.body(last, since, gzipped)
 

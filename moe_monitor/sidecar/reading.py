@@ -48,12 +48,13 @@ class CapturesView:
     catalog_captures: int
     catalog_bytes: int
     catalog_damaged: int
+    alerts: tuple[tuple[str, int], ...] = ()  # (outcome, alerts) of Alertmanager's notifications, sorted
 
     @classmethod
     def of(cls, capturer: Any, catalog: Any) -> CapturesView:
         return cls(tuple(sorted(dict(capturer.outcomes).items())), bool(capturer.busy), capturer.profiler_enabled,
                    capturer.last_duration_s, capturer.last_end, catalog.count, catalog.total_bytes,
-                   len(catalog.damaged))
+                   len(catalog.damaged), tuple(sorted(dict(getattr(capturer, "alert_outcomes", {})).items())))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import zlib
 from aiohttp import web
 
 from moe_monitor import __version__
+from moe_monitor.capture import alerts as am
 from moe_monitor.capture.capturer import Capturer
 from moe_monitor.capture.catalog import Catalog
 from moe_monitor.schema.api import SIDECAR_HEADER
@@ -54,7 +55,8 @@ LANDING = """<html><head><title>moe-monitor</title></head><body>
 <ul><li><a href="/metrics">/metrics</a></li><li><a href="/healthz">/healthz</a></li>
 <li><a href="/readyz">/readyz</a> (503 and why while the sidecar has nothing fresh to serve)</li>
 <li><a href="/api/captures">/api/captures</a> (triggered profiler traces)</li>
-<li><a href="/api/flight?windows=12">/api/flight</a> (the routing flight recorder)</li></ul></body></html>"""
+<li><a href="/api/flight?windows=12">/api/flight</a> (the routing flight recorder)</li>
+<li>POST /api/alerts: Alertmanager's webhook (alerts become captures)</li></ul></body></html>"""
 
 SHUTDOWN_TIMEOUT_S = 10.0  # in-flight requests (a trace download) get this long after SIGTERM; aiohttp's 60 s
 # would outlast Kubernetes' default 30 s grace period and end in SIGKILL anyway
@@ -230,6 +232,26 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         status, payload = exporter.trigger_manual(reason.strip())
         return web.json_response(payload, status=status)
 
+    async def alerts(request: web.Request) -> web.Response:
+        """Alertmanager's webhook (payload version 4): a capture for the firing alerts of ours, within the capture
+        budget (capture/alerts.py, docs/incidents.md); the answer says what was done with each alert. A body that
+        is not such a notification changes nothing."""
+        if request.method != "POST":
+            return web.json_response({"error": "POST an Alertmanager webhook notification (payload version 4) here"},
+                                     status=405, headers={"Allow": "POST"})
+        raw = await read_body(request, am.MAX_BODY_BYTES, refusals)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            note = am.parse(raw)
+        except am.PayloadError as e:
+            refusals.add("bad_request", "API: refused a notification on /api/alerts from %s: %s", request.remote, e)
+            return web.json_response({"error": f"not an Alertmanager webhook notification: {e}"}, status=400)
+        if exporter.capturer is None:
+            return web.json_response({"error": "captures are not configured: start the sidecar with --vllm-url and "
+                                               "--profile-dir"}, status=503)
+        return web.json_response({"alerts": await off_loop(exporter.alerts, note)})
+
     async def mark(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[SIDECAR_HEADER] = __version__
 
@@ -242,11 +264,42 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
     app.router.add_get("/api/captures/{id}/files/{name}", download)
     app.router.add_get("/api/captures/{id}/flight", capture_flight)
     app.router.add_get("/api/flight", flight)
+    app.router.add_route("*", "/api/alerts", alerts)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", landing)
     return app
+
+
+async def read_body(request: web.Request, limit: int, refusals: Refusals) -> bytes | web.Response:
+    """The whole request body, at most `limit` bytes within BODY_TIMEOUT_S; else the refusal (413, 408), counted.
+    Read from the stream, so the application's client_max_size (a trigger's 64 KiB) does not apply."""
+    if request.content_length is not None and request.content_length > limit:
+        refusals.add("bad_request", "API: %s declared a body over %d bytes", request.remote, limit)
+        return web.json_response({"error": f"the body is over {limit} bytes"}, status=413,
+                                 headers={"Connection": "close"})
+
+    async def whole() -> bytes | None:
+        chunks, size = [], 0
+        while chunk := await request.content.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(whole(), BODY_TIMEOUT_S)
+    except TimeoutError:
+        refusals.add("bad_request", "API: %s sent no complete body in %g s", request.remote, BODY_TIMEOUT_S)
+        return web.json_response({"error": f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"},
+                                 status=408, headers={"Connection": "close"})
+    if raw is None:
+        refusals.add("bad_request", "API: %s sent a body over %d bytes", request.remote, limit)
+        return web.json_response({"error": f"the body is over {limit} bytes"}, status=413,
+                                 headers={"Connection": "close"})
+    return raw
 
 
 def accepts_gzip(request: web.Request) -> bool:

@@ -33,7 +33,10 @@ def collect(r: Reading) -> list[Family]:
     b.add(c.catalog_bytes)
     damaged = family("moe_capture_catalog_damaged")
     damaged.add(c.catalog_damaged)
-    return out + [n, b, damaged]
+    alerts = family("moe_capture_alerts_total")
+    for outcome, count in c.alerts:
+        alerts.add(count, [("outcome", outcome)])
+    return out + [n, b, damaged] + ([alerts] if c.alerts else [])
 
 
 COLLECTOR = Collector("captures", "t0", collect, enabled=lambda config: config.captures_enabled)
