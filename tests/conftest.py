@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import importlib.util
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_monitor.demo.launch import free_port  # noqa: F401  (the test modules import it from here)
+
+
+def have(module: str) -> bool:
+    """Whether a top-level `module` is installed, found without importing it: vLLM takes seconds to import, and
+    a module-level importorskip would pay that at collection even when `-m` deselects every test there."""
+    return importlib.util.find_spec(module) is not None
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
-from conftest import free_port
+from conftest import free_port, have
 
-pytest.importorskip("vllm")
+pytestmark = pytest.mark.skipif(not have("vllm"), reason="needs vLLM")
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:

@@ -12,10 +12,9 @@ import time
 import urllib.request
 
 import pytest
-from conftest import free_port, samples, scrape
+from conftest import free_port, have, samples, scrape
 
-pytestmark = pytest.mark.e2e
-pytest.importorskip("vllm")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]
 
 from moe_monitor.demo import launch, workload  # noqa: E402
 

@@ -23,10 +23,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port, prom_api, queries_without_data
+from conftest import free_port, have, prom_api, queries_without_data
 
-pytestmark = pytest.mark.e2e
-pytest.importorskip("vllm")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]
 
 from moe_monitor.demo import up  # noqa: E402
 from moe_monitor.mixin import dashboards, queries  # noqa: E402

@@ -24,18 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, samples, scrape
+from conftest import free_port, have, samples, scrape
 
-pytestmark = pytest.mark.e2e
-vllm = pytest.importorskip("vllm")
-if not hasattr(pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer"),
-               "RoutedExpertsSink"):  # vLLM 0.27-0.31 have the module, not the sinks (scripts/vllm-matrix)
-    pytest.skip("this vLLM has no routed-experts sinks (>= 0.32)", allow_module_level=True)
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]
 
 from moe_monitor.demo import launch, workload  # noqa: E402
 from moe_monitor.demo.tiny_model import replay_routing  # noqa: E402
 
 PLUGIN_DIR = Path(__file__).parent / "fixtures" / "monolithic_plugin"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def routed_experts_sinks():
+    """Skips the module on a vLLM without routed-experts sinks (before 0.32; 0.27-0.31 have the module, not the
+    sinks: scripts/vllm-matrix). Checked when a test runs, so collecting the module does not import vLLM."""
+    sinks = pytest.importorskip("vllm.model_executor.layers.fused_moe.routed_experts_capturer")
+    if not hasattr(sinks, "RoutedExpertsSink"):
+        pytest.skip("this vLLM has no routed-experts sinks (>= 0.32)")
 
 
 def start(name: str, model_dir: str, work: Path, silent_layers: str, extra_env: dict[str, str]):

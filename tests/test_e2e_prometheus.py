@@ -16,10 +16,9 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port, prom_api, queries_without_data
+from conftest import free_port, have, prom_api, queries_without_data
 
-pytestmark = pytest.mark.e2e
-pytest.importorskip("vllm")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]
 
 from moe_monitor.demo import launch, promstack, workload  # noqa: E402
 from moe_monitor.demo.alert_sink import AlertSink, describe  # noqa: E402

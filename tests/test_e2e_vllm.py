@@ -5,6 +5,7 @@ Tests in this module run in order against one server (counts are cumulative)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -12,17 +13,21 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port, samples, scrape
+from conftest import free_port, have, samples, scrape
 
-pytestmark = pytest.mark.e2e
-vllm = pytest.importorskip("vllm")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]
 
 from moe_monitor.demo import launch, workload  # noqa: E402
 from moe_monitor.plugin import compat  # noqa: E402
 
-# /start_profile reads its body (file prefix, max_iterations) from vLLM 0.32 on (docs/install.md); scripts/vllm-matrix
-# runs this module against older releases too.
-PROFILE_BODY = compat.parse_version(vllm.__version__) >= (0, 32)
+
+@functools.cache
+def profile_body() -> bool:
+    """Whether /start_profile reads its body (file prefix, max_iterations): from vLLM 0.32 on (docs/install.md);
+    scripts/vllm-matrix runs this module against older releases too. vLLM is imported here, not at collection."""
+    import vllm
+
+    return compat.parse_version(vllm.__version__) >= (0, 32)
 
 
 @pytest.fixture(scope="module", params=["eager", "compiled"])
@@ -35,7 +40,7 @@ def stack(request, tiny_model, tmp_path_factory):
     env = launch.vllm_env(segments, publish_interval=0.2)
     profiles = str(work / "profiles")
     profiler = {"profiler": "torch", "torch_profiler_dir": profiles, "torch_profiler_with_stack": False}
-    if not PROFILE_BODY:  # vLLM < 0.32 ignores /start_profile's body: the profile's length goes in the config
+    if not profile_body():  # vLLM < 0.32 ignores /start_profile's body: the profile's length goes in the config
         profiler["max_iterations"] = 4
     args = ["--profiler-config", json.dumps(profiler)] + (["--enforce-eager"] if request.param == "eager" else [])
     if request.param == "compiled":
@@ -169,7 +174,7 @@ def test_profiler_capture_breakdown_reaches_the_sidecar(stack):
                                  headers={"Content-Type": "application/json"})
     assert urllib.request.urlopen(req, timeout=60).status == 200
     workload.run(server.url, workload.prompts(4, seed=7), max_tokens=4)
-    if not PROFILE_BODY:  # and before 0.32 the profile may run until it is stopped (the sidecar's capturer does it)
+    if not profile_body():  # and before 0.32 the profile may run until it is stopped (the sidecar's capturer does it)
         stop = urllib.request.Request(server.url + "/stop_profile", data=b"", method="POST")
         assert urllib.request.urlopen(stop, timeout=120).status == 200
     deadline, m = time.monotonic() + 90, {}
@@ -178,7 +183,7 @@ def test_profiler_capture_breakdown_reaches_the_sidecar(stack):
         if samples(m, "moe_capture_info"):
             break
         time.sleep(1)
-    name = "e2e" if PROFILE_BODY else "unnamed"  # the sidecar's name for a capture whose files have no prefix
+    name = "e2e" if profile_body() else "unnamed"  # the sidecar's name for a capture whose files have no prefix
     assert samples(m, "moe_capture_info") == {(("capture", name), ("ranks", "1")): 1.0}
     shares = {dict(k)["category"]: v for k, v in samples(m, "moe_capture_share").items()}
     assert sum(shares.values()) == pytest.approx(1.0)

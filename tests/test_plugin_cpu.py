@@ -1,5 +1,8 @@
 """The plugin's pieces on CPU torch: recorder gating, torch.compile, chaining with vLLM's router slot,
-and the publisher surviving an unwritable segment directory."""
+and the publisher surviving an unwritable segment directory.
+
+Tests on vLLM's own classes import vLLM when they run (about 8 s on two cores), never at collection, and are
+marked `slow` with torch.compile's: `make test` runs them, the fast loop does not."""
 
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ def test_padded_rows_and_invalid_ids_are_not_counted():
     np.testing.assert_array_equal(rec.host_counts(), total)
 
 
+@pytest.mark.slow  # torch.compile builds the graph: ~2.5 s on two cores
 def test_same_counts_under_torch_compile():
     eager, compiled = Recorder(1, 16, 4, "cpu"), Recorder(1, 16, 4, "cpu")
 
@@ -63,21 +67,22 @@ def test_same_counts_under_torch_compile():
     assert torch.equal(eager.counts, compiled.counts)
 
 
-vllm_router = pytest.importorskip("vllm.model_executor.layers.fused_moe.router.base_router")
+def topk_router(**kwargs):
+    """The smallest concrete vLLM router, top-k over the logits (the test is skipped without vLLM)."""
+    base = pytest.importorskip("vllm.model_executor.layers.fused_moe.router.base_router")
 
+    class TopKRouter(base.BaseRouter):
+        @property
+        def routing_method_type(self):
+            from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 
-class TopKRouter(vllm_router.BaseRouter):
-    """The smallest concrete vLLM router: top-k over the logits."""
+            return RoutingMethodType.TopK
 
-    @property
-    def routing_method_type(self):
-        from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+        def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+            weights, ids = torch.topk(router_logits, self.top_k, dim=-1)
+            return weights, ids.to(torch.int32)
 
-        return RoutingMethodType.TopK
-
-    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
-        weights, ids = torch.topk(router_logits, self.top_k, dim=-1)
-        return weights, ids.to(torch.int32)
+    return TopKRouter(**kwargs)
 
 
 class FakeRunner:  # what attach.tap_layers needs of a MoERunner: its router
@@ -85,11 +90,12 @@ class FakeRunner:  # what attach.tap_layers needs of a MoERunner: its router
         self.router = router
 
 
+@pytest.mark.slow  # imports vLLM
 @pytest.mark.parametrize("theirs_first", [True, False])
 def test_tap_chains_an_existing_capture_fn_in_either_order(theirs_first):
     from moe_monitor.plugin.attach import Attachment, MoELayer, patch_set_capture_fn, tap_layers
 
-    router = TopKRouter(top_k=2, global_num_experts=8)
+    router = topk_router(top_k=2, global_num_experts=8)
     seen = []
     theirs = seen.append  # e.g. --enable-return-routed-experts' capturer
     if theirs_first:
@@ -145,6 +151,7 @@ def kernel_writes(sink, ids: torch.Tensor) -> None:
     sink.capture_fn(out)
 
 
+@pytest.mark.slow  # imports vLLM
 @pytest.mark.parametrize("theirs_first", [True, False])
 def test_a_monolithic_layer_is_counted_through_the_routed_experts_sink_beside_another_user(theirs_first):
     sinks = vllm_sinks()
@@ -171,6 +178,7 @@ def test_a_monolithic_layer_is_counted_through_the_routed_experts_sink_beside_an
     np.testing.assert_array_equal(rec.host_counts()[0], reference(ids, 3, 8))
 
 
+@pytest.mark.slow  # imports vLLM
 def test_a_monolithic_layer_is_created_a_sink_when_nobody_else_asked_for_one():
     sinks = vllm_sinks()
     from moe_monitor.plugin.attach import Attachment, MoELayer, tap_layers
@@ -185,6 +193,7 @@ def test_a_monolithic_layer_is_created_a_sink_when_nobody_else_asked_for_one():
     assert rec.host_counts()[0].tolist() == [0, 0, 0, 1, 2, 0, 1, 0]
 
 
+@pytest.mark.slow  # imports vLLM
 def test_monolithic_kernels_that_do_not_report_their_routing_stay_unobservable():
     vllm_sinks()
     import types
@@ -316,6 +325,12 @@ def test_supported_vllm_versions_and_missing_internals():
     assert not usable and "does not support vLLM 0.26.0" in line and "vllm.x:Worker.sample_tokens" in line
     assert missing_internals({"json": ("dumps", "JSONDecoder.decode", "nope")}) == ["json:nope"]
     assert missing_internals({"no_such_module_here": ("x",)})[0].startswith("no_such_module_here (")
+
+
+@pytest.mark.slow  # imports vLLM
+def test_the_installed_vllm_has_every_internal_the_plugin_uses():
+    from moe_monitor.plugin.compat import missing_internals
+
     assert missing_internals() == [], "the installed vLLM must have every internal the plugin uses"
 
 
@@ -356,6 +371,7 @@ def test_a_tap_whose_recording_fails_never_raises_into_the_forward_pass(caplog):
     assert int(rec.counts[:, 7].sum()) == 0, "nothing is recorded after the failure"
 
 
+@pytest.mark.slow  # imports vLLM
 def test_the_plugin_follows_vllms_eplb_commits_without_touching_the_device():
     """vLLM's own commit functions (sync: all layers; async: one layer) applied to a model state: the host copy
     the publisher writes follows both, and a state of another model (a drafter) is ignored."""
@@ -388,6 +404,7 @@ def test_the_plugin_follows_vllms_eplb_commits_without_touching_the_device():
     assert live.current.tolist()[1] == [0, 0, 1, 2, 3, 0] and live.changes == 2
 
 
+@pytest.mark.slow  # imports vLLM
 def test_attach_helpers_leave_a_vllm_without_routed_experts_sinks_alone(monkeypatch):
     """vLLM 0.26 has routed_experts_capturer but neither bind_routed_experts_capturer nor RoutedExpertsSink (an
     AttributeError here once failed the whole attach on the GPU)."""
