@@ -246,7 +246,9 @@ def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
                          f"{_when(meta['created'])}, {duration:.1f} s, {len(files)} files, "
                          f"{meta['total_bytes'] / 1e6:.1f} MB"))
     evidence = meta.get("evidence") or {}
-    if isinstance(evidence, dict) and evidence:
+    if isinstance(evidence, dict) and meta.get("reason") == "alert":
+        _print_alert(evidence)
+    elif isinstance(evidence, dict) and evidence:
         click.echo(_wrapped(printable("evidence: " + ", ".join(f"{k}={_short(v)}" for k, v in evidence.items()))))
     shares = meta.get("breakdown") or {}
     if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
@@ -256,6 +258,23 @@ def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
     why = _no_trace(meta)
     if why is not None:
         click.echo(why)
+
+
+def _print_alert(evidence: dict) -> None:
+    """The Alertmanager alert a capture was taken for: its name, since when, its labels and summary."""
+    from moe_monitor.client import printable
+
+    def pairs(value) -> str:
+        return ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else ""
+
+    others = evidence.get("alerts")
+    more = f" (and {others - 1} more alerts of its notification)" if isinstance(others, int) and others > 1 else ""
+    click.echo(_wrapped(printable(f"alert: {evidence.get('alertname', '?')} firing since "
+                                  f"{evidence.get('startsAt', '?')}, fingerprint {evidence.get('fingerprint', '?')}"
+                                  f"{more}; labels: {pairs(evidence.get('labels'))}")))
+    annotations = evidence.get("annotations") if isinstance(evidence.get("annotations"), dict) else {}
+    if annotations.get("summary"):
+        click.echo(_wrapped(printable(f"summary: {annotations['summary']}")))
 
 
 def _when(t: float) -> str:
@@ -369,13 +388,14 @@ def _capture_dir(out_dir: str, capture_id: str) -> int:
 @click.pass_context
 @_one_line_errors
 def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
-    """Download every file of a capture into OUT/<id>/. Its id and file names are checked (the sidecar's formats:
+    """Download every file of a capture into OUT/<id>/: its rank traces, breakdown.json, the flight record and, for
+    a capture an alert caused, alert.json (the bundle). Its id and file names are checked (the sidecar's formats:
     no separators, no leading dot) before anything is written, each file must be the size the metadata declares,
     and metadata.json is written last: a capture whose pull failed has none."""
     import json
     import os
 
-    from moe_monitor.client import ClientError
+    from moe_monitor.client import ClientError, printable
 
     meta, files = _capture(ctx, _asked_id(capture_id))
     why = _no_trace(meta)
@@ -397,7 +417,8 @@ def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
                           f"{e.strerror}") from None
     finally:
         os.close(dir_fd)
-    click.echo(f"pulled {len(files)} files into {os.path.join(out_dir, capture_id)}")
+    click.echo(f"pulled {len(files)} files into {os.path.join(out_dir, capture_id)}: "
+               + printable(", ".join(name for name, _ in files)))
 
 
 @traces.command("trigger")

@@ -37,6 +37,7 @@ import yaml
 from conftest import free_port
 
 from moe_monitor import env as moe_env
+from moe_monitor.capture.alerts import CAPTURE_ALERTS
 from moe_monitor.demo import promstack
 from moe_monitor.demo.alert_sink import AlertSink
 
@@ -625,9 +626,15 @@ def test_alertmanager_config_shape():
     am = load(ALERTMANAGER_YML)
     route = am["route"]
     assert route["receiver"] == "moe-oncall" and route["group_by"] == ["alertname", "job", "instance", "deployment"]
-    assert {r["name"] for r in am["receivers"]} == {"moe-oncall", "moe-pager"}
+    assert {r["name"] for r in am["receivers"]} == {"moe-oncall", "moe-pager", "moe-sidecar"}
     for receiver in am["receivers"]:
-        assert receiver["webhook_configs"][0]["url"] == "http://127.0.0.1:9095/alerts"
+        if receiver["name"] != "moe-sidecar":
+            assert receiver["webhook_configs"][0]["url"] == "http://127.0.0.1:9095/alerts"
+    # the sidecar's webhook: its /api/alerts on the port the sidecar listens on, with the API token from a file
+    (hook,) = next(r for r in am["receivers"] if r["name"] == "moe-sidecar")["webhook_configs"]
+    assert hook["url"] == "http://127.0.0.1:9464/api/alerts" and hook["send_resolved"] is False
+    assert hook["http_config"]["authorization"]["credentials_file"].startswith("/etc/alertmanager/secrets/")
+    assert "credentials" not in hook["http_config"]["authorization"]  # never the token itself in the file
     (inhibit,) = am["inhibit_rules"]
     assert inhibit["source_matchers"] == ['alertname="MoeSidecarDown"'] and inhibit["equal"] == ["instance"]
     prom = load(PROMETHEUS_YML)
@@ -666,7 +673,10 @@ def test_generated_critical_alerts_page_and_every_alert_reaches_the_team():
     assert severities["MoeStepTimeRegression"] == "critical", "nothing would page by default"
     for name, severity in severities.items():
         expected = ["moe-pager", "moe-oncall"] if severity == "critical" else ["moe-oncall"]
+        if name in CAPTURE_ALERTS:  # and to the sidecar, which captures the moment (docs/incidents.md)
+            expected = ["moe-sidecar", *expected]
         assert am_receivers({"alertname": name, "severity": severity, "job": "moe-monitor"}) == expected, name
+    assert CAPTURE_ALERTS <= set(severities), "the sidecar's capture alerts are the generated rules' names"
 
 
 def test_generated_alerts_are_covered_by_the_inhibit_rule():

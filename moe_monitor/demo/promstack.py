@@ -96,11 +96,24 @@ def _static_configs(sidecars: list[str | dict]) -> list[dict]:
     return groups
 
 
-def alertmanager_config(webhook_url: str, timing: Timing = Timing()) -> dict:
+SIDECAR_RECEIVER = "moe-sidecar"  # deploy/alertmanager/alertmanager.yml's receiver for the sidecar's /api/alerts
+
+
+def alertmanager_config(webhook_url: str, timing: Timing = Timing(), sidecar: tuple[str, str] | None = None) -> dict:
+    """deploy/alertmanager/alertmanager.yml with every team receiver's webhook sent to `webhook_url` and, with
+    `sidecar` (its base URL, a file holding its API token), the sidecar receiver sent to that sidecar's
+    /api/alerts; without, the sidecar receiver and its route are left out."""
     cfg = copy.deepcopy(_load(ALERTMANAGER_YML))
+    if sidecar is None:
+        cfg["receivers"] = [r for r in cfg["receivers"] if r["name"] != SIDECAR_RECEIVER]
+        cfg["route"]["routes"] = [r for r in cfg["route"]["routes"] if r.get("receiver") != SIDECAR_RECEIVER]
     for receiver in cfg["receivers"]:
         for hook in receiver.get("webhook_configs", []):
-            hook["url"] = webhook_url
+            if receiver["name"] != SIDECAR_RECEIVER:
+                hook["url"] = webhook_url
+            else:
+                hook["url"] = sidecar[0].rstrip("/") + "/api/alerts"
+                hook["http_config"]["authorization"]["credentials_file"] = sidecar[1]
     for key in ("group_wait", "group_interval", "repeat_interval"):
         if getattr(timing, key):
             cfg["route"][key] = getattr(timing, key)
@@ -131,9 +144,11 @@ def start_prometheus(workdir: str, port: int, sidecars: list[str | dict], alertm
                   f"http://127.0.0.1:{port}")
 
 
-def start_alertmanager(workdir: str, port: int, webhook_url: str, timing: Timing = Timing()) -> Proc:
+def start_alertmanager(workdir: str, port: int, webhook_url: str, timing: Timing = Timing(),
+                       sidecar: tuple[str, str] | None = None) -> Proc:
+    """`sidecar`: (base URL, API token file) of a sidecar whose /api/alerts gets the routing alerts."""
     home = os.path.join(workdir, "alertmanager")
-    config = _write(os.path.join(home, "alertmanager.yml"), alertmanager_config(webhook_url, timing))
+    config = _write(os.path.join(home, "alertmanager.yml"), alertmanager_config(webhook_url, timing, sidecar))
     cmd = [binary("prometheus-alertmanager", "alertmanager"), f"--config.file={config}",
            f"--storage.path={os.path.join(home, 'data')}", f"--web.listen-address=127.0.0.1:{port}",
            "--cluster.listen-address=",  # a single instance: no gossip port to collide with
