@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,9 +68,12 @@ def test_json_round_trip_and_the_summary_an_engineer_reads():
     rec.record(window(1000, [[10, 10, 10, 10], [10, 10, 10, 10]]), np.array([[20.0, 20.0], [20.0, 20.0]]))
     rec.record(window(1005, [[10, 10, 10, 10], [5, 5, 50, 20]]), np.array([[20.0, 20.0], [10.0, 70.0]]))
     doc = parse(rec.gzipped(model="m", trigger=1010.0))
-    assert doc["layer_ids"] == [1, 3] and doc["experts"] == 4 and doc["ep_ranks"] == 2 and doc["model"] == "m"
-    assert doc["token_bounds"] == [8.0, None] and doc["phases"] == ["prefill", "decode", "mixed"]
-    assert doc["windows"][1]["counts"] == [[10, 10, 10, 10], [5, 5, 50, 20]]
+    assert doc.layer_ids == (1, 3) and doc.experts == 4 and doc.ep_ranks == 2 and doc.model == "m"
+    assert doc.token_bounds == (8.0, math.inf) and doc.phases == ("prefill", "decode", "mixed")
+    assert doc.trigger == 1010.0 and [w.start for w in doc.windows] == [1000, 1005]
+    assert doc.windows[1].counts.tolist() == [[10, 10, 10, 10], [5, 5, 50, 20]]
+    assert doc.windows[1].rank_load.tolist() == [[20.0, 20.0], [10.0, 70.0]]
+    assert not doc.windows[1].counts.flags.writeable  # a record read back is frozen, its arrays too
     rows = summary(doc, top=2)
     assert rows[0]["worst_imbalance"] == pytest.approx(1.0) and rows[0]["routed"] == 80
     assert rows[1]["worst_layer"] == 3 and rows[1]["worst_imbalance"] == pytest.approx(50 / 20)
@@ -108,6 +112,14 @@ def test_the_segments_last_tokens_bound_is_served_as_null():
     (json.dumps({"format": "other"}).encode(), "not a flight record"),
     (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [0], "experts": 2,
                  "windows": [{"counts": [[1, 2, 3]]}]}).encode(), "window 0"),
+    (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [0], "experts": 2,
+                 "windows": [{"counts": [[1, 2]]}]}).encode(), "window 0 has no start and end times"),
+    (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [0], "experts": 2,
+                 "windows": [{"start": 0, "end": 5, "counts": [[1, -2]]}]}).encode(), "negative"),
+    (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [3, 1], "experts": 2, "windows": []}).encode(),
+     "strictly increasing"),
+    (json.dumps({"format": "moe-monitor-flight/1", "layer_ids": [0], "experts": "8", "windows": []}).encode(),
+     "experts '8'"),
 ])
 def test_a_bad_flight_record_is_a_clear_error(data, why):
     with pytest.raises(FlightError, match=why):
@@ -135,7 +147,7 @@ def test_the_ring_is_bounded_in_bytes_not_only_in_windows(caplog):
     assert [w.start for w in rec.windows()] == list(range(20 - len(rec), 20))
     assert sum("byte bound" in r.message for r in caplog.records) == 1
     doc = parse(rec.body("m", None, None, gzipped=True))
-    assert len(doc["windows"]) == len(rec) and doc["experts"] == 1024
+    assert len(doc.windows) == len(rec) and doc.experts == 1024
 
 
 def test_repeated_requests_are_served_from_one_encoding():
@@ -144,9 +156,9 @@ def test_repeated_requests_are_served_from_one_encoding():
         rec.record(window(5 * i, [[1, 2], [3, 4]]), None)
     first = rec.body("m", 2, None, gzipped=True)
     assert rec.body("m", 2, None, gzipped=True) is first  # the same bytes object: nothing re-encoded
-    assert parse(first)["windows"][0]["start"] == 5
+    assert parse(first).windows[0].start == 5
     rec.record(window(15, [[1, 2], [3, 4]]), None)
-    assert parse(rec.body("m", 2, None, gzipped=True))["windows"][0]["start"] == 10  # a new window: a new answer
+    assert parse(rec.body("m", 2, None, gzipped=True)).windows[0].start == 10  # a new window: a new answer
 
 
 def write(writer: SegmentWriter, counts: np.ndarray, steps: StepStats) -> None:

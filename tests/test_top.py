@@ -6,6 +6,7 @@ terminal of 80x24 against real `moe-monitor serve` processes fed by the plugin's
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ from rich.text import Text
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 from moe_monitor.demo import launch
 from moe_monitor.plugin.steps import StepStats
+from moe_monitor.schema.flight_record import FlightRecord, parse
 from moe_monitor.top import core, render, rows, views
 from moe_monitor.top.text import MONO
 
@@ -116,12 +118,14 @@ def state_with(history: core.History, flight=None, error=None, at: float = 1.0) 
     return s
 
 
-def flight_doc(windows: list[list[list[int]]], rank_load=None, layers=None) -> dict:
+def flight_doc(windows: list[list[list[int]]], rank_load=None, layers=None) -> FlightRecord:
+    """A flight record as top reads it from /api/flight (its JSON, parsed)."""
     experts = len(windows[0][0])
-    return {"format": "moe-monitor-flight/1", "model": "m", "layer_ids": layers or list(range(len(windows[0]))),
-            "experts": experts, "ep_ranks": 0 if rank_load is None else len(rank_load[0]),
-            "windows": [{"start": 100.0 + 5 * i, "end": 105.0 + 5 * i, "counts": c,
-                         "rank_load": rank_load} for i, c in enumerate(windows)]}
+    return parse(json.dumps({
+        "format": "moe-monitor-flight/1", "model": "m", "layer_ids": layers or list(range(len(windows[0]))),
+        "experts": experts, "ep_ranks": 0 if rank_load is None else len(rank_load[0]),
+        "windows": [{"start": 100.0 + 5 * i, "end": 105.0 + 5 * i, "counts": c, "rank_load": rank_load}
+                    for i, c in enumerate(windows)]}).encode())
 
 
 def test_ep_rank_load_over_the_last_interval_then_its_fallbacks():
@@ -189,7 +193,7 @@ def test_heat_map_levels_folding_and_sums():
     assert newest.windows == 1 and newest.rows[0].cells == (0, 0, 0, 0, 3, 0, 0, 0)
     folded = core.heat_map(doc, columns=3, windows=2)  # 8 experts in 3 columns: 3 per column, the max of them
     assert (folded.fold, folded.columns) == (3, 3) and folded.rows[0].ratios == pytest.approx((1, 4, 0))
-    assert core.heat_map({"experts": 8, "layer_ids": [0], "windows": []}, 10).note.startswith("no closed window")
+    assert core.heat_map(FlightRecord((0,), 8, ()), 10).note.startswith("no closed window")
 
 
 def no_colour_in(text: Text) -> bool:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
-import numpy as np
-
 from moe_monitor.client.http import ClientError, gunzip
 from moe_monitor.client.untrusted import capture_id, file_name, printable
-from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError, parse
+from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError, FlightRecord, parse
 
 MAX_EXPERTS = 4096  # logical experts per MoE layer (DeepSeek-V3 256, Kimi K2 384, Qwen3-Next 512)
 MAX_LAYER_ID = 1023  # a MoE layer's model layer id (placement files have a row per id up to it)
@@ -60,16 +58,16 @@ def capture_metadata(meta: object, what: str, asked: str | None = None) -> list[
     return files
 
 
-def flight_record(data: bytes | bytearray, what: str) -> dict:
+def flight_record(data: bytes | bytearray, what: str) -> FlightRecord:
     """A flight record (gzipped or plain, at most flight_record.MAX_JSON_BYTES once inflated) parsed and checked
-    (`check_flight`). ClientError naming `what` and what is wrong."""
+    (`flight_record.parse`, then `check_flight`). ClientError naming `what` and what is wrong."""
     if data[:2] == b"\x1f\x8b":
         data = gunzip(data, MAX_JSON_BYTES, what)
     try:
-        doc = parse(data)
+        record = parse(data)
     except FlightError as e:
         raise ClientError(f"{what}: {e}") from None
-    return check_flight(doc, what)
+    return check_flight(record, what)
 
 
 def layer_ids(ids: object, what: str) -> tuple[int, ...]:
@@ -83,47 +81,16 @@ def layer_ids(ids: object, what: str) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
-def _matrix(x: object, rows: int, cols: int | None, what: str) -> np.ndarray:
-    """x as float64 [rows, cols] (cols: any when None), finite, >= 0, with a finite sum."""
-    try:
-        m = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ClientError(f"{what} are not numbers") from None
-    if m.ndim != 2 or m.shape[0] != rows or (cols is not None and m.shape[1] != cols):
-        raise ClientError(f"{what} are not numbers [{rows} layers][{cols if cols is not None else 'N'}]")
-    if not np.isfinite(m).all():
-        raise ClientError(f"{what} hold null, NaN or infinity")
-    with np.errstate(over="ignore"):
-        if not np.isfinite(m.sum()):
-            raise ClientError(f"{what} are too large: their sum is not finite")
-    if (m < 0).any():
-        layer, col = (int(i) for i in np.argwhere(m < 0)[0])
-        raise ClientError(f"{what} are negative (row {layer}, column {col})")
-    return m
-
-
-def check_flight(doc: dict, what: str) -> dict:
-    """A parsed flight record checked beyond `flight_record.parse` (which checks the format and the counts' lengths):
-    layer ids and the expert count bounded, every window's start, end and counts numbers, counts finite and
-    >= 0. Returns a copy whose windows hold counts (and rank_load) as float64 arrays."""
-    layers = layer_ids(doc["layer_ids"], what)
-    experts, windows = doc.get("experts"), doc["windows"]
-    if not is_int(experts) or not (1 if windows else 0) <= experts <= MAX_EXPERTS:
-        raise ClientError(f"{what}: experts {shown(experts)} is not an expert count (1-{MAX_EXPERTS})")
-    if len(layers) * experts > MAX_CELLS:
-        raise ClientError(f"{what}: {len(layers)} layers x {experts} experts is more than the {MAX_CELLS} "
+def check_flight(record: FlightRecord, what: str) -> FlightRecord:
+    """A parsed flight record (`flight_record.parse` checks its types, shapes and numbers) within the bounds a plan
+    is made for: layer ids, the expert count, layers x experts and the EP ranks. Returns the record."""
+    layer_ids(record.layer_ids, what)
+    experts = record.experts
+    if not (1 if record.windows else 0) <= experts <= MAX_EXPERTS:
+        raise ClientError(f"{what}: experts {experts} is not an expert count (1-{MAX_EXPERTS})")
+    if len(record.layer_ids) * experts > MAX_CELLS:
+        raise ClientError(f"{what}: {len(record.layer_ids)} layers x {experts} experts is more than the {MAX_CELLS} "
                           "a plan is made for")
-    if doc.get("trigger") is not None and not is_number(doc["trigger"]):
-        raise ClientError(f"{what}: trigger {shown(doc['trigger'])} is not a time")
-    ranks = doc.get("ep_ranks", 0)
-    if not is_int(ranks) or not 0 <= ranks <= MAX_EXPERTS or not isinstance(doc.get("model", ""), str):
-        raise ClientError(f"{what}: ep_ranks or model of the wrong type")
-    checked = []
-    for i, w in enumerate(windows):
-        if not isinstance(w, dict) or not is_number(w.get("start")) or not is_number(w.get("end")):
-            raise ClientError(f"{what}: window {i} has no start and end times")
-        rank_load = w.get("rank_load")
-        checked.append({**w, "counts": _matrix(w["counts"], len(layers), experts, f"{what}: window {i}: counts"),
-                        "rank_load": None if rank_load is None else
-                        _matrix(rank_load, len(layers), None, f"{what}: window {i}: rank_load")})
-    return {**doc, "layer_ids": list(layers), "windows": checked}
+    if record.ep_ranks > MAX_EXPERTS:
+        raise ClientError(f"{what}: ep_ranks {record.ep_ranks} is more than {MAX_EXPERTS}")
+    return record

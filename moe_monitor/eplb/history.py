@@ -22,7 +22,7 @@ import numpy as np
 from moe_monitor.client import DEFAULT_TIMEOUT_S, Client, ClientError
 from moe_monitor.client.records import MAX_CELLS, MAX_EXPERTS, MAX_LAYER_ID, check_flight, flight_record
 from moe_monitor.eplb.balance import FOLDS
-from moe_monitor.schema.flight_record import MAX_JSON_BYTES
+from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightRecord
 
 RANGE_RE = re.compile(r"^\d+[smhdw]$")
 EXPERT_METRIC = "moe_expert_routed_tokens_total"
@@ -50,30 +50,30 @@ class History:
         return int(self.load.sum())
 
 
-def from_flight(doc: dict, source: str) -> History:
+def from_flight(record: FlightRecord, source: str) -> History:
     """The summed windows of a parsed flight record (checked here: `records.check_flight`)."""
     try:
-        doc = check_flight(doc, source)
+        record = check_flight(record, source)
     except ClientError as e:
         raise HistoryError(str(e)) from None
-    windows = doc["windows"]
+    windows = record.windows
     if not windows:
         raise HistoryError(f"{source}: the flight record holds no windows (the sidecar had not closed one yet)")
-    shape = (len(doc["layer_ids"]), doc["experts"])
+    shape = (len(record.layer_ids), record.experts)
     groups = np.array_split(np.arange(len(windows)), min(FOLDS, len(windows)))
     parts = tuple(np.zeros(shape, dtype=np.float64) for _ in groups)
     with np.errstate(over="ignore"):
         for part, group in zip(parts, groups):
             for i in group:
-                part += windows[i]["counts"]
+                part += windows[i].counts
         load = sum(parts, np.zeros(shape, dtype=np.float64))
         finite = np.isfinite(load.sum())
     if not finite:
         raise HistoryError(f"{source}: the flight record's counts are not finite once summed")
     if not load.any():
         raise HistoryError(f"{source}: no tokens were routed in the {len(windows)} windows of the flight record")
-    return History(tuple(doc["layer_ids"]), load, source, windows[0]["start"], windows[-1]["end"],
-                   doc.get("model", ""), parts if len(parts) > 1 else ())
+    return History(record.layer_ids, load, source, windows[0].start, windows[-1].end, record.model,
+                   parts if len(parts) > 1 else ())
 
 
 def from_flight_bytes(data: bytes, source: str) -> History:

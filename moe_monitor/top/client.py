@@ -17,6 +17,7 @@ import msgspec
 
 from moe_monitor.client import JSON_MAX_BYTES, ClientError, normalise_url, read_body
 from moe_monitor.client.http import ERROR_MAX_BYTES, error_text, reason
+from moe_monitor.schema import flight_record
 from moe_monitor.schema.api import SIDECAR_HEADER
 
 from .core import Fetched, MetricsError, parse_metrics
@@ -90,10 +91,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, token: str | None = No
             status, body = await _get(session, f"{url}/api/flight?windows={int(flight_windows)}", headers, timeout,
                                       FLIGHT_MAX_BYTES)
             if status == 200:
-                doc = await asyncio.to_thread(msgspec.json.decode, body)
-                if not isinstance(doc, dict) or not isinstance(doc.get("windows"), list):
-                    raise ValueError("not a flight record")
-                out.flight = doc
+                out.flight = await asyncio.to_thread(flight_record.parse, body)  # FlightError is a ValueError
             elif status == 404:
                 out.flight_error = (f"this sidecar has no flight recorder: /api/flight answered 404 "
                                     f"({error_text(body) or 'not found'}). Start it with --flight-minutes > 0 for "

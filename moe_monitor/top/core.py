@@ -20,6 +20,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_monitor.channel.layout import PHASES
+from moe_monitor.schema.flight_record import FlightRecord
 
 QUANTILES = (0.5, 0.9, 0.99)
 # Heat levels of an expert's load / its layer's mean: cold (< 0.5), even (<= 1.1), warm (< 1.5), hot (>= 1.5).
@@ -308,7 +309,7 @@ def _rank_loads(per_rank: dict[int, float]) -> list[RankLoad]:
             for r, v in sorted(per_rank.items())]
 
 
-def ranks_view(history: History, flight: dict | None = None) -> RanksView:
+def ranks_view(history: History, flight: FlightRecord | None = None) -> RanksView:
     """EP-rank load over the last interval: the increase of moe_ep_rank_routed_tokens_total between the two
     newest expositions; before there are two, the flight recorder's newest window."""
     cur, prev = history.current, history.previous
@@ -330,9 +331,9 @@ def ranks_view(history: History, flight: dict | None = None) -> RanksView:
             note = "the EP-rank counters were reset (a sidecar restart or another model); collecting"
         else:
             ranks, source = _rank_loads(per_rank), "last interval"
-    if not ranks and flight and flight.get("windows") and flight["windows"][-1].get("rank_load") is not None:
-        load = np.asarray(flight["windows"][-1]["rank_load"], dtype=np.float64)
-        if load.ndim == 2 and load.shape[1]:
+    if not ranks and flight and flight.windows and flight.windows[-1].rank_load is not None:
+        load = flight.windows[-1].rank_load
+        if load.shape[1]:
             ranks, source = _rank_loads(dict(enumerate(load.sum(axis=0).tolist()))), "flight recorder, newest window"
     if not ranks and note is None:
         if cur is not None and not cur.has(name) and not layers:
@@ -449,20 +450,20 @@ class HeatMap:
     note: str | None = None
 
 
-def heat_map(doc: dict, columns: int, windows: int = 1) -> HeatMap:
+def heat_map(record: FlightRecord, columns: int, windows: int = 1) -> HeatMap:
     """Rows = layers (by id), columns = experts (folded `fold` to a column, the max of them, when there are more
     experts than `columns`), cell = load / layer mean over the newest `windows` windows summed."""
-    experts = int(doc.get("experts") or 0)
-    kept = (doc.get("windows") or [])[-max(1, windows):]
-    layer_ids = list(doc.get("layer_ids") or [])
+    experts = record.experts
+    kept = record.windows[-max(1, windows):]
+    layer_ids = record.layer_ids
     fold = max(1, math.ceil(experts / max(1, columns)))
     ncols = math.ceil(experts / fold) if experts else 0
     if not kept or not experts or not layer_ids:
-        return HeatMap([], experts, fold, ncols, 0, None, None, doc.get("model") or "",
+        return HeatMap([], experts, fold, ncols, 0, None, None, record.model,
                        "no closed window in the flight record yet")
     counts = np.zeros((len(layer_ids), experts), dtype=np.float64)
     for w in kept:
-        counts += np.asarray(w["counts"], dtype=np.float64)
+        counts += w.counts
     totals = counts.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = counts / (totals[:, None] / experts)
@@ -476,8 +477,7 @@ def heat_map(doc: dict, columns: int, windows: int = 1) -> HeatMap:
             continue
         hot = int(np.argmax(counts[i]))
         rows.append(HeatRow(int(layer), int(totals[i]), tuple(folded[i].tolist()), float(ratio[i, hot]), hot))
-    return HeatMap(rows, experts, fold, ncols, len(kept), kept[0].get("start"), kept[-1].get("end"),
-                   doc.get("model") or "")
+    return HeatMap(rows, experts, fold, ncols, len(kept), kept[0].start, kept[-1].end, record.model)
 
 
 # -- one sidecar -----------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ class Fetched:
     metrics: str | None = None
     error: str | None = None  # the sidecar could not be reached, or /metrics failed: nothing else was asked
     unreachable: bool = False  # the error is a connection that failed or timed out (not an HTTP answer)
-    flight: dict | None = None
+    flight: FlightRecord | None = None
     flight_error: str | None = None
     captures: list | None = None
     captures_error: str | None = None
@@ -502,7 +502,7 @@ class Fetched:
 class SidecarState:
     url: str
     history: History = field(default_factory=History)
-    flight: dict | None = None
+    flight: FlightRecord | None = None
     flight_error: str | None = None
     captures: list | None = None
     captures_error: str | None = None

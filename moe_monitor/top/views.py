@@ -114,9 +114,9 @@ def _heat_page(state: core.SidecarState, span: int, st, width: int, sort, flt) -
     if state.flight is None:
         why = state.flight_error or "waiting for /api/flight"
         return Page(rows=para(f"No heat map: {why}", width, st["warn"] if state.flight_error else ""))
-    layer_ids = state.flight.get("layer_ids") or [0]
+    layer_ids = state.flight.layer_ids or (0,)
     label_w = len(str(max(abs(int(x)) for x in layer_ids))) + 2
-    right_w = 1 + len(f"e{max(0, int(state.flight.get('experts') or 1) - 1)}") + 7
+    right_w = 1 + len(f"e{max(0, (state.flight.experts or 1) - 1)}") + 7
     avail = max(8, width - label_w - right_w)
     hm = core.heat_map(state.flight, avail, span)
     if hm.note:
