@@ -5,17 +5,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from conftest import have
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+from moe_monitor.demo import tiny_model
 
-import numpy as np  # noqa: E402
-
-from moe_monitor.demo import tiny_model  # noqa: E402
-
-pytestmark = pytest.mark.slow  # builds three models with torch + transformers: ~8 s
+# builds three models with torch + transformers: ~8 s; the packages are found, not imported, at collection
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not all(map(have, ("torch", "transformers", "tokenizers"))),
+                                                   reason="needs torch, transformers and tokenizers")]
 
 ARCHS = ["qwen3_moe", "mixtral", "qwen2_moe"]
 HOT_EXPERT = 3

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-vllm = pytest.importorskip("vllm")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from conftest import free_port, samples, scrape  # noqa: E402
+from conftest import free_port, have, samples, scrape  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.skipif(not have("vllm"), reason="needs vLLM")]  # found, not imported, at collection
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from trace_steps import trace_step_times  # noqa: E402
@@ -47,6 +48,8 @@ COMMON = ["--attention-backend", "TRITON_ATTN", "--enable-prefix-caching", "--en
 
 def record(check: str, **numbers) -> None:
     path = os.environ.get("MOE_MONITOR_GPU_RESULTS")
+    import vllm
+
     line = {"check": check, "vllm": vllm.__version__, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0), **numbers}
     print("RESULT", json.dumps(line), flush=True)
