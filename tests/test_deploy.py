@@ -324,6 +324,7 @@ def test_vllm_container_sets_only_plugin_variables(pod):
     assert names <= PLUGIN_ENV, f"the plugin reads none of {sorted(names - PLUGIN_ENV)} (moe_monitor/env.py)"
 
 
+@pytest.mark.slow  # imports vLLM: ~6 s on two cores
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, on importing vLLM
 def test_vllm_args_parse_with_vllm_0_32(pod):
     """vLLM's own `vllm serve` parser accepts the container's args, and --profiler-config is a valid ProfilerConfig."""
@@ -919,6 +920,7 @@ def test_multinode_pods_are_secure(templates):
         assert_secure(template["spec"])
 
 
+@pytest.mark.slow  # imports vLLM: ~6 s on two cores
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, on importing vLLM
 def test_multinode_vllm_args_parse_and_make_one_data_parallel_group(lws, templates, tmp_path):
     """Leader and workers, as their processes get them (the workers' shell run), parse with vLLM 0.32's parser and
