@@ -1,13 +1,17 @@
 """`moe-monitor top` reads the sidecar's exposition by name: every metric name and label name it uses is one the
 vocabulary declares (moe_monitor/schema/vocabulary.py), so renaming a metric there without changing top fails here,
-not on an SRE's screen."""
+not on an SRE's screen. top/core.py looks its metric names up with `vocabulary.declared` at import, so such a
+rename also fails every import of top."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 from moe_monitor.schema.vocabulary import BY_NAME
+from moe_monitor.schema.vocabulary import declared as lookup
 
 TOP = Path(__file__).resolve().parent.parent / "moe_monitor" / "top"
 SUFFIXES = ("_bucket", "_sum", "_count")  # a histogram's series
@@ -45,3 +49,9 @@ def test_every_metric_name_top_reads_is_declared_by_the_vocabulary():
 def test_the_check_sees_an_undeclared_name():
     assert not declared("moe_layer_imbalance_ratios") and declared("moe_layer_imbalance_ratio")
     assert declared("moe_step_duration_seconds_bucket") and not declared("moe_window_routed_tokens_bucket")
+
+
+def test_top_looks_its_metric_names_up_in_the_vocabulary():
+    assert lookup("moe_layer_imbalance_ratio") == "moe_layer_imbalance_ratio"
+    with pytest.raises(KeyError, match="moe_layer_imbalance_ratios"):
+        lookup("moe_layer_imbalance_ratios")

@@ -245,6 +245,14 @@ if len(BY_NAME) != len(METRICS):
     raise AssertionError("a metric name is declared twice")
 
 
+def declared(name: str) -> str:
+    """`name` when the vocabulary declares that metric, else KeyError naming it: for code that reads the
+    exposition by name (`moe-monitor top`), so a renamed metric fails where it is read, at import."""
+    if name not in BY_NAME:
+        raise KeyError(f"{name} is not a metric schema/vocabulary.py declares")
+    return name
+
+
 def reference_markdown() -> str:
     """The generated reference section of docs/metrics.md."""
     out = ["| metric | type | labels | tier | collector | help |", "|---|---|---|---|---|---|"]

@@ -21,7 +21,43 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_monitor.channel.layout import PHASES
 from moe_monitor.schema.flight_record import FlightRecord
+from moe_monitor.schema.vocabulary import declared
 
+# Every metric top reads, looked up in the vocabulary when top is imported: a name it does not declare (renamed or
+# dropped there) fails the import and every test of top, never an SRE's screen.
+CAPTURES_TOTAL = declared("moe_captures_total")
+CAPTURE_DEVICE_SECONDS = declared("moe_capture_device_seconds")
+CAPTURE_END_TIMESTAMP_SECONDS = declared("moe_capture_end_timestamp_seconds")
+CAPTURE_EP_WAIT_CAUSED_SHARE = declared("moe_capture_ep_wait_caused_share")
+CAPTURE_EP_WAIT_SECONDS = declared("moe_capture_ep_wait_seconds")
+CAPTURE_IDLE_SECONDS = declared("moe_capture_idle_seconds")
+CAPTURE_INFO = declared("moe_capture_info")
+CAPTURE_IN_PROGRESS = declared("moe_capture_in_progress")
+CAPTURE_PROFILER_ENABLED = declared("moe_capture_profiler_enabled")
+CAPTURE_SHARE = declared("moe_capture_share")
+DETECTOR_STATE = declared("moe_detector_state")
+EPLB_BALANCEDNESS_SGLANG = declared("moe_eplb_balancedness_sglang")
+EPLB_BALANCEDNESS_VLLM = declared("moe_eplb_balancedness_vllm")
+EP_RANK_ROUTED_TOKENS_TOTAL = declared("moe_ep_rank_routed_tokens_total")
+LAYER_DEAD_EXPERTS = declared("moe_layer_dead_experts")
+LAYER_EP_RANK_IMBALANCE_RATIO = declared("moe_layer_ep_rank_imbalance_ratio")
+LAYER_HOT_EXPERTS = declared("moe_layer_hot_experts")
+LAYER_IMBALANCE_RATIO = declared("moe_layer_imbalance_ratio")
+LAYER_LOAD_CV = declared("moe_layer_load_cv")
+LAYER_LOAD_ENTROPY = declared("moe_layer_load_entropy")
+LAYER_OBSERVABLE = declared("moe_layer_observable")
+LAYER_TOP1_SHARE = declared("moe_layer_top1_share")
+LAYER_WINDOW_ROUTED_TOKENS = declared("moe_layer_window_routed_tokens")
+MEAN_LAYER_IMBALANCE_RATIO = declared("moe_mean_layer_imbalance_ratio")
+MODEL_INFO = declared("moe_model_info")
+MONITOR_SEGMENTS = declared("moe_monitor_segments")
+MONITOR_SERIES_TRUNCATED = declared("moe_monitor_series_truncated")
+MONITOR_UNOBSERVABLE_LAYERS = declared("moe_monitor_unobservable_layers")
+STEP_DURATION_SECONDS = declared("moe_step_duration_seconds")
+WINDOW_END_TIMESTAMP_SECONDS = declared("moe_window_end_timestamp_seconds")
+WINDOW_LENGTH_SECONDS = declared("moe_window_length_seconds")
+WINDOW_ROUTED_TOKENS = declared("moe_window_routed_tokens")
+WORST_LAYER_IMBALANCE_RATIO = declared("moe_worst_layer_imbalance_ratio")
 QUANTILES = (0.5, 0.9, 0.99)
 # Heat levels of an expert's load / its layer's mean: cold (< 0.5), even (<= 1.1), warm (< 1.5), hot (>= 1.5).
 # Each has a shade (a cell one character wide) and a mark (before a cell's number): readable without colour.
@@ -55,11 +91,11 @@ class Scrape:
 
     @property
     def window_end(self) -> float | None:
-        return self.value("moe_window_end_timestamp_seconds")
+        return self.value(WINDOW_END_TIMESTAMP_SECONDS)
 
     @property
     def window_s(self) -> float | None:
-        v = self.value("moe_window_length_seconds")
+        v = self.value(WINDOW_LENGTH_SECONDS)
         return v if v is not None and v > 0 else None
 
 
@@ -129,10 +165,10 @@ class Overview:
 
 
 def overview(s: Scrape) -> Overview:
-    info = s.series("moe_model_info")
+    info = s.series(MODEL_INFO)
     labels = info[0][0] if info else {}
-    worst = s.series("moe_worst_layer_imbalance_ratio")
-    state = next((lab.get("state") for lab, v in s.series("moe_detector_state") if v == 1), None)
+    worst = s.series(WORST_LAYER_IMBALANCE_RATIO)
+    state = next((lab.get("state") for lab, v in s.series(DETECTOR_STATE) if v == 1), None)
 
     def as_int(x: str | None) -> int | None:
         return int(x) if x is not None and x.isdigit() else None
@@ -140,12 +176,12 @@ def overview(s: Scrape) -> Overview:
     return Overview(
         model=labels.get("model"), layers=as_int(labels.get("moe_layers")), experts=as_int(labels.get("experts")),
         top_k=as_int(labels.get("top_k")), window_s=s.window_s, window_end=s.window_end,
-        routed=s.value("moe_window_routed_tokens"),
+        routed=s.value(WINDOW_ROUTED_TOKENS),
         worst_layer=int(worst[0][0]["layer"]) if worst else None, worst_ratio=_num(worst[0][1]) if worst else None,
-        mean_ratio=_num(s.value("moe_mean_layer_imbalance_ratio")), detector_state=state,
-        segments={lab["state"]: int(v) for lab, v in s.series("moe_monitor_segments") if "state" in lab},
-        unobservable=int(s.value("moe_monitor_unobservable_layers") or 0),
-        truncated=(s.value("moe_monitor_series_truncated") or 0) > 0)
+        mean_ratio=_num(s.value(MEAN_LAYER_IMBALANCE_RATIO)), detector_state=state,
+        segments={lab["state"]: int(v) for lab, v in s.series(MONITOR_SEGMENTS) if "state" in lab},
+        unobservable=int(s.value(MONITOR_UNOBSERVABLE_LAYERS) or 0),
+        truncated=(s.value(MONITOR_SERIES_TRUNCATED) or 0) > 0)
 
 
 @dataclass(frozen=True)
@@ -163,9 +199,9 @@ class LayerRow:
 
 
 LAYER_FIELDS = {  # LayerRow field -> gauge
-    "routed": "moe_layer_window_routed_tokens", "imbalance": "moe_layer_imbalance_ratio", "cv": "moe_layer_load_cv",
-    "entropy": "moe_layer_load_entropy", "top1_share": "moe_layer_top1_share", "hot": "moe_layer_hot_experts",
-    "dead": "moe_layer_dead_experts", "ep_imbalance": "moe_layer_ep_rank_imbalance_ratio"}
+    "routed": LAYER_WINDOW_ROUTED_TOKENS, "imbalance": LAYER_IMBALANCE_RATIO, "cv": LAYER_LOAD_CV,
+    "entropy": LAYER_LOAD_ENTROPY, "top1_share": LAYER_TOP1_SHARE, "hot": LAYER_HOT_EXPERTS,
+    "dead": LAYER_DEAD_EXPERTS, "ep_imbalance": LAYER_EP_RANK_IMBALANCE_RATIO}
 
 
 def layer_rows(s: Scrape) -> list[LayerRow]:
@@ -175,7 +211,7 @@ def layer_rows(s: Scrape) -> list[LayerRow]:
         for lab, v in s.series(name):
             if lab.get("layer", "").lstrip("-").isdigit():
                 values[int(lab["layer"])][fld] = _num(v)
-    observable = {int(lab["layer"]): v > 0 for lab, v in s.series("moe_layer_observable") if "layer" in lab}
+    observable = {int(lab["layer"]): v > 0 for lab, v in s.series(LAYER_OBSERVABLE) if "layer" in lab}
     for layer in observable:
         values.setdefault(layer, {})
     rows = [LayerRow(layer, observable.get(layer, True), **{f: vals.get(f) for f in LAYER_FIELDS})
@@ -236,7 +272,7 @@ def steps_view(history: History) -> StepsView:
     cur, prev = history.current, history.previous
     if cur is None or prev is None:
         return StepsView(None, [], "collecting: step percentiles need two expositions (one more window)")
-    name = "moe_step_duration_seconds"
+    name = STEP_DURATION_SECONDS
 
     def table(s: Scrape, suffix: str, with_le: bool) -> dict[tuple, float]:
         out = {}
@@ -313,11 +349,11 @@ def ranks_view(history: History, flight: FlightRecord | None = None) -> RanksVie
     """EP-rank load over the last interval: the increase of moe_ep_rank_routed_tokens_total between the two
     newest expositions; before there are two, the flight recorder's newest window."""
     cur, prev = history.current, history.previous
-    name = "moe_ep_rank_routed_tokens_total"
-    layers = sorted(((int(lab["layer"]), _num(v)) for lab, v in cur.series("moe_layer_ep_rank_imbalance_ratio")),
+    name = EP_RANK_ROUTED_TOKENS_TOTAL
+    layers = sorted(((int(lab["layer"]), _num(v)) for lab, v in cur.series(LAYER_EP_RANK_IMBALANCE_RATIO)),
                     key=lambda x: x[0]) if cur else []
-    vllm = _num(cur.value("moe_eplb_balancedness_vllm")) if cur else None
-    sglang = _num(cur.value("moe_eplb_balancedness_sglang")) if cur else None
+    vllm = _num(cur.value(EPLB_BALANCEDNESS_VLLM)) if cur else None
+    sglang = _num(cur.value(EPLB_BALANCEDNESS_SGLANG)) if cur else None
     ranks, source, note = [], None, None
     if cur is not None and cur.has(name) and prev is not None and prev.has(name):
         then = {(lab.get("layer"), lab.get("ep_rank")): v for lab, v in prev.series(name)}
@@ -338,7 +374,7 @@ def ranks_view(history: History, flight: FlightRecord | None = None) -> RanksVie
     if not ranks and note is None:
         if cur is not None and not cur.has(name) and not layers:
             note = "no EP-rank figures: the expert placement does not fit the model (see the sidecar's log)"
-        elif cur is not None and not cur.has(name) and (cur.value("moe_monitor_series_truncated") or 0) > 0:
+        elif cur is not None and not cur.has(name) and (cur.value(MONITOR_SERIES_TRUNCATED) or 0) > 0:
             note = "no EP-rank load: the series budget (--max-series) dropped it; per-layer figures below"
         elif cur is not None and not cur.has(name):
             note = "no EP-rank load: the sidecar runs with --no-rank-series; per-layer figures below"
@@ -365,7 +401,7 @@ class DetectorView:
 
 
 def detector_view(s: Scrape) -> DetectorView:
-    state = next((lab.get("state") for lab, v in s.series("moe_detector_state") if v == 1), None)
+    state = next((lab.get("state") for lab, v in s.series(DETECTOR_STATE) if v == 1), None)
     table: dict[tuple[str, str, str], dict[str, float | None]] = defaultdict(dict)
     for which in ("baseline", "current"):
         for lab, v in s.series(f"moe_detector_{which}"):
@@ -400,20 +436,20 @@ def capture_view(s: Scrape | None, captures: list | None, captures_note: str | N
     ep_wait: list[tuple[str, float, float]] = []
     info: dict[str, str] = {}
     if s is not None:
-        for lab, v in s.series("moe_captures_total"):
+        for lab, v in s.series(CAPTURES_TOTAL):
             outcomes[lab.get("outcome", "?")] += v
-        seconds = {lab.get("category"): v for lab, v in s.series("moe_capture_device_seconds")}
+        seconds = {lab.get("category"): v for lab, v in s.series(CAPTURE_DEVICE_SECONDS)}
         shares = sorted(((lab.get("category", "?"), v, seconds.get(lab.get("category")))
-                         for lab, v in s.series("moe_capture_share")), key=lambda x: -x[1])
-        info = s.series("moe_capture_info")[0][0] if s.series("moe_capture_info") else {}
-        caused = {lab.get("rank"): v for lab, v in s.series("moe_capture_ep_wait_caused_share")}
+                         for lab, v in s.series(CAPTURE_SHARE)), key=lambda x: -x[1])
+        info = s.series(CAPTURE_INFO)[0][0] if s.series(CAPTURE_INFO) else {}
+        caused = {lab.get("rank"): v for lab, v in s.series(CAPTURE_EP_WAIT_CAUSED_SHARE)}
         ep_wait = sorted(((lab.get("rank", "?"), v, caused.get(lab.get("rank"), 0.0))
-                          for lab, v in s.series("moe_capture_ep_wait_seconds")), key=lambda x: -x[2])
-    enabled = s.value("moe_capture_profiler_enabled") if s else None
-    return CaptureView(newest, captures_note, dict(outcomes), bool(s and (s.value("moe_capture_in_progress") or 0)),
+                          for lab, v in s.series(CAPTURE_EP_WAIT_SECONDS)), key=lambda x: -x[2])
+    enabled = s.value(CAPTURE_PROFILER_ENABLED) if s else None
+    return CaptureView(newest, captures_note, dict(outcomes), bool(s and (s.value(CAPTURE_IN_PROGRESS) or 0)),
                        None if enabled is None else enabled > 0, info.get("capture"), info.get("ranks"),
-                       s.value("moe_capture_end_timestamp_seconds") if s else None, shares,
-                       s.value("moe_capture_idle_seconds") if s else None, ep_wait)
+                       s.value(CAPTURE_END_TIMESTAMP_SECONDS) if s else None, shares,
+                       s.value(CAPTURE_IDLE_SECONDS) if s else None, ep_wait)
 
 
 # -- heat map (/api/flight) ------------------------------------------------------------------------------
@@ -544,7 +580,7 @@ class SidecarState:
         return forced or self.window_s or fallback
 
     def _track_idle(self, s: Scrape) -> None:
-        routed = s.value("moe_window_routed_tokens")
+        routed = s.value(WINDOW_ROUTED_TOKENS)
         if routed is None or routed > 0:
             self.idle_since = None
         elif self.idle_since is None:
@@ -586,7 +622,7 @@ def health(st: SidecarState, now: float, every: float) -> Health:
                                  "vLLM yet: is it running with the moe-monitor plugin?)")
     if st.idle_since is not None:
         idle_s = max(cur.window_end - st.idle_since, cur.window_s or 0.0)
-        segments = {lab.get("state"): v for lab, v in cur.series("moe_monitor_segments")}
+        segments = {lab.get("state"): v for lab, v in cur.series(MONITOR_SEGMENTS)}
         why = "" if segments.get("fresh", 1) else "; no fresh segment: is vLLM still running?"
         return Health("idle", f"idle: no tokens routed in the last {idle_s:.0f} s{why}" if idle_s >= 1 else
                       f"idle: no tokens routed in the last {idle_s:g} s{why}")
