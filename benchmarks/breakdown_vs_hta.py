@@ -40,9 +40,9 @@ def ours(path: str, parser: str = "msgspec") -> dict:
     result = analyze([read_trace(path, parser=parser)], top=10**6)
     seconds = time.perf_counter() - t
     kernels: dict[str, float] = defaultdict(float)
-    for r in result["top"]:  # a name can have a row per category
-        kernels[r["name"]] += r["total_us"]
-    return {"seconds": seconds, "kernels": kernels, "total_us": result["total_us"]}
+    for r in result.top:  # a name can have a row per category
+        kernels[r.name] += r.total_us
+    return {"seconds": seconds, "kernels": kernels, "total_us": result.total_us}
 
 
 def hta(path: str) -> dict:

@@ -101,9 +101,9 @@ def truth_of(run_dir: str) -> dict:
 
 def today(path: str) -> dict:
     result = analyze([read_trace(path)], top=100000)
-    other = [(t["name"], t["share"]) for t in result["top"] if t["category"] == "other"]
-    return {"categories": {c: v["share"] for c, v in result["categories"].items()}, "other_top": other[:5],
-            "total_us": result["total_us"]}
+    other = [(t.name, t.share) for t in result.top if t.category == "other"]
+    return {"categories": {c: v.share for c, v in result.categories.items()}, "other_top": other[:5],
+            "total_us": result.total_us}
 
 
 def gate_elsewhere(path: str, runs: list[list]) -> dict:

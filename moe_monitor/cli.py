@@ -110,7 +110,7 @@ def analyze(traces, as_json: bool, top: int, rules: str | None, print_rules: boo
         result = analyze_files(traces, load_rules(rules), top=max(top, 50) if as_json else top)
     except (TraceError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(result, indent=1) if as_json else render_table(result, top))
+    click.echo(json.dumps(result.to_json(), indent=1) if as_json else render_table(result, top))
 
 
 def _short(value) -> str:

@@ -43,20 +43,20 @@ def by_name(result):
     """Top rows by kernel name; a name in two categories (one GEMM config for projections and the lm_head) sums
     its rows and keeps the category with the most time (all of them in `categories`)."""
     out = {}
-    for row in result["top"]:  # sorted by time: the first row of a name has its largest share
-        merged = out.setdefault(row["name"], dict(row, categories=set()))
-        if merged is not row and merged["categories"]:
-            merged["total_us"] += row["total_us"]
-            merged["count"] += row["count"]
-        merged["categories"].add(row["category"])
+    for row in result.top:  # sorted by time: the first row of a name has its largest share
+        merged = out.setdefault(row.name, dict(vars(row), categories=set()))
+        if merged["categories"]:
+            merged["total_us"] += row.total_us
+            merged["count"] += row.count
+        merged["categories"].add(row.category)
     return out
 
 
 @pytest.mark.parametrize("path", [EAGER, GRAPH])
 def test_total_is_exactly_the_raw_device_time(results, path):
     raw = sum(e["dur"] for e in device_events(path))
-    assert results[path]["total_us"] == pytest.approx(raw, rel=1e-12)
-    assert sum(c["us"] for c in results[path]["categories"].values()) == pytest.approx(raw, rel=1e-12)
+    assert results[path].total_us == pytest.approx(raw, rel=1e-12)
+    assert sum(c.us for c in results[path].categories.values()) == pytest.approx(raw, rel=1e-12)
 
 
 def test_cpu_total_is_the_worker_threads_op_time(results):
@@ -68,7 +68,7 @@ def test_cpu_total_is_the_worker_threads_op_time(results):
         if e["ts"] >= end[tid]:  # not inside the previous top-level op of this thread
             covered[tid] += e["dur"]
             end[tid] = e["ts"] + e["dur"]
-    assert results[CPU]["total_us"] == pytest.approx(sum(covered.values()), rel=1e-9)
+    assert results[CPU].total_us == pytest.approx(sum(covered.values()), rel=1e-9)
 
 
 @pytest.mark.parametrize("path", [EAGER, GRAPH])
@@ -95,31 +95,31 @@ def test_gpu_categories_are_what_the_kernels_are(results, path):
 
 def test_annotated_eager_and_inferred_graph_traces_agree(results):
     """The graph trace has no annotations and no CPU parents: structure alone must give the same rows."""
-    a, b = results[EAGER]["categories"], results[GRAPH]["categories"]
+    a, b = results[EAGER].categories, results[GRAPH].categories
     for cat in a:
-        assert abs(a[cat]["share"] - b[cat]["share"]) < 0.04, (cat, a[cat]["share"], b[cat]["share"])
-    assert results[EAGER]["moe_blocks"]["count"] == results[GRAPH]["moe_blocks"]["count"] == LAYERS * STEPS
+        assert abs(a[cat].share - b[cat].share) < 0.04, (cat, a[cat].share, b[cat].share)
+    assert results[EAGER].moe_blocks.count == results[GRAPH].moe_blocks.count == LAYERS * STEPS
 
 
 def test_steps_phases_and_idle(results):
     for path in (EAGER, GRAPH):
-        steps = results[path]["steps"]
-        assert [(s["phase"], s["tokens"]) for s in steps] == [("decode", 8)] * STEPS
+        steps = results[path].steps
+        assert [(s.phase, s.tokens) for s in steps] == [("decode", 8)] * STEPS
         for s in steps:
             # timestamps are ~4.6e12 us: float64 resolves them to ~1 ns
-            assert s["busy_us"] + s["idle_us"] == pytest.approx(s["span_us"], abs=0.01)
-            assert s["idle_us"] >= 0
+            assert s.busy_us + s.idle_us == pytest.approx(s.span_us, abs=0.01)
+            assert s.idle_us >= 0
     # Eager launches from Python: the device waits between kernels far more than under graph replay.
-    assert results[EAGER]["idle_us"] > 10 * results[GRAPH]["idle_us"]
+    assert results[EAGER].idle_us > 10 * results[GRAPH].idle_us
 
 
 def test_preamble_and_token_buckets(results):
-    blocks = results[GRAPH]["moe_blocks"]
-    assert blocks["preamble_us"] > blocks["gate_us"] > 0
-    assert blocks["first_expert_us"] > 0 and blocks["experts_us"] >= blocks["first_expert_us"]
+    blocks = results[GRAPH].moe_blocks
+    assert blocks.preamble_us > blocks.gate_us > 0
+    assert blocks.first_expert_us > 0 and blocks.experts_us >= blocks.first_expert_us
     # The eager trace's `fused_moe_grouped_mm 64x1024x1024 E=64 top_k=8` annotation: 64 rows per call.
-    assert list(results[EAGER]["expert_tokens"]) == ["<=128"]
-    assert results[EAGER]["expert_tokens"]["<=128"] == pytest.approx(results[EAGER]["categories"]["experts"]["us"])
+    assert list(results[EAGER].expert_tokens) == ["<=128"]
+    assert results[EAGER].expert_tokens["<=128"] == pytest.approx(results[EAGER].categories["experts"].us)
 
 
 def test_vllm_cpu_trace(results):
@@ -128,11 +128,11 @@ def test_vllm_cpu_trace(results):
     assert names["_C::cpu_fused_moe"]["category"] == "experts"
     assert names["aten::topk"]["category"] == "gate"
     assert names["_C::cpu_attention_with_kv_cache"]["category"] == "attention"
-    steps = r["steps"]
-    assert len(steps) == 6 and {s["phase"] for s in steps} == {"prefill", "mixed", "decode"}
+    steps = r.steps
+    assert len(steps) == 6 and {s.phase for s in steps} == {"prefill", "mixed", "decode"}
     assert names["_C::cpu_fused_moe"]["count"] == 2 * len(steps)  # 2 MoE layers per step
-    assert r["moe_blocks"]["count"] == 2 * len(steps)
-    assert r["ranks"][0]["rank"] == "dp0-pp0-tp0-ep0"
+    assert r.moe_blocks.count == 2 * len(steps)
+    assert r.ranks[0].rank == "dp0-pp0-tp0-ep0"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -175,7 +175,7 @@ def test_rules_are_data(tmp_path):
     custom.write_text(rules.replace('name = "attention"\npattern = \'', 'name = "attention"\npattern = \'nvjet|'))
     r = analyze([read_trace(GRAPH)], load_rules(str(custom)))
     base = analyze([read_trace(GRAPH)])
-    assert r["categories"]["dense_gemm"]["us"] == 0 < base["categories"]["dense_gemm"]["us"]
+    assert r.categories["dense_gemm"].us == 0 < base.categories["dense_gemm"].us
 
 
 def test_hta_side_by_side_every_difference_is_its_rounding(tmp_path):
@@ -225,9 +225,9 @@ def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
     expected = analyze([read_trace(GRAPH)])
     assert values[("moe_capture_info", (("capture", "capture-new"), ("ranks", "1")))] == 1
     assert values[("moe_capture_share", (("category", "experts"),))] == pytest.approx(
-        expected["categories"]["experts"]["share"])
+        expected.categories["experts"].share)
     assert values[("moe_capture_device_seconds", (("category", "gate"),))] == pytest.approx(
-        expected["categories"]["gate"]["us"] / 1e6)
+        expected.categories["gate"].us / 1e6)
     assert values[("moe_capture_moe_preamble_seconds", ())] > 0
     assert values[("moe_capture_analysis_errors_total", ())] == 0
 
@@ -256,30 +256,30 @@ def cpu_covered_time(path):
 def test_ep_cpu_trace_all_to_all_and_experts(path):
     r = analyze([read_trace(path)], top=10_000)
     names = by_name(r)
-    cats = r["categories"]
-    assert cats["all_to_all"]["us"] > 0 and cats["experts"]["us"] > 0
+    cats = r.categories
+    assert cats["all_to_all"].us > 0 and cats["experts"].us > 0
     calls = 4 * EP_LAYERS * EP_STEPS
     # gloo: the op enqueues on the calling thread, the exchange runs in gloo's range on its own thread
     assert names["c10d::alltoall_base_"]["count"] == names["gloo:all_to_all"]["count"] == calls
     assert names["c10d::alltoall_base_"]["category"] == names["gloo:all_to_all"]["category"] == "all_to_all"
-    assert cats["all_to_all"]["us"] == pytest.approx(
+    assert cats["all_to_all"].us == pytest.approx(
         names["c10d::alltoall_base_"]["total_us"] + names["gloo:all_to_all"]["total_us"])
     # _grouped_mm runs aten::mm on CPU: its children are expert work too, not dense GEMMs
     assert names["aten::_grouped_mm"]["count"] == 2 * EP_LAYERS * EP_STEPS
     assert names["aten::_grouped_mm"]["category"] == names["aten::mm"]["category"] == "experts"
-    assert cats["dense_gemm"]["us"] < 0.1 * cats["experts"]["us"]  # what is left: the gate's addmm internals
+    assert cats["dense_gemm"].us < 0.1 * cats["experts"].us  # what is left: the gate's addmm internals
     # Between the router and the experts (dispatch) the permutation is align/permute; the collectives are not.
     assert names["aten::topk"]["category"] == "gate" and names["aten::addmm"]["category"] == "gate"
     assert names["aten::sort"]["category"] == "align_permute"
-    assert r["moe_blocks"]["count"] == EP_LAYERS * EP_STEPS
-    assert [(s["phase"], s["tokens"]) for s in r["steps"]] == [("prefill", 32)] * EP_STEPS
-    assert r["total_us"] == pytest.approx(cpu_covered_time(path), rel=1e-9)
+    assert r.moe_blocks.count == EP_LAYERS * EP_STEPS
+    assert [(s.phase, s.tokens) for s in r.steps] == [("prefill", 32)] * EP_STEPS
+    assert r.total_us == pytest.approx(cpu_covered_time(path), rel=1e-9)
 
 
 def test_ep_cpu_traces_of_both_ranks_together():
     r = analyze([read_trace(p) for p in EP_TRACES])
-    assert [x["rank"] for x in r["ranks"]] == ["dp0-pp0-tp0-ep0", "dp1-pp0-tp0-ep1"]
-    assert all(x["categories"]["all_to_all"] > 0 and x["categories"]["experts"] > 0 for x in r["ranks"])
+    assert [x.rank for x in r.ranks] == ["dp0-pp0-tp0-ep0", "dp1-pp0-tp0-ep1"]
+    assert all(x.categories["all_to_all"] > 0 and x.categories["experts"] > 0 for x in r.ranks)
 
 
 def _write_trace(path, events):
@@ -340,8 +340,8 @@ def test_ep_gpu_all_to_all_kernels(tmp_path, comm_kernel, comm_stream):
     assert names["nvjet_tst_64x8_64x16_1x1_v_bz_TNT"]["category"] == "gate"
     assert names["void at::native::radixSortKVInPlace<-2, -1, 32, 4, long, long>"]["category"] == "align_permute"
     assert names["void at::native::index_elementwise_kernel<128, 4>"]["category"] == "align_permute"
-    assert r["categories"]["all_to_all"]["us"] == pytest.approx(40.0)
-    assert r["moe_blocks"]["count"] == 1 and r["moe_blocks"]["first_expert_us"] == 10.0
+    assert r.categories["all_to_all"].us == pytest.approx(40.0)
+    assert r.moe_blocks.count == 1 and r.moe_blocks.first_expert_us == 10.0
 
 
 @pytest.mark.parametrize("name, category", [
@@ -379,9 +379,9 @@ def test_ep_cpu_gloo_range_is_communication_not_an_annotation(tmp_path):
         "aten::addmm": "gate", "aten::topk": "gate", "aten::sort": "align_permute", "aten::index": "align_permute",
         "c10d::alltoall_base_": "all_to_all", "gloo:all_to_all": "all_to_all", "aten::_grouped_mm": "experts",
         "aten::mm": "experts", "aten::index_put_": "align_permute", "aten::rms_norm": "norm_elementwise"}
-    assert r["categories"]["all_to_all"]["us"] == pytest.approx(5 + 30 + 5 + 10)
-    assert r["categories"]["experts"]["us"] == pytest.approx(20.0)  # 5 us self + the 15 us mm it ran
-    assert r["moe_blocks"]["count"] == 1 and r["moe_blocks"]["first_expert_us"] == pytest.approx(20.0)
+    assert r.categories["all_to_all"].us == pytest.approx(5 + 30 + 5 + 10)
+    assert r.categories["experts"].us == pytest.approx(20.0)  # 5 us self + the 15 us mm it ran
+    assert r.moe_blocks.count == 1 and r.moe_blocks.first_expert_us == pytest.approx(20.0)
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")

@@ -68,27 +68,27 @@ def test_dp_ep_dispatch_and_combine_are_ep_communication():
 
 def test_tp_ep_rank_1_waits_for_rank_0_in_every_layer():
     result = analyze([read_trace(p) for p in ranks_of("tp2ep")])
-    w = result["ep_wait"]
+    w = result.ep_wait
     r0, r1 = "dp0-pp0-tp0-ep0", "dp0-pp0-tp1-ep1"
-    assert w["ranks"] == [r0, r1] and w["collectives"] == 24 and w["unmatched"] == 0  # 6 steps x 4 layers
-    assert w["caused_share"][r0] > 0.99 and w["last_arrivals"][r0] >= 20
-    assert w["wait_us"][r1] == pytest.approx(6161, rel=0.01) and w["wait_us"][r0] < 1.0
-    assert [row["layer"] for row in w["layers"]] == [0, 1, 2, 3]
-    assert all(max(row["caused_us"], key=row["caused_us"].get) == r0 for row in w["layers"])
+    assert w.ranks == (r0, r1) and w.collectives == 24 and w.unmatched == 0  # 6 steps x 4 layers
+    assert w.caused_share[r0] > 0.99 and w.last_arrivals[r0] >= 20
+    assert w.wait_us[r1] == pytest.approx(6161, rel=0.01) and w.wait_us[r0] < 1.0
+    assert [row.layer for row in w.layers] == [0, 1, 2, 3]
+    assert all(max(row.caused_us, key=row.caused_us.get) == r0 for row in w.layers)
     # the waiting rank's wait is the ep row's excess over the other rank's
-    per_rank = {r["rank"]: r["categories"]["all_to_all"] for r in result["ranks"]}
-    assert per_rank[r1] - per_rank[r0] == pytest.approx(w["wait_us"][r1] - w["wait_us"][r0], rel=0.02)
+    per_rank = {r.rank: r.categories["all_to_all"] for r in result.ranks}
+    assert per_rank[r1] - per_rank[r0] == pytest.approx(w.wait_us[r1] - w.wait_us[r0], rel=0.02)
     text = render_table(result)
     assert "EP communication wait (24 collectives matched across 2 ranks)" in text
-    record = BreakdownRecord.from_json(result)
+    record = BreakdownRecord.of(result)
     assert record.ep_caused_share[r0] > 0.99 and record.ep_wait_us[r1] == pytest.approx(6161, rel=0.01)
 
 
 def test_dp_ranks_that_started_profiling_at_different_steps_are_still_paired():
     """The two DP engines' profiles begin at different steps: collectives pair by end time, not by step index."""
-    w = analyze([read_trace(p) for p in ranks_of("dp2ep_eplb")])["ep_wait"]
-    assert w["collectives"] == 40 and w["unmatched"] == 8
-    assert w["caused_share"]["dp1-pp0-tp0-ep1"] > 0.99
+    w = analyze([read_trace(p) for p in ranks_of("dp2ep_eplb")]).ep_wait
+    assert w.collectives == 40 and w.unmatched == 8
+    assert w.caused_share["dp1-pp0-tp0-ep1"] > 0.99
 
 
 def test_the_duration_rule_needs_no_clock():

@@ -55,9 +55,9 @@ def test_the_fixture_parses_and_its_rows_are_its_device_time(results, name):
     with gzip.open(path_of(name)) as f:
         raw = sum(e["dur"] for e in json.load(f)["traceEvents"] if e["cat"] in ("kernel", "gpu_memcpy", "gpu_memset"))
     result = results[name]
-    assert result["total_us"] == pytest.approx(raw, rel=1e-12)
-    assert sum(c["us"] for c in result["categories"].values()) == pytest.approx(raw, rel=1e-12)
-    assert result["categories"]["experts"]["share"] > 0.05
+    assert result.total_us == pytest.approx(raw, rel=1e-12)
+    assert sum(c.us for c in result.categories.values()) == pytest.approx(raw, rel=1e-12)
+    assert result.categories["experts"].share > 0.05
     assert os.path.getsize(path_of(name)) < 1_500_000
 
 
@@ -80,12 +80,12 @@ def test_the_truth_labels_every_device_event_of_an_eager_fixture(name):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_other_is_at_most_one_percent(results, name):
-    assert results[name]["categories"]["other"]["share"] <= 0.01
+    assert results[name].categories["other"].share <= 0.01
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_gate_is_within_one_point_of_the_truth(results, name):
-    assert abs(results[name]["categories"]["gate"]["share"] - TRUTH[name]["categories"]["gate"]) <= 0.01
+    assert abs(results[name].categories["gate"].share - TRUTH[name]["categories"]["gate"]) <= 0.01
 
 
 # --------------------------------------------------------------------------- the labelling itself, on a made-up trace

@@ -45,7 +45,7 @@ def _rename(doc, pattern: re.Pattern, new: str) -> int:
 
 
 def _cats(path, rules=None):
-    return {c: row["share"] for c, row in analyze_files([path], rules)["categories"].items()}
+    return {c: row.share for c, row in analyze_files([path], rules).categories.items()}
 
 
 @pytest.mark.parametrize("path", GPU_FIXTURES, ids=os.path.basename)
@@ -88,7 +88,7 @@ def _categories(tmp_path, events) -> dict[str, str]:
     path = str(tmp_path / "t.pt.trace.json.gz")
     _write(path, {"traceEvents": events})
     result = analyze_files([path], top=100)
-    return {row["name"]: row["category"] for row in result["top"]}, result
+    return {row.name: row.category for row in result.top}, result
 
 
 def test_positions_inside_a_block_decide_unknown_kernels(tmp_path):
@@ -99,8 +99,8 @@ def test_positions_inside_a_block_decide_unknown_kernels(tmp_path):
     assert cats["mystery_act"] == "experts"  # between two expert kernels
     assert cats["mystery_sum"] == "align_permute"  # after the last expert kernel, before the next boundary
     assert cats["nvjet_o_proj"] == "dense_gemm"
-    assert result["categories"]["other"]["us"] == 0
-    assert result["moe_blocks"]["count"] == 2 and result["moe_blocks"]["gate_us"] == 10
+    assert result.categories["other"].us == 0
+    assert result.moe_blocks.count == 2 and result.moe_blocks.gate_us == 10
 
 
 def test_an_inline_shared_expert_is_experts_and_the_router_gemm_is_the_first(tmp_path):
@@ -113,7 +113,7 @@ def test_an_inline_shared_expert_is_experts_and_the_router_gemm_is_the_first(tmp
     assert cats["nvjet_router"] == "gate"
     assert all(cats[n] == "experts" for n in shared), {n: cats[n] for n in shared}
     assert cats["vllm::moe::moeSoftmax<256>"] == cats["vllm::moe::moeTopK<256>"] == "gate"
-    assert result["moe_blocks"]["gate_us"] == 10
+    assert result.moe_blocks.gate_us == 10
 
 
 def test_without_a_named_norm_the_router_gemm_is_the_last_before_routing(tmp_path):
@@ -152,5 +152,5 @@ def test_analyze_says_what_it_could_not_place_and_how_to_add_a_rule(tmp_path):
                                         '[[category]]\nname = "all_to_all"', 1))
     placed = runner.invoke(main, ["analyze", "--rules", str(own), trace])
     assert placed.exit_code == 0 and "not placed" not in placed.output, placed.output
-    assert analyze_files([trace], load_rules(str(own)))["categories"]["other"]["us"] == 0
+    assert analyze_files([trace], load_rules(str(own))).categories["other"].us == 0
     assert runner.invoke(main, ["analyze"]).exit_code == 2  # no trace, no --print-rules: a usage error

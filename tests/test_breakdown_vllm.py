@@ -106,9 +106,9 @@ def test_totals_are_the_raw_device_time(path):
     with gzip.open(path) as f:
         raw = sum(e["dur"] for e in json.load(f)["traceEvents"] if e["cat"] in ("kernel", "gpu_memcpy", "gpu_memset"))
     result = analyze([read_trace(path)])
-    assert result["total_us"] == pytest.approx(raw, rel=1e-12)
-    assert sum(c["us"] for c in result["categories"].values()) == pytest.approx(raw, rel=1e-12)
-    assert sum(sum(s["categories"].values()) for s in result["steps"]) <= raw + 1e-6
+    assert result.total_us == pytest.approx(raw, rel=1e-12)
+    assert sum(c.us for c in result.categories.values()) == pytest.approx(raw, rel=1e-12)
+    assert sum(sum(s.categories.values()) for s in result.steps) <= raw + 1e-6
 
 
 @pytest.mark.parametrize("path", ALL, ids=os.path.basename)
@@ -165,18 +165,18 @@ def test_monitoring_row_is_the_plugins_kernels(classified, path):
     assert counts <= mon["moe_monitor_set_valid_tokens"] <= 2 * counts + 2
     assert set(mon) == {"moe_monitor_count_routing", "moe_monitor_set_valid_tokens",
                         "void at::native::(anonymous namespace)::CatArrayBatchedCopy_vectorized"}
-    share = analyze([trace])["categories"]["monitoring"]["share"]
+    share = analyze([trace]).categories["monitoring"].share
     assert 0 < share < 0.01
 
 
 def test_preamble_per_tokens_bucket_on_a_prefill_heavy_trace():
     result = analyze([read_trace(QWEN3_PREFILL)])
-    buckets = result["moe_blocks_by_tokens"]
+    buckets = result.moe_blocks_by_tokens
     assert set(buckets) == {"<=8", "<=2048", ">2048"}
-    assert sum(b["count"] for b in buckets.values()) == result["moe_blocks"]["count"]
+    assert sum(b.count for b in buckets.values()) == result.moe_blocks.count
     big, small = buckets[">2048"], buckets["<=8"]
-    assert big["count"] == LAYERS[QWEN3_PREFILL] and big["first_expert_us"] > 10 * small["first_expert_us"]
-    assert small["preamble_us"] < big["preamble_us"] < big["first_expert_us"]
+    assert big.count == LAYERS[QWEN3_PREFILL] and big.first_expert_us > 10 * small.first_expert_us
+    assert small.preamble_us < big.preamble_us < big.first_expert_us
     table = render_table(result)
     assert ">2048 tokens:" in table and "<=8 tokens:" in table
 
@@ -184,9 +184,9 @@ def test_preamble_per_tokens_bucket_on_a_prefill_heavy_trace():
 @pytest.mark.parametrize("path", [QWEN3_GRAPHS, QWEN3_EAGER], ids=os.path.basename)
 def test_graph_and_eager_traces_of_the_same_model_agree(classified, path):
     """Same shape, workload and sampler, graphs vs eager: the MoE rows agree within a few points."""
-    shares = {p: analyze([read_trace(p)])["categories"] for p in (QWEN3_GRAPHS, QWEN3_EAGER)}
+    shares = {p: analyze([read_trace(p)]).categories for p in (QWEN3_GRAPHS, QWEN3_EAGER)}
     for cat in ("experts", "gate", "align_permute", "sampling", "monitoring"):
-        a, b = shares[QWEN3_GRAPHS][cat]["share"], shares[QWEN3_EAGER][cat]["share"]
+        a, b = shares[QWEN3_GRAPHS][cat].share, shares[QWEN3_EAGER][cat].share
         assert abs(a - b) < 0.03, (cat, a, b)
 
 
@@ -195,12 +195,12 @@ def test_every_step_window_holds_its_sampler(classified):
     breakdown counts a step's kernels from its start to the next step's start, so decode steps hold their
     lm_head and sampler."""
     result = analyze([read_trace(DSV2)])
-    decode = [s for s in result["steps"] if s["phase"] == "decode"]
-    assert decode and all(s["categories"]["sampling"] > 0 and s["categories"]["experts"] > 0 for s in decode[:-1])
+    decode = [s for s in result.steps if s.phase == "decode"]
+    assert decode and all(s.categories["sampling"] > 0 and s.categories["experts"] > 0 for s in decode[:-1])
     by_step = defaultdict(float)
-    for s in result["steps"]:
-        by_step[s["phase"]] += sum(s["categories"].values())
-    assert sum(by_step.values()) == pytest.approx(result["total_us"], rel=0.02)  # all but pre-first-step work
+    for s in result.steps:
+        by_step[s.phase] += sum(s.categories.values())
+    assert sum(by_step.values()) == pytest.approx(result.total_us, rel=0.02)  # all but pre-first-step work
 
 
 def test_a_sampler_softmax_after_the_lm_head_is_not_a_router(tmp_path):
@@ -228,4 +228,4 @@ def test_a_sampler_softmax_after_the_lm_head_is_not_a_router(tmp_path):
     assert got["moe_monitor_set_valid_tokens"] == "monitoring"
     assert got["void vllm::moe::moe_sum_vec_kernel"] == "align_permute"
     result = analyze([read_trace(str(path))])
-    assert result["moe_blocks"]["count"] == 1 and result["steps"][0]["categories"]["sampling"] == 15.0
+    assert result.moe_blocks.count == 1 and result.steps[0].categories["sampling"] == 15.0

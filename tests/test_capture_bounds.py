@@ -165,7 +165,7 @@ def test_the_capture_breakdown_is_the_pinned_one_on_real_two_rank_traces(tmp_pat
         before = json.load(f)
     c = make(tmp_path, "http://127.0.0.1:9")
     for config, expected in before.items():
-        result = c._analyse(config, [os.path.join(TRACES, name) for name in expected["files"]])
+        result = c._analyse(config, [os.path.join(TRACES, name) for name in expected["files"]]).to_json()
         for rank in result["ranks"]:
             rank["path"] = os.path.basename(rank["path"])
         result.pop("collective_wait")  # the per-kind wait table (tests/test_straggler_all.py) came after that code

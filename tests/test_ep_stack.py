@@ -204,14 +204,14 @@ def test_breakdown_of_both_ranks(run):
     assert len(paths) == doc["run"]["world_size"], paths
     for path in paths:
         r = analyze([read_trace(path)], top=10_000)
-        cats = r["categories"]
-        assert cats["all_to_all"]["us"] > 0 and cats["experts"]["us"] > 0, cats
-        rows = {row["name"]: row for row in r["top"]}
+        cats = r.categories
+        assert cats["all_to_all"].us > 0 and cats["experts"].us > 0, cats
+        rows = {row.name: vars(row) for row in r.top}
         # Every communication kernel / op of the recorded steps is EP dispatch or combine (no barrier in them).
         comm = [n for n in rows if re.search(r"nccl|alltoall|all_to_all|sendrecv", n, re.IGNORECASE)]
         assert comm and all(rows[n]["category"] == "all_to_all" for n in comm), {n: rows[n]["category"] for n in comm}
-        assert len(r["steps"]) == a["profile_steps"]
-        if r["ranks"][0]["kind"] == "cpu":
+        assert len(r.steps) == a["profile_steps"]
+        if r.ranks[0].kind == "cpu":
             calls = 4 * a["layers"] * a["profile_steps"]  # split sizes, hidden states, expert ids, combine
             assert rows["c10d::alltoall_base_"]["count"] == rows["gloo:all_to_all"]["count"] == calls
             assert rows["aten::_grouped_mm"]["category"] == rows["aten::mm"]["category"] == "experts"

@@ -41,7 +41,7 @@ def test_the_sidecar_and_analyze_run_without_the_extras(tmp_path):
         from moe_monitor.breakdown.analyze import analyze
         from moe_monitor.breakdown.trace import read_trace
         r = analyze([read_trace({os.path.join(FIXTURES, "traces", "gpu_graph.pt.trace.json.gz")!r})])
-        assert r["categories"]
+        assert r.categories
         from moe_monitor.cli import main
         for args in (["serve", "--help"], ["analyze", "--help"], ["traces", "--help"]):
             try:

@@ -104,7 +104,7 @@ def test_only_a_whole_breakdown_is_exported():
     from moe_monitor.breakdown.latest import valid_breakdown
     from moe_monitor.breakdown.trace import read_trace
 
-    assert valid_breakdown(json.loads(json.dumps(analyze([read_trace(TRACE)]))))
+    assert valid_breakdown(json.loads(json.dumps(analyze([read_trace(TRACE)]).to_json())))
     for damaged in ({}, [], {"categories": {}}, {"categories": {"x": {"us": "1"}}, "ranks": [], "idle_us": 0,
                                                  "moe_blocks": {"count": 0}},
                     {"categories": {}, "ranks": [], "idle_us": 0, "moe_blocks": {"count": 3}}):

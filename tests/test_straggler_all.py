@@ -19,6 +19,7 @@ import pytest
 from moe_monitor.breakdown.analyze import Unit, analyze
 from moe_monitor.breakdown.record import BreakdownRecord
 from moe_monitor.breakdown.report import render_table
+from moe_monitor.breakdown.result import collective_wait_from_json
 from moe_monitor.breakdown.straggler import (
     EP,
     GATHER,
@@ -97,7 +98,7 @@ def waits_and_late_idle(pairs, events_of_late: list[dict], late_is_second: bool)
 
 
 @pytest.fixture(scope="module")
-def tp2ep() -> dict:
+def tp2ep():
     return analyze([read_trace(p) for p in paths("tp2ep")])
 
 
@@ -110,25 +111,25 @@ def test_tp_ep_rank_1_waits_for_rank_0_in_the_tp_all_reduces_and_rank_0_was_host
     assert len(pairs) == 54  # 6 steps x (4 after attention + the embedding's + 4 MoE combines)
     wait1, idle0, window0 = waits_and_late_idle(pairs, raw0, late_is_second=False)
     assert idle0 / window0 > 0.95  # in the windows rank 1 waited, rank 0's device was idle: host-bound
-    kinds = tp2ep["collective_wait"]["kinds"]
+    kinds = tp2ep.collective_wait.kinds
     assert list(kinds) == [TP, GATHER, EP]
     tp, ep = kinds[TP], kinds[EP]
-    assert tp["collectives"] == 30 and ep["collectives"] == 24 and not any(tp["unmatched"].values())
-    assert tp["wait_us"][R1] + ep["wait_us"][R1] == pytest.approx(wait1, rel=1e-9)
-    assert tp["wait_us"][R1] > 25_000 and tp["wait_us"][R0] < 10  # 29.4 ms
-    assert ep["wait_us"][R1] == pytest.approx(tp2ep["ep_wait"]["wait_us"][R1], rel=1e-12)  # the EP table's figure
-    assert tp["waited_for"] == {R0: None, R1: R0} and tp["last_arrivals"][R0] == 30
-    why = tp["why"][R0]
-    assert why["reason"] == "host-bound" and set(tp["why"]) == {R0}
-    assert why["idle_us"] + why["busy_us"] + why["unexplained_us"] == pytest.approx(tp["caused_us"][R0])
-    assert why["idle_us"] > 0.99 * (tp["caused_us"][R0] - why["unexplained_us"]) and abs(why["busy_us"]) < 50
+    assert tp.collectives == 30 and ep.collectives == 24 and not any(tp.unmatched.values())
+    assert tp.wait_us[R1] + ep.wait_us[R1] == pytest.approx(wait1, rel=1e-9)
+    assert tp.wait_us[R1] > 25_000 and tp.wait_us[R0] < 10  # 29.4 ms
+    assert ep.wait_us[R1] == pytest.approx(tp2ep.ep_wait.wait_us[R1], rel=1e-12)  # the EP table's figure
+    assert tp.waited_for == {R0: None, R1: R0} and tp.last_arrivals[R0] == 30
+    why = tp.why[R0]
+    assert why.reason == "host-bound" and set(tp.why) == {R0}
+    assert why.idle_us + why.busy_us + why.unexplained_us == pytest.approx(tp.caused_us[R0])
+    assert why.idle_us > 0.99 * (tp.caused_us[R0] - why.unexplained_us) and abs(why.busy_us) < 50
     first = min(pairs, key=lambda xy: xy[0]["ts"])  # no collective before it on either rank: not comparable
-    assert why["unexplained_us"] == pytest.approx(first[1]["dur"] - first[0]["dur"], abs=15)  # 891 us; the rest:
+    assert why.unexplained_us == pytest.approx(first[1]["dur"] - first[0]["dur"], abs=15)  # 891 us; the rest:
     # the two ranks' ends differ by up to 0.4 us per collective
     # the sampler's logits all-gather (stream 21), one per step: the same story
     gather = raw_pairs(raw0, raw1, "AllGather")
-    assert kinds[GATHER]["wait_us"][R1] == pytest.approx(waits_and_late_idle(gather, raw0, False)[0], rel=1e-9)
-    assert kinds[GATHER]["why"][R0]["reason"] == "host-bound"
+    assert kinds[GATHER].wait_us[R1] == pytest.approx(waits_and_late_idle(gather, raw0, False)[0], rel=1e-9)
+    assert kinds[GATHER].why[R0].reason == "host-bound"
 
 
 def test_dp_ep_eplb_load_sync_waits_for_the_other_dp_engine_and_dp_sync_is_not_on_the_device():
@@ -137,16 +138,16 @@ def test_dp_ep_eplb_load_sync_waits_for_the_other_dp_engine_and_dp_sync_is_not_o
     between steps) is a `sync`: DP engine 0 waits there for engine 1, idle on the device (host-bound)."""
     for path in paths("dp2ep"):
         assert not [e for e in raw_device(path) if "AllReduce" in e["name"]]
-    plain = analyze([read_trace(p) for p in paths("dp2ep")])["collective_wait"]["kinds"]
+    plain = analyze([read_trace(p) for p in paths("dp2ep")]).collective_wait.kinds
     assert list(plain) == [EP]
     raw0, raw1 = (raw_device(p, in_steps=True) for p in paths("dp2ep_eplb"))  # the engines began at other steps
     pairs = raw_pairs(raw0, raw1, r"AllReduce_Sum_u(32|64)")
     wait0, idle1, window1 = waits_and_late_idle(pairs, raw1, late_is_second=True)
     assert len(pairs) == 6 and idle1 / window1 > 0.95
-    sync = analyze([read_trace(p) for p in paths("dp2ep_eplb")])["collective_wait"]["kinds"][SYNC]
-    assert sync["wait_us"][DP0] == pytest.approx(wait0, rel=1e-9) and sync["wait_us"][DP0] > 5_000
-    assert sync["waited_for"][DP0] == DP1 and sync["why"][DP1]["reason"] == "host-bound"
-    assert sum(sync["unmatched"].values()) == 2  # each engine's profile holds a sync the other's does not
+    sync = analyze([read_trace(p) for p in paths("dp2ep_eplb")]).collective_wait.kinds[SYNC]
+    assert sync.wait_us[DP0] == pytest.approx(wait0, rel=1e-9) and sync.wait_us[DP0] > 5_000
+    assert sync.waited_for[DP0] == DP1 and sync.why[DP1].reason == "host-bound"
+    assert sum(sync.unmatched.values()) == 2  # each engine's profile holds a sync the other's does not
 
 
 @pytest.mark.slow
@@ -174,16 +175,17 @@ def test_what_the_cli_shows(tmp_path):
 
 
 def test_the_record_the_sidecar_reads(tp2ep):
-    record = BreakdownRecord.from_json(json.loads(json.dumps(tp2ep)))
-    assert record.collective_wait_us[TP][R1] == tp2ep["collective_wait"]["kinds"][TP]["wait_us"][R1]
+    doc = json.loads(json.dumps(tp2ep.to_json()))
+    record = BreakdownRecord.from_json(doc)
+    assert record.collective_wait_us[TP][R1] == tp2ep.collective_wait.kinds[TP].wait_us[R1]
     assert set(record.collective_caused_us[TP]) == {R0}
     assert record.collective_caused_us[TP][R0]["idle"] > 0.9 * sum(record.collective_caused_us[TP][R0].values())
-    assert record.ep_wait_us[R1] == tp2ep["ep_wait"]["wait_us"][R1]
-    damaged = json.loads(json.dumps(tp2ep))
+    assert record.ep_wait_us[R1] == tp2ep.ep_wait.wait_us[R1]
+    damaged = json.loads(json.dumps(doc))
     del damaged["collective_wait"]["kinds"][TP]["why"][R0]["busy_us"]
     with pytest.raises(ValueError, match="collective_wait kind 'tp_allreduce'"):
         BreakdownRecord.from_json(damaged)
-    older = {k: v for k, v in tp2ep.items() if k != "collective_wait"}  # stored before the table existed
+    older = {k: v for k, v in doc.items() if k != "collective_wait"}  # stored before the table existed
     assert BreakdownRecord.from_json(older).collective_wait_us is None
 
 
@@ -225,7 +227,7 @@ def test_a_rank_late_because_it_computed_longer_is_busy_and_its_kernels_are_name
     assert tp["collectives"] == 2 and tp["wait_us"] == {"A": 90.0, "B": 0.0} and tp["waited_for"]["A"] == "B"
     assert tp["why"]["B"] == {"idle_us": 0.0, "busy_us": 90.0, "unexplained_us": 0.0, "reason": "busy",
                               "kernels": [["fused_moe_kernel", 100.0]]}
-    text = "\n".join(render_kinds(collective_wait({"A": a, "B": b})))
+    text = "\n".join(render_kinds(collective_wait_from_json(collective_wait({"A": a, "B": b}))))
     assert "B joined last 1 of 2, made others wait 0.090 ms: busy (device idle +0.000 ms, busy +0.090 ms" in text
     assert "busiest kernels before it: fused_moe_kernel 0.100 ms" in text
 
@@ -250,7 +252,8 @@ def test_three_ranks_and_other_clocks():
     assert (tp["why"]["C"]["idle_us"], tp["why"]["C"]["busy_us"], tp["why"]["C"]["unexplained_us"]) == (80, -10, 0)
     apart = collective_wait({"A": rank(*a), "B": rank(*b), "C": rank(*c, clock=1e6)})["kinds"][TP]
     assert apart["collectives"] == 0 and apart["unmatched"] == {"A": 2, "B": 2, "C": 2} and not apart["why"]
-    assert "0 (6)" in "\n".join(render_kinds({"ranks": ["A", "B", "C"], "kinds": {TP: apart}}))
+    table = collective_wait_from_json({"ranks": ["A", "B", "C"], "kinds": {TP: apart}})
+    assert "0 (6)" in "\n".join(render_kinds(table))
 
 
 def test_unmatched_and_mismatched_collectives_are_counted_not_guessed():
@@ -274,4 +277,4 @@ def test_nothing_to_compare():
     no_steps = collectives_of([Unit(Event(AR, 0, 1, 7, "kernel"), 1, "collective")], [], [])
     assert len(no_steps) == 0  # outside every step window: not kept (as the rest of the breakdown)
     result = analyze([read_trace(paths("tp2ep")[0])])
-    assert result["collective_wait"] is None and "Collective wait" not in render_table(result)
+    assert result.collective_wait is None and "Collective wait" not in render_table(result)

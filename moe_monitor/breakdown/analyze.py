@@ -15,6 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
+from .result import (
+    BLOCK_FIGURES,
+    BlockMeans,
+    BreakdownResult,
+    Category,
+    KernelRow,
+    RankRow,
+    StepRow,
+    UnplacedRow,
+    collective_wait_from_json,
+    ep_wait_from_json,
+)
 from .straggler import COMM as COMM_CATEGORIES
 from .straggler import CollectiveTable, collective_wait, collectives_of, ep_wait
 from .trace import LIMITS, Event, Trace, TraceLimits, read_trace, step_phase
@@ -437,9 +449,6 @@ def _idle(trace: Trace, units: list[Unit], span: Event) -> tuple[float, float]:
     return busy, max(0.0, (hi - lo) - busy)
 
 
-BLOCK_FIGURES = ("preamble_us", "gate_us", "first_expert_us", "experts_us")
-
-
 def _label_blocks(trace: Trace, blocks: list[dict]) -> None:
     """Each MoE block's tokens-per-step bucket: the tokens of the vLLM step range it starts in ("" outside)."""
     starts = [s.ts for s in trace.steps]
@@ -465,8 +474,8 @@ class Breakdown:
         self.cats = cats = list(self.rules.categories)
         self.overall = dict.fromkeys(cats, 0.0)
         self.by_phase: dict[str, dict[str, float]] = {}
-        self.per_rank: list[dict] = []
-        self.steps: list[dict] = []
+        self.per_rank: list[RankRow] = []
+        self.steps: list[StepRow] = []
         self.kernels: dict[tuple[str, str], list] = {}  # (name, category): one kernel can be in two rows (a GEMM
         # config serves the attention projections and the lm_head)
         self.expert_tokens: dict[str, float] = defaultdict(float)
@@ -508,8 +517,7 @@ class Breakdown:
                 rank_blocks.append(n_blocks)
             busy, idle = _idle(trace, inside, s) if trace.is_gpu else (sum(step_cats.values()), 0.0)
             rank_idle += idle
-            self.steps.append({"rank": trace.rank, "name": s.name, "phase": phase, "tokens": tokens,
-                               "span_us": s.dur, "busy_us": busy, "idle_us": idle, "categories": step_cats})
+            self.steps.append(StepRow(trace.rank, s.name, phase, tokens, s.dur, busy, idle, step_cats))
             ph = self.by_phase.setdefault(phase, dict.fromkeys(cats + ["idle"], 0.0))
             for c, v in step_cats.items():
                 ph[c] = ph.get(c, 0.0) + v
@@ -521,42 +529,40 @@ class Breakdown:
         self.idle_total += rank_idle
         for c, v in rank_cats.items():
             self.overall[c] = self.overall.get(c, 0.0) + v
-        self.per_rank.append({"path": trace.path, "rank": trace.rank, "kind": "gpu" if trace.is_gpu else "cpu",
-                              "total_us": sum(rank_cats.values()), "idle_us": rank_idle, "steps": len(trace.steps),
-                              "categories": rank_cats})
+        self.per_rank.append(RankRow(trace.path, trace.rank, "gpu" if trace.is_gpu else "cpu", sum(rank_cats.values()),
+                                     rank_idle, len(trace.steps), rank_cats))
 
-    def result(self) -> dict:
+    def result(self) -> BreakdownResult:
         total = sum(self.overall.values())
         top_rows = sorted(self.kernels.items(), key=lambda kv: -kv[1][2])[: self.top]
-        return {
-            "total_us": total,
-            "idle_us": self.idle_total,
-            "categories": {c: {"us": v, "share": v / total if total else 0.0} for c, v in self.overall.items()},
-            "ranks": self.per_rank,
-            "phases": self.by_phase,
-            "steps": self.steps,
-            "top": [{"name": name, "category": cat, "count": cnt, "total_us": us, "mean_us": us / cnt,
-                     "share": us / total if total else 0.0} for (name, cat), (_, cnt, us) in top_rows],
-            "moe_blocks": self.blocks.means(),
-            "moe_blocks_by_tokens": {bucket: self.blocks_by_tokens[bucket].means()
-                                     for bucket in sorted(self.blocks_by_tokens, key=_bucket_order)},
-            "expert_tokens": dict(sorted(self.expert_tokens.items())),
-            "unplaced": unplaced(self.kernels, total),
-            "ep_wait": ep_wait(self.collectives),
-            "collective_wait": collective_wait(self.collectives),
-        }
+        return BreakdownResult(
+            total_us=total,
+            idle_us=self.idle_total,
+            categories={c: Category(v, v / total if total else 0.0) for c, v in self.overall.items()},
+            ranks=tuple(self.per_rank),
+            phases=self.by_phase,
+            steps=tuple(self.steps),
+            top=tuple(KernelRow(name, cat, cnt, us, us / cnt, us / total if total else 0.0)
+                      for (name, cat), (_, cnt, us) in top_rows),
+            moe_blocks=self.blocks.means(),
+            moe_blocks_by_tokens={bucket: self.blocks_by_tokens[bucket].means()
+                                  for bucket in sorted(self.blocks_by_tokens, key=_bucket_order)},
+            expert_tokens=dict(sorted(self.expert_tokens.items())),
+            unplaced=unplaced(self.kernels, total),
+            ep_wait=ep_wait_from_json(ep_wait(self.collectives)),
+            collective_wait=collective_wait_from_json(collective_wait(self.collectives)),
+        )
 
 
 UNPLACED_ROWS = 10
 
 
-def unplaced(kernels: dict[tuple[str, str], list], total: float) -> list[dict]:
+def unplaced(kernels: dict[tuple[str, str], list], total: float) -> tuple[UnplacedRow, ...]:
     """The kernels no rule or position placed (`other`), most time first: what `analyze` asks the user to add a
     rule for."""
     rows = sorted(((name, cnt, us) for (name, cat), (_, cnt, us) in kernels.items() if cat == "other"),
                   key=lambda r: -r[2])[:UNPLACED_ROWS]
-    return [{"name": name, "count": cnt, "total_us": us, "share": us / total if total else 0.0}
-            for name, cnt, us in rows]
+    return tuple(UnplacedRow(name, cnt, us, us / total if total else 0.0) for name, cnt, us in rows)
 
 
 class _BlockSums:
@@ -570,12 +576,12 @@ class _BlockSums:
         for k in BLOCK_FIGURES:
             self.sums[k] += block[k]
 
-    def means(self) -> dict:
+    def means(self) -> BlockMeans:
         n = self.count
-        return {"count": n, **({k: v / n for k, v in self.sums.items()} if n else {})}
+        return BlockMeans(n, **{k: v / n for k, v in self.sums.items()}) if n else BlockMeans(0)
 
 
-def analyze(traces: Iterable[Trace], rules: Rules | None = None, top: int = 20) -> dict:
+def analyze(traces: Iterable[Trace], rules: Rules | None = None, top: int = 20) -> BreakdownResult:
     """The breakdown of one capture's rank traces. Give an iterator (analyze_files does) to hold one trace at a
     time: each is dropped once added, before the next is read."""
     breakdown = Breakdown(rules, top)
@@ -586,7 +592,7 @@ def analyze(traces: Iterable[Trace], rules: Rules | None = None, top: int = 20) 
 
 
 def analyze_files(paths: Iterable[str], rules: Rules | None = None, top: int = 20,
-                  limits: TraceLimits = LIMITS) -> dict:
+                  limits: TraceLimits = LIMITS) -> BreakdownResult:
     """analyze() over rank trace files, read one at a time: peak memory is about the largest file's, whatever
     their number."""
     return analyze((read_trace(p, limits) for p in paths), rules, top)

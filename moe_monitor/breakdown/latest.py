@@ -104,7 +104,7 @@ class LatestBreakdown:
     def _analyze(self, capture: Capture) -> None:
         files = capture.files[: self.max_files]  # read one at a time: memory is one trace's
         try:
-            result = BreakdownRecord.from_json(analyze_files(files))
+            result = BreakdownRecord.of(analyze_files(files))
             self.capture, self.result = capture, result
             log.info("analysed capture %r (%d rank files%s)", capture.prefix, len(files),
                      f"; {len(capture.files) - len(files)} more left out" if len(files) < len(capture.files) else "")
@@ -117,7 +117,7 @@ class LatestBreakdown:
 
 
 def valid_breakdown(result) -> bool:
-    """The shape the capture metrics read (what breakdown.analyze writes)."""
+    """Whether a stored breakdown.json reads back (BreakdownResult.from_json, what the capture metrics use)."""
     try:
         BreakdownRecord.from_json(result)
         return True

@@ -1,17 +1,11 @@
-"""The typed view of a breakdown (what `analyze` returns and the catalog stores as breakdown.json) that the
-metrics read: built once, checked once, so a damaged breakdown.json is refused with what is wrong instead of
-failing the exporter later."""
+"""The figures of a breakdown that the sidecar's metrics export, and nothing else: the sidecar holds this, not the
+whole `BreakdownResult` (its per-step rows grow with the capture), for as long as the capture is the newest."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeGuard
 
-
-@dataclass(frozen=True)
-class Category:
-    us: float
-    share: float
+from .result import BreakdownResult, Category
 
 
 @dataclass(frozen=True)
@@ -28,68 +22,23 @@ class BreakdownRecord:
     collective_caused_us: dict[str, dict[str, dict[str, float]]] | None = None  # kind -> rank -> reason -> caused
 
     @classmethod
-    def from_json(cls, result) -> BreakdownRecord:
-        """Raises ValueError naming the first thing that is missing or of the wrong type."""
-        if not isinstance(result, dict):
-            raise ValueError(f"a {type(result).__name__}, not an object")
-        categories = result.get("categories")
-        if not isinstance(categories, dict):
-            raise ValueError("categories is not an object")
-        typed = {}
-        for name, row in categories.items():
-            if not isinstance(row, dict) or not _number(row.get("us")) or not _number(row.get("share")):
-                raise ValueError(f"category {name!r} lacks numeric us and share")
-            typed[name] = Category(float(row["us"]), float(row["share"]))
-        if not isinstance(result.get("ranks"), list):
-            raise ValueError("ranks is not a list")
-        if not _number(result.get("idle_us")):
-            raise ValueError("idle_us is not a number")
-        blocks = result.get("moe_blocks")
-        if not isinstance(blocks, dict) or not isinstance(blocks.get("count"), int):
-            raise ValueError("moe_blocks.count is not an integer")
-        pre_us, first_us = blocks.get("preamble_us"), blocks.get("first_expert_us")
-        pre: float | None = None
-        first: float | None = None
-        if blocks["count"]:
-            if not (_number(pre_us) and _number(first_us)):
-                raise ValueError("moe_blocks lacks preamble_us and first_expert_us")
-            pre, first = float(pre_us), float(first_us)
-        ep_wait, ep_caused = None, None
-        wait = result.get("ep_wait")  # absent in breakdowns stored before it existed
-        if wait is not None:
-            if not isinstance(wait, dict) or not all(_per_rank(wait.get(k)) for k in ("wait_us", "caused_share")):
-                raise ValueError("ep_wait lacks per-rank numeric wait_us and caused_share")
-            ep_wait = {r: float(v) for r, v in wait["wait_us"].items()}
-            ep_caused = {r: float(v) for r, v in wait["caused_share"].items()}
-        waits, caused = _collective_wait(result.get("collective_wait"))  # absent before it existed
-        return cls(typed, len(result["ranks"]), float(result["idle_us"]), blocks["count"], pre, first, ep_wait,
-                   ep_caused, waits, caused)
+    def of(cls, result: BreakdownResult) -> BreakdownRecord:
+        blocks, ep, coll = result.moe_blocks, result.ep_wait, result.collective_wait
+        return cls(
+            {c: Category(float(row.us), float(row.share)) for c, row in result.categories.items()},
+            len(result.ranks), float(result.idle_us), blocks.count,
+            float(blocks.preamble_us) if blocks.preamble_us is not None else None,
+            float(blocks.first_expert_us) if blocks.first_expert_us is not None else None,
+            {r: float(v) for r, v in ep.wait_us.items()} if ep else None,
+            {r: float(v) for r, v in ep.caused_share.items()} if ep else None,
+            {k: {r: float(v) for r, v in row.wait_us.items()} for k, row in coll.kinds.items()} if coll else None,
+            {k: {r: {label: float(getattr(w, field)) for label, field in REASONS.items()} for r, w in row.why.items()}
+             for k, row in coll.kinds.items()} if coll else None)
+
+    @classmethod
+    def from_json(cls, doc: object) -> BreakdownRecord:
+        """A stored breakdown.json's figures; ValueError naming the first thing that is missing or wrong."""
+        return cls.of(BreakdownResult.from_json(doc))
 
 
-REASONS = {"idle": "idle_us", "busy": "busy_us", "unexplained": "unexplained_us"}  # metric label -> why's field
-
-
-def _collective_wait(doc) -> tuple[dict | None, dict | None]:
-    """(kind -> rank -> wait us, kind -> rank -> reason -> caused us) of straggler.collective_wait's result."""
-    if doc is None:
-        return None, None
-    kinds = doc.get("kinds") if isinstance(doc, dict) else None
-    if not isinstance(kinds, dict):
-        raise ValueError("collective_wait lacks kinds")
-    waits, caused = {}, {}
-    for kind, row in kinds.items():
-        why = row.get("why") if isinstance(row, dict) else None
-        if not _per_rank(row.get("wait_us") if isinstance(row, dict) else None) or not isinstance(why, dict) or \
-                not all(isinstance(w, dict) and all(_number(w.get(f)) for f in REASONS.values()) for w in why.values()):
-            raise ValueError(f"collective_wait kind {kind!r} lacks per-rank numeric wait_us and why")
-        waits[kind] = {r: float(v) for r, v in row["wait_us"].items()}
-        caused[kind] = {r: {label: float(w[f]) for label, f in REASONS.items()} for r, w in why.items()}
-    return waits, caused
-
-
-def _per_rank(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(r, str) and _number(v) for r, v in value.items())
-
-
-def _number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+REASONS = {"idle": "idle_us", "busy": "busy_us", "unexplained": "unexplained_us"}  # metric label -> Why's field

@@ -52,6 +52,8 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
+from .result import CollectiveWait, EpWait
+
 EP, TP, GATHER, SYNC, OTHER = "ep_dispatch_combine", "tp_allreduce", "allgather_reducescatter", "sync", "other"
 KINDS = (TP, GATHER, SYNC, EP, OTHER)  # the order of the report's columns
 COMM = ("all_to_all", "collective")  # the breakdown's communication rows
@@ -405,55 +407,54 @@ def _pair(a_end: np.ndarray, a_names: list[str], o_end: np.ndarray, o_names: lis
     return np.array(partner, np.int64)
 
 
-def render(result: dict | None) -> list[str]:
-    """The EP table (ep_wait's result)."""
+def render(result: EpWait | None) -> list[str]:
+    """The EP table (ep_wait's result, typed)."""
     if not result:
         return []
-    lines = ["", f"EP communication wait ({result['collectives']} collectives matched across "
-                 f"{len(result['ranks'])} ranks" + (f", {result['unmatched']} of the first rank's left unmatched"
-                                                    if result["unmatched"] else "") + "):",
+    lines = ["", f"EP communication wait ({result.collectives} collectives matched across "
+                 f"{len(result.ranks)} ranks" + (f", {result.unmatched} of the first rank's left unmatched"
+                                                 if result.unmatched else "") + "):",
              f"  {'rank':24s} {'waited ms':>10s} {'made others wait ms':>20s} {'share':>7s} {'joined last':>12s}"]
-    for r in result["ranks"]:
-        lines.append(f"  {r:24s} {result['wait_us'][r] / 1000:10.3f} {result['caused_us'][r] / 1000:20.3f} "
-                     f"{100 * result['caused_share'][r]:6.1f} % {result['last_arrivals'][r]:12d}")
-    worst = sorted(result["layers"], key=lambda x: -sum(x["wait_us"].values()))[:5]
+    for r in result.ranks:
+        lines.append(f"  {r:24s} {result.wait_us[r] / 1000:10.3f} {result.caused_us[r] / 1000:20.3f} "
+                     f"{100 * result.caused_share[r]:6.1f} % {result.last_arrivals[r]:12d}")
+    worst = sorted(result.layers, key=lambda x: -sum(x.wait_us.values()))[:5]
     if worst:
         lines.append("  MoE layers with the most waiting (layer: total wait ms; the rank waited for):")
         for row in worst:
-            culprit = max(row["caused_us"], key=row["caused_us"].get)
-            lines.append(f"    layer {row['layer']:3d}: {sum(row['wait_us'].values()) / 1000:.3f} ms; {culprit}")
+            culprit = max(row.caused_us, key=row.caused_us.__getitem__)
+            lines.append(f"    layer {row.layer:3d}: {sum(row.wait_us.values()) / 1000:.3f} ms; {culprit}")
     return lines
 
 
-def render_kinds(result: dict | None, waiters: int = 4) -> list[str]:
-    """The per-kind table (collective_wait's result): each rank's wait per kind, then per kind who waited for whom
-    and why the waited-for rank was late."""
-    if not result or not result["kinds"]:
+def render_kinds(result: CollectiveWait | None, waiters: int = 4) -> list[str]:
+    """The per-kind table (collective_wait's result, typed): each rank's wait per kind, then per kind who waited
+    for whom and why the waited-for rank was late."""
+    if not result or not result.kinds:
         return []
-    kinds, ranks = result["kinds"], result["ranks"]
+    kinds, ranks = result.kinds, result.ranks
     width = {k: max(len(k), 12) + 2 for k in kinds}
     lines = ["", f"Collective wait per kind ({len(ranks)} ranks): ms each rank's collectives waited for the last "
                  "rank to join",
              f"  {'rank':24s}" + "".join(f"{k:>{width[k]}s}" for k in kinds)]
     for r in ranks:
-        lines.append(f"  {r:24s}" + "".join(f"{kinds[k]['wait_us'][r] / 1000:{width[k]}.3f}" for k in kinds))
-    counts = {k: f"{row['collectives']} ({sum(row['unmatched'].values())})" for k, row in kinds.items()}
+        lines.append(f"  {r:24s}" + "".join(f"{kinds[k].wait_us[r] / 1000:{width[k]}.3f}" for k in kinds))
+    counts = {k: f"{row.collectives} ({sum(row.unmatched.values())})" for k, row in kinds.items()}
     lines.append(f"  {'matched (unmatched)':24s}" + "".join(f"{counts[k]:>{width[k]}s}" for k in kinds))
     lines.append("  who and why (the late rank's device since both ranks' previous collective: idle = host-bound, "
                  "busy = computing):")
     for kind, row in kinds.items():
-        floor = 0.01 * sum(row["wait_us"].values())  # leave out who waited or caused under 1 % of the kind's wait
-        for w in sorted((r for r in ranks if row["wait_us"][r] > floor), key=lambda r: -row["wait_us"][r])[:waiters]:
-            lines.append(f"    {kind}: {w} waited {row['wait_us'][w] / 1000:.3f} ms, most for {row['waited_for'][w]}")
-        late = [(s, why) for s, why in row["why"].items() if row["caused_us"][s] > floor]
-        for s, why in sorted(late, key=lambda kv: -row["caused_us"][kv[0]])[:waiters]:
-            ms = {k: why[k] / 1000 for k in ("idle_us", "busy_us", "unexplained_us")}
-            lines.append(f"      {s} joined last {row['last_arrivals'][s]} of {row['collectives']}, made others wait "
-                         f"{row['caused_us'][s] / 1000:.3f} ms: {why['reason']} (device idle {ms['idle_us']:+.3f} ms, "
-                         f"busy {ms['busy_us']:+.3f} ms, unexplained {ms['unexplained_us']:.3f} ms)")
-            if why["kernels"] and why["busy_us"] > 0.1 * row["caused_us"][s]:
+        floor = 0.01 * sum(row.wait_us.values())  # leave out who waited or caused under 1 % of the kind's wait
+        for w in sorted((r for r in ranks if row.wait_us[r] > floor), key=lambda r: -row.wait_us[r])[:waiters]:
+            lines.append(f"    {kind}: {w} waited {row.wait_us[w] / 1000:.3f} ms, most for {row.waited_for[w]}")
+        late = [(s, why) for s, why in row.why.items() if row.caused_us[s] > floor]
+        for s, why in sorted(late, key=lambda kv: -row.caused_us[kv[0]])[:waiters]:
+            lines.append(f"      {s} joined last {row.last_arrivals[s]} of {row.collectives}, made others wait "
+                         f"{row.caused_us[s] / 1000:.3f} ms: {why.reason} (device idle {why.idle_us / 1000:+.3f} ms, "
+                         f"busy {why.busy_us / 1000:+.3f} ms, unexplained {why.unexplained_us / 1000:.3f} ms)")
+            if why.kernels and why.busy_us > 0.1 * row.caused_us[s]:
                 lines.append("        busiest kernels before it: " + ", ".join(
-                    f"{_short(name)} {us / 1000:.3f} ms" for name, us in why["kernels"]))
+                    f"{_short(name)} {us / 1000:.3f} ms" for name, us in why.kernels))
     return lines
 
 

@@ -35,6 +35,7 @@ import aiohttp
 
 from moe_monitor.breakdown.analyze import analyze_files
 from moe_monitor.breakdown.latest import rank_trace
+from moe_monitor.breakdown.result import BreakdownResult
 from moe_monitor.breakdown.trace import TraceError
 from moe_monitor.schema.vocabulary import ALERT_OUTCOMES, CAPTURE_OUTCOMES
 
@@ -313,10 +314,10 @@ class Capturer:
         metadata = {"created": start, "reason": reason, "evidence": evidence, "outcome": outcome,
                     "stopped_by_sidecar": stopped, "duration_s": self._clock() - start, **context,
                     **({"files_left_out": len(left_out), "max_files": self.cfg.max_files} if left_out else {}),
-                    "breakdown": {c: round(v["share"], 6) for c, v in breakdown["categories"].items()}
+                    "breakdown": {c: round(v.share, 6) for c, v in breakdown.categories.items()}
                     if breakdown else None}
         extra = dict(self._materialise(capture_id, extra),
-                     **({"breakdown.json": json.dumps(breakdown).encode()} if breakdown else {}))
+                     **({"breakdown.json": json.dumps(breakdown.to_json()).encode()} if breakdown else {}))
         try:
             return outcome, self.catalog.store(capture_id, files, metadata, extra)
         except QuotaError as e:
@@ -339,7 +340,7 @@ class Capturer:
                 log.exception("capture %s: cannot write %s; stored without it", capture_id, name)
         return out
 
-    def _analyse(self, capture_id: str, files: list[str]) -> dict | None:
+    def _analyse(self, capture_id: str, files: list[str]) -> BreakdownResult | None:
         """The kernel breakdown, or None when the traces cannot be analysed (they are stored all the same)."""
         try:
             return analyze_files(files)  # one rank's trace in memory at a time
