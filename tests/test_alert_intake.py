@@ -42,6 +42,8 @@ def test_a_real_payload_is_read_whole():
     assert a.name == "MoeHotExpert" and a.labels["layer"] == "3" and a.key == ("0a1b2c3d4e5f6a7b",
                                                                              "2026-12-07T03:00:00Z")
     assert a.to_json()["annotations"] == {"summary": "MoeHotExpert summary"}
+    assert am.parse(raw({**note(alert()), "commonAnnotations": {"summary": "s"}})).envelope()["commonAnnotations"] \
+        == {"summary": "s"}
 
 
 HOSTILE = {

@@ -74,6 +74,7 @@ class Notification:
     alerts: tuple[Alert, ...]
     group_labels: MappingProxyType
     common_labels: MappingProxyType
+    common_annotations: MappingProxyType
     external_url: str
     group_key: str
     truncated_alerts: int
@@ -81,7 +82,8 @@ class Notification:
     def envelope(self) -> dict:
         """The notification without its alerts (stored with each capture it causes)."""
         return {"receiver": self.receiver, "status": self.status, "groupLabels": dict(self.group_labels),
-                "commonLabels": dict(self.common_labels), "externalURL": self.external_url,
+                "commonLabels": dict(self.common_labels), "commonAnnotations": dict(self.common_annotations),
+                "externalURL": self.external_url,
                 "groupKey": self.group_key, "truncatedAlerts": self.truncated_alerts}
 
 
@@ -109,6 +111,7 @@ def parse(raw: bytes) -> Notification:
                         alerts=tuple(_alert(a, i) for i, a in enumerate(alerts)),
                         group_labels=_labels(doc.get("groupLabels", {}), "groupLabels"),
                         common_labels=_labels(doc.get("commonLabels", {}), "commonLabels"),
+                        common_annotations=_labels(doc.get("commonAnnotations", {}), "commonAnnotations"),
                         external_url=_text(doc, "externalURL"), group_key=_text(doc, "groupKey"),
                         truncated_alerts=truncated)
 
