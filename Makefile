@@ -8,12 +8,15 @@ SHELL := /bin/bash
 demo: .venv/.ready  ## tiny MoE on vLLM CPU + plugin + sidecar + a short workload; stays up until Ctrl-C
 	.venv/bin/moe-monitor demo
 
+# PYTHONDONTWRITEBYTECODE= : bytecode (moe_monitor's, and pytest's rewritten test modules) is cached in the
+# gitignored __pycache__ folders even where the environment turns that off; otherwise every run, and every Python
+# subprocess a test starts, compiles them again (about 3 s of the fast loop's collection alone).
 test: .venv/.ready  ## the whole test suite, real vLLM server included (CI runs exactly this)
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	PYTHONDONTWRITEBYTECODE= .venv/bin/python -m pytest -q -p no:cacheprovider
 
 .PHONY: test-fast
 test-fast: .venv/.ready  ## the edit-test loop (<= 60 s on 2 cores): no e2e, gpu or slow tests; `make test` runs them all
-	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not e2e and not gpu and not slow"
+	PYTHONDONTWRITEBYTECODE= .venv/bin/python -m pytest -q -p no:cacheprovider -m "not e2e and not gpu and not slow"
 
 .PHONY: dist
 dist: .venv/.ready  ## dist/: the sdist and the wheel (LICENSE in both) that docs/install.md and deploy/docker install
