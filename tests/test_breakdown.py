@@ -209,7 +209,7 @@ def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
     from conftest import parse_exposition
 
     from moe_monitor.sidecar.config import SidecarConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
 
     profiles = tmp_path / "profiles"
     profiles.mkdir()
@@ -218,8 +218,8 @@ def test_sidecar_exports_the_newest_captures_breakdown(tmp_path):
     os.utime(old, (1000, 1000))
     shutil.copy(GRAPH, profiles / "capture-new_dp0_pp0_tp0_dcp0_ep0_rank0.2.pt.trace.json.gz")
     (profiles / "host_1.async_llm.3.pt.trace.json.gz").write_bytes(b"not even gzip")  # API server: ignored
-    exporter = Exporter(SidecarConfig(segment_dir=str(tmp_path / "segments"), profile_dir=str(profiles)),
-                        clock=lambda: 4e9, process_metrics=False)
+    exporter = build(SidecarConfig(segment_dir=str(tmp_path / "segments"), profile_dir=str(profiles)),
+                     clock=lambda: 4e9, process_metrics=False)
     exporter.captures.poll(background=False)
     values = parse_exposition(exporter.tick().body.decode())
     expected = analyze([read_trace(GRAPH)])

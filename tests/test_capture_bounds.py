@@ -1,7 +1,8 @@
 """Issue #24 item 7 (captures and the catalog): unbounded work. A metadata.json of any size was parsed whole at every
 listing, every /api/captures and every window tick read every capture's metadata (twice per tick), and a capture
-held every rank's parsed trace at once, with no cap on its files. Real components: a Catalog on a tmp dir, the real
-Exporter, the real Capturer against a stand-in for vLLM's profiler endpoints, the real trace fixtures."""
+held every rank's parsed trace at once, with no cap on its files. Real components: a Catalog on a tmp dir, the
+sidecar as `serve` wires it (wiring.build), the real Capturer against a stand-in for vLLM's profiler endpoints,
+the real trace fixtures."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from test_capture_accounting import Vllm, make
 from moe_monitor.capture.catalog import Catalog
 from moe_monitor.sidecar.config import SidecarConfig
 from moe_monitor.sidecar.exporter import Exporter
+from moe_monitor.sidecar.wiring import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACES = os.path.join(HERE, "fixtures", "traces")
@@ -63,12 +65,12 @@ def metadata_reads(monkeypatch):
 
 
 def exporter_over(tmp_path, store: str) -> Exporter:
-    """The real Exporter with captures on over `store` (retention left room for every capture there)."""
+    """The sidecar as `serve` wires it, captures on over `store` (retention left room for every capture there)."""
     (tmp_path / "seg").mkdir()
     (tmp_path / "profiles").mkdir()
-    return Exporter(SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=str(tmp_path / "profiles"),
-                                  vllm_url="http://127.0.0.1:9", capture_dir=store, max_captures=100_000),
-                    process_metrics=False)
+    return build(SidecarConfig(segment_dir=str(tmp_path / "seg"), profile_dir=str(tmp_path / "profiles"),
+                               vllm_url="http://127.0.0.1:9", capture_dir=store, max_captures=100_000),
+                 process_metrics=False)
 
 
 def exported(exporter: Exporter, name: str) -> float:

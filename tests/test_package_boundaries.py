@@ -32,10 +32,10 @@ def test_the_sidecar_and_analyze_run_without_the_extras(tmp_path):
     result = run(f"""
         import json, shutil
         from moe_monitor.sidecar.config import SidecarConfig
-        from moe_monitor.sidecar.exporter import Exporter
+        from moe_monitor.sidecar.wiring import build
         from moe_monitor.sidecar import server  # the HTTP edge imports too
-        exporter = Exporter(SidecarConfig(segment_dir={os.path.join(FIXTURES, "segments", "t1")!r}),
-                            process_metrics=False)
+        exporter = build(SidecarConfig(segment_dir={os.path.join(FIXTURES, "segments", "t1")!r}),
+                         process_metrics=False)
         body = exporter.tick().body.decode()
         assert "moe_model_info" in body and "moe_monitor_collector_success" in body
         from moe_monitor.breakdown.analyze import analyze

@@ -1,6 +1,6 @@
 """Format-2 sections (the live placement, the EP-rank load the plugin attributed) checked against their segment's
 header (issue #24 item 6). Segments come from the real SegmentWriter with sections that do not fit their header;
-the real Exporter reads them. What a user must see: the section refused with its reason in
+the sidecar, wired as `serve` wires it, reads them. What a user must see: the section refused with its reason in
 moe_monitor_segment_sections_refused and one warning, the rest of the segment still counted, the windows and the
 flight recorder going on, and moe_ep_rank_routed_tokens_total never going down."""
 
@@ -16,6 +16,7 @@ from test_sidecar import publish
 from moe_monitor.channel import Ranks
 from moe_monitor.sidecar.config import SidecarConfig
 from moe_monitor.sidecar.exporter import Exporter
+from moe_monitor.sidecar.wiring import build
 
 COUNTS = np.array([[40, 10, 6, 4], [8, 8, 8, 8]])  # 2 layers x 4 experts
 PLACEMENT = [[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]]  # 6 slots over 2 EP ranks (3 each), experts 0, 1, 3 replicated
@@ -23,7 +24,7 @@ SEGMENT = "dp0-pp0-tp0"
 
 
 def exporter(directory) -> Exporter:
-    return Exporter(SidecarConfig(segment_dir=str(directory), expert_series="all"), process_metrics=False)
+    return build(SidecarConfig(segment_dir=str(directory), expert_series="all"), process_metrics=False)
 
 
 def value(m: dict, name: str, **labels):
