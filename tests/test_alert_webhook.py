@@ -5,6 +5,7 @@ captured once, its bundle listed, shown and pulled by the real CLI. The real Ale
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -34,6 +35,19 @@ def post(url: str, body: bytes | None, token: str | None = TOKEN, method: str = 
         return e.code, json.loads(e.read())
 
 
+def chunked(url: str, pieces) -> tuple[int, dict]:
+    """A POST whose body comes in chunks, without a Content-Length: bounded by reading, not by the header."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/api/alerts", body=pieces, encode_chunked=True,
+                     headers={"Authorization": f"Bearer {TOKEN}", "Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def sidecar(tmp_path):
     with FakeProfiler(str(tmp_path / "profiles")) as vllm:
@@ -60,11 +74,14 @@ def test_hostile_requests_get_a_json_error_and_change_nothing(sidecar):
              (post(url, json.dumps({"status": "firing"}).encode()), 400),
              (post(url, json.dumps(note(alert(fingerprint="../x"))).encode()), 400),
              (post(url, b"[" * 100_000), 400), (post(url, b" " * (MAX_BODY_BYTES + 1)), 413)]
+    # no Content-Length: bounded by reading (exactly one byte over, so that nothing is left unread to reset the
+    # connection before the answer is read)
+    cases.append((chunked(url, iter([b" " * MAX_BODY_BYTES, b" "])), 413))
     for (status, body), expected in cases:
         assert status == expected and isinstance(body.get("error"), str) and body["error"], (status, body)
     assert vllm.calls == [] and exporter.catalog.list() == [] and len(exporter.control.seen) == 0
     refused = metric(exporter, "moe_monitor_http_refused_total")
-    assert refused[(("reason", "unauthorized"),)] == 2 and refused[(("reason", "bad_request"),)] == 5
+    assert refused[(("reason", "unauthorized"),)] == 2 and refused[(("reason", "bad_request"),)] == 6
     assert set(metric(exporter, "moe_capture_alerts_total").values()) == {0}
 
 
