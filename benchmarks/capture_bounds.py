@@ -53,7 +53,7 @@ if task == "analyse":
         out["ok"] = result is not None and (len(args) < 2 or result["ep_wait"] is not None)
 else:
     from moe_monitor.sidecar.config import SidecarConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
     root = args[0]
     t = time.perf_counter()
     catalog = Catalog(root)
@@ -65,7 +65,7 @@ else:
     with tempfile.TemporaryDirectory() as d:
         cfg = SidecarConfig(segment_dir=d, vllm_url="http://127.0.0.1:9", profile_dir=d, capture_dir=root)
         t = time.perf_counter()
-        exporter = Exporter(cfg, process_metrics=False)
+        exporter = build(cfg, process_metrics=False)
         out["exporter_s"] = time.perf_counter() - t
         for i in (1, 2):
             t = time.perf_counter()

@@ -80,10 +80,10 @@ def peak_rss_kb() -> int:
 
 def one_case(root: str, case: str, ticks: int) -> dict:
     from moe_monitor.sidecar.config import SidecarConfig
-    from moe_monitor.sidecar.exporter import Exporter
+    from moe_monitor.sidecar.wiring import build
 
     live = os.path.join(root, "live")
-    exporter = Exporter(SidecarConfig(segment_dir=live, window_s=1.0), process_metrics=False)
+    exporter = build(SidecarConfig(segment_dir=live, window_s=1.0), process_metrics=False)
     before = peak_rss_kb()
     seconds = []
     for i in range(ticks):
