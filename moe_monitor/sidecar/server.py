@@ -1,8 +1,9 @@
 """HTTP edge of the sidecar (aiohttp): /metrics (the exposition built once per window), /healthz (the process
 answers), /readyz (the window loop runs and fresh segments are there, else 503 and why), a landing page, the
-captures API and the flight recorder (/api/flight), served behind limits (a connection cap, idle and header
-timeouts) that keep clients which hold connections from starving the scrapes (docs/security.md). Every answer
-carries `X-Moe-Monitor: <version>`, by which the clients tell the sidecar from any other server.
+captures API, the flight recorder (/api/flight) and Alertmanager's webhook (/api/alerts), served behind limits (a
+connection cap, idle and header timeouts) that keep clients which hold connections from starving the scrapes
+(docs/security.md). Every answer carries `X-Moe-Monitor: <version>`, by which the clients tell the sidecar from any
+other server.
 
 aiohttp rather than prometheus_client's built-in server because the sidecar grows more routes (the trace
 catalog streams files) and aiohttp gives routing, streaming and a production-grade server in one package.
