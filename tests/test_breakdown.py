@@ -16,6 +16,7 @@ from collections import defaultdict
 import pytest
 
 from moe_monitor.breakdown.analyze import analyze, load_rules
+from moe_monitor.breakdown.result import BreakdownResult
 from moe_monitor.breakdown.trace import TraceError, read_trace
 
 TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "traces")
@@ -157,6 +158,19 @@ def test_truncated_gzip_of_a_real_trace(tmp_path):
     (tmp_path / "cut.pt.trace.json.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(TraceError, match="truncated or corrupt gzip"):
         read_trace(str(tmp_path / "cut.pt.trace.json.gz"))
+
+
+def test_the_json_reads_back_and_so_do_breakdowns_stored_before_its_newer_parts(results):
+    r = results[CPU]
+    doc = json.loads(json.dumps(r.to_json()))
+    assert BreakdownResult.from_json(doc) == r
+    newer = ("moe_blocks_by_tokens", "unplaced", "ep_wait", "collective_wait")
+    older = {k: v for k, v in doc.items() if k not in newer}
+    old = BreakdownResult.from_json(older)
+    assert old.unplaced == () and not old.moe_blocks_by_tokens and old.ep_wait is None and old.steps == r.steps
+    doc["steps"][1]["tokens"] = "8"
+    with pytest.raises(ValueError, match=r"steps\[1\]\.tokens is not an integer"):
+        BreakdownResult.from_json(doc)
 
 
 def test_cli_table_and_json(tmp_path):

@@ -209,6 +209,7 @@ class BreakdownResult:
             if not isinstance(row, dict) or not _number(row.get("us")) or not _number(row.get("share")):
                 raise ValueError(f"category {name!r} lacks numeric us and share")
             typed[name] = Category(row["us"], row["share"])
+        by_tokens = _object(doc.get("moe_blocks_by_tokens", {}), "moe_blocks_by_tokens")  # absent: stored before
         return cls(
             total_us=_num(doc.get("total_us"), "total_us"),
             idle_us=_num(doc.get("idle_us"), "idle_us"),
@@ -218,11 +219,9 @@ class BreakdownResult:
             steps=_rows(doc.get("steps"), "steps", _step_row),
             top=_rows(doc.get("top"), "top", _kernel_row),
             moe_blocks=_blocks(doc.get("moe_blocks"), "moe_blocks"),
-            moe_blocks_by_tokens={b: _blocks(m, f"moe_blocks_by_tokens {b!r}")
-                                  for b, m in _object(doc.get("moe_blocks_by_tokens", {}), "moe_blocks_by_tokens")
-                                  .items()},
+            moe_blocks_by_tokens={b: _blocks(m, f"moe_blocks_by_tokens {b!r}") for b, m in by_tokens.items()},
             expert_tokens=_numbers(doc.get("expert_tokens"), "expert_tokens"),
-            unplaced=_rows(doc.get("unplaced", []), "unplaced", _unplaced_row),
+            unplaced=_rows(doc.get("unplaced", []), "unplaced", _unplaced_row),  # absent: stored before it existed
             ep_wait=ep_wait_from_json(doc.get("ep_wait")),
             collective_wait=collective_wait_from_json(doc.get("collective_wait")),
         )
