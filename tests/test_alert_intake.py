@@ -178,3 +178,17 @@ def test_seen_is_bounded():
     for i in range(5):
         seen.add((str(i), "t"), f"id{i}")
     assert len(seen) == 3 and seen.get(("0", "t")) is None and seen.get(("4", "t")) == "id4"
+
+
+def test_alerts_about_another_instance_are_refused_when_the_sidecar_names_its_own(control):
+    ctl, capturer, _ = control
+    mine, theirs = "10.0.0.1:9464", "10.0.0.2:9464"
+    n = am.parse(raw(note(alert(fingerprint="aa", instance=theirs), alert(fingerprint="bb", instance=mine))))
+    answer = ctl.alerts(n, frozenset({mine}))
+    assert outcomes(answer) == ["other_instance", "captured"] and len(capturer.started) == 1
+    # a deployment-wide alert carries no instance: still this sidecar's
+    deployment = {**alert("MoeDeploymentEPRankImbalance", fingerprint="cc"), "labels": {
+        "alertname": "MoeDeploymentEPRankImbalance", "job": "moe-monitor", "deployment": "ns/vllm-moe-ep-0"}}
+    ctl.detector.last_capture = None
+    assert outcomes(ctl.alerts(am.parse(raw(note(deployment))), frozenset({mine}))) == ["captured"]
+    assert capturer.alert_outcomes["other_instance"] == 1

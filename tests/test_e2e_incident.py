@@ -63,9 +63,11 @@ def stack(tmp_path):
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
     with FakeProfiler(str(profiles)) as vllm:
-        sidecar = launch.start_sidecar(str(tmp_path / "seg"), free_port(), str(tmp_path / "sidecar.log"), [
+        port = free_port()
+        sidecar = launch.start_sidecar(str(tmp_path / "seg"), port, str(tmp_path / "sidecar.log"), [
             "--profile-dir", str(profiles), "--vllm-url", vllm.url, "--capture-dir", str(store),
-            "--capture-timeout", "20", "--capture-cooldown", "0", "--max-captures-per-hour", "10"],
+            "--capture-timeout", "20", "--capture-cooldown", "0", "--max-captures-per-hour", "10",
+            "--alert-instances", f"127.0.0.1:{port}"],
             env={"MOE_MONITOR_API_TOKEN": TOKEN})
         sink = AlertSink()
         am = promstack.start_alertmanager(str(tmp_path), free_port(), sink.url,
@@ -101,6 +103,11 @@ def test_an_alert_routed_by_alertmanager_becomes_one_pulled_bundle(stack):
     # the team's receiver got it too: the sidecar route continues to the others
     assert any(a["labels"]["alertname"] == "MoeHotExpert" for a in sink.alerts()), sink.notifications
 
+    # the same alert about another sidecar (routed here by mistake) is refused: --alert-instances names this one
+    am_post(am.url, [{**firing, "labels": {**labels, "instance": "10.9.9.9:9464"}}])
+    wait("the other instance's alert refused", lambda: alert_outcomes(sidecar.url).get("other_instance", 0) >= 1,
+         30, logs)
+
     # Alertmanager repeats the notification (repeat_interval 2 s here, 4 h as shipped) and Prometheus re-sends the
     # active alert every evaluation: the sidecar sees the same firing again and again, and captures nothing more
     for _ in range(3):
@@ -124,7 +131,8 @@ def test_an_alert_routed_by_alertmanager_becomes_one_pulled_bundle(stack):
     assert any(n.endswith(".pt.trace.json.gz") for n in names), names
     stored = json.loads((bundle / "alert.json").read_text())
     (got,) = stored["alerts"]
-    (am_alert,) = json.loads(urllib.request.urlopen(am.url + "/api/v2/alerts", timeout=10).read())
+    (am_alert,) = [a for a in json.loads(urllib.request.urlopen(am.url + "/api/v2/alerts", timeout=10).read())
+                   if a["labels"] == labels]
     assert stored["receiver"] == "moe-sidecar" and stored["externalURL"]
     assert got["labels"] == labels and got["annotations"] == firing["annotations"]
     assert got["startsAt"] == STARTS and got["fingerprint"] == am_alert["fingerprint"] and got["status"] == "firing"

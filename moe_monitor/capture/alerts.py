@@ -168,7 +168,8 @@ def _shown(value) -> str:
 
 # -- what is done with each alert -----------------------------------------------------------------------------
 
-CAPTURED, DEDUPLICATED, RESOLVED, NOT_OURS = "captured", "deduplicated", "resolved", "not_ours"
+CAPTURED, DEDUPLICATED, RESOLVED, NOT_OURS, OTHER = "captured", "deduplicated", "resolved", "not_ours", \
+    "other_instance"
 
 
 class Seen:
@@ -193,15 +194,19 @@ class Seen:
         return len(self._ids)
 
 
-def classify(note: Notification, seen: Seen) -> list[tuple[Alert, str | None, str | None]]:
+def classify(note: Notification, seen: Seen, instances: frozenset[str] = frozenset()
+             ) -> list[tuple[Alert, str | None, str | None]]:
     """(alert, outcome, capture id) per alert; outcome None for the firing alerts of ours seen for the first time
-    (the candidates for one capture). An alert listed twice in one notification counts once."""
+    (the candidates for one capture). An alert listed twice in one notification counts once. `instances`: the
+    instance labels this sidecar answers for (empty: any); an alert without one (a deployment's) is not refused."""
     out, fresh = [], set()
     for a in note.alerts:
         if a.status == "resolved":
             out.append((a, RESOLVED, None))
         elif a.name not in CAPTURE_ALERTS:
             out.append((a, NOT_OURS, None))
+        elif instances and a.labels.get("instance", "") not in instances | {""}:
+            out.append((a, OTHER, None))
         elif (capture_id := seen.get(a.key)) is not None or a.key in fresh:
             out.append((a, DEDUPLICATED, capture_id))
         else:

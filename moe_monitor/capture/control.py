@@ -90,14 +90,14 @@ class CaptureControl:
         self.detector.record_capture(now)
         return 202, {"id": capture_id}
 
-    def alerts(self, note: am.Notification) -> list[dict]:
+    def alerts(self, note: am.Notification, instances: frozenset[str] = frozenset()) -> list[dict]:
         """What is done with each alert of an Alertmanager notification: the firing alerts of ours not captured
         before get one capture between them, within the budget, the cooldown and one capture at a time, like the
         detector's; resolved alerts, others' and firings already captured get none (capture/alerts.py). Needs the
-        capturer (the HTTP edge answers 503 without one)."""
+        capturer (the HTTP edge answers 503 without one). `instances`: --alert-instances (empty: any)."""
         with self._alert_lock:
             self._seed()
-            verdicts = am.classify(note, self.seen)
+            verdicts = am.classify(note, self.seen, instances)
             fresh = [a for a, outcome, _ in verdicts if outcome is None]
             outcome, capture_id = self._alert_capture(note, fresh) if fresh else (None, None)
             out = []

@@ -46,6 +46,8 @@ ALERT_OUTCOMES = {  # each alert of an Alertmanager notification (POST /api/aler
     "over_budget": "a firing alert of ours, new, with --max-captures-per-hour spent: no capture",
     "busy": "a firing alert of ours, new, while a capture was running: no capture",
     "not_ours": "not one of the shipped rules' routing or step-time alerts: no capture",
+    "other_instance": "a firing alert of ours whose instance label --alert-instances does not name (misrouted): no "
+                      "capture",
     "resolved": "a resolved alert: no capture",
 }
 SEGMENT_READ_ERRORS = {

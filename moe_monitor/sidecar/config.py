@@ -85,6 +85,11 @@ class SidecarConfig:
                                           "route to anyone who reaches the port: list, trigger captures, download "
                                           "traces, read flight records (trusted networks only; logged loudly). "
                                           "Off: they answer 403 until a token is set.", group="captures")
+    alert_instances: str | None = setting(None, "--alert-instances", "Alertmanager's alerts (POST /api/alerts) are "
+                                          "captured only when their instance label is one of these (comma-separated "
+                                          "HOST:PORT, as Prometheus scrapes this sidecar) or absent; others are "
+                                          "answered other_instance. Unset: any instance (one sidecar per "
+                                          "receiver).", group="captures")
     detector: DetectorConfig = setting(None, "", "", factory=DetectorConfig)
 
     @property
@@ -99,6 +104,11 @@ class SidecarConfig:
     def flight_windows(self) -> int:
         """Windows the flight recorder keeps: --flight-minutes of --window."""
         return math.ceil(self.flight_minutes * 60 / self.window_s - 1e-9) if self.flight_minutes > 0 else 0
+
+    @property
+    def alert_instance_set(self) -> frozenset[str]:
+        """--alert-instances as a set; empty: alerts of any instance are this sidecar's."""
+        return frozenset(x.strip() for x in (self.alert_instances or "").split(",") if x.strip())
 
     @property
     def captures_enabled(self) -> bool:

@@ -90,7 +90,7 @@ class Exporter:
 
     def alerts(self, note) -> list[dict]:
         """What was done with each alert of an Alertmanager notification (capture/control.py)."""
-        return self.control.alerts(note)
+        return self.control.alerts(note, self.config.alert_instance_set)
 
     def flight_json(self, last: int | None = None, since: float | None = None, gzipped: bool = False) -> bytes:
         return self.parts.flight.body(last, since, gzipped)
