@@ -3,7 +3,7 @@ receiver pointed at the sidecar under test, its token from a file), routes an al
 label it to a real `moe-monitor serve`, whose capture goes through the real profiler path against a stand-in for
 vLLM's /start_profile writing a real trace (tests/test_capture.py's); `moe-monitor traces pull` then yields the
 bundle with the alert in it. Alertmanager's repeats and Prometheus-style re-sends of the same firing make no
-second capture."""
+second capture, nor does the same alert about another instance (--alert-instances)."""
 
 from __future__ import annotations
 
