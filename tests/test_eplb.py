@@ -316,6 +316,7 @@ def test_bad_input_is_a_clear_value_error(call, message):
         call()
 
 
+@pytest.mark.slow  # imports vLLM: ~5 s on two cores
 def test_placement_equals_vllms_own_eplb_policy_on_random_loads():
     """vLLM ships the same algorithm (vllm/distributed/eplb/policy/default.py): on loads without ties ours must
     give vLLM's placement slot for slot, hierarchical and global, across shapes."""
