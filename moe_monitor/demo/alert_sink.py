@@ -45,7 +45,9 @@ class AlertSink:
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self._server.server_address[1]}/alerts"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="alert-sink", daemon=True)
+        # close() waits for the loop's next poll: 0.5 s by default, at every sink a test or the demo closes
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="alert-sink", daemon=True)
         self._thread.start()
 
     def alerts(self, name: str | None = None, status: str | None = None) -> list[dict]:
