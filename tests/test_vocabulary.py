@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 from test_golden import exposition
 
 from moe_monitor.mixin.build import generate
 from moe_monitor.mixin.config import MixinConfig
 from moe_monitor.schema.vocabulary import BY_NAME, CAPTURE_OUTCOMES, METRICS
+from moe_monitor.sidecar.exposition import DenseLabels, family
 
 NAME = re.compile(r"\bmoe_[a-z0-9_]+")
 SUFFIXES = ("_bucket", "_sum", "_count")
@@ -60,3 +62,32 @@ def test_the_generated_references_list_every_metric_and_outcome():
         assert f"`{outcome}`" in metrics
     config = files["docs/reference/configuration.md"]
     assert "`MOE_MONITOR_CAPTURE_COOLDOWN`" in config and "`--max-captures-per-hour`" in config
+
+
+def test_every_exported_series_carries_only_the_labels_its_metric_declares(tmp_path):
+    text = exposition(tmp_path, expert_series="all")
+    series = re.findall(r"^(moe_[a-z0-9_]+)\{([^}]*)\}", text, re.M)
+    assert len({name for name, _ in series}) > 30, text[:300]  # the scan sees the labelled families
+    for name, labels in series:
+        base = next((name.removesuffix(s) for s in SUFFIXES if name.removesuffix(s) in BY_NAME), name)
+        if base not in BY_NAME:
+            continue  # the process collector's series
+        keys = set(re.findall(r'(\w+)="', labels))
+        assert keys <= set(BY_NAME[base].labels) | {"le"}, (name, keys)
+
+
+def test_a_series_with_a_label_its_metric_does_not_declare_is_refused():
+    f = family("moe_layer_imbalance_ratio")  # declares ("layer",)
+    f.add(1.5, [("layer", 3)])
+    with pytest.raises(ValueError, match="moe_layer_imbalance_ratio: label expert is not declared"):
+        f.add(1.5, [("layer", 3), ("expert", 7)])
+    assert f.lines == ['moe_layer_imbalance_ratio{layer="3"} 1.5\n']  # nothing of the refused sample written
+    hist = family("moe_step_duration_seconds")
+    hist.add(2, [("phase", "decode"), ("tokens_le", "8"), ("le", "0.1")], suffix="_bucket")  # a bucket's le
+    dense = DenseLabels()
+    assert dense.get("moe_expert_load_ratio_bucket", ("layer", "le"), (("0",), ("1.0",))) == \
+        ['moe_expert_load_ratio_bucket{layer="0",le="1.0"} ']
+    with pytest.raises(ValueError, match="label rank is not declared"):
+        dense.get("moe_layer_load_cv", ("layer", "rank"), (("0",), ("1",)))
+    with pytest.raises(ValueError, match="not a series of a metric"):
+        dense.get("moe_layer_load_cvs", ("layer",), (("0",),))

@@ -47,6 +47,31 @@ def fmt_array(values: np.ndarray) -> list[str]:
     return out
 
 
+def _allowed_labels() -> dict[str, frozenset[str]]:
+    """Series name -> the label names its series may carry: the metric's declared labels, plus `le` on a
+    histogram's series (its _bucket, _sum and _count series included)."""
+    out = {}
+    for m in BY_NAME.values():
+        allowed = frozenset(m.labels) | ({"le"} if m.type == "histogram" else frozenset())
+        for suffix in ("", "_bucket", "_sum", "_count") if m.type == "histogram" else ("",):
+            out[m.name + suffix] = allowed
+    return out
+
+
+ALLOWED_LABELS = _allowed_labels()
+
+
+def check_labels(name: str, keys: Iterable[str], allowed: frozenset[str] | None = None) -> None:
+    """ValueError unless every label name in `keys` is one the vocabulary declares for the series `name`."""
+    allowed = ALLOWED_LABELS.get(name) if allowed is None else allowed
+    if allowed is None:
+        raise ValueError(f"{name} is not a series of a metric schema/vocabulary.py declares")
+    undeclared = sorted(set(keys) - allowed)
+    if undeclared:
+        raise ValueError(f"{name}: label {', '.join(undeclared)} is not declared for it in schema/vocabulary.py "
+                         f"(declared: {', '.join(sorted(allowed)) or 'none'})")
+
+
 @dataclass
 class Family:
     name: str  # as it appears on the TYPE line (counters include _total)
@@ -54,8 +79,16 @@ class Family:
     help: str
     lines: list[str] = field(default_factory=list)
     tier: str = "t0"
+    allowed: frozenset[str] | None = None  # label names its series may carry (None: not checked)
+    _checked: set[tuple[str, ...]] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def add(self, value: float, label_pairs: Sequence[tuple[str, object]] = (), suffix: str = "") -> None:
+        """One sample. Its label names are checked against `allowed` once per distinct tuple of names."""
+        if label_pairs and self.allowed is not None:
+            keys = tuple([k for k, _ in label_pairs])
+            if keys not in self._checked:
+                check_labels(self.name + suffix, keys, self.allowed)
+                self._checked.add(keys)
         self.lines.append(f"{self.name}{suffix}{labels(label_pairs)} {fmt(value)}\n")
 
     def add_dense(self, prefixes: Sequence[str], values: np.ndarray) -> None:
@@ -72,7 +105,7 @@ def family(name: str) -> Family:
     """An empty family of the declared metric `name` (KeyError for an undeclared one: declare it in
     schema/vocabulary.py)."""
     m = BY_NAME[name]
-    return Family(m.name, m.type, m.help, tier=m.tier)
+    return Family(m.name, m.type, m.help, tier=m.tier, allowed=ALLOWED_LABELS[m.name])
 
 
 _NL: list[str] = []
@@ -86,7 +119,9 @@ def _newlines(n: int) -> list[str]:
 
 
 class DenseLabels:
-    """Caches 'name{a="x",b="y"} ' prefixes for the cartesian product of label values."""
+    """Caches 'name{a="x",b="y"} ' prefixes for the cartesian product of label values; the label names are
+    checked against the vocabulary when a shape is first rendered (ValueError for one the series does not
+    declare)."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple, list[str]] = {}
@@ -95,6 +130,7 @@ class DenseLabels:
             const: tuple[tuple[str, str], ...] = ()) -> list[str]:
         key = (name, keys, values, const)
         if key not in self._cache:
+            check_labels(name, keys + tuple(k for k, _ in const))
             grids = np.meshgrid(*[np.arange(len(v)) for v in values], indexing="ij")
             idx = np.stack([g.reshape(-1) for g in grids], axis=1) if values else np.zeros((1, 0), int)
             self._cache[key] = [
