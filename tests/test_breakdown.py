@@ -192,6 +192,7 @@ def test_rules_are_data(tmp_path):
     assert r.categories["dense_gemm"].us == 0 < base.categories["dense_gemm"].us
 
 
+@pytest.mark.slow  # imports pandas and HTA: ~1 s on two cores
 def test_hta_side_by_side_every_difference_is_its_rounding(tmp_path):
     """HTA 0.5.0 moves each ns-resolution event to whole microseconds, start rounded up and end rounded down
     (its log: "Rounding down ns resolution events due to issue with events overlapping"), so its duration is
