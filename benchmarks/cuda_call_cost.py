@@ -57,6 +57,8 @@ def main() -> None:
     rows = torch.arange(2, device=dev)
     valid = torch.zeros((), dtype=torch.int64, device=dev)
     triton_flush.warm_up(dev, 128, 8)
+    sc = (valid, torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int32,
+                                                                                      device=dev))
     calls = {
         "python no-op call": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: stream(),
@@ -74,7 +76,7 @@ def main() -> None:
         "torch fill_ on a device scalar": lambda: valid.fill_(3),
         "torch copy_ pinned->device non_blocking": lambda: scratch[0].copy_(pinned[0], non_blocking=True),
         "Triton set_valid_tokens (JIT launch)": lambda: triton_flush.set_valid_tokens(valid, 3),
-        "Triton count_stacked (JIT launch)": lambda: triton_flush.count_stacked(counts, mirror, ids, rows, valid, 128),
+        "Triton count_stacked (JIT launch)": lambda: triton_flush.count_stacked(counts, mirror, ids, rows, sc, 128),
         "torch.stack of 24 [8,8] ids": (lambda xs: lambda: torch.stack(xs))([ids[0]] * 24),
     }
     cycles = int(torch.cuda.get_device_properties(0).clock_rate * 1000 * 0.3)
