@@ -5,13 +5,23 @@ formula says, from the same breakdown a capture of that step would give."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import time
 
 import numpy as np
 import pytest
+from conftest import parse_exposition
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from moe_monitor.breakdown.analyze import analyze
+from moe_monitor.breakdown.trace import read_trace
+from moe_monitor.channel import LAYER_HOOKED, Ranks, SegmentWriter, Shape
+from moe_monitor.plugin.steps import StepStats
+from moe_monitor.sidecar.config import SidecarConfig
+from moe_monitor.sidecar.wiring import build
 from moe_monitor.stats.imbalance import vllm_balancedness
 from moe_monitor.stats.imbalance_cost import (
     expert_time_lost,
@@ -99,3 +109,55 @@ def test_the_figures_are_fractions(load, share):
     assert math.isnan(total) or 0 <= total < 1
     step = step_time_lost(load, share)
     assert step is None or math.isnan(step) or 0 <= step <= 1 - share
+
+
+# -- a real sidecar over real segments and a real two-rank EP capture ---------------------------------------------
+TRACES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "traces")
+EP_TRACES = [f"cpu_ep_stack_gloo_dp{r}_pp0_tp0_ep{r}_rank{r}.pt.trace.json.gz" for r in (0, 1)]
+
+
+def publish(directory, writers: dict, rank: int, counts: np.ndarray) -> None:
+    """DP rank `rank` of an EP=2 model (dp_size = ep_size = 2, 2 layers x 4 experts, contiguous placement)."""
+    if rank not in writers:
+        steps = StepStats()
+        shape = Shape(2, counts.shape[1], len(steps.token_bounds), len(steps.duration_bounds))
+        writers[rank] = (SegmentWriter(str(directory), "tiny-moe", Ranks(dp_rank=rank, dp_size=2, ep_rank=rank,
+                                                                         ep_size=2), shape, top_k=2), steps)
+    writer, steps = writers[rank]
+    arrays = steps.snapshot()
+    arrays.update(counts=counts.astype(np.int64), layer_ids=np.array([0, 1], dtype=np.int32),
+                  layer_flags=np.full(2, LAYER_HOOKED, dtype=np.uint8))
+    writer.publish(arrays)
+
+
+def test_a_sidecar_exports_what_ep_rank_imbalance_costs(tmp_path):
+    segments, profiles = tmp_path / "segments", tmp_path / "profiles"
+    segments.mkdir()
+    profiles.mkdir()
+    for name in EP_TRACES:  # both ranks' traces of benchmarks/ep_stack.py, written a while ago (settled)
+        shutil.copy(os.path.join(TRACES, name), profiles / name)
+        os.utime(profiles / name, (time.time() - 100, time.time() - 100))
+    now = [time.time()]
+    t0 = now[0]
+    exporter = build(SidecarConfig(segment_dir=str(segments), profile_dir=str(profiles), window_s=5,
+                                   min_window_assignments=50), clock=lambda: now[0], process_metrics=False)
+    exporter.captures.poll(background=False)  # analysed here, not in the window loop's thread
+    writers: dict = {}
+    base = np.full((2, 4), 10)
+    for rank in (0, 1):
+        publish(segments, writers, rank, base)
+    exporter.tick(t0)
+    # in the window, each DP rank routes layer 0 as [300, 100, 50, 50] (EP rank 0 serves experts 0-1: 400 of
+    # each DP rank's 500) and layer 1 evenly
+    for rank in (0, 1):
+        publish(segments, writers, rank, base + np.array([[300, 100, 50, 50], [100, 100, 100, 100]]))
+    now[0] = t0 + 6
+    values = parse_exposition(exporter.tick(t0 + 5).body.decode())
+    lost = {layer: values[("moe_layer_ep_expert_time_lost_ratio", (("layer", layer),))] for layer in ("0", "1")}
+    assert lost == {"0": pytest.approx(1 - 500 / 800), "1": 0.0}  # rank loads [800, 200] and [400, 400]
+    assert values[("moe_ep_expert_time_lost_ratio", ())] == pytest.approx((800 - 500) / (800 + 400))
+    capture = analyze([read_trace(os.path.join(TRACES, name)) for name in EP_TRACES])
+    share = capture.categories["experts"].us / (capture.total_us + capture.idle_us)
+    assert 0 < share < 0.75  # the capture fits this window: its busiest rank's expert time within the step
+    assert values[("moe_ep_step_time_lost_ratio", ())] == pytest.approx(share * ((800 + 400) / (500 + 400) - 1))
+    assert values[("moe_monitor_collector_success", (("collector", "imbalance_cost"),))] == 1
