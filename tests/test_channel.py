@@ -55,6 +55,7 @@ _FIELDS = [
     ("top_k", "I"), ("ranks", "10i"), ("num_phases", "I"), ("num_token_buckets", "I"),
     ("num_duration_buckets", "I"), ("flags", "I"), ("payload_size", "Q"), ("payload_crc32", "I"),
     ("reserved", "I"), ("publish_errors", "Q"), ("model", f"{MODEL_NAME_BYTES}s"),
+    ("eplb_health_size", "I"), ("extension_crc32", "I"),  # extensions: older writers left them zero
 ]
 OFFSETS: dict[str, int] = {}
 FORMATS: dict[str, str] = {}

@@ -21,6 +21,7 @@ from moe_monitor.sidecar.collectors import (
     detector,
     ep_ranks,
     health,
+    imbalance_cost,
     load_histogram,
     model,
     routing,
@@ -200,6 +201,39 @@ def test_routing_all_adds_every_experts_cumulative_count():
     assert by(m, "moe_expert_routed_tokens_total", "layer", "expert") == {("3", "0"): 10, ("3", "1"): 0,
                                                                           ("3", "2"): 4}
     assert by(m, "moe_layer_top_expert_id", "layer", "rank") == {("3", "1"): 2}  # the window's, not the totals'
+
+
+# -- imbalance cost ----------------------------------------------------------------------------------------------
+def cost_reading(rank_load, breakdown_view=None, **settings) -> Reading:
+    window = window_of([[1, 1, 1, 1], [1, 1, 1, 1]])  # the expert counts play no part; the EP-rank loads do
+    return reading(config(min_window_assignments=10, **settings), window=window, closed=True,
+                   window_rank_load=np.asarray(rank_load, dtype=np.float64), breakdown=breakdown_view)
+
+
+def test_imbalance_cost_per_layer_and_of_expert_time_from_routing_alone():
+    # layer 3: rank 0 at twice each other rank's load; layer 7: balanced
+    m = exposed(imbalance_cost, cost_reading([[200.0, 100.0, 100.0, 100.0], [50.0, 50.0, 50.0, 50.0]]))
+    assert by(m, "moe_layer_ep_expert_time_lost_ratio", "layer") == {("3",): 1 - 125 / 200, ("7",): 0.0}
+    assert m[("moe_ep_expert_time_lost_ratio", ())] == pytest.approx((200 - 125) / (200 + 50))
+    assert not samples(m, "moe_ep_step_time_lost_ratio")  # no capture: no guess
+
+
+def test_imbalance_cost_of_step_time_with_the_newest_capture():
+    record = BreakdownRecord(categories={"experts": Category(3000.0, 0.3), "attention": Category(6000.0, 0.6),
+                                         "all_to_all": Category(500.0, 0.05)},
+                             ranks=4, idle_us=500.0, moe_blocks=2, preamble_us=None, first_expert_us=None)
+    view = BreakdownView(0, Capture("trigger-1_", ("a", "b", "c", "d"), NOW - 600), record)
+    r = cost_reading([[200.0, 100.0, 100.0, 100.0], [50.0, 50.0, 50.0, 50.0]], view, profile_dir="/profiles")
+    m = exposed(imbalance_cost, r)
+    share = 3000 / (3000 + 6000 + 500 + 500)  # experts over busy + idle: 0.3
+    assert m[("moe_ep_step_time_lost_ratio", ())] == pytest.approx(share * ((200 + 50) / (125 + 50) - 1))
+    # an idle layer is left out of every figure; one EP rank gives none
+    m = exposed(imbalance_cost, cost_reading([[200.0, 100.0], [1.0, 0.0]], view))
+    lost = by(m, "moe_layer_ep_expert_time_lost_ratio", "layer")
+    assert lost[("3",)] == 0.25 and math.isnan(lost[("7",)])
+    assert m[("moe_ep_step_time_lost_ratio", ())] == pytest.approx(share * (200 / 150 - 1))
+    assert exposed(imbalance_cost, cost_reading([[400.0], [100.0]], view)) == {}
+    assert exposed(imbalance_cost, reading(window=window_of([[1, 1], [1, 1]]))) == {}  # no placement that fits
 
 
 # -- detector ----------------------------------------------------------------------------------------------------

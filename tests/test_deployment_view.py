@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ from moe_monitor.demo import launch, promstack
 from moe_monitor.mixin import dashboards
 from moe_monitor.mixin.build import to_yaml
 from moe_monitor.mixin.config import config_from_dict
+from moe_monitor.mixin.dashboards.overview import NEEDS_EP
+from moe_monitor.mixin.queries import iter_panels
 from moe_monitor.mixin.rules import (
     DEPLOYMENT_EP_RANK_ROUTED_RATE,
     DEPLOYMENT_EXPERT_ROUTED_RATE,
@@ -162,6 +165,17 @@ def sleep_until(t: float) -> None:
     time.sleep(max(0.0, t - time.time()))
 
 
+def ep_capture(directory: Path) -> Path:
+    """A profile directory holding both ranks' traces of benchmarks/ep_stack.py (an EP=2 capture), written a while
+    ago so the sidecar takes them as complete."""
+    directory.mkdir()
+    for rank in (0, 1):
+        name = f"cpu_ep_stack_gloo_dp{rank}_pp0_tp0_ep{rank}_rank{rank}.pt.trace.json.gz"
+        shutil.copy(ROOT / "tests" / "fixtures" / "traces" / name, directory / name)
+        os.utime(directory / name, (time.time() - 100, time.time() - 100))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     try:
@@ -175,8 +189,10 @@ def stack(tmp_path_factory):
     segments.write(base)
     procs = []
     try:
+        profiles = ep_capture(work / "profiles")  # C analyses it: what EP-rank imbalance costs of step time
         sidecars = {node: launch.start_sidecar(str(d), free_port(), str(work / f"sidecar-{node}.log"), [
-            "--window", "1", "--expert-series", "all", "--min-window-assignments", "1", "--stale-after", "3600"])
+            "--window", "1", "--expert-series", "all", "--min-window-assignments", "1", "--stale-after", "3600"]
+            + (["--profile-dir", str(profiles)] if node == "c" else []))
             for node, d in segments.dirs.items()}
         procs += sidecars.values()
         address = {node: p.url.removeprefix("http://") for node, p in sidecars.items()}
@@ -338,3 +354,21 @@ def test_every_deployment_dashboard_query_returns_data(stack, steady):
                                           range_="60s", interval="1s")
     print(f"\n{checked} deployment dashboard queries checked, {len(empty)} without data")
     assert checked >= 15 and not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def test_the_overview_panels_of_what_ep_rank_imbalance_costs_return_data(stack, steady):
+    """The overview's panels that have no data with one EP rank (test_e2e_prometheus's vLLM has one), here over an
+    EP=4 model: C's step-time figure from the EP capture in its profile directory."""
+    prom, started, address = stack["prom"], stack["started"], stack["address"]
+    dash = dashboards.build(stack["cfg"])["moe-overview.json"]
+    panels = [p for p in iter_panels(dash) if p.get("title") in NEEDS_EP]
+    assert len(panels) == len(NEEDS_EP)
+    variables = {"datasource": "prometheus", "job": ["moe-monitor"], "instance": [address["c"]],
+                 "model": ["test/dsv3-tiny"], "layer": ["0", "1", "2"]}
+    checked, empty = queries_without_data(prom, {"panels": panels}, variables, started, time.time(), 1,
+                                          rate_interval="4s", range_="60s", interval="1s")
+    assert checked == 3 and not empty, "queries without data:\n" + "\n".join(empty)
+    c = address["c"]
+    lost = by(instant(prom, f'max_over_time(moe_ep_step_time_lost_ratio{{instance="{c}"}}[60s])'), "instance")
+    assert 0 < lost[(c,)] < 1, lost
+    print(f"\nC's step time lost to EP-rank imbalance, the most of a window: {lost[(c,)]:.4f}")

@@ -24,6 +24,20 @@ The version-2 sections are optional and checked against the header before they a
 every logical expert in at least one slot of each layer; every load finite and >= 0. A section that fails is left
 out of the snapshot (its bytes are not kept) and named in `Snapshot.refused`; the counts never depend on it.
 
+Extensions (still version 2): sections after the payload, announced by header fields that older writers left zero
+(the header's tail is zero-filled). A version-2 reader that predates them reads `payload_size` bytes of payload and
+ignores the rest of the file, so it still reads a segment that has them; this reader reads a segment without them
+as before. Each extension has its own size field (a reader uses the fields it knows, the record's prefix, so later
+fields can be appended) and `extension_crc32` covers all extension bytes:
+
+    eplb_health      EPLB_HEALTH [1]      when eplb_health_size > 0: vLLM's EPLB rearrangements as the plugin
+                                          saw them (counts, the last one's time and duration, the configured
+                                          interval, vLLM's steps-since-rearrangement counter, engine steps)
+
+An extension is checked like the version-2 sections and refused alone: a size below the record's or above
+MAX_EXTENSION_BYTES, a file that ends inside it (shape), a checksum mismatch (checksum), a value no writer
+publishes (value: see `eplb_refusal`).
+
 Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
 payload, so a reader that copies the file while a write is under way detects it and retries.
 """
@@ -72,6 +86,9 @@ HEADER_FIELDS = (  # (name, struct code), in file order
     ("num_physical", "I"),  # S: physical expert slots of the placement section; 0 = none (version 1: reserved, 0)
     ("publish_errors", "Q"),  # snapshots the writer failed to publish since it started
     ("model", f"{MODEL_NAME_BYTES}s"),  # model name, utf-8, NUL padded
+    # extensions (after the payload; older writers left these zero, older readers ignore them)
+    ("eplb_health_size", "I"),  # bytes of the eplb_health record; 0 = none
+    ("extension_crc32", "I"),  # CRC-32 of every extension's bytes
 )
 HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 # Where each field starts: the writer updates seq, updated_unix_ns, payload_crc32 and publish_errors in place.
@@ -81,6 +98,82 @@ SEQ_OFFSET = HEADER_OFFSETS["seq"]
 assert HEADER.size <= HEADER_SIZE
 RANK_FIELDS = ("global_rank", "world_size", "dp_rank", "dp_size", "tp_rank", "tp_size",
                "pp_rank", "pp_size", "ep_rank", "ep_size")
+
+
+# The eplb_health record (little-endian). Counts are cumulative per writer process; "none yet" is 0 for times and
+# NaN for the duration.
+EPLB_HEALTH_FIELDS = (
+    ("flags", "I"),  # EPLB_ASYNC | EPLB_HOOKED | EPLB_IN_PROGRESS
+    ("reserved", "I"),
+    ("rearrangements", "Q"),  # rearrangements completed: sync, vLLM's whole-model commit; async, the last layer's
+    ("layer_commits", "Q"),  # per-layer commits (async EPLB commits one MoE layer at a time)
+    ("started", "Q"),  # rearrangements vLLM entered (EplbState.rearrange, its profile run excluded)
+    ("last_start_unix_ns", "q"),  # when vLLM entered the last rearrangement
+    ("last_end_unix_ns", "q"),  # when the last rearrangement completed
+    ("last_duration_s", "d"),  # the last completed one: entry to its (last) commit, host clock
+    ("duration_s_total", "d"),  # all completed ones
+    ("step_interval", "Q"),  # vLLM's eplb_config.step_interval (steps between rearrangements)
+    ("window_size", "Q"),  # vLLM's eplb_config.window_size (steps of load it plans on)
+    ("steps_since", "Q"),  # vLLM's EplbState.expert_rearrangement_step at the publish
+    ("engine_steps", "Q"),  # engine steps the plugin timed (steps with tokens), at the publish
+    ("engine_steps_at_last", "Q"),  # the same, when the last rearrangement completed
+)
+EPLB_HEALTH = struct.Struct("<" + "".join(code for _, code in EPLB_HEALTH_FIELDS))
+EPLB_ASYNC = 1  # vLLM runs EPLB asynchronously (eplb_config.use_async)
+EPLB_HOOKED = 2  # the plugin wraps vLLM's rearrange: starts and durations are measured
+EPLB_IN_PROGRESS = 4  # a rearrangement was entered and has not completed at the publish
+MAX_EXTENSION_BYTES = 4096  # an extension record larger than this is refused unread
+MAX_EPLB_STEPS = 1 << 53  # steps and counts above this are no writer's (2**53: exact in a float64 metric)
+
+
+@dataclass(frozen=True)
+class EplbHealth:
+    """vLLM's EPLB as one rank's plugin saw it (the eplb_health record)."""
+
+    flags: int = 0
+    rearrangements: int = 0
+    layer_commits: int = 0
+    started: int = 0
+    last_start_unix_ns: int = 0
+    last_end_unix_ns: int = 0
+    last_duration_s: float = math.nan
+    duration_s_total: float = 0.0
+    step_interval: int = 0
+    window_size: int = 0
+    steps_since: int = 0
+    engine_steps: int = 0
+    engine_steps_at_last: int = 0
+
+    def pack(self) -> bytes:
+        return EPLB_HEALTH.pack(*(0 if name == "reserved" else getattr(self, name) for name, _ in EPLB_HEALTH_FIELDS))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> EplbHealth:
+        values = dict(zip((name for name, _ in EPLB_HEALTH_FIELDS), EPLB_HEALTH.unpack_from(buf)))
+        del values["reserved"]
+        return cls(**values)
+
+
+def eplb_refusal(e: EplbHealth) -> str | None:
+    """Why a decoded eplb_health record cannot be right (None: usable). vLLM's step_interval is at least 1; counts
+    and steps stay below 2**53; times are >= 0; a duration is NaN (none yet) or finite, >= 0 and below a day's
+    worth of seconds in total per rearrangement; no more rearrangements completed than commits or steps allow."""
+    counts = (e.rearrangements, e.layer_commits, e.started, e.step_interval, e.window_size, e.steps_since,
+              e.engine_steps, e.engine_steps_at_last)
+    if not 1 <= e.step_interval or max(counts) > MAX_EPLB_STEPS:
+        return f"step_interval {e.step_interval} or a count above 2**53"
+    if e.last_start_unix_ns < 0 or e.last_end_unix_ns < 0:
+        return "a negative timestamp"
+    d = e.last_duration_s
+    if not (math.isnan(d) or (math.isfinite(d) and 0 <= d <= 86400)):
+        return f"last rearrangement duration {d!r}"
+    if not (math.isfinite(e.duration_s_total) and e.duration_s_total >= 0):
+        return f"total rearrangement duration {e.duration_s_total!r}"
+    if math.isnan(d) != (e.rearrangements == 0):
+        return f"{e.rearrangements} rearrangements with last duration {d!r}"
+    if e.engine_steps_at_last > e.engine_steps:
+        return f"engine steps at the last rearrangement ({e.engine_steps_at_last}) above the steps ({e.engine_steps})"
+    return None
 
 
 def max_slots(num_experts: int) -> int:
@@ -169,12 +262,18 @@ class Header:
     payload_crc32: int
     publish_errors: int
     model: str
+    eplb_health_size: int = 0  # extension bytes after the payload (0: none)
+    extension_crc32: int = 0
+
+    @property
+    def extension_size(self) -> int:
+        return self.eplb_health_size
 
 
 @dataclass(frozen=True)
 class Refusal:
     """An optional section of a readable segment left out because it does not fit the header. `reason` is a short
-    stable label used in metrics (ep_size, shape, expert_ids, value; the sidecar adds decreased)."""
+    stable label used in metrics (ep_size, shape, expert_ids, value, checksum; the sidecar adds decreased)."""
 
     section: str
     reason: str
@@ -196,6 +295,7 @@ class Snapshot:
     step_tokens: np.ndarray
     physical_to_logical: np.ndarray | None = None  # [L, S] live placement, when the writer published one
     ep_rank_load: np.ndarray | None = None  # [L, R] cumulative EP-rank load the writer attributed itself
+    eplb_health: EplbHealth | None = None  # the eplb_health extension, when the writer published one
     refused: tuple[Refusal, ...] = ()  # optional sections present in the file but left out
 
 
@@ -206,7 +306,7 @@ def pack_header(h: Header) -> bytes:
         MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
         s.num_layers, s.num_experts, h.top_k, *h.ranks.as_tuple(), s.num_phases, s.num_token_buckets,
         s.num_duration_buckets, s.num_load_ranks, h.payload_size, h.payload_crc32, s.num_physical,
-        h.publish_errors, model,
+        h.publish_errors, model, h.eplb_health_size, h.extension_crc32,
     )
     return raw.ljust(HEADER_SIZE, b"\x00")
 
@@ -231,7 +331,7 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
         raise SegmentError("corrupt", f"header_size {header_size} != {HEADER_SIZE}")
     seq, generation, created, updated, pid, L, E, top_k = f[3:11]
     ranks = Ranks(*f[11:21])
-    P, TB, DB, R, payload_size, crc, S, publish_errors, model = f[21:30]
+    P, TB, DB, R, payload_size, crc, S, publish_errors, model, eplb_size, ext_crc = f[21:32]
     if P != len(PHASES) or TB < 1 or DB < 1:
         raise SegmentError("corrupt", f"bad histogram dimensions phases={P} token_buckets={TB} duration_buckets={DB}")
     if version == 1:
@@ -246,7 +346,7 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
     except UnicodeDecodeError as e:
         raise SegmentError("corrupt", f"model name is not utf-8: {e}") from None
     return Header(seq, generation, created, updated, pid, top_k, ranks, shape, payload_size, crc,
-                  publish_errors, name)
+                  publish_errors, name, eplb_size, ext_crc)
 
 
 def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
@@ -281,7 +381,30 @@ def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
     for r in content_refusals(h.shape, arrays):
         refused[r.section] = r
         del arrays[r.section]
-    return Snapshot(header=h, refused=tuple(refused.values()), **arrays)
+    eplb, refusal = _read_extensions(h, read, size)
+    if refusal is not None:
+        refused[refusal.section] = refusal
+    return Snapshot(header=h, refused=tuple(refused.values()), eplb_health=eplb, **arrays)
+
+
+def _read_extensions(h: Header, read, size: int) -> tuple[EplbHealth | None, Refusal | None]:
+    """The eplb_health extension after the payload: (record, None), (None, why it is refused) or (None, None)."""
+    n = h.eplb_health_size
+    if not n:
+        return None, None
+    if not EPLB_HEALTH.size <= n <= MAX_EXTENSION_BYTES:
+        return None, Refusal("eplb_health", "shape", f"an eplb_health record of {n} bytes: {EPLB_HEALTH.size} to "
+                             f"{MAX_EXTENSION_BYTES} expected")
+    data = read(n) if size >= HEADER_SIZE + h.payload_size + n else b""
+    if len(data) < n:
+        return None, Refusal("eplb_health", "shape", f"the file ends inside its {n}-byte eplb_health record")
+    if zlib.crc32(data) != h.extension_crc32:
+        return None, Refusal("eplb_health", "checksum", "the eplb_health record does not match its checksum")
+    record = EplbHealth.unpack(data)
+    why = eplb_refusal(record)
+    if why is not None:
+        return None, Refusal("eplb_health", "value", f"the eplb_health record cannot be right: {why}")
+    return record, None
 
 
 PIECE_BYTES = 1 << 20  # a refused section is checksummed this much at a time

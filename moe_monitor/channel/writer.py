@@ -17,10 +17,22 @@ import zlib
 
 import numpy as np
 
-from .layout import HEADER_OFFSETS, HEADER_SIZE, SEQ_OFFSET, Header, Ranks, Shape, pack_header, payload_parts
+from .layout import (
+    EPLB_HEALTH,
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    SEQ_OFFSET,
+    EplbHealth,
+    Header,
+    Ranks,
+    Shape,
+    pack_header,
+    payload_parts,
+)
 
 _SEQ = struct.Struct("<Q")
 _UPDATED, _CRC, _ERRORS = struct.Struct("<q"), struct.Struct("<I"), struct.Struct("<Q")
+_NO_EPLB = EplbHealth(step_interval=1)  # published until the plugin gives a record: EPLB seen, nothing yet
 
 
 def segment_filename(ranks: Ranks) -> str:
@@ -30,18 +42,21 @@ def segment_filename(ranks: Ranks) -> str:
 class SegmentWriter:
     """A publish runs on vLLM's side of the GIL, so it does no more than it must: the header is packed once and
     its four changing fields are patched in place; the arrays are checksummed and written as they come (no
-    payload bytes are built), the header and payload in one pwritev between the two seqlock writes."""
+    payload bytes are built), the header and payload in one pwritev between the two seqlock writes. With
+    `eplb_health` the file also carries that extension after the payload (layout.py), in the same pwritev."""
 
-    def __init__(self, directory: str, model: str, ranks: Ranks, shape: Shape, top_k: int):
+    def __init__(self, directory: str, model: str, ranks: Ranks, shape: Shape, top_k: int,
+                 eplb_health: bool = False):
         self.path = os.path.join(directory, segment_filename(ranks))
         self._shape = shape
         self._sections = shape.sections()
-        self._size = HEADER_SIZE + shape.payload_size
+        self._eplb_size = EPLB_HEALTH.size if eplb_health else 0
+        self._size = HEADER_SIZE + shape.payload_size + self._eplb_size
         now = time.time_ns()
         self._header = Header(
             seq=0, generation=secrets.randbits(63) or 1, created_unix_ns=now, updated_unix_ns=now,
             pid=os.getpid(), top_k=top_k, ranks=ranks, shape=shape, payload_size=shape.payload_size,
-            payload_crc32=0, publish_errors=0, model=model,
+            payload_crc32=0, publish_errors=0, model=model, eplb_health_size=self._eplb_size,
         )
         self._head = bytearray(pack_header(self._header))  # patched in place at each publish
         self._seq = 0
@@ -67,15 +82,20 @@ class SegmentWriter:
             raise
         self._fd, self._file_id = fd, (st.st_dev, st.st_ino)
 
-    def publish(self, arrays: dict[str, np.ndarray], publish_errors: int = 0) -> None:
+    def publish(self, arrays: dict[str, np.ndarray], publish_errors: int = 0,
+                eplb: EplbHealth | None = None) -> None:
         """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries.
         The arrays are written as they are, after their checksum: none may change until publish returns (the
-        publisher passes copies)."""
+        publisher passes copies). `eplb` is written only by a writer made with eplb_health."""
         parts = payload_parts(self._sections, self._shape.num_layers, arrays)
         crc = 0
         for part in parts:
             crc = zlib.crc32(part.data, crc)  # the GIL is released for parts over 5 KiB (the counts)
         head = self._head
+        if self._eplb_size:
+            record = (eplb or _NO_EPLB).pack()
+            parts.append(np.frombuffer(record, dtype=np.uint8))
+            _CRC.pack_into(head, HEADER_OFFSETS["extension_crc32"], zlib.crc32(record))
         _UPDATED.pack_into(head, HEADER_OFFSETS["updated_unix_ns"], time.time_ns())
         _CRC.pack_into(head, HEADER_OFFSETS["payload_crc32"], crc)
         _ERRORS.pack_into(head, HEADER_OFFSETS["publish_errors"], publish_errors)

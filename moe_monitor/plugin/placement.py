@@ -31,6 +31,8 @@ import numpy as np
 
 from moe_monitor.stats.placement import Placement
 
+from . import eplb_health
+
 log = logging.getLogger(__name__)
 
 
@@ -138,7 +140,8 @@ _followed: list[LivePlacement] = []
 
 
 def follow_commits(live: LivePlacement) -> None:
-    """Wrap vLLM's two commit functions (once per process) so that every new map reaches `live`."""
+    """Wrap vLLM's two commit functions (once per process) so that every new map reaches `live` (and the
+    rearrangement is counted: eplb_health.on_commit)."""
     if live not in _followed:
         _followed.append(live)
     from vllm.distributed.eplb import eplb_state as es
@@ -156,6 +159,7 @@ def follow_commits(live: LivePlacement) -> None:
                 for live in _followed:
                     if live.model_state is model_state:
                         live.commit(new_physical_to_logical_map.numpy(), layer)  # a host tensor: no CUDA call
+                eplb_health.on_commit(model_state, layer)  # counts and times the rearrangement (host clock)
             except Exception:  # noqa: BLE001 - never raise into vLLM's rearrangement
                 log.exception("moe-monitor could not follow an EPLB rearrangement; EP-rank load may use a stale "
                               "placement")

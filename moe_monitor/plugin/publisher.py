@@ -20,6 +20,7 @@ import numpy as np
 from moe_monitor.channel import LAYER_HOOKED, LAYER_UNOBSERVABLE, SegmentWriter
 
 from .attach import Attachment
+from .eplb_health import EplbRecorder
 from .placement import LivePlacement
 from .recorder import Recorder
 from .steps import StepStats
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     def __init__(self, writer: SegmentWriter, recorder: Recorder, steps: StepStats, attachment: Attachment,
-                 interval_s: float, placement: LivePlacement | None = None):
+                 interval_s: float, placement: LivePlacement | None = None, eplb: EplbRecorder | None = None):
         self.writer, self.recorder, self.steps, self.attachment = writer, recorder, steps, attachment
         self.placement = placement
+        self.eplb = eplb  # vLLM's EPLB rearrangements (host attributes), with the placement
         self.interval_s = interval_s
         self.errors = 0
         self._failing = False
@@ -80,7 +82,8 @@ class Publisher:
             if self.placement is not None:
                 arrays["ep_rank_load"] = self.placement.rank_load()  # what the sidecar exports (EPLB)
                 arrays["physical_to_logical"] = self.placement.current  # may be one commit newer: shown, not summed
-            self.writer.publish(arrays, publish_errors=self.errors)
+            self.writer.publish(arrays, publish_errors=self.errors,
+                                eplb=self.eplb.record() if self.eplb is not None else None)
         except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise
             self.errors += 1
             if not self._failing:

@@ -15,6 +15,7 @@ from moe_monitor import env
 from moe_monitor.channel import Ranks, SegmentWriter, Shape
 
 from .attach import find_moe_layers, patch_bind_routed_experts_capturer, patch_set_capture_fn, tap_layers
+from .eplb_health import follow_eplb
 from .placement import read_live_placement
 from .publisher import Publisher
 from .recorder import MODES, Recorder
@@ -232,10 +233,12 @@ def build_monitor(worker) -> WorkerMonitor | None:
     shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds),
                   num_physical=placement.num_physical if placement else 0,
                   num_load_ranks=placement.num_ranks if placement else 0)
+    eplb = follow_eplb(runner.eplb_state, placement.model_state, len(attachment.layers),
+                       lambda: steps.recorded) if placement else None  # EPLB's rearrangements (eplb_health)
     writer = SegmentWriter(env.env_str(env.SEGMENT_DIR, env.DEFAULT_SEGMENT_DIR), model_name(vllm_config), ranks,
-                           shape, top_k)
+                           shape, top_k, eplb_health=eplb is not None)
     interval = env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01)
-    publisher = Publisher(writer, recorder, steps, attachment, interval, placement)
+    publisher = Publisher(writer, recorder, steps, attachment, interval, placement, eplb)
     publisher.publish_once()  # the segment exists (with zeros) as soon as the model is loaded
     publisher.start()
     atexit.register(publisher.stop)

@@ -164,6 +164,24 @@ METRICS: tuple[Metric, ...] = (
        "Waiting in collectives of this kind that the rank caused by joining last, by what its device did instead "
        "since the previous collective, in excess of the waiter's: idle (host-bound), busy (computing), unexplained "
        "(not comparable, e.g. the trace's first collective)."),
+    # -- imbalance cost: what EP-rank imbalance costs (the last closed window; of step time, with the newest capture)
+    _M("moe_layer_ep_expert_time_lost_ratio", "gauge", ("layer",), "t0", "imbalance_cost",
+       "Fraction of the layer's expert time spent waiting for its busiest EP rank in the last closed window: 1 - "
+       "mean / max of the layer's EP-rank loads (1 - 1 / moe_layer_ep_rank_imbalance_ratio; 0 = balanced), "
+       "assuming expert time proportional to the assignments a rank serves. NaN below --min-window-assignments; "
+       "no series with one EP rank."),
+    _M("moe_ep_expert_time_lost_ratio", "gauge", (), "t0", "imbalance_cost",
+       "Fraction of the model's expert time lost to EP-rank imbalance in the last closed window: sum over layers of "
+       "(max - mean) / sum over layers of max EP-rank load, each layer weighed by its expert time (1 - "
+       "moe_eplb_balancedness_vllm over the layers with at least --min-window-assignments). No series with one EP "
+       "rank."),
+    _M("moe_ep_step_time_lost_ratio", "gauge", (), "t0", "imbalance_cost",
+       "Estimated fraction of step time lost to EP-rank imbalance: s x (sum over layers of max / sum over layers of "
+       "mean EP-rank load - 1), the loads of the last closed window, s the experts' share of step time in the newest "
+       "analysed capture (moe_capture_device_seconds{category=\"experts\"} / (sum of moe_capture_device_seconds + "
+       "moe_capture_idle_seconds)), which may be old: moe_capture_end_timestamp_seconds says when it was taken. No "
+       "series without an analysed capture, with one EP rank, or when s x max / mean exceeds 1 (the capture's "
+       "workload is not this window's)."),
     # -- detector
     _M("moe_detector_state", "gauge", ("state",), "t0", "detector",
        "Regression detector state (1 for the current one)."),

@@ -118,6 +118,11 @@ def _overview_balance(cfg) -> Row:
     ])
 
 
+IMBALANCE_COST = "Time lost to EP-rank imbalance"
+EXPERT_TIME_LOST_BY_LAYER = "Expert time lost to EP-rank imbalance by layer"
+NEEDS_EP = (IMBALANCE_COST, EXPERT_TIME_LOST_BY_LAYER)  # panels without data where the model has one EP rank
+
+
 def _overview_ep(cfg) -> Row:
     return Row("EP ranks", [
         ts("Assignments/s by EP rank", "Assignments served by each EP rank under the expert placement (physical "
@@ -134,6 +139,20 @@ def _overview_ep(cfg) -> Row:
                query(f"min by (instance) ({sel('moe_eplb_balancedness_vllm')})", "{{instance}} vLLM"),
                query(f"min by (instance) ({sel('moe_eplb_balancedness_sglang')})", "{{instance}} SGLang"),
            ], w=8, min_=0, max_=1, fill=0),
+        ts(IMBALANCE_COST, "What EP-rank imbalance costs in the last window, as every rank waits at each layer's "
+           "combine for the busiest (highest instance). Of step time: the newest analysed capture's expert share s "
+           "stretched from the even spread to the busiest rank, s × (Σ max / Σ mean rank load − 1); no line until a "
+           "capture was analysed, and the share is as old as that capture (moe_capture_end_timestamp_seconds). Of "
+           "expert time: Σ (max − mean) / Σ max over layers, routing only (1 − vLLM's balancedness). Assumes expert "
+           "time proportional to a rank's assignments (docs/metrics.md). No series with one EP rank.", SHARE, [
+               query(f"max by (instance) ({sel('moe_ep_step_time_lost_ratio')})", "{{instance}} of step time"),
+               query(f"max by (instance) ({sel('moe_ep_expert_time_lost_ratio')})", "{{instance}} of expert time"),
+           ], min_=0, fill=0),
+        ts(EXPERT_TIME_LOST_BY_LAYER, "Fraction of each layer's expert time spent waiting for its busiest EP rank "
+           "in the last window, 1 − mean/max of its rank loads (worst instance; 0 = balanced). No series with one "
+           "EP rank.", SHARE,
+           [query(f"max by (layer) ({sel('moe_layer_ep_expert_time_lost_ratio', LAYER)})", "layer {{layer}}")],
+           min_=0, max_=1, fill=0),
     ])
 
 

@@ -3,10 +3,22 @@
 
 from __future__ import annotations
 
-from . import balance, breakdown, captures, detector, ep_ranks, health, load_histogram, model, routing, steps
+from . import (
+    balance,
+    breakdown,
+    captures,
+    detector,
+    ep_ranks,
+    health,
+    imbalance_cost,
+    load_histogram,
+    model,
+    routing,
+    steps,
+)
 from .base import Collector, Runner
 
 ALL: tuple[Collector, ...] = tuple(m.COLLECTOR for m in (
-    model, balance, steps, ep_ranks, load_histogram, routing, breakdown, detector, captures, health))
+    model, balance, steps, ep_ranks, load_histogram, routing, breakdown, imbalance_cost, detector, captures, health))
 
 __all__ = ["ALL", "Collector", "Runner"]
