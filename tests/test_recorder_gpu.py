@@ -178,8 +178,8 @@ def check_graph_replays_count_what_vllms_buffer_says(mode):
 
     stack = _stack()
     rec = _recorder(stack, mode)
-    host = torch.zeros(9, dtype=torch.int32, pin_memory=True)
     device = torch.zeros(9, dtype=torch.int32, device="cuda")
+    sources = []  # one pinned source per copy, kept until the end: a copy may run after the host moved on
     rec.read_step_tokens_from(device[-1])
     rec.set_gate(False)
     x = torch.randn(32, SMALL["hidden"], device="cuda", dtype=torch.bfloat16)
@@ -188,8 +188,8 @@ def check_graph_replays_count_what_vllms_buffer_says(mode):
     assert rec.counts[:, :SMALL["experts"]].sum().item() == 0, "warm-up and capture must count nothing"
     expected = torch.zeros(SMALL["layers"], SMALL["experts"], dtype=torch.int64)
     for valid, replays, gate in [(32, 3, True), (17, 2, True), (9, 2, False), (1, 4, True), (0, 2, True)]:
-        host.fill_(valid)
-        device.copy_(host, non_blocking=True)  # what vLLM's copy_to_gpu does before each forward
+        sources.append(torch.full((9,), valid, dtype=torch.int32).pin_memory())
+        device.copy_(sources[-1], non_blocking=True)  # what vLLM's copy_to_gpu does before each forward
         rec.set_gate(gate)
         for _ in range(replays):
             graph.replay()
