@@ -350,9 +350,9 @@ def _eplb_stalled(cfg: MixinConfig) -> dict:
         f"vLLM's EPLB rearrangement {hung}hung{{{{ else }}}}overdue{{{{ end }}}} on {INSTANCE}.",
         f"{hung}A synchronous EPLB rearrangement has been in progress for {VALUE}s (they take about a second): "
         f"the engine waits inside it, no step runs.{{{{ else }}}}Steps flow, but the EPLB rearrangement vLLM "
-        f"should have started {VALUE} steps ago has not started ({_num(n)} x its step_interval or more since the last one "
-        f"began): an async rearrangement that never finished keeps vLLM from starting the next, silently, and the "
-        f"expert placement no longer follows the load.{{{{ end }}}} Per rank: "
+        f"should have started {VALUE} steps ago has not started ({_num(n)} x its step_interval or more since the "
+        f"last one began): an async rearrangement that never finished keeps vLLM from starting the next, silently, "
+        f"and the expert placement no longer follows the load.{{{{ end }}}} Per rank: "
         f"moe_eplb_rearrangement_overdue_steps and moe_eplb_rearrangement_in_progress_seconds on {INSTANCE}.")
 
 
