@@ -25,7 +25,11 @@ The CPU run (`--smoke`) is not the measurement: with one EP rank nobody waits fo
 exports no imbalance-cost series, and the skewed pattern only moves load between experts of one rank), and CPU step
 times are host-bound. It shows that the forcing plugin takes effect (the sidecar sees the forced balance), that
 modes switch on one engine, that the profile is analysed, and that the figures are read; the GPU run with EP >= 2
-is the measurement, and it has not been run yet.
+is the measurement, and it has not been run yet. (Two EP ranks on the CPU build could not be smoke-tested either:
+vLLM 0.32 CPU with `--tp 2 --enable-expert-parallel` lost a worker to SIGSEGV on its first step here, with no
+plugin loaded at all, VLLM_PLUGINS="".) On the GPU run, check first that the forcing takes effect under
+torch.compile and CUDA graphs: every round's row shows `moe_eplb_balancedness_vllm`, which must be ~1 in uniform
+rounds and ~(skew + R - 1) / (R x skew) in skewed ones (3/4 for skew 2 over 2 ranks).
 
 Assumption the measurement tests: expert time proportional to the assignments a rank serves. Decode with a small
 batch is memory-bound (a rank's expert time goes with the experts it loads), so run batches large enough that
