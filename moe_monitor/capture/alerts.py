@@ -25,7 +25,8 @@ from types import MappingProxyType
 # checks that these and HEALTH_ALERTS are exactly the generated rules' alerts.
 CAPTURE_ALERTS = frozenset({"MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
                             "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeLayerSilent"})
-HEALTH_ALERTS = frozenset({"MoeSidecarDown", "MoeSegmentsStale", "MoeCapturesFailing", "MoeProfilerDisabled"})
+HEALTH_ALERTS = frozenset({"MoeSidecarDown", "MoeSegmentsStale", "MoeCapturesFailing", "MoeProfilerDisabled",
+                           "MoeEplbRearrangementStalled"})
 
 FILE = "alert.json"  # stored beside a capture's traces: the notification and the alerts it captured
 MAX_BODY_BYTES = 1 << 20  # a notification's body; Alertmanager's webhook max_alerts bounds it at the source
