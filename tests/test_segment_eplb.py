@@ -184,3 +184,17 @@ def test_the_publisher_writes_the_recorders_record_and_survives_one_that_fails(t
     snap = read_segment(w.path)
     assert snap.counts[0, 3] == 1 and snap.eplb_health.steps_since == 7  # the counts go on, the last record stays
     assert sum("cannot read vLLM's EPLB state" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_vllm_whose_eplb_cannot_be_followed_costs_only_the_eplb_record(caplog):
+    """build_monitor's guard: follow_eplb raising (here: a runner without vLLM's EplbState) is one log line and no
+    record; the counts and the placement are published as before."""
+    import types
+
+    pytest.importorskip("torch")
+    from moe_monitor.plugin.steps import StepStats as Steps
+    from moe_monitor.plugin.worker import follow_eplb_safely
+
+    with caplog.at_level("ERROR"):
+        assert follow_eplb_safely(types.SimpleNamespace(), types.SimpleNamespace(model_state=None), 2, Steps()) is None
+    assert any("cannot follow vLLM's EPLB rearrangements" in r.getMessage() for r in caplog.records)
