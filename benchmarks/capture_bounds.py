@@ -50,7 +50,7 @@ if task == "analyse":
         t, cpu = time.perf_counter(), time.process_time()
         result = c._analyse("bench", args)
         out["seconds"], out["cpu_s"] = time.perf_counter() - t, time.process_time() - cpu
-        out["ok"] = result is not None and (len(args) < 2 or result["ep_wait"] is not None)
+        out["ok"] = result is not None and (len(args) < 2 or result.ep_wait is not None)
 else:
     from moe_monitor.sidecar.config import SidecarConfig
     from moe_monitor.sidecar.wiring import build

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
 from moe_monitor import __version__, env
+from moe_monitor.schema.capture_record import CaptureMeta
 from moe_monitor.sidecar.config import SidecarConfig
 from moe_monitor.top.__main__ import top as top_command
 
@@ -215,52 +218,50 @@ def _asked_id(capture_id: str) -> str:
     return capture_id
 
 
-def _capture(ctx, capture_id: str) -> tuple[dict, list[tuple[str, int]]]:
-    """A capture's metadata from the sidecar, checked (records.capture_metadata), and its files."""
+def _capture(ctx, capture_id: str) -> CaptureMeta:
+    """A capture's metadata from the sidecar, checked (records.capture_metadata)."""
     from moe_monitor.client.records import METADATA_KEYS, capture_metadata
 
     what = f"capture {capture_id}"
     meta = _sidecar(ctx).get_json(f"/api/captures/{capture_id}", what, expect=METADATA_KEYS)
-    return meta, capture_metadata(meta, what, asked=capture_id)
+    return capture_metadata(meta, what, asked=capture_id)
 
 
-def _no_trace(meta: dict) -> str | None:
+def _no_trace(meta: CaptureMeta) -> str | None:
     """Why a capture has no trace to show or pull (still running, or ended without one: its outcome and error),
     or None when it stored its traces."""
     from moe_monitor.client import printable
 
-    if meta["files"]:
+    if meta.stored_traces:
         return None
-    outcome, error = meta.get("outcome", "?"), meta.get("error")
-    if outcome == "running":
+    if meta.outcome == "running":
         return "still running (moe-monitor traces trigger --wait follows a capture to its outcome)"
-    return printable(f"no trace stored ({outcome}" + (f": {error})" if isinstance(error, str) and error else ")"))
+    error = meta.error
+    return printable(f"no trace stored ({meta.outcome or '?'}" + (f": {error})" if error else ")"))
 
 
-def _print_capture(meta: dict, files: list[tuple[str, int]]) -> None:
+def _print_capture(meta: CaptureMeta) -> None:
     """A capture's summary: what, when, outcome, evidence, breakdown, and why it has no trace if so."""
     from moe_monitor.client import printable
 
-    duration = meta.get("duration_s") if isinstance(meta.get("duration_s"), int | float) else 0
-    click.echo(printable(f"capture {meta['id']}: {meta.get('reason', '?')}, {meta.get('outcome', '?')}, "
-                         f"{_when(meta['created'])}, {duration:.1f} s, {len(files)} files, "
-                         f"{meta['total_bytes'] / 1e6:.1f} MB"))
-    evidence = meta.get("evidence") or {}
-    if isinstance(evidence, dict) and meta.get("reason") == "alert":
+    click.echo(printable(f"capture {meta.id}: {meta.reason or '?'}, {meta.outcome or '?'}, "
+                         f"{_when(meta.created)}, {meta.duration_s or 0:.1f} s, {len(meta.files)} files, "
+                         f"{meta.total_bytes / 1e6:.1f} MB"))
+    evidence = meta.evidence
+    if meta.reason == "alert":
         _print_alert(evidence)
-    elif isinstance(evidence, dict) and evidence:
+    elif evidence:
         click.echo(_wrapped(printable("evidence: " + ", ".join(f"{k}={_short(v)}" for k, v in evidence.items()))))
-    shares = meta.get("breakdown") or {}
-    if isinstance(shares, dict) and all(isinstance(v, int | float) for v in shares.values()):
-        shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
-        if shown:
-            click.echo(_wrapped(printable("breakdown: " + ", ".join(shown))))
+    shares = meta.breakdown or {}
+    shown = [f"{c} {100 * v:.1f} %" for c, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.001]
+    if shown:
+        click.echo(_wrapped(printable("breakdown: " + ", ".join(shown))))
     why = _no_trace(meta)
     if why is not None:
         click.echo(why)
 
 
-def _print_alert(evidence: dict) -> None:
+def _print_alert(evidence: Mapping[str, Any]) -> None:
     """The Alertmanager alert a capture was taken for: its name, since when, its labels and summary."""
     from moe_monitor.client import printable
 
@@ -301,12 +302,10 @@ def traces_list(ctx) -> None:
     if not captures:
         click.echo("no captures")
     for i, c in enumerate(captures):
-        files = capture_metadata(c, f"the capture list, entry {i}")
-        evidence = c.get("evidence") if isinstance(c.get("evidence"), dict) else {}
-        signal = evidence.get("signal", evidence.get("note", ""))
-        click.echo(printable(f"{c['id']}  {_when(c['created'])}  {str(c.get('reason', '?')):10} "
-                             f"{str(c.get('outcome', '?')):17} "
-                             f"{len(files)} files {c['total_bytes'] / 1e6:.1f} MB  {signal}"))
+        meta = capture_metadata(c, f"the capture list, entry {i}")
+        signal = meta.evidence.get("signal", meta.evidence.get("note", ""))
+        click.echo(printable(f"{meta.id}  {_when(meta.created)}  {meta.reason or '?':10} {meta.outcome or '?':17} "
+                             f"{len(meta.files)} files {meta.total_bytes / 1e6:.1f} MB  {signal}"))
 
 
 @traces.command("show")
@@ -326,14 +325,14 @@ def traces_show(ctx, capture_id: str, as_json: bool, top: int) -> None:
     from moe_monitor.client.records import flight_record
     from moe_monitor.schema.flight_record import FILE, MAX_JSON_BYTES, render_summary
 
-    meta, files = _capture(ctx, _asked_id(capture_id))
+    meta = _capture(ctx, _asked_id(capture_id))
     if as_json:
-        click.echo(json.dumps(meta, indent=1))  # re-encoded: control characters in strings come out as \u001b
+        click.echo(json.dumps(meta.to_json(), indent=1))  # re-encoded: control characters come out as \u001b
         return
-    _print_capture(meta, files)
+    _print_capture(meta)
     if _no_trace(meta) is not None:
         return
-    if not any(name == FILE for name, _ in files):
+    if FILE not in meta.file_names:
         click.echo("flight record: none (the flight recorder was off, or the capture is older than it)")
         return
     what = f"capture {capture_id}'s flight record"
@@ -397,10 +396,11 @@ def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
 
     from moe_monitor.client import ClientError, printable
 
-    meta, files = _capture(ctx, _asked_id(capture_id))
+    meta = _capture(ctx, _asked_id(capture_id))
     why = _no_trace(meta)
     if why is not None:
         raise ClientError(f"capture {capture_id}: {why}; nothing to pull")
+    files = [(f.name, f.bytes) for f in meta.files]
     client = _sidecar(ctx)
     dir_fd = _capture_dir(out_dir, capture_id)
     try:
@@ -411,7 +411,7 @@ def traces_pull(ctx, capture_id: str, out_dir: str) -> None:
         for name, size in files:
             _write_new(dir_fd, name, lambda sink, name=name, size=size: client.download(
                 f"/api/captures/{capture_id}/files/{name}", f"{capture_id}/{name}", sink, size))
-        _write_new(dir_fd, "metadata.json", lambda sink: sink.write(json.dumps(meta, indent=1).encode()))
+        _write_new(dir_fd, "metadata.json", lambda sink: sink.write(json.dumps(meta.to_json(), indent=1).encode()))
     except OSError as e:
         raise ClientError(f"cannot write into {os.path.join(os.path.realpath(out_dir), capture_id)}: "
                           f"{e.strerror}") from None
@@ -443,14 +443,14 @@ def traces_trigger(ctx, reason: str, wait: bool, wait_timeout: float) -> None:
     click.echo(printable(answer["id"]))
     if not wait:
         return
-    meta, files = _follow(ctx, _asked_id(answer["id"]), wait_timeout)
-    _print_capture(meta, files)
+    meta = _follow(ctx, _asked_id(answer["id"]), wait_timeout)
+    _print_capture(meta)
     why = _no_trace(meta)
-    if meta.get("outcome") == "running":
-        raise _Exit(EXIT_STILL_RUNNING, f"capture {meta['id']}: still running after {wait_timeout:g} s; it goes on "
-                                        f"in the sidecar (moe-monitor traces show {meta['id']})")
+    if meta.outcome == "running":
+        raise _Exit(EXIT_STILL_RUNNING, f"capture {meta.id}: still running after {wait_timeout:g} s; it goes on "
+                                        f"in the sidecar (moe-monitor traces show {meta.id})")
     if why is not None:
-        raise _Exit(EXIT_NO_TRACE, f"capture {meta['id']}: {why}")
+        raise _Exit(EXIT_NO_TRACE, f"capture {meta.id}: {why}")
 
 
 class _Exit(click.ClickException):
@@ -465,7 +465,7 @@ WAIT_POLL_S = 1.0  # traces trigger --wait asks for the capture's metadata this 
 WAIT_RETRIES = 3  # failed requests in a row it retries (a sidecar busy for a moment, a dropped connection)
 
 
-def _follow(ctx, capture_id: str, timeout_s: float) -> tuple[dict, list[tuple[str, int]]]:
+def _follow(ctx, capture_id: str, timeout_s: float) -> CaptureMeta:
     """The capture's metadata once its outcome is known (not "running"), or as it is after `timeout_s`."""
     import time
 
@@ -474,10 +474,10 @@ def _follow(ctx, capture_id: str, timeout_s: float) -> tuple[dict, list[tuple[st
     deadline, failures = time.monotonic() + timeout_s, 0
     while True:
         try:
-            meta, files = _capture(ctx, capture_id)
+            meta = _capture(ctx, capture_id)
             failures = 0
-            if meta.get("outcome") != "running" or time.monotonic() >= deadline:
-                return meta, files
+            if meta.outcome != "running" or time.monotonic() >= deadline:
+                return meta
         except ClientError:
             failures += 1
             if failures > WAIT_RETRIES or time.monotonic() >= deadline:

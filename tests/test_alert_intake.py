@@ -13,6 +13,7 @@ from moe_monitor.capture.control import CaptureControl
 from moe_monitor.detect.detector import Detector, DetectorConfig
 from moe_monitor.mixin.config import MixinConfig
 from moe_monitor.mixin.rules import rules_document
+from moe_monitor.schema.capture_record import CaptureMeta
 from moe_monitor.schema.vocabulary import ALERT_OUTCOMES
 
 
@@ -166,9 +167,11 @@ def test_resolved_notifications_cause_no_capture(control):
 
 def test_a_restarted_sidecar_deduplicates_against_its_catalog(control):
     ctl, capturer, _ = control
-    stored = {"id": "20261207T030000Z-alert-abcdef", "reason": "alert",
+    stored = {"id": "20261207T030000Z-alert-abcdef", "created": 1.0, "total_bytes": 0, "files": [], "reason": "alert",
               "alert_keys": [["aa", "2026-12-07T03:00:00Z"]]}
-    capturer.catalog.list = lambda: [stored, {"id": "x", "reason": "manual"}]
+    manual = {"id": "20261207T020000Z-manual-abcdef", "created": 0.0, "total_bytes": 0, "files": [],
+              "reason": "manual"}
+    capturer.catalog.metas = lambda: [CaptureMeta.from_json(stored), CaptureMeta.from_json(manual)]
     answer = ctl.alerts(am.parse(raw(note(alert(fingerprint="aa")))))
     assert outcomes(answer) == ["deduplicated"] and answer[0]["id"] == stored["id"] and capturer.started == []
 

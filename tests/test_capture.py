@@ -303,16 +303,16 @@ def test_symlinked_trace_in_the_profile_dir_is_neither_stored_nor_served(tmp_pat
     real = tmp_path / "dp0_pp0_tp0_dcp0_ep0_rank0.1.pt.trace.json.gz"
     shutil.copy(TRACE, real)
     meta = store.store("20261123T120100Z-manual-abcdef", [str(real)], {"created": time.time()})
-    name = meta["files"][0]["name"]
-    planted = os.path.join(store.root, meta["id"], name)
-    assert store.file_path(meta["id"], name) == planted
+    name = meta.files[0].name
+    planted = os.path.join(store.root, meta.id, name)
+    assert store.file_path(meta.id, name) == planted
     os.unlink(planted)
     os.symlink(secret, planted)
-    assert store.file_path(meta["id"], name) is None
+    assert store.file_path(meta.id, name) is None
     link = tmp_path / "link.pt.trace.json.gz"
     os.symlink(secret, link)
     meta = store.store("20261123T120200Z-manual-abcdef", [str(link)], {"created": time.time()})
-    assert meta["files"] == [] and os.path.islink(link), "store() refuses the link and leaves it alone"
+    assert meta.files == () and os.path.islink(link), "store() refuses the link and leaves it alone"
 
 
 def test_retention_never_deletes_a_path_that_metadata_names(tmp_path):
@@ -358,8 +358,8 @@ def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path
         url = sidecar.url
         assert http(url + "/metrics")[0] == 200
         listing = http(url + "/api/captures")
-        name = meta["files"][0]["name"]
-        download = http(f"{url}/api/captures/{meta['id']}/files/{name}")
+        name = meta.files[0].name
+        download = http(f"{url}/api/captures/{meta.id}/files/{name}")
         trigger = http(url + "/api/captures", "POST", body={"reason": "probe"})
         if insecure:
             assert listing[0] == 200
@@ -371,7 +371,7 @@ def test_serve_refuses_trigger_and_download_without_a_token_unless_told(tmp_path
         log = sidecar.log_tail(200)
         assert ("INSECURE" in log) == insecure
         if insecure:  # the audit trail
-            assert "127.0.0.1 POST /api/captures" in log and f"GET /api/captures/{meta['id']}/files/{name}" in log
+            assert "127.0.0.1 POST /api/captures" in log and f"GET /api/captures/{meta.id}/files/{name}" in log
         else:
             assert "refused 127.0.0.1 GET /api/captures" in log and "answers 403 until --api-token is set" in log
     finally:

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT_TESTS = sorted(glob.glob(os.path.join(REPO, "tests", "rules", "*.yml")))
 ALERTS = ["MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
           "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale",
-          "MoeLayerSilent", "MoeCapturesFailing", "MoeProfilerDisabled"]
+          "MoeLayerSilent", "MoeCapturesFailing", "MoeProfilerDisabled", "MoeEplbRearrangementStalled"]
 RECORDS = ["moe:step_duration_seconds:p50_rate5m", "moe:step_duration_seconds:p99_rate5m", "moe:step_tokens:rate5m",
            "moe:ep_rank_routed_tokens:rate5m", "moe:layer_ep_rank_imbalance_ratio:rate5m",
            "moe:routed_assignments:rate5m", "moe:worst_layer_imbalance_ratio:max_over_time5m",

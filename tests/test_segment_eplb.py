@@ -145,3 +145,56 @@ def test_a_record_that_cannot_be_right_is_refused_alone(tmp_path, case):
     assert snap.eplb_health is None
     assert [(r.section, r.reason) for r in snap.refused] == [("eplb_health", reason)], snap.refused
     assert snap.counts.tolist() == COUNTS.tolist() and snap.physical_to_logical.tolist() == PLACEMENT.tolist()
+
+
+def test_the_publisher_writes_the_recorders_record_and_survives_one_that_fails(tmp_path, caplog):
+    """The plugin's Publisher with an EplbRecorder (vLLM's EplbState stood in by its attributes): the segment
+    carries what the recorder saw; a recorder that raises leaves the counts published and the last record."""
+    import types
+
+    torch = pytest.importorskip("torch")
+    from moe_monitor.plugin.attach import Attachment, MoELayer
+    from moe_monitor.plugin.eplb_health import EplbRecorder
+    from moe_monitor.plugin.publisher import Publisher
+    from moe_monitor.plugin.recorder import Recorder
+
+    state = types.SimpleNamespace(expert_rearrangement_step=7, expert_rearrangement_step_interval=3000,
+                                  expert_load_window_size=1000, is_async=False)
+    steps = StepStats()
+    rec = EplbRecorder(state, types.SimpleNamespace(rebalanced=False), 2, lambda: steps.recorded)
+    rec.entered()
+    rec.committed(None)
+    rec.returned()
+    layers = Attachment([MoELayer(0, "a", 8, 2, None, True), MoELayer(1, "b", 8, 2, None, True)])
+    shape = Shape(2, 8, len(steps.token_bounds), len(steps.duration_bounds))
+    w = SegmentWriter(str(tmp_path), "m", Ranks(), shape, 2, eplb_health=True)
+    recorder = Recorder(2, 8, 2, "cpu")
+    pub = Publisher(w, recorder, steps, layers, interval_s=60, eplb=rec)
+    assert pub.publish_once()
+    e = read_segment(w.path).eplb_health
+    assert (e.rearrangements, e.started, e.steps_since, e.step_interval, e.window_size) == (1, 1, 7, 3000, 1000)
+    assert e.flags == 2 and 0 <= e.last_duration_s < 1
+
+    state.expert_rearrangement_step = 8
+    rec.record = lambda: 1 / 0  # a vLLM whose state cannot be read
+    recorder.set_valid_tokens(1)
+    recorder.record(0, torch.tensor([[3, 4]]))
+    with caplog.at_level("ERROR"):
+        assert pub.publish_once() and pub.publish_once()
+    snap = read_segment(w.path)
+    assert snap.counts[0, 3] == 1 and snap.eplb_health.steps_since == 7  # the counts go on, the last record stays
+    assert sum("cannot read vLLM's EPLB state" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_vllm_whose_eplb_cannot_be_followed_costs_only_the_eplb_record(caplog):
+    """build_monitor's guard: follow_eplb raising (here: a runner without vLLM's EplbState) is one log line and no
+    record; the counts and the placement are published as before."""
+    import types
+
+    pytest.importorskip("torch")
+    from moe_monitor.plugin.steps import StepStats as Steps
+    from moe_monitor.plugin.worker import follow_eplb_safely
+
+    with caplog.at_level("ERROR"):
+        assert follow_eplb_safely(types.SimpleNamespace(), types.SimpleNamespace(model_state=None), 2, Steps()) is None
+    assert any("cannot follow vLLM's EPLB rearrangements" in r.getMessage() for r in caplog.records)

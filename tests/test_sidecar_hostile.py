@@ -75,7 +75,7 @@ def catalog_with_damaged_flight_records(root) -> None:
         (work / "flight.json.gz").write_bytes(gzip.compress(good))
         meta = cat.store(capture_id, [str(p) for p in sorted(work.iterdir())],
                          {"created": time.time(), "reason": "manual", "evidence": {}, "outcome": "ok"})
-        flight = root / meta["id"] / "flight.json.gz"
+        flight = root / meta.id / "flight.json.gz"
         if capture_id == BOMB:
             gzip_bomb(str(flight), 1 << 30)
         elif capture_id == TRUNCATED:

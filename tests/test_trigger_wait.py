@@ -21,6 +21,7 @@ from test_capture import TRACE, FakeProfiler
 from test_sidecar_hostile import http, start
 
 from moe_monitor.capture.catalog import Catalog, Retention
+from moe_monitor.schema.capture_record import CaptureMeta
 
 TOKEN = "s3cret"
 
@@ -142,11 +143,12 @@ def test_show_prints_the_evidence_as_a_person_reads_it(capsys):
     significant digits, prints times as the time of day, and wraps the line at 80 columns."""
     from moe_monitor.cli import _print_capture
 
-    _print_capture({"id": "20261207-081500-detector", "reason": "imbalance", "outcome": "ok", "created": 0,
-                    "evidence": {"signal": "worst_layer_imbalance_ratio", "value": 2.987654321987,
-                                 "baseline": 1.0234567891234, "threshold": 2.75, "layer": 30,
-                                 "windows": [3.01234567, 2.9876543, 3.1111111], "at": 1796632060.25},
-                    "total_bytes": 0, "files": []}, [])
+    _print_capture(CaptureMeta.from_json({
+        "id": "20261207T081500Z-imbalance-abcdef", "reason": "imbalance", "outcome": "ok", "created": 0,
+        "evidence": {"signal": "worst_layer_imbalance_ratio", "value": 2.987654321987, "baseline": 1.0234567891234,
+                     "threshold": 2.75, "layer": 30, "windows": [3.01234567, 2.9876543, 3.1111111],
+                     "at": 1796632060.25},
+        "total_bytes": 0, "files": []}))
     out = capsys.readouterr().out
     rest = out[out.index("evidence: "):].split("\n")
     evidence = rest[:1] + [line for line in rest[1:len(rest)] if line.startswith("  ")][:5]

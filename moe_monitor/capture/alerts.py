@@ -21,11 +21,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from moe_monitor.schema.capture_record import CaptureMeta
+
 # The shipped rules' alerts a trace of the moment explains (routing and step time); tests/test_alert_intake.py
 # checks that these and HEALTH_ALERTS are exactly the generated rules' alerts.
 CAPTURE_ALERTS = frozenset({"MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
                             "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeLayerSilent"})
-HEALTH_ALERTS = frozenset({"MoeSidecarDown", "MoeSegmentsStale", "MoeCapturesFailing", "MoeProfilerDisabled"})
+HEALTH_ALERTS = frozenset({"MoeSidecarDown", "MoeSegmentsStale", "MoeCapturesFailing", "MoeProfilerDisabled",
+                           "MoeEplbRearrangementStalled"})
 
 FILE = "alert.json"  # stored beside a capture's traces: the notification and the alerts it captured
 MAX_BODY_BYTES = 1 << 20  # a notification's body; Alertmanager's webhook max_alerts bounds it at the source
@@ -228,13 +231,7 @@ def bundle_file(note: Notification, alerts: list[Alert], received: float) -> byt
                       indent=1).encode()
 
 
-def seen_in(captures: list[dict]) -> list[tuple[tuple[str, str], str]]:
+def seen_in(captures: list[CaptureMeta]) -> list[tuple[tuple[str, str], str]]:
     """((fingerprint, startsAt), capture id) of the alert captures in a catalog listing, oldest first: a restarted
     sidecar deduplicates against what it stored."""
-    out = []
-    for meta in reversed(captures):
-        keys = meta.get("alert_keys") if meta.get("reason") == "alert" else None
-        if isinstance(keys, list):
-            out += [((k[0], k[1]), meta["id"]) for k in keys
-                    if isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)]
-    return out
+    return [(key, meta.id) for meta in reversed(captures) if meta.reason == "alert" for key in meta.alert_keys]

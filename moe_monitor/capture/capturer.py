@@ -39,7 +39,7 @@ from moe_monitor.breakdown.result import BreakdownResult
 from moe_monitor.breakdown.trace import TraceError
 from moe_monitor.schema.vocabulary import ALERT_OUTCOMES, CAPTURE_OUTCOMES
 
-from .catalog import Catalog, QuotaError, is_regular_file, new_capture_id
+from .catalog import CaptureMeta, Catalog, QuotaError, is_regular_file, new_capture_id
 from .telemetry import capture_span
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,8 @@ class Capturer:
     def run(self, capture_id: str, reason: str, evidence: dict, context: dict, extra: dict | None = None) -> str:
         """One capture, start to stored. Ends with exactly one outcome, whatever fails on the way."""
         start, deadline = self._clock(), time.monotonic() + self.cfg.timeout_s
-        meta, stopped = None, [False]
+        meta: CaptureMeta | None = None
+        stopped = [False]
         try:
             with capture_span(capture_id, reason, evidence) as span:
                 try:
@@ -202,8 +203,8 @@ class Capturer:
                     outcome, detail = e.outcome, e.detail
                 span.set_attribute("moe_monitor.outcome", outcome)
                 if meta:
-                    span.set_attribute("moe_monitor.files", len(meta["files"]))
-                    span.set_attribute("moe_monitor.bytes", meta["total_bytes"])
+                    span.set_attribute("moe_monitor.files", len(meta.files))
+                    span.set_attribute("moe_monitor.bytes", meta.total_bytes)
         except Exception as e:  # a bug, or a failure nobody foresaw: counted and logged, never a silent dead thread
             log.exception("capture %s (%s) failed", capture_id, reason)
             outcome, detail = "error", f"{type(e).__name__}: {e} (a bug: the traceback is in the sidecar's log)"
@@ -238,7 +239,8 @@ class Capturer:
         except OSError as e:
             log.warning("cannot clean the profile dir of unfinished captures %s: %s", capture_ids, e)
 
-    def _capture(self, capture_id, reason, evidence, context, start, deadline, extra, stopped) -> tuple[str, dict]:
+    def _capture(self, capture_id, reason, evidence, context, start, deadline, extra, stopped) \
+            -> tuple[str, CaptureMeta]:
         """(outcome, stored metadata) of a capture that stored its traces; Ended for one that did not."""
         prefix, before = f"{capture_id}_", self._names()  # every rank file there now is not this capture's
         self._start(capture_id, prefix, deadline)
@@ -301,7 +303,7 @@ class Capturer:
             log.warning("capture %s: /stop_profile failed: %s", capture_id, e)
             return False
 
-    def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, dict]:
+    def _store(self, capture_id, files, reason, evidence, context, start, stopped, extra) -> tuple[str, CaptureMeta]:
         files, left_out = files[: self.cfg.max_files], files[self.cfg.max_files :]
         if left_out:  # not analysed, not stored; removed from the profile dir with the capture's other leftovers
             log.warning("capture %s: %d rank files, more than the %d a capture takes: %d left out (%s%s)",

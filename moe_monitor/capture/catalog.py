@@ -39,8 +39,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+from moe_monitor.schema.capture_record import ID_RE, NAME_RE, CaptureMeta, CaptureMetaError
+
+__all__ = ["ID_RE", "NAME_RE", "Catalog", "CaptureMeta", "QuotaError", "Retention", "new_capture_id"]
 METADATA = "metadata.json"
 BREAKDOWN = "breakdown.json"
 TMP = ".tmp-"  # a capture being stored: .tmp-<id>
@@ -99,7 +100,7 @@ class Catalog:
         self.damaged: dict[str, str] = {}  # id -> why its metadata.json is unusable (not listed, never deleted)
         self._index: dict[str, _Entry] = {}  # the captures with usable metadata
         self._read_damaged: dict[str, tuple[int, int]] = {}  # damaged id -> its directory as read
-        self._listed: dict[str, tuple[_Entry, dict]] = {}  # the last listing's metadata (at most LIST_BYTES)
+        self._listed: dict[str, tuple[_Entry, CaptureMeta]] = {}  # the last listing's metadata (at most LIST_BYTES)
         self._order: list[str] | None = None  # the index's ids, newest first (None: to sort again)
         self._newest_breakdown: str | None | bool = False  # id of the newest with a breakdown (False: to find)
         self._bytes = 0  # total_bytes of the indexed captures
@@ -185,12 +186,12 @@ class Catalog:
             self.damaged.pop(capture_id, None)
             self._read_damaged.pop(capture_id, None)
 
-    def _load(self, capture_id: str) -> dict | None:
+    def _load(self, capture_id: str) -> CaptureMeta | None:
         """Read one capture's metadata and record it in the index (or in `damaged`, with why); None when it has
         no usable metadata."""
         return self._record(capture_id, *self._read_entry(capture_id))
 
-    def _read_entry(self, capture_id: str) -> tuple[dict | None, str | None, tuple[int, int], int]:
+    def _read_entry(self, capture_id: str) -> tuple[CaptureMeta | None, str | None, tuple[int, int], int]:
         """(metadata or None, why it is unusable or None, its directory's (inode, mtime), metadata bytes)."""
         d = os.path.join(self.root, capture_id)
         meta = problem = None
@@ -204,8 +205,8 @@ class Catalog:
             pass
         return meta, problem, seen, size
 
-    def _record(self, capture_id: str, meta: dict | None, problem: str | None, seen: tuple[int, int],
-                size: int) -> dict | None:
+    def _record(self, capture_id: str, meta: CaptureMeta | None, problem: str | None, seen: tuple[int, int],
+                size: int) -> CaptureMeta | None:
         logged, before = capture_id in self.damaged, self._index.get(capture_id)
         if meta is None or before is None:
             self._forget([capture_id])
@@ -216,8 +217,8 @@ class Catalog:
                                 problem)
                 self.damaged[capture_id], self._read_damaged[capture_id] = problem, seen
             return None
-        entry = _Entry(seen, meta["created"], meta["total_bytes"], size,
-                       any(f["name"] == BREAKDOWN for f in meta["files"]), not meta["files"])
+        entry = _Entry(seen, meta.created, meta.total_bytes, size, BREAKDOWN in meta.file_names,
+                       not meta.stored_traces)
         self._bytes += entry.total_bytes - (before.total_bytes if before else 0)
         self._records += entry.record - (before.record if before else 0)
         self._index[capture_id] = entry
@@ -225,7 +226,7 @@ class Catalog:
             self._changed()
         return meta
 
-    def _read(self, path: str, capture_id: str) -> tuple[dict | None, str | None, int]:
+    def _read(self, path: str, capture_id: str) -> tuple[CaptureMeta | None, str | None, int]:
         """(metadata, None, bytes), (None, why it is unusable, bytes), or (None, None, 0) when there is none: no
         metadata.json, or not a regular file (never followed: O_NOFOLLOW; a FIFO cannot block: O_NONBLOCK)."""
         try:
@@ -240,11 +241,13 @@ class Catalog:
                 return None, (f"metadata.json is {os.fstat(fd).st_size:,} bytes, over the "
                               f"{self.max_metadata_bytes:,}-byte limit"), len(data)
         try:
-            meta = json.loads(data)
+            doc = json.loads(data)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
             return None, f"not valid JSON: {type(e).__name__}: {str(e)[:200]}", len(data)
-        problem = metadata_problem(meta, capture_id)
-        return (meta, None, len(data)) if problem is None else (None, problem, len(data))
+        try:
+            return _checked(doc, capture_id), None, len(data)
+        except CaptureMetaError as e:
+            return None, str(e), len(data)
 
     def _sorted(self) -> list[str]:
         if self._order is None:
@@ -276,6 +279,11 @@ class Catalog:
         return removed
 
     def get(self, capture_id: str) -> dict | None:
+        """One capture's metadata as JSON (what /api/captures/{id} serves); `meta` says what it holds."""
+        meta = self.meta(capture_id)
+        return None if meta is None else meta.to_json()
+
+    def meta(self, capture_id: str) -> CaptureMeta | None:
         """One capture's metadata, read again from its file (so an edit in place is seen); None for an unknown
         or malformed id, or unusable metadata."""
         if not isinstance(capture_id, str) or not ID_RE.match(capture_id):
@@ -289,6 +297,10 @@ class Catalog:
         return read[0]
 
     def list(self, limit: int | None = LIST_LIMIT) -> list[dict]:
+        """`metas` as JSON (what /api/captures lists)."""
+        return [meta.to_json() for meta in self.metas(limit)]
+
+    def metas(self, limit: int | None = LIST_LIMIT) -> list[CaptureMeta]:
         """The newest captures with usable metadata, newest first: at most `limit` (None: no limit) and at most
         LIST_BYTES of metadata (at least one); `count` says how many there are. [] while the directory is missing
         (it is made again by the next store). Only the metadata that changed since the last listing is read; it
@@ -309,7 +321,7 @@ class Catalog:
                 if budget < 0 and out:
                     break
                 listed[capture_id] = (entry, meta)
-                out.append(dict(meta))
+                out.append(meta)
             self._listed = listed
             return out
 
@@ -331,8 +343,8 @@ class Catalog:
 
     def file_path(self, capture_id: str, name: str) -> str | None:
         """Path of one of the capture's own files, or None (unknown id, unknown or unsafe name)."""
-        meta = self.get(capture_id)
-        if meta is None or not NAME_RE.match(name or "") or name not in {f["name"] for f in meta["files"]}:
+        meta = self.meta(capture_id)
+        if meta is None or not NAME_RE.match(name or "") or name not in meta.file_names:
             return None
         path = os.path.join(self.root, capture_id, name)
         return path if is_regular_file(path) else None
@@ -342,12 +354,13 @@ class Catalog:
         return self._bytes
 
     def store(self, capture_id: str, files: list[str], metadata: dict,
-              extra: dict[str, bytes] | None = None) -> dict:
+              extra: dict[str, bytes] | None = None) -> CaptureMeta:
         """Move `files` into the store with their metadata, all or nothing. Evicts the oldest captures to make
         room; raises QuotaError (and deletes nothing else) when this capture alone exceeds the byte quota, and
         OSError (ENOSPC, ...) or TypeError (metadata that is not JSON) with nothing of it left in the store:
-        the files it moved are gone with it, the others are still where they were. Without files and `extra` it
-        stores a record (metadata only), which evicts only older records."""
+        the files it moved are gone with it, the others are still where they were; ValueError (CaptureMetaError)
+        for metadata that reading it back would refuse. Without files and `extra` it stores a record (metadata
+        only), which evicts only older records. Returns the metadata as stored."""
         extra = extra or {}
         if not ID_RE.match(capture_id):
             raise ValueError(f"bad capture id {capture_id!r}")
@@ -360,16 +373,17 @@ class Catalog:
         total = sum(sizes.values()) + sum(len(b) for b in extra.values())
         if total > self.retention.max_bytes:
             raise QuotaError(f"capture of {total} bytes exceeds the {self.retention.max_bytes}-byte quota")
-        meta = dict(metadata, id=capture_id, total_bytes=total,
-                    files=[{"name": n, "bytes": b} for n, b in sorted(sizes.items())]
-                    + [{"name": n, "bytes": len(b)} for n, b in extra.items()])
-        text = json.dumps(meta, indent=1)  # before anything moves
+        text = json.dumps(dict(metadata, id=capture_id, total_bytes=total,
+                               files=[{"name": n, "bytes": b} for n, b in sorted(sizes.items())]
+                               + [{"name": n, "bytes": len(b)} for n, b in extra.items()]),
+                          indent=1)  # before anything moves
+        meta = CaptureMeta.from_json(json.loads(text))
         if len(text.encode()) > self.max_metadata_bytes:
             raise ValueError(f"metadata of {len(text.encode()):,} bytes, over the {self.max_metadata_bytes:,}-byte "
                              "limit that reading it back applies")
         os.makedirs(self.root, exist_ok=True)  # deleted while we ran: made again
         self.sweep()
-        self.enforce(time.time(), incoming_bytes=total, incoming="record" if not meta["files"] else "capture")
+        self.enforce(time.time(), incoming_bytes=total, incoming="capture" if meta.stored_traces else "record")
         tmp = os.path.join(self.root, TMP + capture_id)
         os.mkdir(tmp)
         try:
@@ -411,26 +425,9 @@ class Catalog:
         return removed
 
 
-def metadata_problem(meta, capture_id: str) -> str | None:
-    """What makes a capture's metadata unusable by the API, the CLI and retention; None when it is whole."""
-    if not isinstance(meta, dict):
-        return f"a {type(meta).__name__}, not an object"
-    if meta.get("id") != capture_id:
-        return f"names another id ({meta.get('id')!r})"
-    files = meta.get("files")
-    if not isinstance(files, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("name"), str) and _number(f.get("bytes", 0)) for f in files):
-        return "files is not a list of {name, bytes}"
-    for key in ("created", "total_bytes"):
-        if not _number(meta.get(key)):
-            return f"{key} is not a number"
-    for key in ("reason", "outcome"):
-        if not isinstance(meta.get(key, ""), str):
-            return f"{key} is not a string"
-    if not isinstance(meta.get("evidence", {}), dict):
-        return "evidence is not an object"
-    return None
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _checked(doc: object, capture_id: str) -> CaptureMeta:
+    """The metadata of the capture stored under `capture_id`, checked (`CaptureMeta.from_json`): it must name that
+    capture, so that no metadata names a path outside its own directory."""
+    if isinstance(doc, dict) and doc.get("id") != capture_id:
+        raise CaptureMetaError(f"names another id ({doc.get('id')!r})")
+    return CaptureMeta.from_json(doc)

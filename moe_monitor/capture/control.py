@@ -132,7 +132,7 @@ class CaptureControl:
             return
         self._seeded = True
         try:
-            for key, capture_id in am.seen_in(self.capturer.catalog.list()):
+            for key, capture_id in am.seen_in(self.capturer.catalog.metas()):
                 self.seen.add(key, capture_id)
         except Exception:  # noqa: BLE001 - a catalog that cannot be listed costs the deduplication of old captures
             log.exception("cannot read the catalog's alert captures; alerts captured before a restart may be "

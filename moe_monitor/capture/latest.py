@@ -34,7 +34,7 @@ class CatalogLatest:
         if found is None or (self.capture is not None and self.capture.prefix == found[0]):
             return
         capture_id, path = found
-        meta = self.catalog.get(capture_id)
+        meta = self.catalog.meta(capture_id)
         if meta is None:  # gone or damaged since it was indexed
             return
         self.result = None
@@ -44,10 +44,5 @@ class CatalogLatest:
             self.result = BreakdownRecord.from_json(result)
         except (OSError, ValueError) as e:  # a damaged capture: counted, not retried, nothing exported
             self.errors += 1
-            log.warning("capture %s: cannot use its breakdown.json: %s", meta["id"], e)
-        try:
-            self.capture = Capture(meta["id"], tuple(f["name"] for f in meta["files"]), float(meta["created"]))
-        except (KeyError, TypeError, ValueError) as e:
-            self.errors, self.result = self.errors + 1, None
-            self.capture = Capture(meta["id"], (), 0.0)
-            log.warning("capture %s: damaged metadata: %r", meta["id"], e)
+            log.warning("capture %s: cannot use its breakdown.json: %s", meta.id, e)
+        self.capture = Capture(meta.id, meta.file_names, float(meta.created))

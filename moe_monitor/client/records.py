@@ -8,14 +8,15 @@ import math
 from numbers import Integral, Real
 
 from moe_monitor.client.http import ClientError, gunzip
-from moe_monitor.client.untrusted import capture_id, file_name, printable
+from moe_monitor.client.untrusted import printable
+from moe_monitor.schema.capture_record import REQUIRED as METADATA_KEYS
+from moe_monitor.schema.capture_record import CaptureMeta, CaptureMetaError
 from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError, FlightRecord, parse
 
 MAX_EXPERTS = 4096  # logical experts per MoE layer (DeepSeek-V3 256, Kimi K2 384, Qwen3-Next 512)
 MAX_LAYER_ID = 1023  # a MoE layer's model layer id (placement files have a row per id up to it)
 MAX_CELLS = 1 << 19  # MoE layers x experts: the planner's time grows with it (~15 s at this bound)
 METADATA = "metadata.json"  # what `traces pull` writes itself: never a name the sidecar may send
-METADATA_KEYS = ("id", "created", "files", "total_bytes")
 
 
 def is_int(x: object) -> bool:
@@ -31,31 +32,23 @@ def shown(x: object) -> str:
     return str(x) if is_int(x) else printable(repr(x), 60)
 
 
-def capture_metadata(meta: object, what: str, asked: str | None = None) -> list[tuple[str, int]]:
-    """Check a capture's metadata (the sidecar's /api/captures/{id} or an entry of its list); returns its files
-    as (name, bytes). The id must be of the sidecar's format (and `asked`, when given), every file name a plain
-    name of its format, every size a whole number of bytes."""
+def capture_metadata(meta: object, what: str, asked: str | None = None) -> CaptureMeta:
+    """A capture's metadata (the sidecar's /api/captures/{id} or an entry of its list) read and checked
+    (`CaptureMeta.from_json`: the id's format, plain file names, whole sizes), and what a client adds: the capture
+    asked for (`asked`, when given), and no file named metadata.json (what `traces pull` writes itself).
+    ClientError naming `what` and what is wrong."""
     if not isinstance(meta, dict) or any(k not in meta for k in METADATA_KEYS):
         raise ClientError(f"{what}: not a moe-monitor sidecar's capture (no {', '.join(METADATA_KEYS)})")
-    if capture_id(meta["id"]) is None:
-        raise ClientError(f"{what}: {shown(meta['id'])} is not a capture id")
-    if asked is not None and meta["id"] != asked:
-        raise ClientError(f"{what}: the answer is capture {meta['id']}, not the capture asked for")
-    if not is_number(meta["created"]) or not is_number(meta["total_bytes"]) or not isinstance(meta["files"], list):
-        raise ClientError(f"{what}: created, total_bytes or files of the wrong type")
-    files = []
-    for f in meta["files"]:
-        name = f.get("name") if isinstance(f, dict) else None
-        if file_name(name) is None or name == METADATA:
-            raise ClientError(f"{what}: {shown(name)} is not a plain file name the sidecar stores (letters, "
-                              "digits, . _ -; no leading dot; not metadata.json)")
-        size = f.get("bytes")
-        if not is_int(size) or size < 0:
-            raise ClientError(f"{what}: file {name}: size {shown(size)} is not a number of bytes")
-        if name in (n for n, _ in files):
-            raise ClientError(f"{what}: file {name} is listed twice")
-        files.append((name, int(size)))
-    return files
+    try:
+        record = CaptureMeta.from_json(meta)
+    except CaptureMetaError as e:
+        raise ClientError(f"{what}: {printable(str(e))}") from None
+    if asked is not None and record.id != asked:
+        raise ClientError(f"{what}: the answer is capture {record.id}, not the capture asked for")
+    if METADATA in record.file_names:
+        raise ClientError(f"{what}: {METADATA} is not a plain file name the sidecar stores (it is what traces pull "
+                          "writes)")
+    return record
 
 
 def flight_record(data: bytes | bytearray, what: str) -> FlightRecord:

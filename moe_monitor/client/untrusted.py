@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import re
 
-# The sidecar's formats (moe_monitor/capture/catalog.py ID_RE and NAME_RE, copied: a client checks the answer
-# against what the server may send, independently of the server's code).
-CAPTURE_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+from moe_monitor.schema.capture_record import ID_RE as CAPTURE_ID_RE  # the formats the sidecar and clients share
+from moe_monitor.schema.capture_record import NAME_RE as FILE_NAME_RE
 
 # C0 (newline and tab too: a one-line field must not forge lines), DEL, C1, and the Unicode controls that
 # reorder or break lines on screen (bidi overrides and isolates, line and paragraph separators).

@@ -83,6 +83,13 @@ class MixinConfig:
     # Self-test against silent zeros: an observable layer that routes nothing in any window of rate_window while
     # the instance routes tokens in every one, for this long.
     silent_layer_for: str = "10m"
+    # vLLM's EPLB (MoeEplbRearrangementStalled): steps flow and vLLM's steps-since-rearrangement counter stands at
+    # eplb_stall_intervals x its step interval or more (no rearrangement completed for that many intervals: an
+    # async one that never finishes), or a sync rearrangement has been in progress for eplb_hung_after_seconds
+    # (the engine is blocked inside it); for eplb_stalled_for.
+    eplb_stall_intervals: float = 2.0
+    eplb_hung_after_seconds: float = 300.0
+    eplb_stalled_for: str = "5m"
 
     # Captures: at least capture_failures captures ending in one of these outcomes within the window.
     capture_failure_outcomes: tuple[str, ...] = ("partial", "analysis_failed", "no_trace", "start_failed",
@@ -107,6 +114,8 @@ class MixinConfig:
                               f"(letters, digits, _; not __* nor one of {', '.join(_TAKEN_LABELS)})")
         _at_least("min_expert_load", self.min_expert_load, 0)
         _at_least("imbalance_ratio", self.imbalance_ratio, 1)
+        _at_least("eplb_stall_intervals", self.eplb_stall_intervals, 1)
+        _at_least("eplb_hung_after_seconds", self.eplb_hung_after_seconds, 0)
         _at_least("ep_rank_imbalance_ratio", self.ep_rank_imbalance_ratio, 1)
         _at_least("step_time_ratio", self.step_time_ratio, 1)
         _at_least("step_time_min_window_steps", self.step_time_min_window_steps, 0)

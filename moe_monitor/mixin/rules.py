@@ -138,6 +138,7 @@ def alert_rules(cfg: MixinConfig) -> dict:
     alerts = [
         _imbalance(cfg), _hot_expert(cfg), _dead_experts(cfg), _ep_rank_imbalance(cfg), _step_time(cfg),
         _sidecar_down(cfg), _segments_stale(cfg), _silent_layer(cfg), _captures_failing(cfg), _profiler_disabled(cfg),
+        _eplb_stalled(cfg),
     ]
     return {"name": ALERTING_GROUP, "rules": alerts}
 
@@ -325,6 +326,34 @@ def _profiler_disabled(cfg: MixinConfig) -> dict:
         "vLLM answered /start_profile with 404 (started without --profiler-config): automatic and manual "
         "captures end as profiler_disabled. Monitoring continues; restart vLLM with --profiler-config to get "
         "traces.")
+
+
+def _eplb_stalled(cfg: MixinConfig) -> dict:
+    """Two arms, each labelled `stall`: overdue (steps flow, vLLM's counter at eplb_stall_intervals x the interval
+    or more: the rearrangement due one interval ago or more never came, which is how a stalled async
+    rearrangement looks) and hung (a sync rearrangement in progress for eplb_hung_after_seconds: the engine waits
+    inside it; async ones are left to the first arm, since they only progress while steps flow)."""
+    w, n = cfg.rate_window, cfg.eplb_stall_intervals
+    overdue = sel(cfg, "moe_eplb_rearrangement_overdue_steps")
+    interval = sel(cfg, "moe_eplb_rearrangement_interval_steps")
+    since = sel(cfg, "moe_eplb_steps_since_rearrangement")
+    running = sel(cfg, "moe_eplb_rearrangement_in_progress_seconds")
+    sync = sel(cfg, "moe_eplb_info", 'mode="sync"')
+    hung = '{{ if eq $labels.stall "hung" }}'
+    return _alert(
+        cfg, "MoeEplbRearrangementStalled", "warning", cfg.eplb_stalled_for,
+        f"max without (segment) (\n  label_replace(\n"
+        f"    {overdue} > 0\n    and {overdue} >= {_num(n - 1)} * {interval}\n"
+        f"    and delta({since}[{w}]) > 0,\n    \"stall\", \"overdue\", \"\", \"\"\n  )\n)\nor\n"
+        f"max without (segment) (\n  label_replace(\n    {running} > {_num(cfg.eplb_hung_after_seconds)}\n"
+        f"    and on (job, instance, segment) {sync} == 1,\n    \"stall\", \"hung\", \"\", \"\"\n  )\n)",
+        f"vLLM's EPLB rearrangement {hung}hung{{{{ else }}}}overdue{{{{ end }}}} on {INSTANCE}.",
+        f"{hung}A synchronous EPLB rearrangement has been in progress for {VALUE}s (they take about a second): "
+        f"the engine waits inside it, no step runs.{{{{ else }}}}Steps flow, but the EPLB rearrangement vLLM "
+        f"should have started {VALUE} steps ago has not started ({_num(n)} x its step_interval or more since the "
+        f"last one began): an async rearrangement that never finished keeps vLLM from starting the next, silently, "
+        f"and the expert placement no longer follows the load.{{{{ end }}}} Per rank: "
+        f"moe_eplb_rearrangement_overdue_steps and moe_eplb_rearrangement_in_progress_seconds on {INSTANCE}.")
 
 
 def _records(rules: list[tuple[str, str]]) -> list[dict]:

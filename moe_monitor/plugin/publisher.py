@@ -34,6 +34,8 @@ class Publisher:
         self.writer, self.recorder, self.steps, self.attachment = writer, recorder, steps, attachment
         self.placement = placement
         self.eplb = eplb  # vLLM's EPLB rearrangements (host attributes), with the placement
+        self._eplb_last = None  # the last record read: published again when reading one fails
+        self._eplb_failed = False
         self.interval_s = interval_s
         self.errors = 0
         self._failing = False
@@ -74,6 +76,19 @@ class Publisher:
             self._flags, self._flags_key = flags, key
         return self._flags
 
+    def eplb_record(self):
+        """The EPLB record of this publish; the last one (logged once) when vLLM's state cannot be read, so the
+        counts are still published."""
+        if self.eplb is None:
+            return None
+        try:
+            self._eplb_last = self.eplb.record()
+        except Exception:  # noqa: BLE001 - EPLB health must not stop the counts' publish
+            if not self._eplb_failed:
+                log.exception("moe-monitor cannot read vLLM's EPLB state; its last reading is published again")
+                self._eplb_failed = True
+        return self._eplb_last
+
     def publish_once(self) -> bool:
         try:
             arrays = self.steps.snapshot()
@@ -82,8 +97,7 @@ class Publisher:
             if self.placement is not None:
                 arrays["ep_rank_load"] = self.placement.rank_load()  # what the sidecar exports (EPLB)
                 arrays["physical_to_logical"] = self.placement.current  # may be one commit newer: shown, not summed
-            self.writer.publish(arrays, publish_errors=self.errors,
-                                eplb=self.eplb.record() if self.eplb is not None else None)
+            self.writer.publish(arrays, publish_errors=self.errors, eplb=self.eplb_record())
         except Exception as e:  # noqa: BLE001 - a guest in vLLM's process must not die or raise
             self.errors += 1
             if not self._failing:

@@ -233,8 +233,7 @@ def build_monitor(worker) -> WorkerMonitor | None:
     shape = Shape(len(attachment.layers), num_experts, len(steps.token_bounds), len(steps.duration_bounds),
                   num_physical=placement.num_physical if placement else 0,
                   num_load_ranks=placement.num_ranks if placement else 0)
-    eplb = follow_eplb(runner.eplb_state, placement.model_state, len(attachment.layers),
-                       lambda: steps.recorded) if placement else None  # EPLB's rearrangements (eplb_health)
+    eplb = follow_eplb_safely(runner, placement, len(attachment.layers), steps) if placement else None
     writer = SegmentWriter(env.env_str(env.SEGMENT_DIR, env.DEFAULT_SEGMENT_DIR), model_name(vllm_config), ranks,
                            shape, top_k, eplb_health=eplb is not None)
     interval = env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01)
@@ -260,6 +259,17 @@ def build_monitor(worker) -> WorkerMonitor | None:
     log.info("moe-monitor: the step's token count is %s", "read from vLLM's own buffer (no write a step)"
              if source is not None else "written by the step hook")
     return monitor
+
+
+def follow_eplb_safely(runner, placement, num_layers: int, steps: StepStats):
+    """vLLM's EPLB rearrangements (the eplb_health extension), or None (one log line) when they cannot be
+    followed: the counts and the placement are published either way."""
+    try:
+        return follow_eplb(runner.eplb_state, placement.model_state, num_layers, lambda: steps.recorded)
+    except Exception:  # noqa: BLE001 - EPLB health must not cost the attach
+        log.exception("moe-monitor cannot follow vLLM's EPLB rearrangements; routing counts and the placement are "
+                      "published without them")
+        return None
 
 
 _warned: set[str] = set()

@@ -66,8 +66,11 @@ SECTION_REFUSALS = {  # moe_monitor_segment_sections_refused{reason}: an optiona
              "slots that are not a multiple of ep_size between the experts and max(4 x experts, experts + "
              f"{MAX_REDUNDANT_SLOTS})",
     "expert_ids": "the placement names an expert outside [0, experts), or leaves one without a slot",
-    "value": "the EP-rank load is negative or not finite",
+    "value": "the EP-rank load is negative or not finite, or the eplb_health record holds a value no writer "
+             "publishes (step interval 0, a count above 2**53, a negative time, a duration that is not finite or "
+             "is missing after a rearrangement)",
     "decreased": "the cumulative EP-rank load went down without a restart of the writer",
+    "checksum": "the eplb_health record does not match its checksum",
 }
 
 _M = Metric
@@ -121,6 +124,39 @@ METRICS: tuple[Metric, ...] = (
        "Engine step wall time in the worker (execute_model to sampled tokens), by phase and tokens-per-step "
        "bucket (tokens_le: upper bound)."),
     _M("moe_step_tokens_total", "counter", ("phase",), "t0", "steps", "Tokens computed in engine steps, by phase."),
+    # -- vLLM's EPLB rearrangements (only for segments whose plugin follows vLLM's EPLB; docs/eplb.md)
+    _M("moe_eplb_info", "gauge", ("segment", "mode", "timed"), "t0", "eplb",
+       "1 for each rank whose vLLM runs EPLB: mode=sync|async (eplb_config.use_async); timed=false where this vLLM "
+       "has no EplbState.rearrange to wrap (rearrangements counted at their commits, no start times or "
+       "durations)."),
+    _M("moe_eplb_rearrangements_total", "counter", ("segment",), "t0", "eplb",
+       "EPLB rearrangements completed on the rank: vLLM's whole-model commit (sync), or the commit of the last "
+       "MoE layer (async EPLB commits one layer a step)."),
+    _M("moe_eplb_rearrangements_started_total", "counter", ("segment",), "t0", "eplb",
+       "EPLB rearrangements vLLM entered on the rank (EplbState.rearrange, its profile run excluded); more than "
+       "completed while one is in progress, or when one was skipped or given up."),
+    _M("moe_eplb_layer_commits_total", "counter", ("segment",), "t0", "eplb",
+       "Per-layer placement commits of async EPLB on the rank (one MoE layer per engine step while layers move)."),
+    _M("moe_eplb_rearrangement_seconds_total", "counter", ("segment",), "t0", "eplb",
+       "Time the completed rearrangements took on the rank, host clock, vLLM entering rearrange to the "
+       "rearrangement's (last) commit."),
+    _M("moe_eplb_last_rearrangement_timestamp_seconds", "gauge", ("segment",), "t0", "eplb",
+       "When the rank's last rearrangement completed (unix time); no series before the first."),
+    _M("moe_eplb_last_rearrangement_duration_seconds", "gauge", ("segment",), "t0", "eplb",
+       "How long the rank's last completed rearrangement took (sync: the engine waits this long; async: spans the "
+       "steps its layers moved in); no series before the first."),
+    _M("moe_eplb_rearrangement_interval_steps", "gauge", ("segment",), "t0", "eplb",
+       "vLLM's configured EPLB step_interval: engine steps between rearrangements."),
+    _M("moe_eplb_steps_since_rearrangement", "gauge", ("segment",), "t0", "eplb",
+       "vLLM's own counter of steps since its last rearrangement started (EplbState.expert_rearrangement_step; "
+       "starts at 3/4 of the interval). It passes the interval only while an async rearrangement has not "
+       "finished."),
+    _M("moe_eplb_rearrangement_overdue_steps", "gauge", ("segment",), "t0", "eplb",
+       "max(0, steps since rearrangement - interval): steps since the next rearrangement was due. Grows without "
+       "bound when an async rearrangement stalls (MoeEplbRearrangementStalled)."),
+    _M("moe_eplb_rearrangement_in_progress_seconds", "gauge", ("segment",), "t0", "eplb",
+       "Seconds since vLLM entered the rearrangement that has not completed; 0 when none is in progress. A sync "
+       "rearrangement that hangs (a collective that never returns) blocks the engine and grows this."),
     # -- EP ranks, load histogram, routing (T1, T2)
     _M("moe_ep_rank_routed_tokens_total", "counter", ("layer", "ep_rank"), "t1", "ep_ranks",
        "Assignments served by each EP rank (physical load) under the expert placement; replicated experts "
@@ -227,7 +263,8 @@ METRICS: tuple[Metric, ...] = (
        "most ranks serve), no_layers (a segment describing no MoE layer or no expert)."),
     _M("moe_monitor_segment_sections_refused", "gauge", ("segment", "section", "reason"), "t0", "health",
        "Optional sections of a readable segment left out, the rest of it used: section=physical_to_logical (the "
-       "live placement) or ep_rank_load (the EP-rank load the plugin attributed); reason=" + ", ".join(
+       "live placement), ep_rank_load (the EP-rank load the plugin attributed) or eplb_health (vLLM's EPLB "
+       "rearrangements); reason=" + ", ".join(
            SECTION_REFUSALS) + " (docs/reference/metrics.md)."),
     _M("moe_monitor_rank_restarts_total", "counter", (), "t0", "health",
        "vLLM rank restarts seen (new segment generation); counts before a restart are carried, not lost."),

@@ -10,7 +10,6 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from .collectors import ALL, Collector
 from .config import SidecarConfig
 from .readiness import SegmentsSeen, readiness
 from .stages import Tick
@@ -24,13 +23,8 @@ __all__ = ["Exporter", "Exposition", "apply_budget"]
 
 
 class Exporter:
-    def __init__(self, config: SidecarConfig, clock=time.time, process_metrics: bool = True,
-                 collectors: tuple[Collector, ...] = ALL, *, parts: Parts | None = None):
-        """`parts`: as wiring.build makes them; without, made here the same way (`Exporter(config)` is
-        `wiring.build(config)`)."""
-        if parts is None:
-            from .wiring import parts as make_parts  # wiring imports this module
-            parts = make_parts(config, clock, process_metrics, collectors)
+    def __init__(self, config: SidecarConfig, parts: Parts, clock=time.time):
+        """`parts`: as wiring.build makes them (the one place that makes them)."""
         self.config, self._clock, self.parts = config, clock, parts
         self.source, self.detector, self.control = parts.source, parts.detector, parts.control
         self.capturer, self.catalog, self.captures = parts.capturer, parts.catalog, parts.latest

@@ -87,4 +87,4 @@ def build(config: SidecarConfig, clock=time.time, process_metrics: bool = True,
           collectors: tuple[Collector, ...] = ALL, **fakes) -> Exporter:
     """The sidecar's window loop with every part made once (`fakes`: parts' keyword parts). Raises
     PlacementError (a --placement that cannot be used) or OSError (a capture directory that cannot be made)."""
-    return Exporter(config, clock, parts=parts(config, clock, process_metrics, collectors, **fakes))
+    return Exporter(config, parts(config, clock, process_metrics, collectors, **fakes), clock)

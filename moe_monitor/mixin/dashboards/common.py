@@ -28,7 +28,7 @@ UIDS = {"overview": "moe-overview", "expert_load": "moe-expert-load", "kernel": 
 TAGS = ["moe-monitor", "moe", "vllm"]
 ALERTS = ("MoeExpertImbalanceSustained", "MoeHotExpert", "MoeDeadExperts", "MoeEPRankImbalance",
           "MoeDeploymentEPRankImbalance", "MoeStepTimeRegression", "MoeSidecarDown", "MoeSegmentsStale",
-          "MoeLayerSilent", "MoeCapturesFailing", "MoeProfilerDisabled")
+          "MoeLayerSilent", "MoeCapturesFailing", "MoeProfilerDisabled", "MoeEplbRearrangementStalled")
 LAYER = 'layer=~"$layer"'
 TOP1 = 'rank="1"'
 STEP_TIME = 'signal="step_time"'

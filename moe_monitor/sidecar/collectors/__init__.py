@@ -9,6 +9,7 @@ from . import (
     captures,
     detector,
     ep_ranks,
+    eplb,
     health,
     imbalance_cost,
     load_histogram,
@@ -19,6 +20,7 @@ from . import (
 from .base import Collector, Runner
 
 ALL: tuple[Collector, ...] = tuple(m.COLLECTOR for m in (
-    model, balance, steps, ep_ranks, load_histogram, routing, breakdown, imbalance_cost, detector, captures, health))
+    model, balance, steps, eplb, ep_ranks, load_histogram, routing, breakdown, imbalance_cost, detector, captures,
+    health))
 
 __all__ = ["ALL", "Collector", "Runner"]

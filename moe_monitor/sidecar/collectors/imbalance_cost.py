@@ -30,12 +30,12 @@ def collect(r: Reading) -> list[Family]:
     if load is None or window is None:
         return []
     least = r.config.min_window_assignments
-    per_layer = layer_expert_time_lost(load, least)
-    if per_layer is None:  # one EP rank: nobody waits
+    per_layer, total = layer_expert_time_lost(load, least), expert_time_lost(load, least)
+    if per_layer is None or total is None:  # one EP rank: nobody waits
         return []
     out = [layer_family("moe_layer_ep_expert_time_lost_ratio", window.layer_ids, per_layer)]
     model = family("moe_ep_expert_time_lost_ratio")
-    model.add(expert_time_lost(load, least))
+    model.add(total)
     out.append(model)
     step = step_time_lost(load, experts_share(r), least)
     if step is not None:
