@@ -54,6 +54,8 @@ class Recorder:
         int16); on CUDA the counting kernel is compiled for each of them here, before any capture."""
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" is the current device: name it, so
+            self.device = torch.device("cuda", torch.cuda.current_device())  # it compares equal to its tensors'
         self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
