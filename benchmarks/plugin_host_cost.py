@@ -118,7 +118,8 @@ def _describe(worker):
     m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
     return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
             "timer_events": type(getattr(m.timer, "events", None)).__name__,
-            "zero_after_forward": getattr(m, "zero_after_forward", True)}
+            "zero_after_forward": getattr(m, "zero_after_forward", True),
+            "reads_vllm_step_tokens": getattr(m, "vllm_tokens", None) is not None}
 
 
 STEP_LOG: list[tuple[str, int, float]] = []
