@@ -56,15 +56,20 @@ def timed(name: str, fn):
     return timing.timed(name, fn, lambda key, ns: SAMPLES[key].append(ns))
 
 
-def hook_sites():
-    from moe_monitor.plugin import attach, publisher, recorder, worker
+def hook_sites(fine: bool = False):
+    from moe_monitor.plugin import attach, cuda_driver, publisher, recorder, step_timer, steps, worker
 
-    return ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")), (attach.Tap, ("__call__",)),
-            (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
+    sites = ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")), (attach.Tap, ("__call__",)),
+             (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
+    if fine:  # what the hooks spend their time on (nested in the hooks' own figures)
+        sites += ((step_timer.DriverEvents, ("record",)), (cuda_driver.Driver, ("write_u64",)),
+                  (step_timer.CudaEventTimer, ("begin", "end", "poll")), (steps.StepStats, ("record",)),
+                  (worker, ("prefill_tokens",)))
+    return sites
 
 
-def instrument(on: bool) -> None:
-    for cls, names in hook_sites():
+def instrument(on: bool, fine: bool = False) -> None:
+    for cls, names in hook_sites(fine):
         for name in names:
             fn = cls.__dict__.get(name)
             if fn is None:
@@ -161,6 +166,8 @@ def main() -> None:
     ap.add_argument("--hooks", default="", help="batch sizes of the per-hook pass (e.g. 1,8,32,128)")
     ap.add_argument("--ab", default="", help="batch sizes of the on/off rounds (e.g. 1,8,32)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--fine", action="store_true", help="also time the driver calls, the timer and the phase scan "
+                    "inside the hooks (each nested call adds the wrapper's cost to its hook's figure)")
     ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
@@ -210,7 +217,7 @@ def main() -> None:
 
     if args.hooks:
         overhead_ns = wrapper_cost()
-        instrument(True)
+        instrument(True, args.fine)
         for batch in map(int, args.hooks.split(",")):
             SAMPLES.clear()
             wall = run(prompts[batch])
@@ -226,7 +233,7 @@ def main() -> None:
             for name, h in hooks.items():
                 print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "
                       f"{h['median_us']:8.2f} us", flush=True)
-        instrument(False)
+        instrument(False, args.fine)
         print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)", flush=True)
 
     if args.ab:
