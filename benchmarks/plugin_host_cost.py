@@ -80,6 +80,43 @@ def instrument(on: bool, fine: bool = False) -> None:
                 setattr(cls, name, fn.__wrapped__)
 
 
+def _noop() -> None:
+    pass
+
+
+def probe(on: bool) -> None:
+    """Around WorkerMonitor.step_end (after instrument): a no-op call timed just before the hook (cold: the first
+    code of ours after vLLM's step) and just after it, and one more event record on a scratch event right after the
+    hook's own (warm). Cold against warm tells vLLM's process's cache and predictor state from the calls' cost."""
+    from moe_monitor.plugin import worker
+
+    cls, clock, add = worker.WorkerMonitor, time.perf_counter_ns, SAMPLES
+    hook = cls.__dict__["step_end"]
+    if not on:
+        if hasattr(hook, "_probed"):
+            cls.step_end = hook._probed
+        return
+    scratch = {}
+
+    def step_end(self):
+        t = clock()
+        _noop()
+        add["probe: no-op before the hook (cold)"].append(clock() - t)
+        hook(self)
+        events = getattr(self.timer, "events", None)
+        if events is not None:
+            event = scratch.get(id(events)) or scratch.setdefault(id(events), events.new())
+            t = clock()
+            events.record(event)
+            add["probe: one more event record (warm)"].append(clock() - t)
+        t = clock()
+        _noop()
+        add["probe: no-op after the hook (warm)"].append(clock() - t)
+
+    step_end._probed = hook
+    cls.step_end = step_end
+
+
 def wrapper_cost(n: int = 100_000) -> float:
     """ns the wrapper adds per call (a wrapped no-op, minus the no-op)."""
     def noop():
@@ -166,6 +203,7 @@ def main() -> None:
     ap.add_argument("--hooks", default="", help="batch sizes of the per-hook pass (e.g. 1,8,32,128)")
     ap.add_argument("--ab", default="", help="batch sizes of the on/off rounds (e.g. 1,8,32)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--probe", action="store_true", help="cold/warm probes around step_end (see probe())")
     ap.add_argument("--fine", action="store_true", help="also time the driver calls, the timer and the phase scan "
                     "inside the hooks (each nested call adds the wrapper's cost to its hook's figure)")
     ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
@@ -218,6 +256,7 @@ def main() -> None:
     if args.hooks:
         overhead_ns = wrapper_cost()
         instrument(True, args.fine)
+        probe(args.probe)
         for batch in map(int, args.hooks.split(",")):
             SAMPLES.clear()
             wall = run(prompts[batch])
@@ -233,6 +272,7 @@ def main() -> None:
             for name, h in hooks.items():
                 print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "
                       f"{h['median_us']:8.2f} us", flush=True)
+        probe(False)
         instrument(False, args.fine)
         print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)", flush=True)
 
