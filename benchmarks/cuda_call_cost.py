@@ -24,6 +24,35 @@ def cost(fn, n: int = 2000) -> tuple[float, float]:
     return statistics.median(times), times[n // 10]
 
 
+def after_replay(fn, graph, n: int = 300) -> tuple[float, float]:
+    """The call's host time right after a CUDA graph's launch (as the plugin's step_end follows vLLM's forward):
+    the device idle before each replay, so the call meets the graph still being submitted and run."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        graph.replay()
+        t = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t)
+    times.sort()
+    return statistics.median(times), times[n // 10]
+
+
+def graph_of(nodes: int, dev: torch.device) -> torch.cuda.CUDAGraph:
+    """A graph of `nodes` small kernels (a vLLM decode graph of a 24-layer MoE has ~500-1000)."""
+    x = torch.zeros(4096, device=dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(nodes):
+            x.add_(1)
+    return graph
+
+
 def main() -> None:
     from moe_monitor.plugin import cuda_driver, triton_flush
 
@@ -57,6 +86,8 @@ def main() -> None:
     rows = torch.arange(2, device=dev)
     valid = torch.zeros((), dtype=torch.int64, device=dev)
     triton_flush.warm_up(dev, 128, 8)
+    sc = (valid, torch.zeros((), dtype=torch.int64, device=dev), torch.zeros((), dtype=torch.int32,
+                                                                                      device=dev))
     calls = {
         "python no-op call": lambda: None,
         "torch._C._cuda_getCurrentRawStream": lambda: stream(),
@@ -74,7 +105,7 @@ def main() -> None:
         "torch fill_ on a device scalar": lambda: valid.fill_(3),
         "torch copy_ pinned->device non_blocking": lambda: scratch[0].copy_(pinned[0], non_blocking=True),
         "Triton set_valid_tokens (JIT launch)": lambda: triton_flush.set_valid_tokens(valid, 3),
-        "Triton count_stacked (JIT launch)": lambda: triton_flush.count_stacked(counts, mirror, ids, rows, valid, 128),
+        "Triton count_stacked (JIT launch)": lambda: triton_flush.count_stacked(counts, mirror, ids, rows, sc, 128),
         "torch.stack of 24 [8,8] ids": (lambda xs: lambda: torch.stack(xs))([ids[0]] * 24),
     }
     cycles = int(torch.cuda.get_device_properties(0).clock_rate * 1000 * 0.3)
@@ -88,6 +119,20 @@ def main() -> None:
             med, p10 = cost(fn, n)
             print(f"{name:48s} median {med / 1e3:7.2f} us  p10 {p10 / 1e3:7.2f} us", flush=True)
             torch.cuda.synchronize()
+    for nodes in (10, 500, 2000):
+        graph = graph_of(nodes, dev)
+        graph.replay()
+        torch.cuda.synchronize()
+        print(f"--- right after launching a CUDA graph of {nodes} kernels (device idle before the launch)")
+        for name in ("python no-op call", "Driver.record (cuEventRecord)", "Driver.write_u64 (plugin path)",
+                     "Driver.done (cuEventQuery)", "torch Event.record()", "torch fill_ on a device scalar"):
+            med, p10 = after_replay(calls[name], graph)
+            print(f"{name:48s} median {med / 1e3:7.2f} us  p10 {p10 / 1e3:7.2f} us", flush=True)
+        t = time.perf_counter_ns()
+        for _ in range(50):
+            torch.cuda.synchronize()
+            graph.replay()
+        print(f"{'(graph.replay itself, incl. a sync before)':48s} mean {(time.perf_counter_ns() - t) / 50e3:7.2f} us")
     driver.record(ev2, raw)
     torch.cuda.synchronize()
 

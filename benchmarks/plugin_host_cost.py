@@ -56,15 +56,20 @@ def timed(name: str, fn):
     return timing.timed(name, fn, lambda key, ns: SAMPLES[key].append(ns))
 
 
-def hook_sites():
-    from moe_monitor.plugin import attach, publisher, recorder, worker
+def hook_sites(fine: bool = False):
+    from moe_monitor.plugin import attach, cuda_driver, publisher, recorder, step_timer, steps, worker
 
-    return ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")), (attach.Tap, ("__call__",)),
-            (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
+    sites = ((worker.WorkerMonitor, ("step_begin", "forward_done", "step_end")), (attach.Tap, ("__call__",)),
+             (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
+    if fine:  # what the hooks spend their time on (nested in the hooks' own figures)
+        sites += ((step_timer.DriverEvents, ("record",)), (cuda_driver.Driver, ("write_u64",)),
+                  (step_timer.CudaEventTimer, ("begin", "end", "poll")), (steps.StepStats, ("record",)),
+                  (worker, ("prefill_tokens",)))
+    return sites
 
 
-def instrument(on: bool) -> None:
-    for cls, names in hook_sites():
+def instrument(on: bool, fine: bool = False) -> None:
+    for cls, names in hook_sites(fine):
         for name in names:
             fn = cls.__dict__.get(name)
             if fn is None:
@@ -73,6 +78,43 @@ def instrument(on: bool) -> None:
                 setattr(cls, name, timed(f"{cls.__name__}.{name}", fn))
             elif not on and hasattr(fn, "__wrapped__"):
                 setattr(cls, name, fn.__wrapped__)
+
+
+def _noop() -> None:
+    pass
+
+
+def probe(on: bool) -> None:
+    """Around WorkerMonitor.step_end (after instrument): a no-op call timed just before the hook (cold: the first
+    code of ours after vLLM's step) and just after it, and one more event record on a scratch event right after the
+    hook's own (warm). Cold against warm tells vLLM's process's cache and predictor state from the calls' cost."""
+    from moe_monitor.plugin import worker
+
+    cls, clock, add = worker.WorkerMonitor, time.perf_counter_ns, SAMPLES
+    hook = cls.__dict__["step_end"]
+    if not on:
+        if hasattr(hook, "_probed"):
+            cls.step_end = hook._probed
+        return
+    scratch = {}
+
+    def step_end(self):
+        t = clock()
+        _noop()
+        add["probe: no-op before the hook (cold)"].append(clock() - t)
+        hook(self)
+        events = getattr(self.timer, "events", None)
+        if events is not None:
+            event = scratch.get(id(events)) or scratch.setdefault(id(events), events.new())
+            t = clock()
+            events.record(event)
+            add["probe: one more event record (warm)"].append(clock() - t)
+        t = clock()
+        _noop()
+        add["probe: no-op after the hook (warm)"].append(clock() - t)
+
+    step_end._probed = hook
+    cls.step_end = step_end
 
 
 def wrapper_cost(n: int = 100_000) -> float:
@@ -118,7 +160,8 @@ def _describe(worker):
     m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
     return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
             "timer_events": type(getattr(m.timer, "events", None)).__name__,
-            "zero_after_forward": getattr(m, "zero_after_forward", True)}
+            "zero_after_forward": getattr(m, "zero_after_forward", True),
+            "reads_vllm_step_tokens": getattr(m, "vllm_tokens", None) is not None}
 
 
 STEP_LOG: list[tuple[str, int, float]] = []
@@ -160,6 +203,9 @@ def main() -> None:
     ap.add_argument("--hooks", default="", help="batch sizes of the per-hook pass (e.g. 1,8,32,128)")
     ap.add_argument("--ab", default="", help="batch sizes of the on/off rounds (e.g. 1,8,32)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--probe", action="store_true", help="cold/warm probes around step_end (see probe())")
+    ap.add_argument("--fine", action="store_true", help="also time the driver calls, the timer and the phase scan "
+                    "inside the hooks (each nested call adds the wrapper's cost to its hook's figure)")
     ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
@@ -209,7 +255,8 @@ def main() -> None:
 
     if args.hooks:
         overhead_ns = wrapper_cost()
-        instrument(True)
+        instrument(True, args.fine)
+        probe(args.probe)
         for batch in map(int, args.hooks.split(",")):
             SAMPLES.clear()
             wall = run(prompts[batch])
@@ -225,7 +272,8 @@ def main() -> None:
             for name, h in hooks.items():
                 print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "
                       f"{h['median_us']:8.2f} us", flush=True)
-        instrument(False)
+        probe(False)
+        instrument(False, args.fine)
         print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)", flush=True)
 
     if args.ab:

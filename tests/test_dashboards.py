@@ -315,7 +315,8 @@ def test_config_is_honoured():
 
 def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label():
     from moe_monitor.mixin.config import MixinConfig
-    from moe_monitor.mixin.rules import rules_document
+    from moe_monitor.mixin.dashboards.deployment import EXPERT_TIME_LOST
+    from moe_monitor.mixin.rules import DEPLOYMENT_EP_EXPERT_TIME_LOST, DEPLOYMENT_EP_RANK_ROUTED_RATE, rules_document
 
     deployment_records = {r["record"] for g in rules_document(MixinConfig())["groups"] for r in g["rules"]
                           if ":deployment_" in r.get("record", "")}
@@ -323,7 +324,13 @@ def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label
     used = set()
     for q in panel_queries(d, [PANEL]):
         used |= metric_names(substitute(q.expr, SAMPLE))
-    assert deployment_records <= used, f"not on the deployment dashboard: {deployment_records - used}"
+    # The expert-time-lost record sums every layer (no layer label, so no $layer filter): its panel computes the
+    # same from the EP-rank rates of the selected layers, and names the record in its description.
+    assert deployment_records - {DEPLOYMENT_EP_EXPERT_TIME_LOST} <= used, \
+        f"not on the deployment dashboard: {deployment_records - used}"
+    (lost,) = [p for p in content_panels(d) if p["title"] == EXPERT_TIME_LOST]
+    assert DEPLOYMENT_EP_EXPERT_TIME_LOST in lost["description"]
+    assert metric_names(substitute(lost["targets"][0]["expr"], SAMPLE)) == {DEPLOYMENT_EP_RANK_ROUTED_RATE}
     (alert,) = d["annotations"]["list"]
     assert 'alertname="MoeDeploymentEPRankImbalance"' in alert["expr"] and alert["enable"]
 

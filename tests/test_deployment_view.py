@@ -42,6 +42,7 @@ from moe_monitor.mixin.config import config_from_dict
 from moe_monitor.mixin.dashboards.overview import NEEDS_EP
 from moe_monitor.mixin.queries import iter_panels
 from moe_monitor.mixin.rules import (
+    DEPLOYMENT_EP_EXPERT_TIME_LOST,
     DEPLOYMENT_EP_RANK_ROUTED_RATE,
     DEPLOYMENT_EXPERT_ROUTED_RATE,
     DEPLOYMENT_LAYER_EP_RANK_IMBALANCE,
@@ -277,6 +278,16 @@ def test_deployment_imbalance_is_the_single_sidecar_imbalance(stack, jump):
         assert deployment[(SINGLE, str(layer))] == pytest.approx(expected[layer], rel=1e-9)
     assert min(expected) > 1.1 and max(expected) > 2
     print(f"EP-rank max/mean per layer, deployment (A+B) = C = routing: {[round(float(x), 6) for x in expected]}")
+
+    # Expert time lost to EP-rank imbalance over the deployment: 1 - sum_l mean_l / sum_l max_l of the summed loads.
+    loads = ep_rank_load(routed.sum(0))  # [L, W]
+    lost_expected = 1 - loads.mean(-1).sum() / loads.max(-1).sum()
+    lost = by(instant(prom, inlined(cfg, DEPLOYMENT_EP_EXPERT_TIME_LOST), at), "deployment")
+    assert lost.keys() == {(DSV3,), (SINGLE,)}
+    assert lost[(DSV3,)] == pytest.approx(lost_expected, rel=ACROSS_TARGETS)
+    assert lost[(SINGLE,)] == pytest.approx(lost_expected, rel=1e-9)
+    assert 0.2 < lost_expected < 0.8
+    print(f"expert time lost to EP-rank imbalance, deployment (A+B) = C = routing: {lost_expected:.6f}")
 
     experts = by(instant(prom, inlined(cfg, DEPLOYMENT_EXPERT_ROUTED_RATE), at), "deployment", "layer", "expert")
     expert_imbalance = by(instant(prom, inlined(cfg, DEPLOYMENT_LAYER_EXPERT_IMBALANCE), at), "deployment", "layer")

@@ -58,9 +58,15 @@ PROBE = textwrap.dedent("""
         worker.model_runner._dummy_run(16)    # any other dummy forward
         rec.record = record
         return {"before": before, "after": int(rec.host_counts().sum()), "routed_rows": sum(routed),
-                "zero_after_forward": monitor.zero_after_forward}
+                "zero_after_forward": monitor.zero_after_forward,
+                "reads_vllm": monitor.vllm_tokens is not None}
 
-    print("RESULT " + json.dumps(llm.collective_rpc(dummy_runs)[0]), flush=True)
+    result = llm.collective_rpc(dummy_runs)[0]
+    llm.generate(["the hot blaze of the sun", "a quiet evening"], SamplingParams(max_tokens=4, temperature=0.0),
+                 use_tqdm=False)
+    result["again"] = llm.collective_rpc(lambda w: int(w._moe_monitor.recorder.host_counts().sum()))[0]
+    result["still_reads_vllm"] = llm.collective_rpc(lambda w: w._moe_monitor.vllm_tokens is not None)[0]
+    print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)
 """)
 
@@ -68,8 +74,8 @@ PROBE = textwrap.dedent("""
 @pytest.mark.slow  # a vLLM CPU engine in a subprocess: ~25 s
 def test_dummy_runs_after_serving_count_nothing(tiny_model, tmp_path):
     """vLLM's dummy runs (an idle DP rank's `execute_dummy_batch`, warm-ups) are forwards through the tapped routers
-    with no step around them: the count of valid tokens is zeroed before each, so the step before them is not
-    counted again, and no write follows every step's forward."""
+    with no step around them: the gate is closed around each (vLLM leaves the step count it pads its buffer with at
+    the last real step's), so the step before them is not counted again, and nothing is written in any step."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", MOE_MONITOR_SEGMENT_DIR=str(tmp_path),
                VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.run([sys.executable, "-c", PROBE, tiny_model[0]], env=env, capture_output=True, text=True,
@@ -81,6 +87,10 @@ def test_dummy_runs_after_serving_count_nothing(tiny_model, tmp_path):
     assert result["routed_rows"] > 0, result  # the dummy forwards did go through the taps...
     assert result["after"] == result["before"], result  # ...and counted nothing
     assert result["zero_after_forward"] is False, result  # zeroed before dummy runs, not after every step
+    # the step's count is vLLM's own (nothing written a step), checked against the scheduler's in every step so far
+    assert result["reads_vllm"] and result["still_reads_vllm"], result
+    # after the dummy runs real steps count again: the same generate counts what the first one did
+    assert result["again"] == 2 * result["before"], result
 
 
 class FakeDevice:
@@ -138,3 +148,51 @@ def test_the_cuda_timer_chains_steps_while_the_device_is_busy_and_reuses_its_eve
     assert abs(snap["step_seconds"][decode].sum() - (50 * 0.002 + 0.003)) < 1e-9, snap["step_seconds"][decode]
     assert dev.created <= 4, f"{dev.created} events created for 52 steps: the pool must reuse them"
     assert timer._pending == collections.deque() and timer._open is None
+
+
+def test_a_vllm_that_fills_its_token_buffer_otherwise_sends_the_hooks_back_to_writing(caplog):
+    """The count read from vLLM's buffer is checked against the scheduler's in the first steps; on a difference the
+    gate closes and every later step's count is written by the hook (real CPU recorder, a stand-in buffer)."""
+    import numpy as np
+    import torch
+
+    from moe_monitor.plugin.recorder import Recorder
+    from moe_monitor.plugin.step_timer import HostTimer
+    from moe_monitor.plugin.steps import StepStats
+    from moe_monitor.plugin.worker import WorkerMonitor, vllm_step_tokens
+
+    rec = Recorder(2, 4, 2, "cpu")
+    runner = SimpleNamespace(query_start_loc=SimpleNamespace(gpu=torch.zeros(9, dtype=torch.int32),
+                                                             np=np.zeros(9, dtype=np.int32)))
+    device_count, host = vllm_step_tokens(runner, torch.device("cpu"))
+    monitor = WorkerMonitor(rec, publisher=None, timer=HostTimer(StepStats()))
+    monitor.read_vllm_step_tokens(device_count, host)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 1]])
+
+    def run_step(tokens: int, vllm_says: int) -> None:
+        monitor.step_begin(step({}, {"a": (tokens, 3)}))
+        runner.query_start_loc.gpu[-1], host[-1] = vllm_says, vllm_says  # what vLLM's _prepare_inputs does
+        rec.record(0, ids)
+        monitor.step_end()
+
+    run_step(3, 3)
+    assert rec.host_counts()[0].tolist() == [1, 3, 1, 1] and monitor.vllm_tokens is not None
+    with caplog.at_level("WARNING"):
+        run_step(2, 3)  # vLLM's buffer disagrees with the scheduler: back to writing
+    assert "write the count from now on" in caplog.text and monitor.vllm_tokens is None and int(rec.gate) == 0
+    before = rec.host_counts()[0].copy()
+    run_step(2, 3)  # written: 2 rows counted, whatever the buffer says
+    assert (rec.host_counts()[0] - before).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("case", ["no buffer", "no tensors", "int64", "no requests", "no host copy"])
+def test_a_runner_without_a_usable_token_buffer_keeps_the_written_count(case):
+    import torch
+
+    from moe_monitor.plugin.worker import vllm_step_tokens
+
+    buffer = {"no buffer": None, "no tensors": SimpleNamespace(gpu=None, np=None),
+              "int64": SimpleNamespace(gpu=torch.zeros(9, dtype=torch.int64), np=[0] * 9),
+              "no requests": SimpleNamespace(gpu=torch.zeros(1, dtype=torch.int32), np=[0]),
+              "no host copy": SimpleNamespace(gpu=torch.zeros(9, dtype=torch.int32), np=None)}[case]
+    assert vllm_step_tokens(SimpleNamespace(query_start_loc=buffer), torch.device("cpu")) is None

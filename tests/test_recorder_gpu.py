@@ -170,7 +170,40 @@ def check_no_kernel_compiles_after_the_recorder_is_built(mode):
     assert compiled == [], compiled
 
 
-CHECKS = (check_graph_replays_count_exactly_the_valid_tokens, check_graphs_sharing_one_pool_count_their_own_ids,
+def check_graph_replays_count_what_vllms_buffer_says(mode):
+    """The plugin's default on vLLM: a graph captured at 32 padded tokens reads the step's count from an int32
+    buffer the host fills before each replay (as vLLM's query_start_loc: a non-blocking copy from pinned memory);
+    nothing is written a step; the gate closed (a dummy run) counts nothing, opened again counts again."""
+    from moe_stack import capture
+
+    stack = _stack()
+    rec = _recorder(stack, mode)
+    device = torch.zeros(9, dtype=torch.int32, device="cuda")
+    sources = []  # one pinned source per copy, kept until the end: a copy may run after the host moved on
+    rec.read_step_tokens_from(device[-1])
+    rec.set_gate(False)
+    x = torch.randn(32, SMALL["hidden"], device="cuda", dtype=torch.bfloat16)
+    graph, _ = capture(lambda x: stack.step(x, tap=rec.record), x)
+    rec.set_gate(True)
+    assert rec.counts[:, :SMALL["experts"]].sum().item() == 0, "warm-up and capture must count nothing"
+    expected = torch.zeros(SMALL["layers"], SMALL["experts"], dtype=torch.int64)
+    for valid, replays, gate in [(32, 3, True), (17, 2, True), (9, 2, False), (1, 4, True), (0, 2, True)]:
+        sources.append(torch.full((9,), valid, dtype=torch.int32).pin_memory())
+        device.copy_(sources[-1], non_blocking=True)  # what vLLM's copy_to_gpu does before each forward
+        rec.set_gate(gate)
+        for _ in range(replays):
+            graph.replay()
+        rec.set_gate(True)
+        if gate:
+            expected += replays * stack.reference_counts(x, valid)
+    torch.cuda.synchronize()
+    got = rec.counts[:, :SMALL["experts"]].cpu()
+    assert torch.equal(got, expected), (mode, got.sum().item(), expected.sum().item())
+    assert (rec.host_counts() == expected.numpy()).all(), mode
+
+
+CHECKS = (check_graph_replays_count_exactly_the_valid_tokens, check_graph_replays_count_what_vllms_buffer_says,
+          check_graphs_sharing_one_pool_count_their_own_ids,
           check_sink_ids_count_exactly_under_graphs,
           check_eager_step_never_syncs_with_the_host,
           check_a_step_that_never_reaches_the_last_layer_is_counted_at_the_next_boundary,

@@ -33,7 +33,8 @@ RECORDS = ["moe:step_duration_seconds:p50_rate5m", "moe:step_duration_seconds:p9
            "moe:ep_rank_routed_tokens:rate5m", "moe:layer_ep_rank_imbalance_ratio:rate5m",
            "moe:routed_assignments:rate5m", "moe:worst_layer_imbalance_ratio:max_over_time5m",
            "moe:deployment_ep_rank_routed_tokens:rate5m", "moe:deployment_layer_ep_rank_imbalance_ratio:rate5m",
-           "moe:deployment_expert_routed_tokens:rate5m", "moe:deployment_layer_expert_imbalance_ratio:rate5m"]
+           "moe:deployment_ep_expert_time_lost_ratio:rate5m", "moe:deployment_expert_routed_tokens:rate5m",
+           "moe:deployment_layer_expert_imbalance_ratio:rate5m"]
 DEFAULT_CONFIG = MixinConfig()
 
 
@@ -294,7 +295,7 @@ def test_the_deployment_label_is_configurable():
     cfg = MixinConfig(deployment_label="lws_group")
     rules = {r.get("alert") or r["record"]: r for r in all_rules(cfg)}
     per_deployment = [name for name in rules if ":deployment_" in name or name == "MoeDeploymentEPRankImbalance"]
-    assert len(per_deployment) == 5
+    assert len(per_deployment) == 6
     for name in [*per_deployment, "MoeEPRankImbalance"]:
         expr = rules[name]["expr"]
         assert "lws_group" in expr and not re.search(r"\bdeployment\b", expr), name

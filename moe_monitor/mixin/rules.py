@@ -31,6 +31,9 @@ DEPLOYMENT_EP_RANK_ROUTED_RATE = "moe:deployment_ep_rank_routed_tokens:rate5m"
 DEPLOYMENT_LAYER_EP_RANK_IMBALANCE = "moe:deployment_layer_ep_rank_imbalance_ratio:rate5m"
 DEPLOYMENT_EXPERT_ROUTED_RATE = "moe:deployment_expert_routed_tokens:rate5m"
 DEPLOYMENT_LAYER_EXPERT_IMBALANCE = "moe:deployment_layer_expert_imbalance_ratio:rate5m"
+# The deployment's share of expert time lost to EP-rank imbalance, every layer: what moe_ep_expert_time_lost_ratio
+# is for one sidecar (docs/metrics.md, "What imbalance costs"), from the summed loads.
+DEPLOYMENT_EP_EXPERT_TIME_LOST = "moe:deployment_ep_expert_time_lost_ratio:rate5m"
 
 # Rules of one group run one after the other at the same evaluation time; groups run concurrently (Prometheus) or in
 # an unspecified order (promtool), each at its own offset. A rule that reads a recording rule therefore sits in the
@@ -108,6 +111,11 @@ def deployment_recording_rules(cfg: MixinConfig) -> list[tuple[str, str]]:
     return [
         (DEPLOYMENT_EP_RANK_ROUTED_RATE, summed("moe_ep_rank_routed_tokens_total", "ep_rank")),
         (DEPLOYMENT_LAYER_EP_RANK_IMBALANCE, imbalance(DEPLOYMENT_EP_RANK_ROUTED_RATE)),
+        # 1 - sum_l mean_l / sum_l max_l: the busiest rank sets each layer's expert time; layers that routed
+        # nothing add 0 to both sums
+        (DEPLOYMENT_EP_EXPERT_TIME_LOST,
+         f"1 - (\n  sum by ({by}) (avg by ({by}, layer) ({DEPLOYMENT_EP_RANK_ROUTED_RATE}))\n  /\n"
+         f"  sum by ({by}) (max by ({by}, layer) ({DEPLOYMENT_EP_RANK_ROUTED_RATE}))\n)"),
         # T2 (--expert-series all on every sidecar of the deployment); nothing is recorded without it.
         (DEPLOYMENT_EXPERT_ROUTED_RATE, summed("moe_expert_routed_tokens_total", "expert")),
         (DEPLOYMENT_LAYER_EXPERT_IMBALANCE, imbalance(DEPLOYMENT_EXPERT_ROUTED_RATE)),

@@ -54,6 +54,8 @@ class Recorder:
         int16); on CUDA the counting kernel is compiled for each of them here, before any capture."""
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" is the current device: name it, so
+            self.device = torch.device("cuda", torch.cuda.current_device())  # it compares equal to its tensors'
         self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"recorder mode {self.mode!r} is not one of {MODES}")
@@ -62,7 +64,12 @@ class Recorder:
                              f"{CUDA_MODES}, elsewhere per_layer")
         # Column num_experts is the sink for padded rows and ids outside [0, E).
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=self.device)
+        # The step's real token count, as the counting reads it: valid_tokens + gate x step_tokens. Either the
+        # hooks write valid_tokens every step (gate 0), or vLLM's own per-step buffer is read (read_step_tokens_from:
+        # valid_tokens stays 0, gate is 1 in real steps and 0 in dummy runs), which costs the host nothing a step.
         self.valid_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.gate = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.step_tokens = torch.zeros((), dtype=torch.int32, device=self.device)
         self._sink = torch.tensor(num_experts, dtype=torch.int64, device=self.device)
         self._one = torch.ones(1, dtype=torch.int64, device=self.device)
         self._capacity = 0
@@ -88,8 +95,9 @@ class Recorder:
             self.driver = cuda_driver.load(self.device)
             if self.driver is not None:
                 driver, stream = self.driver
-                address, write = self.valid_tokens.data_ptr(), driver.write_u64
+                address, gate, write = self.valid_tokens.data_ptr(), self.gate.data_ptr(), driver.write_u64
                 self._write_valid = lambda n: write(stream(), address, n)
+                self._write_gate = lambda n: write(stream(), gate, n)
 
     def _grow(self, tokens: int) -> None:
         if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated
@@ -118,6 +126,34 @@ class Recorder:
             self._set_valid_tokens(self.valid_tokens, n)
         else:
             self.valid_tokens.fill_(n)
+
+    def read_step_tokens_from(self, tokens: torch.Tensor) -> None:
+        """Count the first `tokens` rows of every step: a 0-d int32 tensor on the recorder's device that vLLM
+        fills before each step's forward (the last element of its query_start_loc buffer, which it pads with the
+        step's token count). From then on the step hooks write nothing; `set_gate(False)` around vLLM's dummy
+        runs keeps them from counting (they leave that element at the last real step's count). Call before any
+        CUDA-graph capture: the counting kernel reads this address at every replay."""
+        if tokens.dim() != 0 or tokens.dtype != torch.int32 or tokens.device != self.device:
+            raise ValueError(f"step tokens must be a 0-d int32 tensor on {self.device}, not {tokens.dtype} "
+                             f"{tuple(tokens.shape)} on {tokens.device}")
+        self.set_valid_tokens(0)
+        self.step_tokens = tokens
+        self.set_gate(True)
+
+    def set_gate(self, open_: bool) -> None:
+        """1: count vLLM's step tokens (read_step_tokens_from); 0: count only `valid_tokens` (0 in a dummy run)."""
+        n = int(open_)
+        if getattr(self, "_write_gate", None) is not None:
+            self._write_gate(n)
+        elif self.mirror is not None:
+            self._set_valid_tokens(self.gate, n)
+        else:
+            self.gate.fill_(n)
+
+    def stop_reading_step_tokens(self) -> None:
+        """Back to the written count (the hooks call set_valid_tokens every step again). Graphs captured while
+        reading vLLM's buffer keep working: they read the same three scalars."""
+        self.set_gate(False)
 
     def record(self, row: int, topk_ids: torch.Tensor) -> None:
         """One layer's routing decisions. topk_ids: [T, k] logical expert ids (int32 or int64)."""
@@ -150,14 +186,17 @@ class Recorder:
             by_shape.setdefault((tuple(ids.shape), ids.dtype), []).append(row)
         for rows in by_shape.values():  # one group in practice: every layer of a step sees the same tokens
             self._count_stacked(self.counts, self.mirror, torch.stack([pending[r] for r in rows]),
-                                self._row_index(rows), self.valid_tokens, self.num_experts)
+                                self._row_index(rows), self._valid_args(), self.num_experts)
 
     def _flush_staged(self) -> None:
         """Count the staging buffer's rows of the tapped layers: one kernel, reading [:T] of each row."""
         T, self._staged_tokens = self._staged_tokens, 0
         if T:
             self._count_stacked(self.counts, self.mirror, self._stage, self._row_index(self._tapped_rows),
-                          self.valid_tokens, self.num_experts, tokens=T, ids_by_row=True)
+                                self._valid_args(), self.num_experts, tokens=T, ids_by_row=True)
+
+    def _valid_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.valid_tokens, self.gate, self.step_tokens
 
     def set_rows(self, rows: list[int]) -> None:
         """The rows whose taps are installed (attach calls this before any forward pass): the fused
@@ -176,7 +215,8 @@ class Recorder:
         """ids: [T, k] of one layer. Masks and adds with torch ops (~5 kernels)."""
         T, k = ids.shape
         ids = ids.to(torch.int64)
-        keep = (self._positions[:T] < self.valid_tokens).view(T, 1) & (ids >= 0) & (ids < self.num_experts)
+        valid = self.valid_tokens + self.gate * self.step_tokens
+        keep = (self._positions[:T] < valid).view(T, 1) & (ids >= 0) & (ids < self.num_experts)
         self.counts[row].index_add_(0, torch.where(keep, ids, self._sink).reshape(-1), self._one.expand(T * k))
 
     def host_counts(self) -> np.ndarray:

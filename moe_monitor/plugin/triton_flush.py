@@ -24,13 +24,14 @@ BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 # The kernel's name is what profiler traces show: the `moe_monitor_` prefix puts it in the breakdown's own
 # `monitoring` row (moe_monitor/breakdown/categories.toml), so every capture shows what monitoring costs.
 @triton.jit(do_not_specialize=["TK", "K", "E", "counts_stride", "ids_stride", "mirror_stride"])
-def moe_monitor_count_routing(ids_ptr, rows_ptr, counts_ptr, mirror_ptr, valid_ptr, TK, K, E, counts_stride,
-                              ids_stride, mirror_stride, BLOCK: tl.constexpr, BINS: tl.constexpr,
+def moe_monitor_count_routing(ids_ptr, rows_ptr, counts_ptr, mirror_ptr, valid_ptr, gate_ptr, step_ptr, TK, K, E,
+                              counts_stride, ids_stride, mirror_stride, BLOCK: tl.constexpr, BINS: tl.constexpr,
                               IDS_BY_ROW: tl.constexpr):
     r = tl.program_id(0)
     row = tl.load(rows_ptr + r)
     base = ids_ptr + (row if IDS_BY_ROW else r) * ids_stride
-    valid = tl.load(valid_ptr).to(tl.int32)
+    # the step's real tokens: the written count, plus vLLM's own count where the recorder reads it (gate 1)
+    valid = (tl.load(valid_ptr) + tl.load(gate_ptr) * tl.load(step_ptr).to(tl.int64)).to(tl.int32)
     hist = tl.zeros((BINS,), dtype=tl.int32)
     for start in range(0, TK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -63,18 +64,21 @@ def block_for(tk: int) -> int:
 
 
 def count_stacked(counts: torch.Tensor, mirror: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
-                  valid_tokens: torch.Tensor, num_experts: int, tokens: int | None = None,
+                  valid: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_experts: int, tokens: int | None = None,
                   ids_by_row: bool = False) -> None:
     """ids: [R, T, K] with ids[r] counted into counts[rows[r]] (and mirror[rows[r]]); or, with ids_by_row, a
     [L, capacity, K] staging buffer whose row rows[r] holds that layer's ids and only its first `tokens`
-    are read. mirror: pinned host int64 [L, E] (or any [L, >=E] int64 the GPU can address)."""
+    are read. mirror: pinned host int64 [L, E] (or any [L, >=E] int64 the GPU can address). valid: the
+    recorder's (valid_tokens int64, gate int64, step_tokens int32) scalars: rows below valid + gate x step
+    are real."""
+    valid_tokens, gate, step_tokens = valid
     ids = ids.contiguous()
     T = ids.shape[1] if tokens is None else tokens
     K = ids.shape[2]
     TK = T * K
     bins = triton.next_power_of_2(num_experts + 1)
-    moe_monitor_count_routing[(rows.numel(),)](ids, rows, counts, mirror, valid_tokens, TK, K, num_experts,
-                                               counts.stride(0), ids.stride(0), mirror.stride(0),
+    moe_monitor_count_routing[(rows.numel(),)](ids, rows, counts, mirror, valid_tokens, gate, step_tokens, TK, K,
+                                               num_experts, counts.stride(0), ids.stride(0), mirror.stride(0),
                                                BLOCK=block_for(TK), BINS=bins, IDS_BY_ROW=ids_by_row)
 
 
@@ -97,12 +101,14 @@ def warm_up(device: torch.device, num_experts: int, top_k: int, dtypes=(torch.in
     counts = torch.zeros(1, num_experts + 1, dtype=torch.int64, device=device)
     mirror = torch.zeros(1, num_experts + 1, dtype=torch.int64, device=device)
     valid = torch.zeros((), dtype=torch.int64, device=device)
+    scalars = (valid, torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int32,
+                                                                                    device=device))
     rows = torch.zeros(1, dtype=torch.int64, device=device)
     for dtype in dtypes:
         for tokens in tokens_per_variant(top_k):
             ids = torch.zeros(1, tokens, top_k, dtype=dtype, device=device)
             for by_row in (False, True):
-                count_stacked(counts, mirror, ids, rows, valid, num_experts, tokens=tokens, ids_by_row=by_row)
+                count_stacked(counts, mirror, ids, rows, scalars, num_experts, tokens=tokens, ids_by_row=by_row)
     for n in (0, 1 << 20):  # both integer widths Triton may pick for n stay within int32: one variant
         set_valid_tokens(valid, n)
     torch.cuda.synchronize(device)

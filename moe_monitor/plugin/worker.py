@@ -25,10 +25,14 @@ from .steps import StepStats, phase_of
 log = logging.getLogger(__name__)
 
 
+CHECKED_STEPS = 64  # real steps whose token count read from vLLM's buffer is checked against the scheduler's
+
+
 class WorkerMonitor:
     """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread; per step they
-    make a stream write, an event record at the step's end (and at its start when the device was idle), one
-    elapsed-time query per finished step, and read a few attributes (what that costs: docs/recorder.md, "Cost")."""
+    record an event at the step's end (and at its start when the device was idle), make one elapsed-time query per
+    finished step, read a few attributes, and write the step's token count only where vLLM's own count cannot be
+    read (what that costs: docs/recorder.md, "Cost")."""
 
     def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer):
         self.recorder, self.publisher, self.timer = recorder, publisher, timer
@@ -37,13 +41,27 @@ class WorkerMonitor:
         # forward, which costs a second write a step.
         self.zero_after_forward = True
         self.off = False  # a hook failed: the worker runs without moe-monitor from then on
+        # vLLM's host copy of the buffer the recorder reads the step's tokens from (read_vllm_step_tokens); None:
+        # the hooks write the count every step
+        self.vllm_tokens = None
+        self._checks_left = 0
+        self._tokens = 0
+
+    def read_vllm_step_tokens(self, device_count, host_buffer) -> None:
+        """Count what vLLM says each step has (device_count: a 0-d int32 tensor it fills before the forward), so
+        no step writes anything; the first CHECKED_STEPS real steps compare vLLM's host copy (host_buffer[-1])
+        with the scheduler's count and go back to writing on the first difference."""
+        self.recorder.read_step_tokens_from(device_count)
+        self.vllm_tokens, self._checks_left = host_buffer, CHECKED_STEPS
 
     def step_begin(self, scheduler_output) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens
         if tokens <= 0:
             self.timer.cancel()
             return
-        self.recorder.set_valid_tokens(tokens)
+        if self.vllm_tokens is None:
+            self.recorder.set_valid_tokens(tokens)
+        self._tokens = tokens
         prefill = prefill_tokens(scheduler_output)
         self.timer.begin(phase_of(prefill, tokens - prefill), tokens)
 
@@ -52,11 +70,32 @@ class WorkerMonitor:
 
     def step_end(self) -> None:
         self.timer.end()
+        if self._checks_left:
+            self._check_vllm_tokens()
 
-    def before_dummy_run(self) -> None:
+    def _check_vllm_tokens(self) -> None:
+        self._checks_left -= 1
+        read = int(self.vllm_tokens[-1])
+        if read != self._tokens:
+            log.warning("moe-monitor: vLLM's per-step token buffer held %d tokens for a step of %d (this vLLM "
+                        "fills it otherwise); the step hooks write the count from now on", read, self._tokens)
+            self.recorder.stop_reading_step_tokens()
+            self.vllm_tokens, self._checks_left = None, 0
+
+    def before_dummy_run(self) -> bool:
+        """Before one of vLLM's dummy forwards: count nothing in it. False when nothing was done (inside a
+        graph capture, where a write would be captured into the graph and replayed with every step)."""
         if self.recorder.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return  # never inside a capture (vLLM starts its captures inside the dummy run, not around it)
-        self.recorder.set_valid_tokens(0)
+            return False  # vLLM starts its captures inside the dummy run, not around it
+        if self.vllm_tokens is not None:
+            self.recorder.set_gate(False)
+        else:
+            self.recorder.set_valid_tokens(0)
+        return True
+
+    def after_dummy_run(self) -> None:
+        if self.vllm_tokens is not None:
+            self.recorder.set_gate(True)
 
     def fail(self, what: str) -> None:
         """A hook raised: log it once, stop counting (a stale token count would count wrong from now on) and
@@ -67,6 +106,7 @@ class WorkerMonitor:
         self.recorder.failed = True
         try:
             self.recorder.valid_tokens.fill_(0)
+            self.recorder.gate.fill_(0)
         except Exception:  # noqa: BLE001 - never raise into vLLM
             log.exception("moe-monitor could not zero its token count after that failure")
 
@@ -97,16 +137,41 @@ def wrap_dummy_run(runner, monitor: WorkerMonitor) -> bool:
 
     @functools.wraps(original)
     def _dummy_run(*args, **kwargs):
+        gated = False
         if not monitor.off:
             try:
-                monitor.before_dummy_run()
+                gated = monitor.before_dummy_run()
             except Exception:  # noqa: BLE001 - never raise into vLLM
                 monitor.fail("dummy-run hook")
-        return original(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if gated and not monitor.off:
+                try:
+                    monitor.after_dummy_run()
+                except Exception:  # noqa: BLE001
+                    monitor.fail("dummy-run hook")
 
     _dummy_run._moe_monitor = True
     runner._dummy_run = _dummy_run
     return True
+
+
+def vllm_step_tokens(runner, device: torch.device):
+    """(device count, host buffer) of the step's real tokens as vLLM itself keeps them, or None: the runner's
+    `query_start_loc` buffer, whose elements past the step's requests vLLM pads with the step's total and copies
+    to the device before every forward (GPUModelRunner._prepare_inputs, vLLM 0.26 to 0.32; the CPU runner
+    inherits it), so its last element is the count. Its dummy runs pad only their own slice and leave it stale:
+    WorkerMonitor closes the gate around them."""
+    buffer = getattr(runner, "query_start_loc", None)
+    device_buffer, host_buffer = getattr(buffer, "gpu", None), getattr(buffer, "np", None)
+    if not isinstance(device_buffer, torch.Tensor) or device_buffer.dim() != 1 or device_buffer.numel() < 2:
+        return None
+    if device_buffer.dtype != torch.int32 or device_buffer.device != torch.device(device):
+        return None
+    if host_buffer is None or len(host_buffer) != device_buffer.numel():
+        return None
+    return device_buffer[-1], host_buffer
 
 
 def read_ranks(vllm_config) -> Ranks:
@@ -188,6 +253,11 @@ def build_monitor(worker) -> WorkerMonitor | None:
         timer = CudaEventTimer(steps, DriverEvents(*recorder.driver) if recorder.driver else TorchEvents())
     monitor = WorkerMonitor(recorder, publisher, timer)
     monitor.zero_after_forward = not wrap_dummy_run(runner, monitor)
+    source = None if monitor.zero_after_forward else vllm_step_tokens(runner, recorder.device)
+    if source is not None:
+        monitor.read_vllm_step_tokens(*source)
+    log.info("moe-monitor: the step's token count is %s", "read from vLLM's own buffer (no write a step)"
+             if source is not None else "written by the step hook")
     return monitor
 
 

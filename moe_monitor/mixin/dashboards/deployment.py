@@ -13,6 +13,7 @@ from ..panels import (
     COUNT,
     PER_SECOND,
     RATIO,
+    SHARE,
     Row,
     annotation,
     bar_gauge,
@@ -26,6 +27,7 @@ from ..panels import (
     ts,
 )
 from ..rules import (
+    DEPLOYMENT_EP_EXPERT_TIME_LOST,
     DEPLOYMENT_EP_RANK_ROUTED_RATE,
     DEPLOYMENT_EXPERT_ROUTED_RATE,
     DEPLOYMENT_LAYER_EP_RANK_IMBALANCE,
@@ -34,6 +36,7 @@ from ..rules import (
 from .common import LAYER, UIDS, frame, link_to, opt, pad
 
 ALERT = "MoeDeploymentEPRankImbalance"
+EXPERT_TIME_LOST = "Expert time lost to EP-rank imbalance (deployment)"
 T2_ALL = ("Needs `moe-monitor serve --expert-series all` on every sidecar of the deployment (T2; the rule "
           "moe:deployment_expert_routed_tokens:rate5m sums them).")
 
@@ -84,6 +87,14 @@ def _now(cfg) -> Row:
                    "threshold.", RATIO, [query(f"max({imbalance})")],
                    steps=((None, "green"), (ep_thr, "red")), decimals=2,
                    links=[link_to("overview", "Per instance")]),
+        # The recording rule sums every layer; the panel recomputes it from the rate rule over the selected layers.
+        stat_panel(EXPERT_TIME_LOST, "Share of the deployment's expert time that EP ranks spend waiting at each "
+                   "selected layer's combine for the busiest rank, over 5 minutes, every sidecar of the deployment "
+                   "summed: 1 − Σ mean / Σ max of the layers' EP-rank loads (0 = balanced; each layer weighs as its "
+                   f"busiest rank). With every layer selected it is {DEPLOYMENT_EP_EXPERT_TIME_LOST}, the "
+                   "deployment's moe_ep_expert_time_lost_ratio. Routing only: assumes expert time proportional to a "
+                   "rank's assignments (docs/metrics.md).", SHARE,
+                   [query(f"1 - sum(avg by (layer) ({rate})) / sum(max by (layer) ({rate}))")], decimals=1),
         stat_panel("Worst-layer expert imbalance (deployment, T2)", "max/mean of the expert loads of the worst "
                    "selected layer over 5 minutes, summed over the deployment. " + T2_ALL, RATIO,
                    [query(f"max({dsel(cfg, DEPLOYMENT_LAYER_EXPERT_IMBALANCE, LAYER)})")],
@@ -96,7 +107,7 @@ def _now(cfg) -> Row:
                    [query(f"sum({up})", "up"), query(f"count({up})", "scraped")], graph=False),
         table_panel("Worst layers (deployment)", "The 5 layers with the largest EP-rank max/mean over 5 minutes, "
                     "summed over the deployment: where rebalancing (EPLB) pays first.", RATIO,
-                    [query(f"topk(5, {imbalance})", instant=True, fmt="table")], w=8, h=4,
+                    [query(f"topk(5, {imbalance})", instant=True, fmt="table")], w=4, h=4,
                     sort_by="EP-rank max/mean",
                     transformations=[transform("organize", {
                         "excludeByName": {"Time": True, "job": True, label(cfg): True},
