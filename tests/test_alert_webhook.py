@@ -101,7 +101,7 @@ def test_a_firing_alert_becomes_one_bundle_that_the_cli_pulls(sidecar, tmp_path)
     assert [c for c, _ in vllm.calls].count("start") == 1 and len(exporter.catalog.list()) == 1
     counts = {dict(k)["outcome"]: v for k, v in metric(exporter, "moe_capture_alerts_total").items()}
     assert counts == {"captured": 1, "deduplicated": 1, "cooldown": 0, "over_budget": 0, "busy": 0, "not_ours": 2,
-                      "other_instance": 0, "resolved": 1}
+                      "other_instance": 0, "resolved": 1, "forwarded": 0, "forward_failed": 0}
 
     cli = [sys.executable, "-m", "moe_monitor.cli", "traces", "--url", url, "--token", TOKEN]
     listed = subprocess.run(cli + ["list"], capture_output=True, text=True, check=True, timeout=60).stdout

@@ -96,6 +96,12 @@ def one(kind: str) -> dict:
     return docs[0]
 
 
+def service_named(name: str) -> dict:
+    (doc,) = [doc for _, doc in hand_written_manifests()
+              if doc["kind"] == "Service" and doc["metadata"]["name"] == name]
+    return doc
+
+
 @pytest.fixture(scope="module")
 def pod() -> dict:
     return one("Deployment")["spec"]["template"]["spec"]
@@ -234,7 +240,7 @@ def test_builtin_manifests_validate_strictly(version):
             continue  # CRDs: test_servicemonitor_matches_the_operator_crd
         kubernetes_validate.validate(doc, version, strict=True)
         checked.append(doc["kind"])
-    assert sorted(checked) == ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+    assert sorted(checked) == ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service"]
 
 
 def test_strict_validation_catches_a_misspelled_field():
@@ -379,6 +385,68 @@ def test_network_policy_admits_clients_and_prometheus_only_to_the_pods_ports(pod
     assert allowed["http"] == [{"podSelector": {"matchLabels": {"moe-monitor/vllm-client": "true"}}}, prometheus]
 
 
+def test_network_policy_admits_alertmanager_and_the_peer_sidecars_to_the_webhook(pod):
+    """Alertmanager's webhook reaches the sidecar port of a random pod, whose sidecar sends alerts on to the others."""
+    policy = one("NetworkPolicy")["spec"]
+    labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    to_metrics = [f for rule in policy["ingress"] if any(p["port"] == "metrics" for p in rule["ports"])
+                  for f in rule["from"]]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "alertmanager"}}} \
+        in to_metrics
+    assert any(f.keys() == {"podSelector"} and selects(f["podSelector"], labels) for f in to_metrics), to_metrics
+
+
+def test_headless_peer_service_selects_the_same_pods_on_the_sidecar_port(pod):
+    peers, regular = service_named("vllm-moe-peers")["spec"], service_named("vllm-moe")["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is False
+    assert peers["selector"] == regular["selector"]
+    assert [(p["port"], p["targetPort"]) for p in peers["ports"]] == [(9464, "metrics")]
+    assert container_port(container(pod, SIDECAR_CONTAINER), "metrics") == 9464
+
+
+def test_sidecar_names_its_pod_and_its_peers(pod, serve_options):
+    """--alert-instances is the pod's IP and port as Prometheus scrapes it (instance label), --alert-peers the
+    headless Service's name in the pod's own namespace, both from the downward API."""
+    c = container(pod, SIDECAR_CONTAINER)
+    env = env_of(c)
+    names = [e["name"] for e in c["env"]]
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    instances, peers = serve_options["--alert-instances"]["env"], serve_options["--alert-peers"]["env"]
+    assert env[instances]["value"] == "$(POD_IP):9464"
+    assert env[peers]["value"] == "vllm-moe-peers.$(POD_NAMESPACE).svc:9464"
+    # the kubelet expands only variables defined above
+    assert names.index("POD_IP") < names.index(instances) and names.index("POD_NAMESPACE") < names.index(peers)
+    expanded = {k: kubelet_expand(env[k]["value"], {"POD_IP": "10.1.2.3", "POD_NAMESPACE": "ml"})
+                for k in (instances, peers)}
+    assert expanded == {instances: "10.1.2.3:9464", peers: "vllm-moe-peers.ml.svc:9464"}
+    listen = sidecar_flags(c).get("--listen") or serve_options["--listen"]["default"]
+    assert listen.endswith(":9464")
+
+
+def test_alertmanagerconfig_routes_the_capture_alerts_to_the_sidecars_webhook(pod):
+    doc = one("AlertmanagerConfig")
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1alpha1"
+    spec = doc["spec"]
+    assert set(spec) == {"route", "receivers"}
+    route = spec["route"]
+    (matcher,) = route["matchers"]
+    assert matcher["name"] == "alertname" and matcher["matchType"] == "=~"
+    assert set(matcher["value"].split("|")) == CAPTURE_ALERTS and "instance" in route["groupBy"]
+    (receiver,) = spec["receivers"]
+    assert receiver["name"] == route["receiver"]
+    (hook,) = receiver["webhookConfigs"]
+    url = re.fullmatch(r"http://([a-z0-9-]+)\.[a-z0-9-]+\.svc:(\d+)/api/alerts", hook["url"])
+    assert url and service_named(url.group(1))["spec"].get("clusterIP") != "None", hook["url"]
+    assert int(url.group(2)) == {p["name"]: p["port"] for p in service_named(url.group(1))["spec"]["ports"]}["metrics"]
+    assert hook["sendResolved"] is False
+    auth = hook["httpConfig"]["authorization"]
+    token = env_of(container(pod, SIDECAR_CONTAINER))["MOE_MONITOR_API_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert auth.get("type", "Bearer") == "Bearer" and auth["credentials"] == {"name": token["name"],
+                                                                              "key": token["key"]}
+    assert doc["metadata"]["labels"]["release"] == one("ServiceMonitor")["metadata"]["labels"]["release"]
+
+
 def test_disruption_budget_covers_the_pods_and_never_blocks_a_drain():
     deployment = one("Deployment")
     pdb = one("PodDisruptionBudget")["spec"]
@@ -403,7 +471,7 @@ def test_ports_and_paths_agree(pod, serve_options):
     url = re.fullmatch(r"http://(localhost|127\.0\.0\.1):(\d+)/?", flags["--vllm-url"])
     assert url and int(url.group(2)) == vllm_port, "the sidecar reaches vLLM on the pod's loopback"
 
-    service = one("Service")
+    service = service_named("vllm-moe")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["metrics"]["targetPort"] in ("metrics", metrics_port)
     assert ports["http"]["targetPort"] in ("http", vllm_port)
@@ -585,9 +653,11 @@ def test_sidecar_container_command_runs_and_answers_its_probes(pod, tmp_path):
             value = f"http://127.0.0.1:{dead_port}"
         args.append(f"{flag}={relocate(value)}" if eq else a)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOE_MONITOR_")}
+    fields = {"status.podIP": "127.0.0.1", "metadata.namespace": "test"}  # the downward API's, on loopback
     for e in c.get("env", []):
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        env[e["name"]] = f"test-{ref['key']}" if ref else relocate(e["value"])
+        ref, field = e.get("valueFrom", {}).get("secretKeyRef"), e.get("valueFrom", {}).get("fieldRef")
+        env[e["name"]] = f"test-{ref['key']}" if ref else fields[field["fieldPath"]] if field else \
+            relocate(kubelet_expand(e["value"], env))
     log = tmp_path / "sidecar.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / c["command"][0]), *args], env=env, stdout=out, stderr=subprocess.STDOUT)

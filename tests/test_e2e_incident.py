@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -142,3 +143,83 @@ def test_an_alert_routed_by_alertmanager_becomes_one_pulled_bundle(stack):
     assert f"alert: MoeHotExpert firing since {STARTS}" in shown.stdout, shown.stdout + shown.stderr
     print(f"\nalert posted to Alertmanager -> capture stored in the sidecar: {took:.1f} s; "
           f"bundle: {', '.join(sorted(names))}")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two sidecars (A, B) on loopback, each naming its own instance and both as peers, and a real Alertmanager
+    whose moe-sidecar receiver points at A: as two pods behind one Kubernetes Service, the alert reaches one."""
+    promstack.check_available()
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    ports = {"a": free_port(), "b": free_port()}
+    peers = f"localhost:{ports['a']},localhost:{ports['b']}"
+    with FakeProfiler(str(tmp_path / "profiles-a")) as vllm_a, FakeProfiler(str(tmp_path / "profiles-b")) as vllm_b:
+        sidecars = {}
+        for name, vllm in (("a", vllm_a), ("b", vllm_b)):
+            os.makedirs(vllm.profile_dir, exist_ok=True)
+            sidecars[name] = launch.start_sidecar(str(tmp_path / f"seg-{name}"), ports[name],
+                                                  str(tmp_path / f"sidecar-{name}.log"), [
+                "--profile-dir", vllm.profile_dir, "--vllm-url", vllm.url, "--capture-dir", str(tmp_path / name),
+                "--capture-timeout", "20", "--capture-cooldown", "0", "--max-captures-per-hour", "10",
+                "--window", "1", "--alert-instances", f"127.0.0.1:{ports[name]}", "--alert-peers", peers],
+                env={"MOE_MONITOR_API_TOKEN": TOKEN})
+        sink = AlertSink()
+        am = promstack.start_alertmanager(str(tmp_path), free_port(), sink.url,
+                                          promstack.Timing(group_wait="1s", group_interval="1s",
+                                                           repeat_interval="2s"),
+                                          sidecar=(sidecars["a"].url, str(token_file)))
+        try:
+            for s in sidecars.values():
+                s.wait_ready("/healthz", 30)
+            am.wait_ready("/-/ready", 60)
+            yield am, sidecars["a"], sidecars["b"], vllm_a, vllm_b
+        finally:
+            sink.close()
+            am.stop()
+            for s in sidecars.values():
+                s.stop()
+
+
+def test_an_alert_about_another_pod_is_sent_on_to_its_sidecar(pair):
+    am, a, b, vllm_a, vllm_b = pair
+    labels = {"alertname": "MoeHotExpert", "severity": "warning", "job": "moe-monitor",
+              "instance": b.url.removeprefix("http://"), "layer": "1"}
+    started = time.monotonic()
+    am_post(am.url, [{"labels": labels, "annotations": {"summary": "Hot expert"}, "startsAt": STARTS}])
+    logs = lambda: a.log_tail(30) + "\n" + b.log_tail(30) + "\n" + am.log_tail(30)  # noqa: E731
+
+    (capture,) = wait("an alert capture on B", lambda: [c for c in api(b.url + "/api/captures")["captures"]
+                                                       if c["reason"] == "alert" and c["outcome"] != "running"],
+                      60, logs)
+    took = time.monotonic() - started
+    assert capture["outcome"] == "ok", capture
+    stored = api(f"{b.url}/api/captures/{capture['id']}/files/alert.json")
+    assert stored["receiver"] == "moe-sidecar" and [x["labels"] for x in stored["alerts"]] == [labels], stored
+    wait("A counts it forwarded", lambda: alert_outcomes(a.url)["forwarded"] >= 1, 10, logs)
+
+    # Alertmanager repeats the notification to A (repeat_interval 2 s): A sends it on again, B captures nothing more
+    wait("two repeats deduplicated on B", lambda: alert_outcomes(b.url).get("deduplicated", 0) >= 2, 30, logs)
+    wait("A's forwards all answered by B", lambda: alert_outcomes(a.url)["forwarded"] == sum(
+        alert_outcomes(b.url)[o] for o in ("captured", "deduplicated")), 20, logs)
+    on_a, on_b = alert_outcomes(a.url), alert_outcomes(b.url)
+    assert on_a["captured"] == on_a["forward_failed"] == on_a["other_instance"] == 0, on_a
+    assert on_b["captured"] == 1 and on_b["other_instance"] == on_b["forwarded"] == 0, on_b
+    assert [c for c, _ in vllm_b.calls].count("start") == 1 and vllm_a.calls == []
+    assert api(a.url + "/api/captures")["captures"] == []
+
+    # B down: A answers 502 (Alertmanager sends the notification again) and counts forward_failed
+    b.stop()
+    n = {"version": "4", "receiver": "moe-sidecar", "status": "firing", "groupLabels": {}, "commonLabels": {},
+         "commonAnnotations": {}, "externalURL": "", "groupKey": "k", "truncatedAlerts": 0,
+         "alerts": [{"status": "firing", "labels": {**labels, "layer": "2"}, "annotations": {}, "startsAt": STARTS,
+                     "endsAt": "", "generatorURL": "", "fingerprint": "ab12"}]}
+    req = urllib.request.Request(a.url + "/api/alerts", data=json.dumps(n).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(req, timeout=30)
+    assert failed.value.code == 502
+    assert [x["outcome"] for x in json.load(failed.value)["alerts"]] == ["forward_failed"]
+    wait("A counts it forward_failed", lambda: alert_outcomes(a.url)["forward_failed"] >= 1, 10, logs)
+    print(f"\nalert posted to Alertmanager -> sent on by sidecar A -> capture stored on sidecar B: {took:.1f} s")

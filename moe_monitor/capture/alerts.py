@@ -15,9 +15,11 @@ with every change of its group, with the same pair; a new firing after a resolve
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -173,6 +175,7 @@ def _shown(value) -> str:
 
 CAPTURED, DEDUPLICATED, RESOLVED, NOT_OURS, OTHER = "captured", "deduplicated", "resolved", "not_ours", \
     "other_instance"
+FORWARDED, FORWARD_FAILED = "forwarded", "forward_failed"
 
 
 class Seen:
@@ -208,7 +211,7 @@ def classify(note: Notification, seen: Seen, instances: frozenset[str] = frozens
             out.append((a, RESOLVED, None))
         elif a.name not in CAPTURE_ALERTS:
             out.append((a, NOT_OURS, None))
-        elif instances and a.labels.get("instance", "") not in instances | {""}:
+        elif foreign(a, instances):
             out.append((a, OTHER, None))
         elif (capture_id := seen.get(a.key)) is not None or a.key in fresh:
             out.append((a, DEDUPLICATED, capture_id))
@@ -216,6 +219,12 @@ def classify(note: Notification, seen: Seen, instances: frozenset[str] = frozens
             fresh.add(a.key)
             out.append((a, None, None))
     return out
+
+
+def foreign(alert: Alert, instances: frozenset[str]) -> bool:
+    """A firing alert of ours about an instance that --alert-instances does not name (empty: none is foreign)."""
+    return (bool(instances) and alert.status == "firing" and alert.name in CAPTURE_ALERTS
+            and alert.labels.get("instance", "") not in instances | {""})
 
 
 def evidence(alert: Alert, alerts: int) -> dict:
@@ -235,3 +244,104 @@ def seen_in(captures: list[CaptureMeta]) -> list[tuple[tuple[str, str], str]]:
     """((fingerprint, startsAt), capture id) of the alert captures in a catalog listing, oldest first: a restarted
     sidecar deduplicates against what it stored."""
     return [(key, meta.id) for meta in reversed(captures) if meta.reason == "alert" for key in meta.alert_keys]
+
+
+# -- forwarding to the peers (--alert-peers): which alerts go where, pure; the HTTP edge is sidecar/forward.py ------
+#
+# A sidecar contacts no address taken from a label unless the DNS of a configured peer name says it is a peer: an
+# alert's instance must be IP:PORT (an IP literal, IPv6 in brackets), PORT a peer entry's and IP among that entry's
+# name resolved now. A notification that a peer forwarded carries FORWARDED_BY and is never forwarded again.
+
+FORWARDED_BY = "X-Moe-Monitor-Forwarded-By"
+PEER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+PORT = re.compile(r"^[0-9]{1,5}$")
+MAX_PEERS = 16
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str  # a DNS name (a headless Service's) or an IP literal, resolved per notification
+    port: int
+
+
+def parse_peers(text: str) -> tuple[Peer, ...]:
+    """--alert-peers: comma-separated NAME:PORT; ValueError naming the bad entry."""
+    peers = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, port = entry.rpartition(":")
+        if not sep or not PEER_NAME.match(name) or not PORT.match(port) or not 0 < int(port) < 65536:
+            raise ValueError(f"alert_peers: {entry!r} is not NAME:PORT (e.g. moe-monitor-peers.ns.svc:9464)")
+        peers.append(Peer(name, int(port)))
+    if not peers or len(peers) > MAX_PEERS:
+        raise ValueError(f"alert_peers: 1 to {MAX_PEERS} NAME:PORT entries, got {len(peers)}")
+    return tuple(peers)
+
+
+def instance_address(instance: str) -> tuple[str, int] | None:
+    """(IP, port) of an instance label IP:PORT, the IP normalised; None for anything else (a host name, a path,
+    userinfo, an IPv6 zone, a port out of range)."""
+    host, sep, port = instance.rpartition(":")
+    if not sep or not PORT.match(port) or not 0 < int(port) < 65536:
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.IPv6Address(host[1:-1]) if bracketed else ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    return None if getattr(ip, "scope_id", None) else (str(ip), int(port))
+
+
+def url_of(ip: str, port: int) -> str:
+    """The webhook URL of a peer's sidecar at (IP, port)."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/api/alerts"
+
+
+def route(alerts: Iterable[Alert], peers: Iterable[Peer], resolved: Mapping[str, Iterable[str]]
+          ) -> dict[tuple[str, int], list[Alert]]:
+    """The foreign alerts to forward, by peer (IP, port): those whose instance is a peer's address. `resolved`: each
+    peer name's addresses now (a name missing or empty resolves to nothing). The others are not forwarded."""
+    out: dict[tuple[str, int], list[Alert]] = {}
+    for a in alerts:
+        address = instance_address(a.labels.get("instance", ""))
+        if address is None:
+            continue
+        ip, port = address
+        for peer in peers:
+            if peer.port == port and ip in {_normal(x) for x in resolved.get(peer.name, ())}:
+                out.setdefault(address, []).append(a)
+                break
+    return out
+
+
+def _normal(ip: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return None
+
+
+def forward_body(note: Notification, alerts: list[Alert]) -> bytes:
+    """The notification a peer gets: the same envelope, only its alerts."""
+    return json.dumps({"version": "4", **note.envelope(), "alerts": [a.to_json() for a in alerts]}).encode()
+
+
+def peer_outcomes(body: bytes, alerts: list[Alert]) -> dict[tuple[str, str], dict]:
+    """What the peer said of each forwarded alert ({"outcome", "id"?}), from its answer; {} for an answer that is not
+    the sidecar's, an alert it does not list gets none."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    listed = doc.get("alerts") if isinstance(doc, dict) else None
+    keys, out = {a.key for a in alerts}, {}
+    for entry in listed if isinstance(listed, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        key = (entry.get("fingerprint"), entry.get("startsAt"))
+        said = {k: entry[k] for k in ("outcome", "id") if isinstance(entry.get(k), str) and len(entry[k]) <= 128}
+        if key in keys and "outcome" in said:
+            out[key] = said
+    return out

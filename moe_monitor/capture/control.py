@@ -90,11 +90,17 @@ class CaptureControl:
         self.detector.record_capture(now)
         return 202, {"id": capture_id}
 
-    def alerts(self, note: am.Notification, instances: frozenset[str] = frozenset()) -> list[dict]:
+    def alerts(self, note: am.Notification, instances: frozenset[str] = frozenset(),
+               forwarded: dict[tuple[str, str], tuple[str, dict | None]] | None = None) -> list[dict]:
         """What is done with each alert of an Alertmanager notification: the firing alerts of ours not captured
         before get one capture between them, within the budget, the cooldown and one capture at a time, like the
         detector's; resolved alerts, others' and firings already captured get none (capture/alerts.py). Needs the
-        capturer (the HTTP edge answers 503 without one). `instances`: --alert-instances (empty: any)."""
+        capturer (the HTTP edge answers 503 without one). `instances`: --alert-instances (empty: any).
+        `forwarded`: other instances' alerts sent on to their peer (sidecar/forward.py), by key: (forwarded or
+        forward_failed, what the peer said of it). A notification answered 502 for a failed forward is sent again by
+        Alertmanager whole, which is safe: a firing captured here is in self.seen (and in the catalog's alert_keys
+        across a restart) and answered deduplicated, and so it is on the peer."""
+        forwarded = forwarded or {}
         with self._alert_lock:
             self._seed()
             verdicts = am.classify(note, self.seen, instances)
@@ -103,9 +109,11 @@ class CaptureControl:
             out = []
             for alert, said, known in verdicts:
                 said, known = (outcome, capture_id) if said is None else (said, known)
+                said, peer = forwarded[alert.key] if said == am.OTHER and alert.key in forwarded else (said, None)
                 self.capturer.alert_outcomes[said] += 1
                 out.append({"alertname": alert.name, "status": alert.status, "fingerprint": alert.fingerprint,
-                            "startsAt": alert.starts_at, "outcome": said, **({"id": known} if known else {})})
+                            "startsAt": alert.starts_at, "outcome": said, **({"id": known} if known else {}),
+                            **({"peer": peer} if peer else {})})
             return out
 
     def _alert_capture(self, note: am.Notification, fresh: list[am.Alert]) -> tuple[str, str | None]:

@@ -49,6 +49,10 @@ ALERT_OUTCOMES = {  # each alert of an Alertmanager notification (POST /api/aler
     "other_instance": "a firing alert of ours whose instance label --alert-instances does not name (misrouted): no "
                       "capture",
     "resolved": "a resolved alert: no capture",
+    "forwarded": "an other_instance alert about a peer (--alert-peers), sent on to that peer's sidecar, which "
+                 "answered 2xx: its own outcome is in the answer",
+    "forward_failed": "an other_instance alert about a peer that could not be sent on (connection error, timeout, "
+                      "non-2xx): answered 502, so Alertmanager sends the notification again",
 }
 SEGMENT_READ_ERRORS = {
     "io": "cannot open or read the file, or it is not a regular file",

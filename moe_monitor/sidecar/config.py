@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moe_monitor.capture.alerts import Peer, parse_peers
 from moe_monitor.detect.detector import DetectorConfig
 from moe_monitor.settings import setting
 
@@ -90,6 +91,11 @@ class SidecarConfig:
                                           "HOST:PORT, as Prometheus scrapes this sidecar) or absent; others are "
                                           "answered other_instance. Unset: any instance (one sidecar per "
                                           "receiver).", group="captures")
+    alert_peers: str | None = setting(None, "--alert-peers", "With --alert-instances: comma-separated NAME:PORT of "
+                                      "the sidecars beside this one (a headless Service's DNS name); an "
+                                      "other_instance alert whose instance label is IP:PORT with PORT an entry's "
+                                      "and IP among that NAME's addresses now is sent on to that sidecar's "
+                                      "/api/alerts (docs/incidents.md). Unset: never sent on.", group="captures")
     detector: DetectorConfig = setting(None, "", "", factory=DetectorConfig)
 
     @property
@@ -111,6 +117,11 @@ class SidecarConfig:
         return frozenset(x.strip() for x in (self.alert_instances or "").split(",") if x.strip())
 
     @property
+    def alert_peer_list(self) -> tuple[Peer, ...]:
+        """--alert-peers parsed; empty: alerts are never sent on."""
+        return parse_peers(self.alert_peers) if self.alert_peers else ()
+
+    @property
     def captures_enabled(self) -> bool:
         return bool(self.vllm_url and self.profile_dir)
 
@@ -122,3 +133,8 @@ class SidecarConfig:
         _, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"listen: {self.listen!r} is not HOST:PORT (e.g. 0.0.0.0:9464)")
+        if self.alert_peers:
+            if not self.alert_instance_set:
+                raise ValueError("alert_peers needs --alert-instances: a sidecar sends on only the alerts it knows "
+                                 "are another instance's")
+            parse_peers(self.alert_peers)  # ValueError naming a bad entry

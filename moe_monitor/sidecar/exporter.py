@@ -82,9 +82,10 @@ class Exporter:
     def trigger_manual(self, reason: str) -> tuple[int, dict]:
         return self.control.manual(reason)
 
-    def alerts(self, note) -> list[dict]:
-        """What was done with each alert of an Alertmanager notification (capture/control.py)."""
-        return self.control.alerts(note, self.config.alert_instance_set)
+    def alerts(self, note, forwarded: dict | None = None) -> list[dict]:
+        """What was done with each alert of an Alertmanager notification (capture/control.py); `forwarded`: those
+        sent on to a peer (sidecar/forward.py)."""
+        return self.control.alerts(note, self.config.alert_instance_set, forwarded)
 
     def flight_json(self, last: int | None = None, since: float | None = None, gzipped: bool = False) -> bytes:
         return self.parts.flight.body(last, since, gzipped)

@@ -34,6 +34,7 @@ from moe_monitor.schema.flight_record import FILE as FLIGHT_FILE
 from moe_monitor.schema.flight_record import MAX_JSON_BYTES, FlightError
 
 from .exporter import Exporter
+from .forward import Forwarder
 from .http_guard import (
     BACKLOG,
     BODY_TIMEOUT_S,
@@ -251,7 +252,12 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         if exporter.capturer is None:
             return web.json_response({"error": "captures are not configured: start the sidecar with --vllm-url and "
                                                "--profile-dir"}, status=503)
-        return web.json_response({"alerts": await off_loop(exporter.alerts, note)})
+        # other instances' alerts go on to their peer first (--alert-peers); a failed one answers 502, so that
+        # Alertmanager sends the notification again (safe: each sidecar deduplicates, capture/control.py)
+        forwarded = await Forwarder.of(exporter.config).forward(note, request.headers.get(am.FORWARDED_BY))
+        answer = {"alerts": await off_loop(exporter.alerts, note, forwarded)}
+        failed = any(outcome == am.FORWARD_FAILED for outcome, _ in forwarded.values())
+        return web.json_response(answer, status=502 if failed else 200)
 
     async def mark(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[SIDECAR_HEADER] = __version__
