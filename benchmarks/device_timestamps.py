@@ -30,21 +30,13 @@ SLOT = 4  # seq, start ns, end ns, tokens
 
 
 @triton.jit
-def _clock(x):
-    # %globaltimer: the GPU's global nanosecond timer (PTX ISA "Special registers"); one input keeps the elementwise
-    # form happy, the asm ignores it
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [x], dtype=tl.int64, is_pure=False,
-                                     pack=1)
-
-
-@triton.jit
 def moe_monitor_stamp_start(start_ptr):
-    tl.store(start_ptr, _clock(tl.load(start_ptr)))
+    tl.store(start_ptr, tl.extra.cuda.globaltimer())  # PTX %globaltimer, ns
 
 
 @triton.jit
 def moe_monitor_stamp_end(start_ptr, seq_ptr, tokens_ptr, ring_ptr, R: tl.constexpr, S: tl.constexpr):
-    now = _clock(tl.load(start_ptr))
+    now = tl.extra.cuda.globaltimer()
     n = tl.load(seq_ptr)
     slot = ring_ptr + (n % R) * S
     tl.store(slot + 1, tl.load(start_ptr))
