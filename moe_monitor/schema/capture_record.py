@@ -7,12 +7,13 @@ window's statistics, keys a later version adds): a record read and written again
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, TypeGuard
+from typing import Any
+
+from .json_values import is_int, is_number
 
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[a-z_]{1,32}-[0-9a-f]{6}$")  # <UTC time>-<reason>-<6 hex digits>
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")  # a plain file name: no separator, no leading dot
@@ -74,7 +75,7 @@ class CaptureMeta:
         if not isinstance(capture_id, str) or not ID_RE.fullmatch(capture_id):
             raise CaptureMetaError(f"id {_shown(capture_id)} is not a capture id")
         for key in ("created", "total_bytes"):
-            if not _is_number(doc[key]):
+            if not is_number(doc[key]):
                 raise CaptureMetaError(f"{key} {_shown(doc[key])} is not a number")
         return cls(capture_id, doc["created"], doc["total_bytes"], _files(doc["files"]),
                    reason=_optional(doc, "reason", str, "a string", ""),
@@ -98,7 +99,7 @@ def _files(files: object) -> tuple[CaptureFile, ...]:
                                    "leading dot)")
         assert isinstance(f, dict)
         size = f.get("bytes")
-        if not _is_int(size) or size < 0:
+        if not is_int(size) or size < 0:
             raise CaptureMetaError(f"files: file {name}: size {_shown(size)} is not a number of bytes")
         if name in out:
             raise CaptureMetaError(f"files: file {name} is listed twice")
@@ -111,7 +112,7 @@ def _optional(doc: dict, key: str, kind: type | Any, what: str, default: Any) ->
     value = doc.get(key)
     if value is None:
         return default
-    if not isinstance(value, kind) or (kind is Real and not _is_number(value)):
+    if not isinstance(value, kind) or (kind is Real and not is_number(value)):
         raise CaptureMetaError(f"{key} {_shown(value)} is not {what}")
     return value
 
@@ -133,14 +134,7 @@ def _alert_keys(keys: object) -> tuple[tuple[str, str], ...]:
     return tuple((k[0], k[1]) for k in keys)
 
 
-def _is_int(x: object) -> TypeGuard[int]:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
-
 
 def _shown(x: object) -> str:
-    text = str(x) if _is_int(x) else repr(x)
+    text = str(x) if is_int(x) else repr(x)
     return text if len(text) <= 60 else text[:59] + "…"

@@ -9,11 +9,11 @@ import gzip
 import io
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
-from typing import TypeGuard
 
 import msgspec
 import numpy as np
+
+from .json_values import is_int, is_number
 
 FILE = "flight.json.gz"  # the name a capture stores its flight record under
 FORMAT = "moe-monitor-flight/1"
@@ -53,15 +53,7 @@ class FlightRecord:
 
 
 def _shown(x: object) -> str:
-    return str(x) if _is_int(x) else repr(x)[:60]
-
-
-def _is_int(x: object) -> TypeGuard[int]:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def _is_number(x: object) -> TypeGuard[float]:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x)
+    return str(x) if is_int(x) else repr(x)[:60]
 
 
 def _matrix(x: object, rows: int, cols: int | None, what: str) -> np.ndarray:
@@ -106,7 +98,7 @@ def _window(i: int, w: object, layers: int, experts: int) -> RecordedWindow:
         raise FlightError(f"{what}: counts are not [{layers} layers][{experts} experts]")
     assert isinstance(w, dict)
     start, end = w.get("start"), w.get("end")
-    if not _is_number(start) or not _is_number(end):
+    if not is_number(start) or not is_number(end):
         raise FlightError(f"{what} has no start and end times")
     rank_load = w.get("rank_load")
     return RecordedWindow(float(start), float(end), _matrix(counts, layers, experts, f"{what}: counts"),
@@ -138,20 +130,20 @@ def parse(data: bytes | bytearray) -> FlightRecord:
     if not isinstance(layers, list) or not isinstance(windows, list):
         raise FlightError("flight record without layer_ids or windows")
     for x in layers:
-        if not _is_int(x):
+        if not is_int(x):
             raise FlightError(f"flight record: layer id {_shown(x)} is not a whole number")
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise FlightError("flight record: layer_ids are not strictly increasing")
-    if not _is_int(experts) or experts < 0:
+    if not is_int(experts) or experts < 0:
         raise FlightError(f"flight record: experts {_shown(experts)} is not a number of experts")
     model, trigger, ranks = doc.get("model", ""), doc.get("trigger"), doc.get("ep_ranks", 0)
-    if trigger is not None and not _is_number(trigger):
+    if trigger is not None and not is_number(trigger):
         raise FlightError(f"flight record: trigger {_shown(trigger)} is not a time")
-    if not _is_int(ranks) or ranks < 0 or not isinstance(model, str):
+    if not is_int(ranks) or ranks < 0 or not isinstance(model, str):
         raise FlightError("flight record: ep_ranks or model of the wrong type")
     phases, bounds = doc.get("phases") or [], doc.get("token_bounds") or []
     if not isinstance(phases, list) or not all(isinstance(p, str) for p in phases) or not isinstance(bounds, list) \
-            or not all(b is None or _is_number(b) for b in bounds):
+            or not all(b is None or is_number(b) for b in bounds):
         raise FlightError("flight record: phases or token_bounds of the wrong type")
     return FlightRecord(tuple(int(x) for x in layers), int(experts),
                         tuple(_window(i, w, len(layers), int(experts)) for i, w in enumerate(windows)),
