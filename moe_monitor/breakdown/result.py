@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
 
+from moe_monitor.schema.json_values import is_int
+
 T = TypeVar("T")
 Number = int | float
 
@@ -231,10 +233,6 @@ def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _integer(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _num(value: object, what: str) -> Number:
     if not _number(value):
         raise ValueError(f"{what} is not a number")
@@ -242,7 +240,7 @@ def _num(value: object, what: str) -> Number:
 
 
 def _int(value: object, what: str) -> int:
-    if not _integer(value):
+    if not is_int(value):
         raise ValueError(f"{what} is not an integer")
     return value
 
@@ -267,7 +265,7 @@ def _numbers(value: object, what: str) -> dict[str, Number]:
 
 
 def _integers(value: object, what: str) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and _integer(v) for k, v in value.items()):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and is_int(v) for k, v in value.items()):
         raise ValueError(f"{what} is not an object of integers")
     return value
 
@@ -309,7 +307,7 @@ def _unplaced_row(x: dict, what: str) -> UnplacedRow:
 
 
 def _blocks(value: object, what: str) -> BlockMeans:
-    if not isinstance(value, dict) or not _integer(value.get("count")):
+    if not isinstance(value, dict) or not is_int(value.get("count")):
         raise ValueError(f"{what}.count is not an integer")
     if not value["count"]:
         return BlockMeans(0)
