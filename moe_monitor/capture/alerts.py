@@ -304,13 +304,14 @@ def route(alerts: Iterable[Alert], peers: Iterable[Peer], resolved: Mapping[str,
     """The foreign alerts to forward, by peer (IP, port): those whose instance is a peer's address. `resolved`: each
     peer name's addresses now (a name missing or empty resolves to nothing). The others are not forwarded."""
     out: dict[tuple[str, int], list[Alert]] = {}
+    addresses = {name: {_normal(x) for x in found} for name, found in resolved.items()}  # each name's, normalised once
     for a in alerts:
         address = instance_address(a.labels.get("instance", ""))
         if address is None:
             continue
         ip, port = address
         for peer in peers:
-            if peer.port == port and ip in {_normal(x) for x in resolved.get(peer.name, ())}:
+            if peer.port == port and ip in addresses.get(peer.name, ()):
                 out.setdefault(address, []).append(a)
                 break
     return out

@@ -234,6 +234,8 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
         status, payload = exporter.trigger_manual(reason.strip())
         return web.json_response(payload, status=status)
 
+    forwarder = Forwarder.of(exporter.config)  # --alert-peers, parsed once
+
     async def alerts(request: web.Request) -> web.Response:
         """Alertmanager's webhook (payload version 4): a capture for the firing alerts of ours, within the capture
         budget (capture/alerts.py, docs/incidents.md); the answer says what was done with each alert. A body that
@@ -254,7 +256,7 @@ def build_app(exporter: Exporter, refusals: Refusals | None = None) -> web.Appli
                                                "--profile-dir"}, status=503)
         # other instances' alerts go on to their peer first (--alert-peers); a failed one answers 502, so that
         # Alertmanager sends the notification again (safe: each sidecar deduplicates, capture/control.py)
-        forwarded = await Forwarder.of(exporter.config).forward(note, request.headers.get(am.FORWARDED_BY))
+        forwarded = await forwarder.forward(note, request.headers.get(am.FORWARDED_BY))
         answer = {"alerts": await off_loop(exporter.alerts, note, forwarded)}
         failed = any(outcome == am.FORWARD_FAILED for outcome, _ in forwarded.values())
         return web.json_response(answer, status=502 if failed else 200)
