@@ -276,7 +276,7 @@ def run_rank(a, rank: int, world: int, device: torch.device, dtype: torch.dtype)
         recorder.set_valid_tokens(0)
         seconds = time.perf_counter() - start
         if counted:
-            steps.record("prefill", T, seconds)
+            steps.record_step("prefill", T, seconds)
             step_seconds.append(seconds)
         if prof is not None:
             prof.step()

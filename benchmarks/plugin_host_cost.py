@@ -63,7 +63,7 @@ def hook_sites(fine: bool = False):
              (recorder.Recorder, ("set_valid_tokens", "record", "flush")), (publisher.Publisher, ("publish_once",)))
     if fine:  # what the hooks spend their time on (nested in the hooks' own figures)
         sites += ((step_timer.DriverEvents, ("record",)), (cuda_driver.Driver, ("write_u64",)),
-                  (step_timer.CudaEventTimer, ("begin", "end", "poll")), (steps.StepStats, ("record",)),
+                  (step_timer.CudaEventTimer, ("begin", "end", "poll")), (steps.StepStats, ("step", "record")),
                   (worker, ("prefill_tokens",)))
     return sites
 
@@ -156,12 +156,23 @@ def _detach(worker, on: bool):
     return worker._moe_monitor is not None
 
 
+def _set_every(worker, every: int) -> int:
+    """Time one step in `every` from now on (the plugin's StepSampler, as MOE_MONITOR_STEP_TIME_EVERY sets it)."""
+    from moe_monitor.plugin.worker import StepSampler
+
+    m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
+    m.sampler = StepSampler(every, seed=0)
+    m._countdown = m.sampler.gap()
+    return every
+
+
 def _describe(worker):
     m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
     return {"recorder": m.recorder.mode, "driver": getattr(m.recorder, "driver", None) is not None,
             "timer_events": type(getattr(m.timer, "events", None)).__name__,
             "zero_after_forward": getattr(m, "zero_after_forward", True),
-            "reads_vllm_step_tokens": getattr(m, "vllm_tokens", None) is not None}
+            "reads_vllm_step_tokens": getattr(m, "vllm_tokens", None) is not None,
+            "time_every": getattr(getattr(m, "sampler", None), "every", 1)}
 
 
 STEP_LOG: list[tuple[str, int, float]] = []
@@ -207,6 +218,9 @@ def main() -> None:
     ap.add_argument("--fine", action="store_true", help="also time the driver calls, the timer and the phase scan "
                     "inside the hooks (each nested call adds the wrapper's cost to its hook's figure)")
     ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
+    ap.add_argument("--every", default="", help="time one step in N, for each N of this list in turn in the hooks "
+                    "pass, the first in the on/off pass (e.g. 16,1; default: the plugin's own, "
+                    "MOE_MONITOR_STEP_TIME_EVERY)")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--label", default="", help="a name for this run in the output (e.g. the plugin's version)")
@@ -253,31 +267,40 @@ def main() -> None:
     for b in batches:
         run(prompts[b])  # warm-up of this batch size (vLLM compiles what it has not seen)
 
+    everies = [int(e) for e in args.every.split(",") if e] or [0]  # 0: leave the plugin's own
     if args.hooks:
         overhead_ns = wrapper_cost()
         instrument(True, args.fine)
         probe(args.probe)
-        for batch in map(int, args.hooks.split(",")):
+        for every, batch in ((e, int(b)) for e in everies for b in args.hooks.split(",")):
+            if every:
+                llm.collective_rpc(_set_every, args=(every,))
             SAMPLES.clear()
             wall = run(prompts[batch])
             steps = len(SAMPLES.get("WorkerMonitor.step_begin", [])) or args.out_tokens
             hooks = {name: {"calls": len(v), "mean_us": statistics.fmean(v) / 1e3,
-                            "median_us": statistics.median(v) / 1e3} for name, v in sorted(SAMPLES.items())}
+                            "median_us": statistics.median(v) / 1e3,
+                            "p90_us": sorted(v)[int(0.9 * len(v))] / 1e3, "p99_us": sorted(v)[int(0.99 * len(v))] / 1e3,
+                            "max_us": max(v) / 1e3} for name, v in sorted(SAMPLES.items())}
             per_step = sum(sum(SAMPLES.get(h, [])) for h in PER_STEP) / 1e3 / steps
-            row = {"kind": "hooks", "batch": batch, "steps": steps, "step_wall_ms": 1e3 * wall / steps,
-                   "hooks_us_per_step": per_step, "wrapper_ns_per_call": overhead_ns, "hooks": hooks}
+            row = {"kind": "hooks", "batch": batch, "every": every or None, "steps": steps,
+                   "step_wall_ms": 1e3 * wall / steps, "hooks_us_per_step": per_step,
+                   "wrapper_ns_per_call": overhead_ns, "hooks": hooks}
             emit(row)
-            print(f"{args.label} hooks batch {batch:3d}: {1e3 * wall / steps:.3f} ms a step, plugin hooks "
-                  f"{per_step:.2f} us a step ({per_step / 10 / (1e3 * wall / steps):.3f} %)", flush=True)
+            print(f"{args.label} hooks every {every or '-'} batch {batch:3d}: {1e3 * wall / steps:.3f} ms a step, "
+                  f"plugin hooks {per_step:.2f} us a step ({per_step / 10 / (1e3 * wall / steps):.3f} %)", flush=True)
             for name, h in hooks.items():
                 print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "
-                      f"{h['median_us']:8.2f} us", flush=True)
+                      f"{h['median_us']:8.2f}  p90 {h['p90_us']:8.2f}  p99 {h['p99_us']:8.2f}  max "
+                      f"{h['max_us']:8.2f} us", flush=True)
         probe(False)
         instrument(False, args.fine)
         print(f"the timing wrapper adds {overhead_ns:.0f} ns a call (not subtracted)", flush=True)
 
     if args.ab:
-        for batch in map(int, args.ab.split(",")):
+        for every, batch in ((everies[0], int(b)) for b in args.ab.split(",")):
+            if every:
+                llm.collective_rpc(_set_every, args=(every,))
             per = {"on": [], "off": [], "off2": []}
             order = ["on", "off", "off2"]
             for r in range(args.rounds):
@@ -286,16 +309,20 @@ def main() -> None:
                     per[mode].append(1e3 * run(prompts[batch]) / args.out_tokens)
             llm.collective_rpc(_detach, args=(True,))
             stats = {m: {"min_ms": min(v), "median_ms": statistics.median(v), "rounds_ms": v} for m, v in per.items()}
-            row = {"kind": "ab", "batch": batch, "rounds": args.rounds, "modes": stats}
+            row = {"kind": "ab", "batch": batch, "every": every or None, "rounds": args.rounds, "modes": stats}
             for name, (a, b) in (("on_vs_off", ("on", "off")), ("aa", ("off2", "off"))):
                 for key in ("min", "median"):
                     row[f"{name}_{key}_pct"] = 100 * (stats[a][f"{key}_ms"] / stats[b][f"{key}_ms"] - 1)
+                # paired: the two runs of one round, side by side in time (drift between rounds cancels)
+                row[f"{name}_paired_median_pct"] = 100 * statistics.median(x / y - 1 for x, y in zip(per[a], per[b]))
             emit(row)
-            print(f"{args.label} A/B batch {batch:3d}: on {stats['on']['min_ms']:.4f} / {stats['on']['median_ms']:.4f} "
-                  f"ms, off {stats['off']['min_ms']:.4f} / {stats['off']['median_ms']:.4f}, off2 "
-                  f"{stats['off2']['min_ms']:.4f} / {stats['off2']['median_ms']:.4f} (min / median); on-off "
-                  f"{row['on_vs_off_min_pct']:+.2f} % / {row['on_vs_off_median_pct']:+.2f} %, A/A "
-                  f"{row['aa_min_pct']:+.2f} % / {row['aa_median_pct']:+.2f} %", flush=True)
+            print(f"{args.label} A/B every {every or '-'} batch {batch:3d}: on {stats['on']['min_ms']:.4f} / "
+                  f"{stats['on']['median_ms']:.4f} ms, off {stats['off']['min_ms']:.4f} / "
+                  f"{stats['off']['median_ms']:.4f}, off2 {stats['off2']['min_ms']:.4f} / "
+                  f"{stats['off2']['median_ms']:.4f} (min / median); on-off {row['on_vs_off_min_pct']:+.2f} % / "
+                  f"{row['on_vs_off_median_pct']:+.2f} % / paired {row['on_vs_off_paired_median_pct']:+.2f} %, A/A "
+                  f"{row['aa_min_pct']:+.2f} % / {row['aa_median_pct']:+.2f} % / paired "
+                  f"{row['aa_paired_median_pct']:+.2f} %", flush=True)
 
     if args.trace:
         from trace_steps import trace_step_times
@@ -304,6 +331,7 @@ def main() -> None:
         work = [prompts_of(vocab, 1, n, rng)[0] for n in lengths]
         trace_params = SamplingParams(max_tokens=48, ignore_eos=True, temperature=0.0, detokenize=False)
         llm.generate(work, trace_params, use_tqdm=False)  # warm-up: the same step shapes, compiled
+        llm.collective_rpc(_set_every, args=(1,))  # every step against the trace's
         llm.collective_rpc(_log_steps, args=(True,))
         STEP_LOG.clear()
         llm.start_profile()

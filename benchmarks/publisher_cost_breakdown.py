@@ -78,7 +78,7 @@ def make_publisher(layers: int, experts: int):
     recorder.counts[:, :experts] = torch.from_numpy(np.random.default_rng(0).integers(0, 1 << 40, (layers, experts)))
     recorder.seen_rows.update(range(layers))
     steps = StepStats()
-    steps.record("decode", 8, 0.01)
+    steps.record_step("decode", 8, 0.01)
     attachment = Attachment([MoELayer(i, f"layers.{i}.mlp", experts, 8, None, True) for i in range(layers)])
     shape = Shape(layers, experts, len(steps.token_bounds), len(steps.duration_bounds))
     writer = SegmentWriter(tempfile.mkdtemp(prefix="seg_"), "bench", Ranks(), shape, 8)

@@ -47,7 +47,7 @@ def writers(directory: str, case: str) -> list[SegmentWriter]:
 def publish(ws: list[SegmentWriter], case: str, step: int) -> None:
     slots, columns = CASES[case]
     steps = StepStats()
-    steps.record("decode", 64, 0.03)
+    steps.record_step("decode", 64, 0.03)
     for w in ws:
         counts = np.full((L, E), 1000 * step, dtype=np.int64)
         counts[:, 3] *= 4

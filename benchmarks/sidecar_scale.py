@@ -45,7 +45,7 @@ def writer(directory: str, stop) -> None:
     while not stop.is_set():
         for r, w in enumerate(writers):
             counts[r] += rng.poisson(40, size=(L, E))
-            steps.record("decode", 64, 0.03)
+            steps.record_step("decode", 64, 0.03)
             arrays = steps.snapshot()
             arrays.update(counts=counts[r], layer_ids=np.arange(L, dtype=np.int32) + 3,
                           layer_flags=np.full(L, LAYER_HOOKED, dtype=np.uint8))

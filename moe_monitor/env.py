@@ -19,6 +19,9 @@ DEFAULT_SEGMENT_DIR = "/dev/shm/moe-monitor"
 ENABLED = "MOE_MONITOR_ENABLED"  # "0" turns the plugin into a no-op without uninstalling it
 PUBLISH_INTERVAL = "MOE_MONITOR_PUBLISH_INTERVAL"  # seconds between snapshots
 DEFAULT_PUBLISH_INTERVAL = 1.0
+STEP_TIME_EVERY = "MOE_MONITOR_STEP_TIME_EVERY"  # time one engine step in N (pseudo-random); every step counts
+DEFAULT_STEP_TIME_EVERY_CUDA = 16  # each timed step costs driver calls on vLLM's thread (docs/recorder.md, "Cost")
+DEFAULT_STEP_TIME_EVERY_CPU = 1  # a perf_counter pair: every step
 RECORDER = "MOE_MONITOR_RECORDER"  # per_layer (CPU) | fused | staged (CUDA); default: fused on CUDA, per_layer on CPU
 
 # Sidecar: every `moe-monitor serve` setting's variable is derived from its flag (moe_monitor/settings.py,
@@ -44,6 +47,21 @@ def env_float(name: str, default: float, minimum: float = 0.0) -> float:
         value = float("nan")
     if not value >= minimum:  # also rejects nan
         log.warning("ignoring %s=%r: expected a number >= %s; using %s", name, raw, minimum, default)
+        return default
+    return value
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """A whole number >= minimum; anything else is logged and the default used."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        log.warning("ignoring %s=%r: expected a whole number >= %s; using %s", name, raw, minimum, default)
         return default
     return value
 

@@ -99,7 +99,7 @@ class Segments:
         for d in self.dirs.values():
             d.mkdir()
         self.steps = StepStats()
-        self.steps.record("decode", 4, 0.004)
+        self.steps.record_step("decode", 4, 0.004)
 
     def write(self, counts: np.ndarray) -> None:
         now = time.time()

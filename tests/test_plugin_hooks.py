@@ -95,23 +95,25 @@ def test_dummy_runs_after_serving_count_nothing(tiny_model, tmp_path):
 
 class FakeDevice:
     """Events for CudaEventTimer's logic: a record queues the event on the stream; `run(t)` is the device reaching
-    time t with everything queued done (stamped t)."""
+    time t with everything queued done (stamped t), `run(t, upto)` with the first `upto` records done."""
 
     def __init__(self):
-        self.created, self.queue = 0, []
+        self.created, self.recorded, self.queue = 0, 0, []
 
     def new(self):
         self.created += 1
-        return SimpleNamespace(stamp=None)
+        return SimpleNamespace(stamp=None, index=-1)
 
     def record(self, event) -> None:
-        event.stamp = None
+        event.stamp, event.index = None, self.recorded
+        self.recorded += 1
         self.queue.append(event)
 
-    def run(self, t: float) -> None:
-        for event in self.queue:
+    def run(self, t: float, upto: int | None = None) -> None:
+        done = [e for e in self.queue if upto is None or e.index < upto]
+        for event in done:
             event.stamp = t
-        self.queue.clear()
+        self.queue = [e for e in self.queue if e not in done]
 
     @staticmethod
     def elapsed_s(start, end):
@@ -130,16 +132,16 @@ def test_the_cuda_timer_chains_steps_while_the_device_is_busy_and_reuses_its_eve
     dev.run(0.0)
     timer.end()
     for i in range(50):  # back to back: each begins while the previous one still runs on the device
-        timer.begin("decode", 4)
+        timer.begin("decode", 4, chained=True)
         dev.run(0.010 + 0.002 * i)  # the previous step ends (prefill: 10 ms, then a decode every 2 ms)
         timer.end()
     dev.run(0.110)
     dev.run(1.0)  # idle
-    timer.begin("decode", 4)  # the device is idle: its own start, the gap is not part of the step
+    timer.begin("decode", 4, chained=True)  # the device is idle: its own start, the gap is not part of the step
     dev.run(1.0)
     timer.end()
     dev.run(1.003)
-    timer.begin("decode", 4)  # resolves the last one
+    timer.begin("decode", 4, chained=True)  # resolves the last one
     timer.cancel()
     snap = steps.snapshot()
     prefill, decode = PHASE_INDEX["prefill"], PHASE_INDEX["decode"]
@@ -148,6 +150,94 @@ def test_the_cuda_timer_chains_steps_while_the_device_is_busy_and_reuses_its_eve
     assert abs(snap["step_seconds"][decode].sum() - (50 * 0.002 + 0.003)) < 1e-9, snap["step_seconds"][decode]
     assert dev.created <= 4, f"{dev.created} events created for 52 steps: the pool must reuse them"
     assert timer._pending == collections.deque() and timer._open is None
+
+
+def run_steps(monitor, dev, outputs, step_s: float = 0.002, lag: int = 1) -> None:
+    """vLLM's loop as the device sees it: step k's hooks run on the host while the device still runs step k - lag
+    (1: vLLM's host one step ahead). Step m runs from m x step_s to (m + 1) x step_s; when it ends, everything
+    recorded before step m + 1's work was queued (in its step_begin) is done."""
+    begins = []  # records made up to each step's begin hook
+    for k, output in enumerate(outputs):
+        monitor.step_begin(output)
+        begins.append(dev.recorded)
+        if k == 0:
+            dev.run(0.0, begins[0])
+        if k >= lag:
+            dev.run(step_s * (k - lag + 1), begins[k - lag + 1])  # step k - lag ends
+        monitor.step_end()
+    for m in range(max(0, len(outputs) - lag), len(outputs)):
+        dev.run(step_s * (m + 1), begins[m + 1] if m + 1 < len(outputs) else None)
+
+
+def sampled_monitor(every: int, seed: int = 7):
+    from moe_monitor.plugin.recorder import Recorder
+    from moe_monitor.plugin.step_timer import CudaEventTimer
+    from moe_monitor.plugin.steps import StepStats
+    from moe_monitor.plugin.worker import WorkerMonitor
+
+    dev = FakeDevice()
+    monitor = WorkerMonitor(Recorder(1, 4, 2, "cpu"), publisher=None, timer=CudaEventTimer(StepStats(), dev),
+                            time_every=every, seed=seed)
+    return monitor, dev
+
+
+def test_one_step_in_n_is_timed_and_every_step_is_counted():
+    """On CUDA the hooks time a pseudo-random 1 in N steps: the step count and tokens stay exact, the histogram
+    holds about steps / N steps, and each timed step's duration is its own (2 ms here), not the span since the last
+    timed step: a timed step after untimed ones records its own start."""
+    from moe_monitor.plugin.steps import PHASE_INDEX
+
+    monitor, dev = sampled_monitor(every=8)
+    decode = step({}, {f"r{i}": (1, 5) for i in range(4)})
+    run_steps(monitor, dev, [step({"p": 300}, {})] + [decode] * 1999, lag=3)  # the device 3 steps behind
+    monitor.timer.poll()  # what the next timed step would do first
+    snap = monitor.steps.snapshot()
+    d, p = PHASE_INDEX["decode"], PHASE_INDEX["prefill"]
+    assert int(snap["step_count"][d].sum()) == 1999 and int(snap["step_count"][p].sum()) == 1
+    assert int(snap["step_tokens"][d].sum()) == 4 * 1999 and int(snap["step_tokens"][p].sum()) == 300
+    timed = int(snap["step_hist"].sum())
+    assert 200 <= timed <= 300, f"{timed} of 2000 steps timed at 1 in 8"  # binomial: 250 +- 3.4 sigma
+    assert abs(snap["step_seconds"].sum() - 0.002 * timed) < 1e-9, "a timed step's time is not its own"
+    assert monitor.steps.recorded == 2000
+
+
+def test_every_step_is_timed_at_one_in_one_and_chains_its_events():
+    monitor, dev = sampled_monitor(every=1)
+    run_steps(monitor, dev, [step({}, {"a": (1, 5)})] * 100)
+    monitor.timer.poll()
+    snap = monitor.steps.snapshot()
+    assert int(snap["step_hist"].sum()) == 100 == int(snap["step_count"].sum())
+    assert abs(snap["step_seconds"].sum() - 0.2) < 1e-9
+    assert dev.created <= 4, "back-to-back timed steps take the previous end as their start"
+
+
+def test_a_step_without_tokens_cancels_the_timed_step_it_interrupts():
+    monitor, dev = sampled_monitor(every=1)
+    monitor.step_begin(step({}, {"a": (1, 5)}))
+    monitor.step_begin(step({}, {}))  # no tokens: nothing ran; the open step is dropped, not kept open
+    assert monitor.timer._open is None and not monitor._timing
+    monitor.step_end()
+    assert int(monitor.steps.snapshot()["step_count"].sum()) == 1
+
+
+def test_the_sample_does_not_fall_into_step_with_a_periodic_workload():
+    """A prefill chunk every 16th step: every 16th step timed would see all or none of them; the sampler sees its
+    share (1/16 of the timed steps), and its gaps average N."""
+    from moe_monitor.plugin.steps import PHASE_INDEX
+    from moe_monitor.plugin.worker import StepSampler
+
+    monitor, dev = sampled_monitor(every=16, seed=3)
+    prefill, decode = step({"p": 64}, {}), step({}, {"a": (1, 5)})
+    run_steps(monitor, dev, [prefill if i % 16 == 0 else decode for i in range(32000)])
+    hist = monitor.steps.snapshot()["step_hist"]
+    share = hist[PHASE_INDEX["prefill"]].sum() / hist.sum()
+    assert 0.04 < share < 0.085, f"prefill steps are {share:.3f} of the timed ones (1/16 = 0.0625)"
+    sampler = StepSampler(16, seed=1)
+    gaps = [sampler.gap() for _ in range(100_000)]
+    assert min(gaps) == 1 and abs(sum(gaps) / len(gaps) - 16) < 0.3
+    assert {StepSampler(1).gap() for _ in range(100)} == {1}
+    with pytest.raises(ValueError, match=">= 1"):
+        StepSampler(0)
 
 
 def test_a_vllm_that_fills_its_token_buffer_otherwise_sends_the_hooks_back_to_writing(caplog):

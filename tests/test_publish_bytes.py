@@ -98,7 +98,7 @@ def test_published_layer_flags_follow_the_rows_the_router_reached(tmp_path):
     assert published() == [hooked, hooked, LAYER_UNOBSERVABLE]  # no step yet
     rec.set_valid_tokens(1)
     rec.record(0, torch.tensor([[1, 2]]))
-    steps.record("prefill", 1, 0.01)
+    steps.record_step("prefill", 1, 0.01)
     assert published() == [hooked, bypassed, LAYER_UNOBSERVABLE]
     assert published() == [hooked, bypassed, LAYER_UNOBSERVABLE]  # from the cache
     rec.record(1, torch.tensor([[3, 4]]))  # the router of row 1 ran after all

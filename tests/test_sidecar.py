@@ -158,9 +158,9 @@ def test_unobservable_layers_reported(tmp_path, scrape):
 
 def test_step_histogram_by_phase_and_tokens(tmp_path, scrape):
     steps = StepStats()
-    steps.record("decode", 4, 0.003)
-    steps.record("decode", 4, 0.020)
-    steps.record("prefill", 300, 0.2)
+    steps.record_step("decode", 4, 0.003)
+    steps.record_step("decode", 4, 0.020)
+    steps.record_step("prefill", 300, 0.2)
     publish(tmp_path, Ranks(), np.zeros((L, E)), steps=steps)
     assert scrape("moe_step_duration_seconds_count", phase="decode", tokens_le=8) == 2
     assert scrape("moe_step_duration_seconds_bucket", phase="decode", tokens_le=8, le="0.005") == 1

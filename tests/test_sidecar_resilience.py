@@ -155,7 +155,7 @@ def _segment_bytes(model: str, layers: int, experts: int, dp: int = 0, hot: int 
     from moe_monitor.plugin.steps import StepStats
 
     steps = StepStats()
-    steps.record("decode", 4, 0.01)
+    steps.record_step("decode", 4, 0.01)
     shape = Shape(layers, experts, len(steps.token_bounds), len(steps.duration_bounds))
     counts = np.full((layers, experts), 1000, dtype=np.int64)
     if hot is not None:

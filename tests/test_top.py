@@ -631,9 +631,9 @@ class Feeder:
                 self.counts[layer, expert] += extra
             for seconds, n in ((0.004, 10), (0.008, 8), (0.04, 2)):
                 for _ in range(n):
-                    self.steps.record("decode", 4, seconds)
+                    self.steps.record_step("decode", 4, seconds)
             for _ in range(2):
-                self.steps.record("prefill", 300, 0.2)
+                self.steps.record_step("prefill", 300, 0.2)
             self.publish()
 
     def close(self) -> None:

@@ -166,19 +166,27 @@ def test_exact_counts_under_concurrency_prefix_caching_and_chunked_prefill(stack
     totals = counts.sum(axis=1)
     reference = replay_routing(gpu_model[0], [c.sequence for c in done], skip=[c.cached_tokens for c in done])
     agree = float(np.minimum(counts, reference).sum() / reference.sum())
+    metrics = scrape(stack.sidecar.url + "/metrics")
+    step_tokens = sum(samples(metrics, "moe_step_tokens_total").values())
+    steps = sum(samples(metrics, "moe_steps_total").values())
+    timed = sum(samples(metrics, "moe_step_duration_seconds_count").values())
     log = stack.server.log_tail(400000)
-    source = re.findall(r"the step's token count is ([^(\n]+)", log)
+    source = re.findall(r"the step's token count is ([^(\n;]+)", log)
     record("exact_counts", scenario=stack.name, token_source=source, requests=len(done), computed_tokens=computed,
            cached_tokens=cached,
            routed_per_layer=totals.tolist(), expected_per_layer=computed * k, replay_agreement=round(agree, 6),
            replay_agreement_per_layer=[round(float(np.minimum(c, r).sum() / r.sum()), 6)
                                        for c, r in zip(counts, reference)],
-           exact_per_expert=bool((counts == reference).all()))
+           exact_per_expert=bool((counts == reference).all()), step_tokens=step_tokens, steps=steps,
+           timed_steps=timed)
     assert cached > 0, "the repeated prompts should have hit the prefix cache"
     # every vLLM this plugin supports keeps the step's count on the device: no step writes it (issue #27)
     assert source and all(s.startswith("read from vLLM's own buffer") for s in source), source
     assert "per-step token buffer held" not in log, "the first steps' check found vLLM's buffer wrong"
     assert (totals == computed * k).all(), (totals, computed * k)
+    # every step is counted (its tokens exact), a pseudo-random 1 in 16 of them timed (MOE_MONITOR_STEP_TIME_EVERY)
+    assert step_tokens == computed, (step_tokens, computed)
+    assert 0 < steps and timed <= steps, (timed, steps)  # few steps here: none timed is possible
     # float32 is not bit-exact on a GPU: vLLM's Triton attention and fused-MoE kernels compute float32 dots in
     # TF32, so near-tie routing can differ from a float32 CPU replay (measured 99.97 % on an H200)
     assert agree >= (0.999 if stack.name == "float32" else 0.995), agree

@@ -93,7 +93,7 @@ class Publisher:
         try:
             arrays = self.steps.snapshot()
             arrays.update(layer_ids=self._layer_ids, counts=self.recorder.host_counts(),
-                          layer_flags=self.layer_flags(bool(arrays["step_hist"].any())))
+                          layer_flags=self.layer_flags(bool(arrays["step_count"].any())))
             if self.placement is not None:
                 arrays["ep_rank_load"] = self.placement.rank_load()  # what the sidecar exports (EPLB)
                 arrays["physical_to_logical"] = self.placement.current  # may be one commit newer: shown, not summed

@@ -84,7 +84,7 @@ class Recorder:
         self._staged_tokens = 0  # staged mode: tokens of the step whose ids are in the buffer, not yet counted
         self.mirror = None  # CUDA: pinned host copy of counts[:, :E], written by the counting kernel
         self.driver = None  # CUDA: (cuda_driver.Driver, current-stream getter), or None where unusable
-        self._write_valid = None
+        self._stream_write = None  # CUDA: (write_u64, current-stream getter) of the driver, where usable
         if self.device.type == "cuda":
             from . import cuda_driver, triton_flush
 
@@ -95,9 +95,7 @@ class Recorder:
             self.driver = cuda_driver.load(self.device)
             if self.driver is not None:
                 driver, stream = self.driver
-                address, gate, write = self.valid_tokens.data_ptr(), self.gate.data_ptr(), driver.write_u64
-                self._write_valid = lambda n: write(stream(), address, n)
-                self._write_gate = lambda n: write(stream(), gate, n)
+                self._stream_write = driver.write_u64, stream
 
     def _grow(self, tokens: int) -> None:
         if self._capacity:  # graphs captured earlier still read the old buffers: keep them allocated
@@ -120,12 +118,18 @@ class Recorder:
             self.flush()
         if self._staged_tokens:
             self._flush_staged()
-        if self._write_valid is not None:
-            self._write_valid(n)
+        self._write_scalar(self.valid_tokens, n)
+
+    def _write_scalar(self, scalar: torch.Tensor, n: int) -> None:
+        """n into a 0-d int64 device scalar in stream order, no sync: the driver's stream write where usable, a
+        one-thread Triton kernel on CUDA otherwise, a fill on CPU."""
+        if self._stream_write is not None:
+            write, stream = self._stream_write
+            write(stream(), scalar.data_ptr(), n)
         elif self.mirror is not None:
-            self._set_valid_tokens(self.valid_tokens, n)
+            self._set_valid_tokens(scalar, n)
         else:
-            self.valid_tokens.fill_(n)
+            scalar.fill_(n)
 
     def read_step_tokens_from(self, tokens: torch.Tensor) -> None:
         """Count the first `tokens` rows of every step: a 0-d int32 tensor on the recorder's device that vLLM
@@ -142,13 +146,7 @@ class Recorder:
 
     def set_gate(self, open_: bool) -> None:
         """1: count vLLM's step tokens (read_step_tokens_from); 0: count only `valid_tokens` (0 in a dummy run)."""
-        n = int(open_)
-        if getattr(self, "_write_gate", None) is not None:
-            self._write_gate(n)
-        elif self.mirror is not None:
-            self._set_valid_tokens(self.gate, n)
-        else:
-            self.gate.fill_(n)
+        self._write_scalar(self.gate, int(open_))
 
     def stop_reading_step_tokens(self) -> None:
         """Back to the written count (the hooks call set_valid_tokens every step again). Graphs captured while

@@ -10,7 +10,10 @@ steps, where no graph capture can be running (docs/recorder.md, "Capture safety"
 Two event back ends, same timer: the CUDA driver's calls through ctypes (cuda_driver.py: ~1 us each, the
 default) and torch's Event (the fallback where the driver's calls are not usable: a few us each).
 
-A consequence: the last step before the server goes idle is recorded when the next step runs.
+On CUDA the worker times a pseudo-random sample of the steps (worker.py, `MOE_MONITOR_STEP_TIME_EVERY`): the timer
+only sees those, and is told whether the step before was one of them (`chained`).
+
+A consequence: a timed step's duration is recorded when the next timed step begins.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class HostTimer:
         self.steps = steps
         self._open: tuple[float, str, int] | None = None
 
-    def begin(self, phase: str, tokens: int) -> None:
+    def begin(self, phase: str, tokens: int, chained: bool = False) -> None:
         self._open = (time.perf_counter(), phase, tokens)
 
     def end(self) -> None:
@@ -76,11 +79,12 @@ class TorchEvents:
 class CudaEventTimer:
     """Events on the current (vLLM's) stream, reused from a pool; at most `max_pending` unresolved steps are kept.
 
-    A step that begins while the device is still running the previous one starts when that one ends: it takes the
-    previous step's end event as its start instead of recording one (vLLM's host prepares step N+1 while the
-    device runs step N, so this is the usual case). A step that begins with the device idle records its own start.
-    Per step then: one end record and, at the next step's start, one elapsed-time call per finished step plus the
-    one that finds the device busy (the driver answers "not ready" and the time in one call)."""
+    A step's start is an event recorded on the stream when the step begins: it completes when the device has finished
+    all work queued before it (the previous step, as vLLM's host prepares step N+1 while the device runs step N) or,
+    with the device idle, when the step's own work is queued. When the step before was timed too (`chained`) and
+    is still running, its end event is that start, and none is recorded. Per timed step then: an end record, a start
+    record unless chained, and at the next timed step's start one elapsed-time call per finished step plus the one
+    that finds the device busy (the driver answers "not ready" and the time in one call)."""
 
     def __init__(self, steps: StepStats, events: DriverEvents | TorchEvents, max_pending: int = 256):
         self.steps, self.events, self.max_pending = steps, events, max_pending
@@ -94,10 +98,10 @@ class CudaEventTimer:
         self.events.record(event)
         return event
 
-    def begin(self, phase: str, tokens: int) -> None:
+    def begin(self, phase: str, tokens: int, chained: bool = False) -> None:
         if self._open is not None:  # the previous step never ended: forget it
             self.cancel()
-        if self._pending and not self.poll():
+        if self._pending and not self.poll() and chained:
             self._open = (self._pending[-1][1], phase, tokens, False)
         else:
             self._open = (self._take(), phase, tokens, True)

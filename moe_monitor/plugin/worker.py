@@ -8,6 +8,8 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
+import random
 
 import torch
 
@@ -20,7 +22,7 @@ from .placement import read_live_placement
 from .publisher import Publisher
 from .recorder import MODES, Recorder
 from .step_timer import CudaEventTimer, DriverEvents, HostTimer, TorchEvents
-from .steps import StepStats, phase_of
+from .steps import PHASE_INDEX, StepStats, phase_of
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,16 @@ CHECKED_STEPS = 64  # real steps whose token count read from vLLM's buffer is ch
 
 
 class WorkerMonitor:
-    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread; per step they
-    record an event at the step's end (and at its start when the device was idle), make one elapsed-time query per
-    finished step, read a few attributes, and write the step's token count only where vLLM's own count cannot be
-    read (what that costs: docs/recorder.md, "Cost")."""
+    """Everything the plugin keeps for one worker process. Its hooks run on vLLM's worker thread. Every step they
+    read a few attributes of the scheduler's output, find the step's phase and queue (phase, tokens); the steps
+    chosen for timing (all on CPU, a pseudo-random 1 in `time_every` on CUDA) also record an event at their end (and
+    at their start) and resolve the times of earlier timed steps. The step's token count is written only where
+    vLLM's own count cannot be read (what that costs: docs/recorder.md, "Cost")."""
 
-    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer):
+    def __init__(self, recorder: Recorder, publisher: Publisher, timer: HostTimer | CudaEventTimer,
+                 time_every: int = 1, seed: int | None = None):
         self.recorder, self.publisher, self.timer = recorder, publisher, timer
+        self.steps = timer.steps
         # Forwards that are not steps (vLLM's dummy runs: DP idle ranks, warm-up) must count nothing. Until
         # wrap_dummy_run zeroes the count before each of them (build_monitor), it is zeroed after every step's
         # forward, which costs a second write a step.
@@ -46,6 +51,10 @@ class WorkerMonitor:
         self.vllm_tokens = None
         self._checks_left = 0
         self._tokens = 0
+        self.sampler = StepSampler(time_every, seed)
+        self._countdown = self.sampler.gap()  # steps until the next timed one (1: the next step)
+        self._timing = False  # the step under way is timed
+        self._chained = False  # the last step with tokens was timed
 
     def read_vllm_step_tokens(self, device_count, host_buffer) -> None:
         """Count what vLLM says each step has (device_count: a 0-d int32 tensor it fills before the forward), so
@@ -57,19 +66,32 @@ class WorkerMonitor:
     def step_begin(self, scheduler_output) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens
         if tokens <= 0:
-            self.timer.cancel()
+            if self._timing:
+                self._timing = False
+                self.timer.cancel()
             return
         if self.vllm_tokens is None:
             self.recorder.set_valid_tokens(tokens)
         self._tokens = tokens
         prefill = prefill_tokens(scheduler_output)
-        self.timer.begin(phase_of(prefill, tokens - prefill), tokens)
+        phase = phase_of(prefill, tokens - prefill)
+        self.steps.step(PHASE_INDEX[phase], tokens)
+        self._countdown -= 1
+        if self._countdown:
+            self._chained = False
+            return
+        self._countdown = self.sampler.gap()
+        self.timer.begin(phase, tokens, self._chained)
+        self._timing = True
 
     def forward_done(self) -> None:
         self.recorder.set_valid_tokens(0)
 
     def step_end(self) -> None:
-        self.timer.end()
+        if self._timing:
+            self._timing = False
+            self.timer.end()
+            self._chained = True
         if self._checks_left:
             self._check_vllm_tokens()
 
@@ -109,6 +131,25 @@ class WorkerMonitor:
             self.recorder.gate.fill_(0)
         except Exception:  # noqa: BLE001 - never raise into vLLM
             log.exception("moe-monitor could not zero its token count after that failure")
+
+
+class StepSampler:
+    """Which steps the timer measures: each step with probability 1 / every, independently (gaps between timed steps
+    are geometric, drawn once per timed step), so the sample cannot fall into step with a periodic pattern of the
+    workload (a chunked prefill every 16 steps, say) the way every 16th step would."""
+
+    def __init__(self, every: int = 1, seed: int | None = None):
+        if every < 1:
+            raise ValueError(f"time one step in {every}: expected a whole number >= 1")
+        self.every = every
+        self._random = random.Random(seed)
+        self._log_stay = math.log1p(-1.0 / every) if every > 1 else 0.0
+
+    def gap(self) -> int:
+        """Steps from one timed step to the next (1: the next step)."""
+        if self.every == 1:
+            return 1
+        return 1 + int(math.log1p(-self._random.random()) / self._log_stay)
 
 
 def prefill_tokens(scheduler_output) -> int:
@@ -251,13 +292,16 @@ def build_monitor(worker) -> WorkerMonitor | None:
         timer = HostTimer(steps)
     else:
         timer = CudaEventTimer(steps, DriverEvents(*recorder.driver) if recorder.driver else TorchEvents())
-    monitor = WorkerMonitor(recorder, publisher, timer)
+    every = env.env_int(env.STEP_TIME_EVERY, env.DEFAULT_STEP_TIME_EVERY_CUDA if recorder.device.type == "cuda"
+                        else env.DEFAULT_STEP_TIME_EVERY_CPU, minimum=1)
+    monitor = WorkerMonitor(recorder, publisher, timer, time_every=every)
     monitor.zero_after_forward = not wrap_dummy_run(runner, monitor)
     source = None if monitor.zero_after_forward else vllm_step_tokens(runner, recorder.device)
     if source is not None:
         monitor.read_vllm_step_tokens(*source)
-    log.info("moe-monitor: the step's token count is %s", "read from vLLM's own buffer (no write a step)"
-             if source is not None else "written by the step hook")
+    log.info("moe-monitor: the step's token count is %s; every step is counted, %s timed", "read from vLLM's own "
+             "buffer (no write a step)" if source is not None else "written by the step hook",
+             "every step" if every == 1 else f"a pseudo-random 1 in {every} ({env.STEP_TIME_EVERY})")
     return monitor
 
 
