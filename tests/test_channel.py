@@ -56,6 +56,7 @@ _FIELDS = [
     ("num_duration_buckets", "I"), ("flags", "I"), ("payload_size", "Q"), ("payload_crc32", "I"),
     ("reserved", "I"), ("publish_errors", "Q"), ("model", f"{MODEL_NAME_BYTES}s"),
     ("eplb_health_size", "I"), ("extension_crc32", "I"),  # extensions: older writers left them zero
+    ("step_count_size", "I"), ("step_count_crc32", "I"),
 ]
 OFFSETS: dict[str, int] = {}
 FORMATS: dict[str, str] = {}
@@ -106,16 +107,18 @@ def make_arrays(shape: Shape, rng: np.random.Generator | None = None, fill: int 
         step_hist = rng.integers(0, 2**40, (P, TB, DB), dtype=np.int64)
         step_seconds = rng.random((P, TB)) * 1e4
         step_tokens = rng.integers(0, 2**50, (P, TB), dtype=np.int64)
+        step_count = step_hist.sum(axis=2) + rng.integers(0, 2**40, (P, TB), dtype=np.int64)
     else:
         counts = np.full((L, E), fill, np.int64)
         step_hist = np.full((P, TB, DB), fill, np.int64)
         step_seconds = np.full((P, TB), fill * 0.25)
         step_tokens = np.full((P, TB), fill * 3, np.int64)
+        step_count = np.full((P, TB), fill * DB * 2, np.int64)
     return dict(
         layer_ids=np.arange(L, dtype=np.int32) * 2 + 1,
         layer_flags=np.where(np.arange(L) % 3 == 2, LAYER_UNOBSERVABLE, LAYER_HOOKED).astype(np.uint8),
         counts=counts, token_bounds=token_bounds, duration_bounds=duration_bounds,
-        step_hist=step_hist, step_seconds=step_seconds, step_tokens=step_tokens,
+        step_hist=step_hist, step_seconds=step_seconds, step_tokens=step_tokens, step_count=step_count,
     )
 
 
@@ -123,7 +126,7 @@ def assert_snapshot_equals(snap: Snapshot, arrays: dict) -> None:
     """Byte-exact comparison (float NaN payloads included) plus dtype/shape checks."""
     expected_dtypes = dict(layer_ids=np.int32, layer_flags=np.uint8, counts=np.int64, token_bounds=np.int64,
                            duration_bounds=np.float64, step_hist=np.int64, step_seconds=np.float64,
-                           step_tokens=np.int64)
+                           step_tokens=np.int64, step_count=np.int64)
     for name, dt in expected_dtypes.items():
         got = getattr(snap, name)
         want = np.ascontiguousarray(np.asarray(arrays[name]), dtype=dt)
@@ -191,7 +194,7 @@ def test_round_trip_header_and_arrays(tmp_path):
         assert h.top_k == 8
         assert h.shape == shape
         assert h.payload_size == shape.payload_size
-        assert h.payload_crc32 == zlib.crc32(open(w.path, "rb").read()[HEADER_SIZE:])
+        assert h.payload_crc32 == zlib.crc32(open(w.path, "rb").read()[HEADER_SIZE:HEADER_SIZE + h.payload_size])
         assert h.generation == w.generation != 0
         assert h.pid == os.getpid()
         assert h.publish_errors == k * 3
@@ -204,7 +207,7 @@ def test_round_trip_header_and_arrays(tmp_path):
     assert seqs == sorted(set(seqs)) and seqs[0] == 0  # even, strictly increasing
     assert all(b > a for a, b in zip(updated, updated[1:]))
     assert len(created) == 1  # creation time is fixed for the writer's life
-    assert os.path.getsize(w.path) == HEADER_SIZE + shape.payload_size
+    assert os.path.getsize(w.path) == HEADER_SIZE + shape.payload_size + 3 * shape.num_token_buckets * 8  # step_count
     w.close()
     # still readable once the writer has closed it
     assert read_segment(w.path).header.seq == seqs[-1]
@@ -285,6 +288,7 @@ def test_round_trip_property(L, E, TB, DB, seed, model, top_k, rank, publish_err
                 "step_hist": rng.integers(-(2**63), 2**63 - 1, (3, TB, DB), dtype=np.int64),
                 "step_seconds": rng.integers(-(2**63), 2**63 - 1, (3, TB), dtype=np.int64).view(np.float64),
                 "step_tokens": rng.integers(-(2**63), 2**63 - 1, (3, TB), dtype=np.int64),
+                "step_count": np.full((3, TB), 2**63 - 1, dtype=np.int64),  # at least any (wrapped) timed sum
             }
             w.publish(a, publish_errors=publish_errors)
             snap = read_segment(w.path)
@@ -463,7 +467,7 @@ def test_retry_succeeds_when_the_write_finishes(valid_segment, monkeypatch):
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_flipped_payload_byte_is_corrupt_not_torn(valid_segment, tmp_path, where):
     path, data, _ = valid_segment
-    size = len(data) - HEADER_SIZE
+    size = field(data, "payload_size")  # the payload's bytes (the extensions after it have their own checksums)
     pos = HEADER_SIZE + {"first": 0, "middle": size // 2, "last": size - 1}[where]
     buf = bytearray(data)
     buf[pos] ^= 0x01
@@ -498,7 +502,7 @@ MALFORMED = {
     "half_header": (lambda d: d[: HEADER.size // 2], "truncated"),
     "header_struct_minus_one": (lambda d: d[: HEADER.size - 1], "truncated"),
     "header_only_no_payload": (_truncate(HEADER_SIZE), "truncated"),
-    "payload_minus_one_byte": (lambda d: d[:-1], "truncated"),
+    "payload_minus_one_byte": (lambda d: d[:HEADER_SIZE + field(d, "payload_size") - 1], "truncated"),
     "payload_half": (lambda d: d[: HEADER_SIZE + (len(d) - HEADER_SIZE) // 2], "truncated"),
     "png": (lambda d: PNG, "magic"),
     "random_bytes": (_garbage(4096, 3), "magic"),
@@ -539,7 +543,7 @@ def test_malformed_file_gives_segment_error_kind(valid_segment, case):
 
 def test_truncated_at_every_length_is_truncated(valid_segment):
     path, data, _ = valid_segment
-    for n in list(range(0, HEADER.size + 2)) + list(range(HEADER_SIZE, len(data))):
+    for n in list(range(0, HEADER.size + 2)) + list(range(HEADER_SIZE, HEADER_SIZE + field(data, "payload_size"))):
         write(path, data[:n])
         assert read_kind(path, attempts=1) == "truncated", n
 
@@ -850,7 +854,8 @@ def test_the_live_placement_section_round_trips_and_version_1_segments_still_rea
     arrays = dict(layer_ids=np.arange(2, dtype=np.int32), layer_flags=np.ones(2, dtype=np.uint8),
                   counts=np.arange(8).reshape(2, 4), token_bounds=np.array([2**63 - 1]),
                   duration_bounds=np.array([np.inf]), step_hist=np.zeros((3, 1, 1)), step_seconds=np.zeros((3, 1)),
-                  step_tokens=np.zeros((3, 1)), physical_to_logical=np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 0, 0]]))
+                  step_tokens=np.zeros((3, 1)), step_count=np.zeros((3, 1)),
+                  physical_to_logical=np.array([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 0, 0]]))
     w = SegmentWriter(str(tmp_path), "m", Ranks(ep_size=2), shape, top_k=2)
     w.publish(arrays)
     snap = read_segment(w.path)
@@ -899,7 +904,8 @@ def test_format_2_sections_that_do_not_fit_the_header_are_refused_and_the_counts
     arrays = dict(layer_ids=np.arange(2, dtype=np.int32), layer_flags=np.ones(2, dtype=np.uint8),
                   counts=np.arange(8).reshape(2, 4), token_bounds=np.array([2**63 - 1]),
                   duration_bounds=np.array([np.inf]), step_hist=np.zeros((3, 1, 1)), step_seconds=np.zeros((3, 1)),
-                  step_tokens=np.zeros((3, 1)), physical_to_logical=placement, ep_rank_load=load)
+                  step_tokens=np.zeros((3, 1)), step_count=np.zeros((3, 1)), physical_to_logical=placement,
+                  ep_rank_load=load)
     w = SegmentWriter(str(tmp_path), "m", Ranks(ep_size=ep_size), shape, top_k=2)
     w.publish(arrays)
     snap = read_segment(w.path)

@@ -137,14 +137,17 @@ def test_balance_of_a_window_too_small_to_judge_has_no_worst_layer():
 
 # -- steps -------------------------------------------------------------------------------------------------------
 def test_steps_histogram_by_phase_and_tokens_bucket():
-    hist = np.zeros((3, 2, 3), dtype=np.int64)  # [phase, tokens bucket, duration bucket]
+    hist = np.zeros((3, 2, 3), dtype=np.int64)  # [phase, tokens bucket, duration bucket]: the timed steps
     hist[0, 0] = [1, 2, 0]  # prefill, <= 16 tokens: 1 step <= 10 ms, 2 steps <= 100 ms
     hist[1, 1] = [0, 0, 1]  # decode, any size: 1 step over 100 ms
     seconds = np.array([[0.15, 0.0], [0.0, 2.5], [0.0, 0.0]])
     tokens = np.array([[40, 0], [0, 7], [0, 0]])
-    totals = Totals(step_hist=hist, step_seconds=seconds, step_tokens=tokens,
+    count = np.array([[48, 0], [0, 16], [5, 0]])  # every step: mixed ones ran, none was timed
+    totals = Totals(step_hist=hist, step_seconds=seconds, step_tokens=tokens, step_count=count,
                     token_bounds=np.array([16, INT64_MAX]), duration_bounds=np.array([0.01, 0.1, math.inf]))
     m = exposed(steps, reading(totals=totals))
+    assert by(m, "moe_steps_total", "phase", "tokens_le") == {("prefill", "16"): 48, ("decode", "+Inf"): 16,
+                                                              ("mixed", "16"): 5}
     assert by(m, "moe_step_duration_seconds_bucket", "phase", "tokens_le", "le") == {
         ("prefill", "16", "0.01"): 1, ("prefill", "16", "0.1"): 3, ("prefill", "16", "+Inf"): 3,
         ("decode", "+Inf", "0.01"): 0, ("decode", "+Inf", "0.1"): 0, ("decode", "+Inf", "+Inf"): 1}

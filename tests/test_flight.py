@@ -29,9 +29,10 @@ from moe_monitor.sidecar.windows import Window
 
 def window(t: float, counts, layers=(1, 3), steps=True) -> Window:
     counts = np.asarray(counts, dtype=np.int64)
-    sc = np.arange(6, dtype=np.int64).reshape(3, 2) if steps else None
-    ss = sc * 0.01 if steps else None
-    return Window(t, t + 5, np.asarray(layers), counts, sc, ss, np.array([8.0, np.inf]))
+    timed = np.arange(6, dtype=np.int64).reshape(3, 2) if steps else None
+    ss = timed * 0.01 if steps else None
+    every = timed * 16 + 1 if steps else None  # the plugin timed a sample of the steps
+    return Window(t, t + 5, np.asarray(layers), counts, timed, ss, np.array([8.0, np.inf]), every)
 
 
 def test_ring_keeps_the_newest_windows_within_its_capacity():
@@ -41,7 +42,9 @@ def test_ring_keeps_the_newest_windows_within_its_capacity():
     kept = rec.windows()
     assert len(rec) == 3 and [w.start for w in kept] == [110, 115, 120]
     assert json.loads(kept[-1].json) == {"start": 120, "end": 125, "counts": [[4, 1, 2, 3], [4, 5, 6, 7]],
-                                         "rank_load": [[1.0, 2.0], [3.0, 4.0]], "step_count": [[0, 1], [2, 3], [4, 5]],
+                                         "rank_load": [[1.0, 2.0], [3.0, 4.0]],
+                                         "step_count": [[1, 17], [33, 49], [65, 81]],
+                                         "timed_steps": [[0, 1], [2, 3], [4, 5]],
                                          "step_seconds": [[0.0, 0.01], [0.02, 0.03], [0.04, 0.05]]}
     assert rec.nbytes == sum(len(w.json) for w in kept)
     assert [w.start for w in rec.windows(last=2)] == [115, 120]
@@ -74,6 +77,8 @@ def test_json_round_trip_and_the_summary_an_engineer_reads():
     assert doc.windows[1].counts.tolist() == [[10, 10, 10, 10], [5, 5, 50, 20]]
     assert doc.windows[1].rank_load.tolist() == [[20.0, 20.0], [10.0, 70.0]]
     assert not doc.windows[1].counts.flags.writeable  # a record read back is frozen, its arrays too
+    assert doc.windows[1].step_count.tolist() == [[1, 17], [33, 49], [65, 81]]  # every step
+    assert doc.windows[1].timed_steps.tolist() == [[0, 1], [2, 3], [4, 5]]  # the sample step_seconds sums
     rows = summary(doc, top=2)
     assert rows[0]["worst_imbalance"] == pytest.approx(1.0) and rows[0]["routed"] == 80
     assert rows[1]["worst_layer"] == 3 and rows[1]["worst_imbalance"] == pytest.approx(50 / 20)
@@ -278,3 +283,13 @@ def test_a_capture_takes_the_flight_record_through_the_wiring_without_vllm(tmp_p
     doc = json.loads(gzip.decompress(extra[FILE]()))
     assert reason == "manual" and len(doc["windows"]) == 3 and exporter.control.ranks == 1
     assert b"moe_captures_total" in exporter.tick().body  # the captures collector reads the fake's summary
+
+
+def test_a_record_from_before_timed_steps_reads_its_step_count_as_timed():
+    """A sidecar before the plugin sampled step times wrote no timed_steps: every step was timed."""
+    rec = FlightRecorder(10)
+    rec.record(window(0, [[1, 2], [3, 4]]), None)
+    doc = rec.record_json(model="m")
+    del doc["windows"][0]["timed_steps"]
+    w = parse(json.dumps(doc).encode()).windows[0]
+    assert w.timed_steps.tolist() == w.step_count.tolist() == [[1, 17], [33, 49], [65, 81]]

@@ -28,6 +28,7 @@ def _arrays(shape: Shape, rng: np.random.Generator, layout: str) -> dict:
              counts=counts[:, :E], token_bounds=np.arange(1, TB + 1, dtype=np.int64),
              duration_bounds=np.linspace(0.001, 1, DB), step_hist=rng.integers(0, 99, (P, TB, DB)),
              step_seconds=rng.random((P, TB)), step_tokens=rng.integers(0, 2**30, (P, TB)))
+    a["step_count"] = a["step_hist"].sum(axis=2) + rng.integers(0, 99, (P, TB))
     if S:
         a["physical_to_logical"] = np.tile(np.arange(S) % E, (L, 1))
         a["ep_rank_load"] = rng.random((L, R))
@@ -41,7 +42,9 @@ def _arrays(shape: Shape, rng: np.random.Generator, layout: str) -> dict:
 
 def _reference(h: Header, shape: Shape, arrays: dict) -> bytes:
     payload = encode_payload(shape, arrays)
-    return pack_header(replace(h, payload_crc32=zlib.crc32(payload))) + payload
+    count = np.asarray(arrays["step_count"], dtype="<i8").tobytes(order="C")  # the step_count extension
+    head = pack_header(replace(h, payload_crc32=zlib.crc32(payload), step_count_crc32=zlib.crc32(count)))
+    return head + payload + count
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "fortran", "other_dtypes"])
@@ -59,7 +62,7 @@ def test_the_file_is_the_reference_serialisation_publish_after_publish(tmp_path,
         updated = int.from_bytes(data[HEADER_OFFSETS["updated_unix_ns"]:][:8], "little", signed=True)
         h = replace(w._header, seq=2 * k, updated_unix_ns=updated, publish_errors=k * 7)
         assert data == _reference(h, shape, arrays)
-        assert len(data) == HEADER_SIZE + shape.payload_size
+        assert len(data) == HEADER_SIZE + shape.payload_size + 8 * shape.num_phases * shape.num_token_buckets
         assert read_segment(w.path).header.seq == 2 * k
     w.close()
 

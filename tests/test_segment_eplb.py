@@ -69,7 +69,7 @@ def test_the_record_round_trips_through_the_real_writer(tmp_path):
     snap = read_segment(w.path)
     assert snap.eplb_health == RECORD and snap.refused == ()
     assert snap.counts.tolist() == COUNTS.tolist() and snap.physical_to_logical.tolist() == PLACEMENT.tolist()
-    assert Path(w.path).stat().st_size == HEADER_SIZE + snap.header.payload_size + EPLB_HEALTH.size
+    assert Path(w.path).stat().st_size == HEADER_SIZE + snap.header.payload_size + EPLB_HEALTH.size + STEP_COUNT_BYTES
 
 
 def test_before_the_plugin_gives_a_record_the_writer_publishes_an_empty_one(tmp_path):
@@ -120,10 +120,11 @@ def bad(**changes) -> bytes:
     return EplbHealth(**values).pack()
 
 
+STEP_COUNT_BYTES = 3 * len(StepStats().token_bounds) * 8  # the step_count extension, after the record
 HOSTILE = {  # name: (rewrite kwargs, reason)
     "size_below_the_record": ({"size": EPLB_HEALTH.size - 8}, "shape"),
     "size_of_4_GiB": ({"size": (1 << 32) - 1}, "shape"),
-    "file_ends_inside_it": ({"cut": 10}, "shape"),
+    "file_ends_inside_it": ({"cut": STEP_COUNT_BYTES + 10}, "shape"),
     "checksum": ({"crc": 12345}, "checksum"),
     "interval_0": ({"record": bad(step_interval=0)}, "value"),
     "steps_2_to_the_60": ({"record": bad(steps_since=1 << 60)}, "value"),
@@ -133,6 +134,8 @@ HOSTILE = {  # name: (rewrite kwargs, reason)
     "negative_time": ({"record": bad(last_start_unix_ns=-5)}, "value"),
     "steps_at_last_above_steps": ({"record": bad(engine_steps_at_last=10**6)}, "value"),
 }
+STEP_COUNT_TOO = {  # a record whose size is wrong or cut short misplaces the step_count after it, refused with it
+    "size_below_the_record": "checksum", "size_of_4_GiB": "shape", "file_ends_inside_it": "shape"}
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
@@ -143,7 +146,9 @@ def test_a_record_that_cannot_be_right_is_refused_alone(tmp_path, case):
     rewrite(w.path, **changes)
     snap = read_segment(w.path)
     assert snap.eplb_health is None
-    assert [(r.section, r.reason) for r in snap.refused] == [("eplb_health", reason)], snap.refused
+    also = [("step_count", STEP_COUNT_TOO[case])] if case in STEP_COUNT_TOO else []
+    assert [(r.section, r.reason) for r in snap.refused] == [("eplb_health", reason), *also], snap.refused
+    assert (snap.step_count is None) == bool(also)
     assert snap.counts.tolist() == COUNTS.tolist() and snap.physical_to_logical.tolist() == PLACEMENT.tolist()
 
 

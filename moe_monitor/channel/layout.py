@@ -28,15 +28,24 @@ Extensions (still version 2): sections after the payload, announced by header fi
 (the header's tail is zero-filled). A version-2 reader that predates them reads `payload_size` bytes of payload and
 ignores the rest of the file, so it still reads a segment that has them; this reader reads a segment without them
 as before. Each extension has its own size field (a reader uses the fields it knows, the record's prefix, so later
-fields can be appended) and `extension_crc32` covers all extension bytes:
+fields can be appended) and a CRC-32: `extension_crc32` covers the eplb_health record, and each later extension
+has its own checksum field, so a reader that knows only the earlier extensions still checks the bytes it reads.
+They follow the payload in this order:
 
     eplb_health      EPLB_HEALTH [1]      when eplb_health_size > 0: vLLM's EPLB rearrangements as the plugin
                                           saw them (counts, the last one's time and duration, the configured
                                           interval, vLLM's steps-since-rearrangement counter, engine steps)
+    step_count       int64  [P, TB]       when step_count_size > 0 (every writer since it was added):
+                                          cumulative count of every engine step, timed or not. The plugin times
+                                          a sample of the steps on CUDA (step_hist and step_seconds hold those),
+                                          so step_hist.sum(axis=2) <= step_count; step_tokens are every step's.
+                                          A segment without it (an older plugin) timed every step: its step
+                                          count is step_hist.sum(axis=2)
 
-An extension is checked like the version-2 sections and refused alone: a size below the record's or above
-MAX_EXTENSION_BYTES, a file that ends inside it (shape), a checksum mismatch (checksum), a value no writer
-publishes (value: see `eplb_refusal`).
+An extension is checked like the version-2 sections and refused alone: a size other than the record's or the
+array's (eplb_health: below its fields or above MAX_EXTENSION_BYTES; step_count: P x TB x 8 bytes) or a file that
+ends inside it (shape), a checksum mismatch (checksum), a value no writer publishes (value: see `eplb_refusal`;
+a step count below 0 or below the step_hist sum of its cell).
 
 Consistency: `seq` is a seqlock (odd while the writer is inside a snapshot) and `payload_crc32` covers the
 payload, so a reader that copies the file while a write is under way detects it and retries.
@@ -88,7 +97,9 @@ HEADER_FIELDS = (  # (name, struct code), in file order
     ("model", f"{MODEL_NAME_BYTES}s"),  # model name, utf-8, NUL padded
     # extensions (after the payload; older writers left these zero, older readers ignore them)
     ("eplb_health_size", "I"),  # bytes of the eplb_health record; 0 = none
-    ("extension_crc32", "I"),  # CRC-32 of every extension's bytes
+    ("extension_crc32", "I"),  # CRC-32 of the eplb_health record's bytes
+    ("step_count_size", "I"),  # bytes of the step_count array (P x TB x 8); 0 = none
+    ("step_count_crc32", "I"),  # CRC-32 of the step_count array's bytes
 )
 HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_FIELDS))
 # Where each field starts: the writer updates seq, updated_unix_ns, payload_crc32 and publish_errors in place.
@@ -115,7 +126,7 @@ EPLB_HEALTH_FIELDS = (
     ("step_interval", "Q"),  # vLLM's eplb_config.step_interval (steps between rearrangements)
     ("window_size", "Q"),  # vLLM's eplb_config.window_size (steps of load it plans on)
     ("steps_since", "Q"),  # vLLM's EplbState.expert_rearrangement_step at the publish
-    ("engine_steps", "Q"),  # engine steps the plugin timed (steps with tokens), at the publish
+    ("engine_steps", "Q"),  # engine steps the plugin counted (every step with tokens), at the publish
     ("engine_steps_at_last", "Q"),  # the same, when the last rearrangement completed
 )
 EPLB_HEALTH = struct.Struct("<" + "".join(code for _, code in EPLB_HEALTH_FIELDS))
@@ -264,10 +275,12 @@ class Header:
     model: str
     eplb_health_size: int = 0  # extension bytes after the payload (0: none)
     extension_crc32: int = 0
+    step_count_size: int = 0  # step_count bytes after the eplb_health record (0: none)
+    step_count_crc32: int = 0
 
     @property
     def extension_size(self) -> int:
-        return self.eplb_health_size
+        return self.eplb_health_size + self.step_count_size
 
 
 @dataclass(frozen=True)
@@ -296,6 +309,8 @@ class Snapshot:
     physical_to_logical: np.ndarray | None = None  # [L, S] live placement, when the writer published one
     ep_rank_load: np.ndarray | None = None  # [L, R] cumulative EP-rank load the writer attributed itself
     eplb_health: EplbHealth | None = None  # the eplb_health extension, when the writer published one
+    step_count: np.ndarray | None = None  # [P, TB] every engine step (the step_count extension); None: an older
+    # writer, which timed every step (its count is step_hist.sum(axis=2)), or refused
     refused: tuple[Refusal, ...] = ()  # optional sections present in the file but left out
 
 
@@ -306,7 +321,7 @@ def pack_header(h: Header) -> bytes:
         MAGIC, VERSION, HEADER_SIZE, h.seq, h.generation, h.created_unix_ns, h.updated_unix_ns, h.pid,
         s.num_layers, s.num_experts, h.top_k, *h.ranks.as_tuple(), s.num_phases, s.num_token_buckets,
         s.num_duration_buckets, s.num_load_ranks, h.payload_size, h.payload_crc32, s.num_physical,
-        h.publish_errors, model, h.eplb_health_size, h.extension_crc32,
+        h.publish_errors, model, h.eplb_health_size, h.extension_crc32, h.step_count_size, h.step_count_crc32,
     )
     return raw.ljust(HEADER_SIZE, b"\x00")
 
@@ -331,7 +346,7 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
         raise SegmentError("corrupt", f"header_size {header_size} != {HEADER_SIZE}")
     seq, generation, created, updated, pid, L, E, top_k = f[3:11]
     ranks = Ranks(*f[11:21])
-    P, TB, DB, R, payload_size, crc, S, publish_errors, model, eplb_size, ext_crc = f[21:32]
+    P, TB, DB, R, payload_size, crc, S, publish_errors, model, eplb_size, ext_crc, count_size, count_crc = f[21:34]
     if P != len(PHASES) or TB < 1 or DB < 1:
         raise SegmentError("corrupt", f"bad histogram dimensions phases={P} token_buckets={TB} duration_buckets={DB}")
     if version == 1:
@@ -346,7 +361,7 @@ def unpack_header(buf: bytes, max_payload: int) -> Header:
     except UnicodeDecodeError as e:
         raise SegmentError("corrupt", f"model name is not utf-8: {e}") from None
     return Header(seq, generation, created, updated, pid, top_k, ranks, shape, payload_size, crc,
-                  publish_errors, name, eplb_size, ext_crc)
+                  publish_errors, name, eplb_size, ext_crc, count_size, count_crc)
 
 
 def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
@@ -381,30 +396,101 @@ def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
     for r in content_refusals(h.shape, arrays):
         refused[r.section] = r
         del arrays[r.section]
-    eplb, refusal = _read_extensions(h, read, size)
-    if refusal is not None:
-        refused[refusal.section] = refusal
-    return Snapshot(header=h, refused=tuple(refused.values()), eplb_health=eplb, **arrays)
+    extensions = _Extensions(read, HEADER_SIZE + h.payload_size, size)
+    eplb = extensions.eplb_health(h)
+    step_count = extensions.step_count(h, arrays["step_hist"])
+    for r in extensions.refused:
+        refused[r.section] = r
+    return Snapshot(header=h, refused=tuple(refused.values()), eplb_health=eplb, step_count=step_count, **arrays)
 
 
-def _read_extensions(h: Header, read, size: int) -> tuple[EplbHealth | None, Refusal | None]:
-    """The eplb_health extension after the payload: (record, None), (None, why it is refused) or (None, None)."""
-    n = h.eplb_health_size
-    if not n:
-        return None, None
-    if not EPLB_HEALTH.size <= n <= MAX_EXTENSION_BYTES:
-        return None, Refusal("eplb_health", "shape", f"an eplb_health record of {n} bytes: {EPLB_HEALTH.size} to "
-                             f"{MAX_EXTENSION_BYTES} expected")
-    data = read(n) if size >= HEADER_SIZE + h.payload_size + n else b""
-    if len(data) < n:
-        return None, Refusal("eplb_health", "shape", f"the file ends inside its {n}-byte eplb_health record")
-    if zlib.crc32(data) != h.extension_crc32:
-        return None, Refusal("eplb_health", "checksum", "the eplb_health record does not match its checksum")
-    record = EplbHealth.unpack(data)
-    why = eplb_refusal(record)
-    if why is not None:
-        return None, Refusal("eplb_health", "value", f"the eplb_health record cannot be right: {why}")
-    return record, None
+def step_count_section(shape: Shape) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """The step_count extension as a section (name, dtype, shape), for `payload_parts`."""
+    return ("step_count", np.dtype("<i8"), (shape.num_phases, shape.num_token_buckets))
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Extensions:
+    """The extensions after the payload, in file order: each is read (or skipped) in turn by `read`, which gives
+    the file's next bytes; what one refuses is collected in `refused`."""
+
+    def __init__(self, read, start: int, size: int):
+        self._read, self._pos, self._size = read, start, size
+        self.refused: list[Refusal] = []
+
+    def _take(self, n: int) -> bytes:
+        """The next n bytes (fewer where the file ends: at most what is left of it is read)."""
+        data = self._read(max(0, min(n, self._size - self._pos)))
+        self._pos += n
+        return data
+
+    def eplb_health(self, h: Header) -> EplbHealth | None:
+        return self._checked("eplb_health", self._eplb_health, h)
+
+    def step_count(self, h: Header, step_hist: np.ndarray) -> np.ndarray | None:
+        return self._checked("step_count", self._step_count, h, step_hist)
+
+    def _checked(self, section: str, read_section, *args):
+        try:
+            return read_section(*args)
+        except _Refused as e:
+            self.refused.append(Refusal(section, e.reason, str(e)))
+            return None
+
+    def _eplb_health(self, h: Header) -> EplbHealth | None:
+        n = h.eplb_health_size
+        if not n:
+            return None
+        data = self._take(n)  # skipped when refused: the extensions after it start after its announced bytes
+        if not EPLB_HEALTH.size <= n <= MAX_EXTENSION_BYTES:
+            raise _Refused("shape", f"an eplb_health record of {n} bytes: {EPLB_HEALTH.size} to "
+                           f"{MAX_EXTENSION_BYTES} expected")
+        if len(data) < n:
+            raise _Refused("shape", f"the file ends inside its {n}-byte eplb_health record")
+        if zlib.crc32(data) != h.extension_crc32:
+            raise _Refused("checksum", "the eplb_health record does not match its checksum")
+        record = EplbHealth.unpack(data)
+        why = eplb_refusal(record)
+        if why is not None:
+            raise _Refused("value", f"the eplb_health record cannot be right: {why}")
+        return record
+
+    def _step_count(self, h: Header, step_hist: np.ndarray) -> np.ndarray | None:
+        n = h.step_count_size
+        if not n:
+            return None
+        _, dt, shape = step_count_section(h.shape)
+        want = dt.itemsize * math.prod(shape)
+        if n != want:
+            raise _Refused("shape", f"a step_count of {n} bytes: {want} expected ({shape[0]} phases x {shape[1]} "
+                           "token buckets x 8)")
+        data = self._take(n)
+        if len(data) < n:
+            raise _Refused("shape", f"the file ends inside its {n}-byte step_count")
+        if zlib.crc32(data) != h.step_count_crc32:
+            raise _Refused("checksum", "the step_count does not match its checksum")
+        count = np.frombuffer(data, dtype=dt).reshape(shape)
+        why = step_count_refusal(count, step_hist)
+        if why is not None:
+            raise _Refused("value", f"the step_count cannot be right: {why}")
+        return count
+
+
+def step_count_refusal(count: np.ndarray, step_hist: np.ndarray) -> str | None:
+    """Why a decoded step_count cannot be right (None: usable): a writer counts every step it times, so no cell
+    is below 0 or below the timed steps of its cell (the step histogram's sum)."""
+    timed = step_hist.sum(axis=2)
+    for bad, what in ((count < 0, "negative"), (count < timed, "below the timed steps of its cell")):
+        if bad.any():
+            p, t = (int(i) for i in np.argwhere(bad)[0])
+            phase = PHASES[p] if p < len(PHASES) else str(p)
+            return f"{what}: {int(count[p, t])} {phase} steps in token bucket {t} ({int(timed[p, t])} timed)"
+    return None
 
 
 PIECE_BYTES = 1 << 20  # a refused section is checksummed this much at a time
@@ -459,9 +545,13 @@ def content_refusals(shape: Shape, arrays: dict[str, np.ndarray]) -> list[Refusa
 def payload_parts(sections: list[tuple[str, np.dtype, tuple[int, ...]]], num_layers: int,
                   arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The payload's sections (`Shape.sections()`) as C-contiguous little-endian arrays, in file order: an array
-    that already is one is passed through, not copied. Raises ValueError on a shape that does not fit."""
+    that already is one is passed through, not copied. Raises ValueError on a missing array or a shape that does not
+    fit."""
     parts = []
     for name, dt, sec_shape in sections:
+        if name not in arrays:
+            raise ValueError(f"{name}: not among the published arrays ({', '.join(sorted(arrays))}); a writer "
+                             f"publishes every section")
         a = arrays[name]
         if name == "layer_flags":
             if np.shape(a) != (num_layers,):

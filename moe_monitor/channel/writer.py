@@ -28,6 +28,7 @@ from .layout import (
     Shape,
     pack_header,
     payload_parts,
+    step_count_section,
 )
 
 _SEQ = struct.Struct("<Q")
@@ -42,8 +43,9 @@ def segment_filename(ranks: Ranks) -> str:
 class SegmentWriter:
     """A publish runs on vLLM's side of the GIL, so it does no more than it must: the header is packed once and
     its four changing fields are patched in place; the arrays are checksummed and written as they come (no
-    payload bytes are built), the header and payload in one pwritev between the two seqlock writes. With
-    `eplb_health` the file also carries that extension after the payload (layout.py), in the same pwritev."""
+    payload bytes are built), the header and payload in one pwritev between the two seqlock writes. The file also
+    carries the step_count extension after the payload (layout.py), after the eplb_health one with `eplb_health`,
+    in the same pwritev."""
 
     def __init__(self, directory: str, model: str, ranks: Ranks, shape: Shape, top_k: int,
                  eplb_health: bool = False):
@@ -51,12 +53,15 @@ class SegmentWriter:
         self._shape = shape
         self._sections = shape.sections()
         self._eplb_size = EPLB_HEALTH.size if eplb_health else 0
-        self._size = HEADER_SIZE + shape.payload_size + self._eplb_size
+        self._count_section = [step_count_section(shape)]
+        count_size = 8 * shape.num_phases * shape.num_token_buckets
+        self._size = HEADER_SIZE + shape.payload_size + self._eplb_size + count_size
         now = time.time_ns()
         self._header = Header(
             seq=0, generation=secrets.randbits(63) or 1, created_unix_ns=now, updated_unix_ns=now,
             pid=os.getpid(), top_k=top_k, ranks=ranks, shape=shape, payload_size=shape.payload_size,
             payload_crc32=0, publish_errors=0, model=model, eplb_health_size=self._eplb_size,
+            step_count_size=count_size,
         )
         self._head = bytearray(pack_header(self._header))  # patched in place at each publish
         self._seq = 0
@@ -84,10 +89,13 @@ class SegmentWriter:
 
     def publish(self, arrays: dict[str, np.ndarray], publish_errors: int = 0,
                 eplb: EplbHealth | None = None) -> None:
-        """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries.
-        The arrays are written as they are, after their checksum: none may change until publish returns (the
-        publisher passes copies). `eplb` is written only by a writer made with eplb_health."""
+        """Write one cumulative snapshot. Raises OSError on I/O trouble; the caller counts and retries. Raises
+        ValueError, writing nothing, when an array is missing (every section of Shape.sections() and "step_count",
+        int64 [P, TB]) or has another shape. The arrays are written as they are, after their checksum: none may
+        change until publish returns (the publisher passes copies). `eplb` is written only by a writer made with
+        eplb_health."""
         parts = payload_parts(self._sections, self._shape.num_layers, arrays)
+        (step_count,) = payload_parts(self._count_section, self._shape.num_layers, arrays)
         crc = 0
         for part in parts:
             crc = zlib.crc32(part.data, crc)  # the GIL is released for parts over 5 KiB (the counts)
@@ -96,6 +104,8 @@ class SegmentWriter:
             record = (eplb or _NO_EPLB).pack()
             parts.append(np.frombuffer(record, dtype=np.uint8))
             _CRC.pack_into(head, HEADER_OFFSETS["extension_crc32"], zlib.crc32(record))
+        parts.append(step_count)
+        _CRC.pack_into(head, HEADER_OFFSETS["step_count_crc32"], zlib.crc32(step_count.data))
         _UPDATED.pack_into(head, HEADER_OFFSETS["updated_unix_ns"], time.time_ns())
         _CRC.pack_into(head, HEADER_OFFSETS["payload_crc32"], crc)
         _ERRORS.pack_into(head, HEADER_OFFSETS["publish_errors"], publish_errors)

@@ -39,8 +39,9 @@ class DetectorConfig:
                                minimum=1, group="detector")
     step_margin: float = setting(0.30, "--step-margin", "Step-time regression: mean step time above baseline x "
                                  "(1 + margin).", minimum=0.01, group="detector")
-    min_steps: int = setting(10, "--min-window-steps", "Steps of a (phase, tokens bucket) a window needs to count "
-                             "for the step-time detector.", minimum=1, group="detector")
+    min_steps: int = setting(10, "--min-window-steps", "Timed steps of a (phase, tokens bucket) a window needs to "
+                             "count for the step-time detector (its mean step time rests on them; the plugin times "
+                             "1 step in MOE_MONITOR_STEP_TIME_EVERY on CUDA).", minimum=1, group="detector")
     imbalance_abs: float = setting(4.0, "--imbalance-threshold", "Worst-layer max/mean that is a regression on "
                                    "its own.", minimum=1, group="detector")
     imbalance_rise: float = setting(1.5, "--imbalance-rise", "... or this multiple of its recent median.",
@@ -67,7 +68,7 @@ class DetectorConfig:
 @dataclass(frozen=True)
 class WindowSignals:
     end: float  # unix time of the window's end
-    step_means: dict[tuple[str, str], tuple[float, int]]  # (phase, tokens_le) -> (mean seconds, steps)
+    step_means: dict[tuple[str, str], tuple[float, int]]  # (phase, tokens_le) -> (mean seconds, timed steps)
     worst_imbalance: float | None  # worst layer's max/mean, None when the window was too small
     worst_layer: int | None = None
 
@@ -161,7 +162,7 @@ class Detector:
                 self.thresholds[("step_time", *key)] = threshold
                 if mean > threshold:
                     candidates.append(self._streak("step_time", name, w.end, mean, baseline, threshold,
-                                                   {"phase": key[0], "tokens_le": key[1], "steps": steps,
+                                                   {"phase": key[0], "tokens_le": key[1], "timed_steps": steps,
                                                     "baseline_quantile": cfg.step_baseline_quantile,
                                                     "median": median, "robust_sigma": sigma}))
                 else:

@@ -1,4 +1,7 @@
-"""What the detector sees of a closed window: per (phase, tokens bucket) mean step time, worst imbalance."""
+"""What the detector sees of a closed window: per (phase, tokens bucket) mean step time, worst imbalance.
+
+The mean step time is the timed steps' (the plugin times a sample of the steps on CUDA): their summed duration over
+their number, and that number is what --min-window-steps asks of a key, the sample the mean rests on."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ INT64_MAX = np.iinfo(np.int64).max
 
 def signals_of(window, stats: LayerStats | None) -> WindowSignals:
     means = {}
-    if window.step_count is not None:
+    if window.timed_steps is not None:
         for p, phase in enumerate(PHASES):
             for t, bound in enumerate(window.token_bounds):
-                n = int(window.step_count[p, t])
+                n = int(window.timed_steps[p, t])
                 if n > 0:
                     label = "+Inf" if int(bound) == INT64_MAX else str(int(bound))
                     means[(phase, label)] = (float(window.step_seconds[p, t]) / n, n)

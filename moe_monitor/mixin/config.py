@@ -72,7 +72,8 @@ class MixinConfig:
     ep_rank_imbalance_for: str = "15m"
 
     # Step time: the sidecar detector's like-with-like figures, current window / baseline (median), per
-    # (phase, tokens_le); only keys that average at least step_time_min_window_steps steps per window.
+    # (phase, tokens_le); only keys that average at least step_time_min_window_steps timed steps per window (the
+    # step histogram's: the detector's --min-window-steps counts those).
     step_time_ratio: float = 1.5
     step_time_min_window_steps: float = 10.0
     step_time_for: str = "15m"

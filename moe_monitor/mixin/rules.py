@@ -251,7 +251,9 @@ def _deployment_ep_rank_imbalance(cfg: MixinConfig) -> dict:
 
 def _step_time(cfg: MixinConfig) -> dict:
     # The detector keeps a key's last value when its traffic stops: only keys that still average enough
-    # steps per window (the detector updates a key only in windows with --min-window-steps) count.
+    # steps per window (the detector updates a key only in windows with --min-window-steps) count. Those are
+    # timed steps, the sample its mean rests on (1 in MOE_MONITOR_STEP_TIME_EVERY on CUDA), so this counts the
+    # histogram's steps, not moe_steps_total: every step would call a key fresh that the detector no longer judges.
     current = sel(cfg, "moe_detector_current", 'signal="step_time"')
     baseline = sel(cfg, "moe_detector_baseline", 'signal="step_time"')
     ratio = f"max without (signal) (\n  {current}\n  /\n  {baseline}\n)"

@@ -28,13 +28,16 @@ class FlightError(ValueError):
 class RecordedWindow:
     """One closed window of a flight record: its span (unix seconds), the assignments each layer routed to each
     expert [layers, experts], and, when the sidecar had them, the EP-rank load [layers, EP ranks] and the engine
-    steps [phases, tokens buckets] (counts and seconds). Arrays are float64 and read-only."""
+    steps [phases, tokens buckets]: every step (step_count), and the timed ones (timed_steps; a sample on CUDA) and
+    their summed duration (step_seconds). A record without timed_steps (a sidecar before them) timed every step:
+    its timed_steps read as its step_count. Arrays are float64 and read-only."""
     start: float
     end: float
     counts: np.ndarray
     rank_load: np.ndarray | None = None
     step_count: np.ndarray | None = None
     step_seconds: np.ndarray | None = None
+    timed_steps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,11 @@ def _window(i: int, w: object, layers: int, experts: int) -> RecordedWindow:
     if not is_number(start) or not is_number(end):
         raise FlightError(f"{what} has no start and end times")
     rank_load = w.get("rank_load")
+    step_count = _steps(w.get("step_count"), f"{what}: step_count")
+    timed = _steps(w.get("timed_steps"), f"{what}: timed_steps") if "timed_steps" in w else step_count
     return RecordedWindow(float(start), float(end), _matrix(counts, layers, experts, f"{what}: counts"),
                           None if rank_load is None else _matrix(rank_load, layers, None, f"{what}: rank_load"),
-                          _steps(w.get("step_count"), f"{what}: step_count"),
-                          _steps(w.get("step_seconds"), f"{what}: step_seconds"))
+                          step_count, _steps(w.get("step_seconds"), f"{what}: step_seconds"), timed)
 
 
 def parse(data: bytes | bytearray) -> FlightRecord:

@@ -68,13 +68,14 @@ SECTION_REFUSALS = {  # moe_monitor_segment_sections_refused{reason}: an optiona
     "ep_size": f"the header's ep_size is below 1 or above {MAX_EP_SIZE}, so no section sized by it can be right",
     "shape": "the section's size contradicts the header: EP-rank load columns other than ep_size, or placement "
              "slots that are not a multiple of ep_size between the experts and max(4 x experts, experts + "
-             f"{MAX_REDUNDANT_SLOTS})",
+             f"{MAX_REDUNDANT_SLOTS}), a step_count other than phases x token buckets, or an extension the file "
+             "ends inside",
     "expert_ids": "the placement names an expert outside [0, experts), or leaves one without a slot",
     "value": "the EP-rank load is negative or not finite, or the eplb_health record holds a value no writer "
              "publishes (step interval 0, a count above 2**53, a negative time, a duration that is not finite or "
-             "is missing after a rearrangement)",
-    "decreased": "the cumulative EP-rank load went down without a restart of the writer",
-    "checksum": "the eplb_health record does not match its checksum",
+             "is missing after a rearrangement), or a step count is negative or below the timed steps of its cell",
+    "decreased": "the cumulative EP-rank load or step count went down without a restart of the writer",
+    "checksum": "the eplb_health record or the step_count does not match its checksum",
 }
 
 _M = Metric
@@ -125,8 +126,12 @@ METRICS: tuple[Metric, ...] = (
        "loads."),
     # -- steps
     _M("moe_step_duration_seconds", "histogram", ("phase", "tokens_le"), "t0", "steps",
-       "Engine step wall time in the worker (execute_model to sampled tokens), by phase and tokens-per-step "
-       "bucket (tokens_le: upper bound)."),
+       "Engine step wall time in the worker (execute_model to sampled tokens) of a sample of the steps, by phase and "
+       "tokens-per-step bucket (tokens_le: upper bound): the plugin times a pseudo-random 1 in N steps on CUDA "
+       "(MOE_MONITOR_STEP_TIME_EVERY, default 16), every step on CPU, so its quantiles and mean stand for all steps "
+       "but its counts do not: step counts and rates come from moe_steps_total."),
+    _M("moe_steps_total", "counter", ("phase", "tokens_le"), "t0", "steps",
+       "Engine steps (every step, timed or not), by phase and tokens-per-step bucket (tokens_le: upper bound)."),
     _M("moe_step_tokens_total", "counter", ("phase",), "t0", "steps", "Tokens computed in engine steps, by phase."),
     # -- vLLM's EPLB rearrangements (only for segments whose plugin follows vLLM's EPLB; docs/eplb.md)
     _M("moe_eplb_info", "gauge", ("segment", "mode", "timed"), "t0", "eplb",
@@ -267,9 +272,9 @@ METRICS: tuple[Metric, ...] = (
        "most ranks serve), no_layers (a segment describing no MoE layer or no expert)."),
     _M("moe_monitor_segment_sections_refused", "gauge", ("segment", "section", "reason"), "t0", "health",
        "Optional sections of a readable segment left out, the rest of it used: section=physical_to_logical (the "
-       "live placement), ep_rank_load (the EP-rank load the plugin attributed) or eplb_health (vLLM's EPLB "
-       "rearrangements); reason=" + ", ".join(
-           SECTION_REFUSALS) + " (docs/reference/metrics.md)."),
+       "live placement), ep_rank_load (the EP-rank load the plugin attributed), eplb_health (vLLM's EPLB "
+       "rearrangements) or step_count (every engine step: moe_steps_total falls back to the timed steps); "
+       "reason=" + ", ".join(SECTION_REFUSALS) + " (docs/reference/metrics.md)."),
     _M("moe_monitor_rank_restarts_total", "counter", (), "t0", "health",
        "vLLM rank restarts seen (new segment generation); counts before a restart are carried, not lost."),
     _M("moe_monitor_build_info", "gauge", ("version",), "t0", "health", "moe-monitor version."),

@@ -28,9 +28,10 @@ class Totals:
 
     layer_ids: tuple[int, ...] = ()  # ascending model layer indices, one per row of counts
     counts: np.ndarray | None = None  # int64 [L, E]
-    step_hist: np.ndarray | None = None  # [P, TB, DB]
-    step_seconds: np.ndarray | None = None  # [P, TB]
-    step_tokens: np.ndarray | None = None  # [P, TB]
+    step_hist: np.ndarray | None = None  # [P, TB, DB] timed steps (a sample of them on CUDA)
+    step_seconds: np.ndarray | None = None  # [P, TB] timed steps' duration
+    step_tokens: np.ndarray | None = None  # [P, TB] every step's tokens
+    step_count: np.ndarray | None = None  # [P, TB] every step (set with step_hist)
     token_bounds: np.ndarray | None = None
     duration_bounds: np.ndarray | None = None
     rank_load: np.ndarray | None = None  # float64 [L, R] EP-rank load the plugin attributed (EPLB); None when
@@ -80,16 +81,19 @@ class Totals:
                 merged[[union.index(x) for x in other.layer_ids]] += other.counts
                 self.layer_ids, self.counts = union, merged
         if other.step_hist is not None:
-            assert other.step_seconds is not None and other.step_tokens is not None  # set with step_hist
+            assert (other.step_seconds is not None and other.step_tokens is not None
+                    and other.step_count is not None)  # set with step_hist
             if self.step_hist is None:
-                self.step_hist, self.step_seconds, self.step_tokens = (
-                    other.step_hist.copy(), other.step_seconds.copy(), other.step_tokens.copy())
+                self.step_hist, self.step_seconds, self.step_tokens, self.step_count = (
+                    other.step_hist.copy(), other.step_seconds.copy(), other.step_tokens.copy(),
+                    other.step_count.copy())
                 self.token_bounds, self.duration_bounds = other.token_bounds, other.duration_bounds
             else:
-                assert self.step_seconds is not None and self.step_tokens is not None
+                assert self.step_seconds is not None and self.step_tokens is not None and self.step_count is not None
                 self.step_hist = self.step_hist + other.step_hist
                 self.step_seconds = self.step_seconds + other.step_seconds
                 self.step_tokens = self.step_tokens + other.step_tokens
+                self.step_count = self.step_count + other.step_count
         return True
 
 
@@ -98,11 +102,14 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 def totals_of(snap: Snapshot) -> Totals:
+    """A segment's totals. Its step count is the step_count extension; a segment without it (an older plugin, which
+    timed every step) counts the steps of its histogram."""
     order = np.argsort(snap.layer_ids, kind="stable")
     counts = snap.counts[order, : snap.header.shape.num_experts].astype(np.int64)
     load = None if snap.ep_rank_load is None else snap.ep_rank_load[order].astype(np.float64)
+    step_count = snap.step_hist.sum(axis=2) if snap.step_count is None else snap.step_count
     return Totals(tuple(int(x) for x in snap.layer_ids[order]), counts, snap.step_hist, snap.step_seconds,
-                  snap.step_tokens, snap.token_bounds, snap.duration_bounds, load)
+                  snap.step_tokens, step_count, snap.token_bounds, snap.duration_bounds, load)
 
 
 @dataclass

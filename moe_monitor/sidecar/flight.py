@@ -52,14 +52,17 @@ class FlightWindow:
 
 def _window_json(window, rank_load: np.ndarray | None) -> bytes:
     counts = np.minimum(np.asarray(window.counts), np.iinfo(np.uint32).max).astype(np.uint32)
-    steps, seconds = window.step_count, window.step_seconds
+    seconds = window.step_seconds
     return msgspec.json.encode({
         "start": float(window.start), "end": float(window.end), "counts": counts.tolist(),
         "rank_load": None if rank_load is None else np.round(np.asarray(rank_load, np.float64), 1).tolist(),
-        "step_count": None if steps is None else
-        np.minimum(np.asarray(steps), np.iinfo(np.uint32).max).astype(np.uint32).tolist(),
+        "step_count": _steps_json(window.step_count), "timed_steps": _steps_json(window.timed_steps),
         "step_seconds": None if seconds is None else np.round(np.asarray(seconds, np.float64), 6).tolist(),
     })
+
+
+def _steps_json(steps: np.ndarray | None) -> list | None:
+    return None if steps is None else np.minimum(np.asarray(steps), np.iinfo(np.uint32).max).astype(np.uint32).tolist()
 
 
 class FlightRecorder:

@@ -8,9 +8,10 @@ directory). Those are left out and reported (`moe_monitor_segments_ignored`); wh
 decided by the fresh segments, majority first, newest publish second, never by file-name order.
 
 An optional section that does not fit its header (channel/layout.py) is left out of the snapshot by the reader; a
-published cumulative EP-rank load below the last one accepted from the same writer process is left out here. Both
-are reported (`moe_monitor_segment_sections_refused`) and logged once per segment and cause; the rest of the
-segment is counted.
+published cumulative EP-rank load or step count below the last one accepted from the same writer process is left
+out here. Both are reported (`moe_monitor_segment_sections_refused`) and logged once per segment and cause; the rest
+of the segment is counted. A segment whose step count is left out counts the last one used from its writer process
+or its histogram's timed steps, whichever is higher, so moe_steps_total never goes down.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class SegmentSource:
         self._logged = OncePerCause()
         self._refusals = OncePerCause()
         self._loads: dict[str, tuple[int, np.ndarray]] = {}  # path -> (generation, last accepted EP-rank load)
+        self._step_counts: dict[str, tuple[int, np.ndarray]] = {}  # path -> (generation, last step count used)
 
     def read(self, now: float) -> tuple[list[SegmentStatus], Totals]:
         statuses = self._read_all(list_segments(self.segment_dir))
@@ -122,6 +124,7 @@ class SegmentSource:
                 break
             pending = retry
         self._loads = {path: v for path, v in self._loads.items() if path in results}
+        self._step_counts = {path: v for path, v in self._step_counts.items() if path in results}
         return [self._status(path, results[path]) for path in paths if path in results]
 
     def _status(self, path: str, result) -> SegmentStatus:
@@ -132,7 +135,7 @@ class SegmentSource:
                 log.warning("cannot read segment %s (%s): %s", path, result.kind, result)
             return SegmentStatus(name, None, result.kind)
         self._logged.recovered(path)  # it reads again: a new failure is logged
-        return SegmentStatus(name, self._refuse_decrease(path, result), None)
+        return SegmentStatus(name, self._steady_step_count(path, self._refuse_decrease(path, result)), None)
 
     def _refuse_decrease(self, path: str, snap: Snapshot) -> Snapshot:
         """A cumulative EP-rank load must not go down while its writer process lives (a restart, a new generation,
@@ -148,6 +151,26 @@ class SegmentSource:
                 "ep_rank_load", "decreased", f"the published EP-rank load of EP rank {rank} decreased without a "
                 "restart of the writer (below the last accepted reading)"),))
         self._loads[path] = (generation, load.copy())
+        return snap
+
+    def _steady_step_count(self, path: str, snap: Snapshot) -> Snapshot:
+        """The cumulative step count must not go down while its writer process lives either: one below the last
+        used is refused (decreased). A snapshot without one (refused) after one was used from the same process
+        counts the higher of that and its timed steps; a writer that never published one (an older plugin) counts
+        its timed steps (aggregate.totals_of)."""
+        count, generation, timed = snap.step_count, snap.header.generation, snap.step_hist.sum(axis=2)
+        last = self._step_counts.get(path)
+        before = last[1] if last is not None and last[0] == generation and last[1].shape == timed.shape else None
+        if count is not None and before is not None and (count < before).any():
+            p, t = (int(i) for i in np.argwhere(count < before)[0])
+            snap = replace(snap, step_count=None, refused=snap.refused + (Refusal(
+                "step_count", "decreased", f"the published step count of phase {p}, token bucket {t} decreased "
+                "without a restart of the writer (below the last accepted reading)"),))
+            count = None
+        if count is None and before is not None:
+            count = np.maximum(before, timed)
+            snap = replace(snap, step_count=count)
+        self._step_counts[path] = (generation, (timed if count is None else count).copy())
         return snap
 
     def _log_refusals(self, statuses: list[SegmentStatus]) -> None:

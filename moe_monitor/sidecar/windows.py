@@ -23,9 +23,10 @@ class Window:
     end: float
     layer_ids: np.ndarray  # [L] model layer index of each row
     counts: np.ndarray  # [L, E] assignments routed in the window
-    step_count: np.ndarray | None = None  # [phase, tokens bucket] engine steps in the window
-    step_seconds: np.ndarray | None = None  # [phase, tokens bucket] their summed duration
+    timed_steps: np.ndarray | None = None  # [phase, tokens bucket] engine steps timed in the window (a sample)
+    step_seconds: np.ndarray | None = None  # [phase, tokens bucket] the timed steps' summed duration
     token_bounds: np.ndarray | None = None
+    step_count: np.ndarray | None = None  # [phase, tokens bucket] every engine step in the window
 
 
 def next_boundary(now: float, length_s: float) -> float:
@@ -46,7 +47,9 @@ class Windower:
         if counts is None or not layers:
             self._base = None
             return None
-        steps = (totals.step_hist.sum(axis=2), totals.step_seconds) if totals.step_hist is not None else None
+        steps = None
+        if totals.step_hist is not None:
+            steps = (totals.step_hist.sum(axis=2), totals.step_seconds, totals.step_count)
         base, self._base = self._base, (boundary, layers, counts, steps)
         if base is None or base[1] != layers or base[2].shape != counts.shape:
             return None
@@ -54,11 +57,11 @@ class Windower:
         delta = counts - previous
         if (delta < 0).any():  # cannot happen with monotonic totals; never report negative load
             return None
-        step_count = step_seconds = None
+        timed = step_seconds = step_count = None
         if steps is not None and previous_steps is not None and steps[0].shape == previous_steps[0].shape:
-            step_count, step_seconds = steps[0] - previous_steps[0], steps[1] - previous_steps[1]
-        return Window(start, boundary, np.asarray(layers, dtype=np.int64), delta, step_count, step_seconds,
-                      totals.token_bounds)
+            timed, step_seconds, step_count = (now - then for now, then in zip(steps, previous_steps))
+        return Window(start, boundary, np.asarray(layers, dtype=np.int64), delta, timed, step_seconds,
+                      totals.token_bounds, step_count)
 
 
 LOAD_RATIO_BUCKETS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, float("inf"))

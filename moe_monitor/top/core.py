@@ -54,6 +54,7 @@ MONITOR_SEGMENTS = declared("moe_monitor_segments")
 MONITOR_SERIES_TRUNCATED = declared("moe_monitor_series_truncated")
 MONITOR_UNOBSERVABLE_LAYERS = declared("moe_monitor_unobservable_layers")
 STEP_DURATION_SECONDS = declared("moe_step_duration_seconds")
+STEPS_TOTAL = declared("moe_steps_total")
 WINDOW_END_TIMESTAMP_SECONDS = declared("moe_window_end_timestamp_seconds")
 WINDOW_LENGTH_SECONDS = declared("moe_window_length_seconds")
 WINDOW_ROUTED_TOKENS = declared("moe_window_routed_tokens")
@@ -244,9 +245,9 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> tuple[fl
 class StepRow:
     phase: str
     tokens_le: str | None  # None: all tokens-per-step buckets of the phase
-    steps: float
+    steps: float  # every step (moe_steps_total; a sidecar without it: the histogram's)
     per_second: float
-    mean_s: float | None
+    mean_s: float | None  # mean and quantiles: over the timed steps (the histogram: a sample on CUDA)
     quantiles: tuple[tuple[float | None, bool], ...]  # for QUANTILES: (seconds, above the highest bound)
 
 
@@ -286,14 +287,20 @@ def steps_view(history: History) -> StepsView:
     sums_then, counts_then = table(prev, "_sum", False), table(prev, "_count", False)
     sums = {k: v - sums_then.get(k, 0.0) for k, v in table(cur, "_sum", False).items()}
     counts = {k: v - counts_then.get(k, 0.0) for k, v in table(cur, "_count", False).items()}
+    every_now, every_then = _step_totals(cur), _step_totals(prev)
+    if not every_now and not every_then:  # a sidecar before moe_steps_total: its plugin timed every step
+        every_now, every_then = table(cur, "_count", False), counts_then
+    every = {k: v - every_then.get(k, 0.0) for k, v in every_now.items()}
     interval = history.interval_s()
-    if any(v < 0 for v in delta.values()) or any(v < 0 for v in counts.values()) or \
-            any(k not in buckets_now for k in buckets_then):
+    if any(v < 0 for v in (*delta.values(), *counts.values(), *every.values())) or \
+            any(k not in buckets_now for k in buckets_then) or any(k not in every_now for k in every_then):
         return StepsView(interval, [], "collecting: the step counters were reset (a sidecar restart or another "
                                        "model); percentiles resume with the next window")
     groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for (phase, tokens, le), v in delta.items():
         groups[(phase, tokens)].append((le, v))
+    for k in every:
+        groups.setdefault(k, [])  # steps, none of them timed
     rows = []
     order = {p: i for i, p in enumerate(PHASES)}
     for phase in sorted({p for p, _ in groups}, key=lambda p: (order.get(p, len(order)), p)):
@@ -303,19 +310,24 @@ def steps_view(history: History) -> StepsView:
             for le, v in groups[k]:
                 merged[le] += v
         phase_rows = [_step_row(phase, None, sorted(merged.items()), sum(sums.get(k, 0.0) for k in keys),
-                                sum(counts.get(k, 0.0) for k in keys), interval)]
+                                sum(counts.get(k, 0.0) for k in keys), sum(every.get(k, 0.0) for k in keys),
+                                interval)]
         if len(keys) > 1:
-            phase_rows += [_step_row(phase, k[1], sorted(groups[k]), sums.get(k, 0.0), counts.get(k, 0.0), interval)
-                           for k in keys]
+            phase_rows += [_step_row(phase, k[1], sorted(groups[k]), sums.get(k, 0.0), counts.get(k, 0.0),
+                                     every.get(k, 0.0), interval) for k in keys]
         rows += [r for r in phase_rows if r.steps > 0]
     note = None if rows else "no engine steps in the last interval (idle)"
     return StepsView(interval, rows, note)
 
 
-def _step_row(phase, tokens, buckets, total_s, n, interval) -> StepRow:
-    steps = buckets[-1][1] if buckets else n
+def _step_totals(s: Scrape) -> dict[tuple, float]:
+    return {(lab.get("phase", ""), lab.get("tokens_le", "")): v for lab, v in s.series(STEPS_TOTAL)}
+
+
+def _step_row(phase, tokens, buckets, total_s, timed, steps, interval) -> StepRow:
+    """steps: every step of the row; the mean and quantiles are the `timed` ones' (the histogram)."""
     return StepRow(phase, tokens, steps, steps / interval if interval else 0.0,
-                   total_s / n if n > 0 else None, tuple(histogram_quantile(q, buckets) for q in QUANTILES))
+                   total_s / timed if timed > 0 else None, tuple(histogram_quantile(q, buckets) for q in QUANTILES))
 
 
 # -- EP ranks --------------------------------------------------------------------------------------------

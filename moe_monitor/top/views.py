@@ -211,7 +211,7 @@ def ranks_page(v: core.RanksView, st, width: int, interval: float | None, sort=N
 def steps_page(v: core.StepsView, st, width: int = 80, sort=None, flt=rows.NO_FILTER) -> Page:
     if v.note and not v.rows:
         return Page(rows=para(v.note, width))
-    head = [line((f" engine step time over the last {v.interval_s:.1f} s (increase of the step histograms)",
+    head = [line((f" engine steps over the last {v.interval_s:.1f} s (steps: every step; time: the timed ones)",
                   st["head"]))]
     t = table([Column(" phase", 9, "phase", left=True), Column("tokens", 7), Column("steps", 8, "steps"),
                Column("steps/s", 9, "per_second"), Column("mean", 10, "mean_s"),

@@ -168,13 +168,14 @@ def _overview_steps(cfg) -> Row:
            "decode, mixed), 5-minute rate (moe:step_tokens:rate5m).", PER_SECOND,
            [query(f"sum by (phase) ({sel(STEP_TOKENS_RATE)})", "{{phase}}")],
            w=8, axis="tokens/s", stack=True),
-        ts("Engine steps/s by phase", "Engine steps per second by phase: the batch mix the step times below "
-           "come from.", PER_SECOND,
-           [query(f"sum by (phase) (rate({sel('moe_step_duration_seconds_count')}[$__rate_interval]))", "{{phase}}")],
+        ts("Engine steps/s by phase", "Engine steps per second by phase (every step, moe_steps_total): the batch "
+           "mix the step times below come from.", PER_SECOND,
+           [query(f"sum by (phase) (rate({sel('moe_steps_total')}[$__rate_interval]))", "{{phase}}")],
            w=8, axis="steps/s", stack=True),
         ts("Step time p50 by phase and tokens per step", "Median engine-step wall time per (phase, scheduled-"
-           "token bucket) over 5 minutes (moe:step_duration_seconds:p50_rate5m); the slowest instance when "
-           "several are selected. Compare like with like: a batch-mix shift moves steps between buckets.",
+           "token bucket) over 5 minutes (moe:step_duration_seconds:p50_rate5m, over the steps the plugin "
+           "timed: a pseudo-random sample on CUDA); the slowest instance when several are selected. Compare like "
+           "with like: a batch-mix shift moves steps between buckets.",
            SECONDS, [query(f"max by (phase, tokens_le) ({sel(STEP_DURATION_P50)})", bucket)],
            table_legend=True, fill=0, links=to_kernel),
         ts("Step time p99 by phase and tokens per step", "99th percentile engine-step wall time per (phase, "
