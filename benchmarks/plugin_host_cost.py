@@ -16,12 +16,16 @@ greedy, after a warm-up generate of the same shape. Three passes over one engine
    `off2` (an A/A: off again) in a rotated order; per round ms per output token (generate wall time / OUT). Off
    means the worker's monitor is detached (`worker._moe_monitor = None`: vLLM's own methods run, behind the
    wrappers' one attribute read); the counting kernel inside the CUDA graphs runs in both.
-3. `--trace`: a workload with prefill, mixed and decode steps inside `start_profile`/`stop_profile`; every step
-   the plugin's timer records (phase, tokens, seconds) is logged, aligned with the trace's steps
-   (benchmarks/trace_steps.py) by their token counts, and compared per phase.
+3. `--trace S,..`: a workload with prefill, mixed and decode steps inside `start_profile`/`stop_profile`, once per
+   stride S: every S-th step timed (1: every step, each taking the previous end event as its start; 2: every
+   other step, each recording its own start, as a sampled step does); every step the plugin counts is logged with
+   the timed ones' seconds, aligned with the trace's steps (benchmarks/trace_steps.py) by their token counts, and
+   the timed ones compared per phase.
+4. `--every N,..`: the hooks pass once per N (time a pseudo-random 1 in N steps, the plugin's StepSampler), the
+   on/off pass at the first N.
 
     . .gpu/device-env.sh; python3 benchmarks/plugin_host_cost.py --out $OUT/host_cost.jsonl --hooks 1,8,32,128 \
-        --ab 1,8,32 --trace
+        --every 16,1 --ab 1,8,32 --trace 1,2
 
 It runs the plugin on PYTHONPATH: point that at another checkout to measure another version in the same call.
 
@@ -175,22 +179,51 @@ def _describe(worker):
             "time_every": getattr(getattr(m, "sampler", None), "every", 1)}
 
 
-STEP_LOG: list[tuple[str, int, float]] = []
+STEP_LOG: list[list] = []  # every step the plugin counted: [phase, tokens, seconds or None (not timed)]
 
 
-def _log_steps(worker, on: bool):
-    """Log every step the plugin's timer records (phase, tokens, seconds) into STEP_LOG (this process)."""
+class _Stride:
+    """A StepSampler stand-in that times every `every`-th step exactly (the trace pass: with 2, no timed step
+    follows a timed one, so every one records its own start event)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def gap(self) -> int:
+        return self.every
+
+
+def _log_steps(worker, stride: int):
+    """stride > 0: time every stride-th step and log every step into STEP_LOG (a timed step's seconds filled in when
+    the timer resolves it); 0: stop logging. This process only."""
+    from moe_monitor.channel import PHASES
+
     m = worker._moe_monitor_kept if hasattr(worker, "_moe_monitor_kept") else worker._moe_monitor
-    steps = m.timer.steps
-    if on:
-        record = type(steps).record
+    steps, timer = m.timer.steps, m.timer
+    if stride:
+        step, record, begin = type(steps).step, type(steps).record, type(timer).begin
+        timed: list[int] = []  # STEP_LOG indices of the timed steps, in order
 
-        def logged(phase, tokens, seconds):
-            STEP_LOG.append((phase, tokens, seconds))
+        def logged_step(phase, tokens):
+            STEP_LOG.append([PHASES[phase], tokens, None])
+            step(steps, phase, tokens)
+
+        def logged_begin(phase, tokens, chained=False):
+            timed.append(len(STEP_LOG) - 1)
+            begin(timer, phase, tokens, chained)
+
+        def logged_record(phase, tokens, seconds):
+            while timed:  # a cancelled timed step is never recorded: skip to the one this is
+                i = timed.pop(0)
+                if STEP_LOG[i][:2] == [phase, tokens]:
+                    STEP_LOG[i][2] = seconds
+                    break
             record(steps, phase, tokens, seconds)
-        steps.record = logged
+        steps.step, steps.record, timer.begin = logged_step, logged_record, logged_begin
+        m.sampler, m._countdown = _Stride(stride), stride
     else:
-        steps.__dict__.pop("record", None)
+        for obj, name in ((steps, "step"), (steps, "record"), (timer, "begin")):
+            obj.__dict__.pop(name, None)
     return len(STEP_LOG)
 
 
@@ -217,7 +250,8 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="cold/warm probes around step_end (see probe())")
     ap.add_argument("--fine", action="store_true", help="also time the driver calls, the timer and the phase scan "
                     "inside the hooks (each nested call adds the wrapper's cost to its hook's figure)")
-    ap.add_argument("--trace", action="store_true", help="the step-time-against-the-profiler pass")
+    ap.add_argument("--trace", default="", help="the step-time-against-the-profiler pass, once per stride of this "
+                    "list (1: every step timed, chained; 2: every other step, each recording its own start)")
     ap.add_argument("--every", default="", help="time one step in N, for each N of this list in turn in the hooks "
                     "pass, the first in the on/off pass (e.g. 16,1; default: the plugin's own, "
                     "MOE_MONITOR_STEP_TIME_EVERY)")
@@ -324,25 +358,25 @@ def main() -> None:
                   f"{row['aa_min_pct']:+.2f} % / {row['aa_median_pct']:+.2f} % / paired "
                   f"{row['aa_paired_median_pct']:+.2f} %", flush=True)
 
-    if args.trace:
+    for stride in (int(x) for x in args.trace.split(",") if x):
         from trace_steps import trace_step_times
 
         lengths = [rng.randrange(40, 400) for _ in range(16)]
         work = [prompts_of(vocab, 1, n, rng)[0] for n in lengths]
         trace_params = SamplingParams(max_tokens=48, ignore_eos=True, temperature=0.0, detokenize=False)
         llm.generate(work, trace_params, use_tqdm=False)  # warm-up: the same step shapes, compiled
-        llm.collective_rpc(_set_every, args=(1,))  # every step against the trace's
-        llm.collective_rpc(_log_steps, args=(True,))
+        before = set(glob.glob(os.path.join(profiles, "**", "*.pt.trace.json*"), recursive=True))
+        llm.collective_rpc(_log_steps, args=(stride,))
         STEP_LOG.clear()
         llm.start_profile()
         llm.generate(work, trace_params, use_tqdm=False)
         llm.stop_profile()
         llm.generate(prompts_of(vocab, 1, 8, rng), SamplingParams(max_tokens=2, detokenize=False), use_tqdm=False)
-        llm.collective_rpc(_log_steps, args=(False,))
-        files = [f for f in glob.glob(os.path.join(profiles, "**", "*.pt.trace.json*"), recursive=True)
+        llm.collective_rpc(_log_steps, args=(0,))
+        files = [f for f in set(glob.glob(os.path.join(profiles, "**", "*.pt.trace.json*"), recursive=True)) - before
                  if "async_llm" not in os.path.basename(f)]
         theirs = trace_step_times(sorted(files)[0])
-        pairs = align(list(STEP_LOG), theirs)
+        pairs = [(t, p) for t, p in align(list(STEP_LOG), theirs) if p[2] is not None]
         rows = {}
         for phase in ("prefill", "mixed", "decode"):
             mine = [(t["step_s"], p[2], t["forward_s"], t["idle_before_s"]) for t, p in pairs if t["phase"] == phase]
@@ -359,13 +393,13 @@ def main() -> None:
                            "diff_us_median": statistics.median(diffs), "diff_us_min": diffs[0],
                            "diff_us_max": diffs[-1]}
             r = rows[phase]
-            print(f"{args.label} trace {phase:8s} {len(mine):3d} steps: plugin {r['plugin_ms']:.3f} ms, trace "
-                  f"{r['trace_ms']:.3f} ms ({r['diff_pct']:+.2f} %; per step plugin-trace median "
+            print(f"{args.label} trace (every {stride}) {phase:8s} {len(mine):3d} steps: plugin {r['plugin_ms']:.3f} "
+                  f"ms, trace {r['trace_ms']:.3f} ms ({r['diff_pct']:+.2f} %; per step plugin-trace median "
                   f"{r['diff_us_median']:+.1f} us, {diffs[0]:+.1f} to {diffs[-1]:+.1f}); vLLM's forward "
                   f"annotation {r['forward_ms']:.3f} ms; device idle before the step {r['idle_before_ms']:.3f} ms; "
                   f"{r['within_bounds']}/{len(mine)} steps within [trace, trace + idle before]", flush=True)
-        emit({"kind": "trace", "trace_steps": len(theirs), "plugin_steps": len(STEP_LOG), "matched": len(pairs),
-              "phases": rows, "trace_file": os.path.basename(sorted(files)[0])})
+        emit({"kind": "trace", "stride": stride, "trace_steps": len(theirs), "plugin_steps": len(STEP_LOG),
+              "matched_timed": len(pairs), "phases": rows, "trace_file": os.path.basename(sorted(files)[0])})
     out.close()
     os._exit(0)
 

@@ -286,3 +286,26 @@ def test_a_runner_without_a_usable_token_buffer_keeps_the_written_count(case):
               "no requests": SimpleNamespace(gpu=torch.zeros(1, dtype=torch.int32), np=[0]),
               "no host copy": SimpleNamespace(gpu=torch.zeros(9, dtype=torch.int32), np=None)}[case]
     assert vllm_step_tokens(SimpleNamespace(query_start_loc=buffer), torch.device("cpu")) is None
+
+
+def test_a_stalled_publisher_drops_the_oldest_steps_and_never_publishes_fewer_counted_than_timed(caplog):
+    """The worker's deques are bounded: past `max_queued` steps between two publishes the oldest fall out (logged
+    once, counted in `dropped`); a cell's count is raised to its timed steps so the segment stays consistent."""
+    from moe_monitor.plugin.steps import PHASE_INDEX, StepStats
+
+    steps = StepStats(max_queued=10)
+    d, p = PHASE_INDEX["decode"], PHASE_INDEX["prefill"]
+    with caplog.at_level("WARNING"):
+        for _ in range(15):
+            steps.step(d, 4)
+        for _ in range(10):
+            steps.step(p, 300)  # the deque now holds these ten only
+        for _ in range(8):
+            steps.record("decode", 4, 0.002)
+        snap = steps.snapshot()
+    assert steps.recorded == 25 and steps.dropped == 15
+    assert int(snap["step_count"][p].sum()) == 10 and int(snap["step_hist"][d].sum()) == 8
+    assert int(snap["step_count"][d].sum()) == 8, "fewer steps counted than timed"
+    assert caplog.text.count("fell behind") == 1
+    steps.step(d, 4)
+    assert int(steps.snapshot()["step_count"][d].sum()) == 9 and steps.dropped == 15

@@ -125,6 +125,8 @@ class StepStats:
             d = np.minimum(np.searchsorted(self.duration_bounds, seconds), DB - 1)
             self.hist += np.bincount(cell * DB + d, minlength=P * TB * DB).reshape(P, TB, DB)
             self.seconds += np.bincount(cell, weights=seconds, minlength=P * TB).reshape(P, TB)
+        if self._counted.dropped:  # counted steps fell out of the full deque: never publish fewer than were timed
+            np.maximum(self.count, self.hist.sum(axis=2), out=self.count)
         if self.dropped and not self._warned:
             self._warned = True
             log.warning("moe-monitor: the publisher fell behind by more than %d steps; the oldest steps were "
