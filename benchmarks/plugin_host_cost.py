@@ -150,6 +150,48 @@ def publisher_cost(layers: int, experts: int, repeats: int = 200) -> dict:
             "p90_us": sorted(times)[int(0.9 * repeats)] / 1e3, "min_us": min(times) / 1e3}
 
 
+def hooks_floor(batches: list[int], everies: list[int], steps: int = 200_000) -> list[dict]:
+    """The step hooks' Python alone (no vLLM, no CUDA): WorkerMonitor.step_begin + step_end on decode scheduler
+    outputs of `batch` requests, with the CPU recorder and a timer whose calls do nothing, so what is measured is
+    the hooks' own bookkeeping (phase scan, step count, sampler) in a tight loop: a floor, not the in-engine cost."""
+    from types import SimpleNamespace
+
+    from moe_monitor.plugin.recorder import Recorder
+    from moe_monitor.plugin.steps import StepStats
+    from moe_monitor.plugin.worker import WorkerMonitor
+
+    class NullTimer:
+        def __init__(self):
+            self.steps = StepStats(max_queued=steps + 1)
+
+        def begin(self, phase, tokens, chained=False):
+            pass
+
+        def end(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    rows = []
+    for every in everies:
+        for batch in batches:
+            ids = [f"r{i}" for i in range(batch)]
+            output = SimpleNamespace(total_num_scheduled_tokens=batch, num_scheduled_tokens=dict.fromkeys(ids, 1),
+                                     scheduled_new_reqs=[], scheduled_cached_reqs=SimpleNamespace(
+                                         req_ids=ids, num_output_tokens=[5] * batch, resumed_req_ids=set()))
+            monitor = WorkerMonitor(Recorder(1, 8, 2, "cpu"), None, NullTimer(), time_every=every, seed=0)
+            monitor.vllm_tokens = object()  # as where vLLM's buffer is read: no write a step
+            begin, end = monitor.step_begin, monitor.step_end
+            t = time.perf_counter_ns()
+            for _ in range(steps):
+                begin(output)
+                end()
+            ns = (time.perf_counter_ns() - t) / steps
+            rows.append({"kind": "hooks_floor", "every": every, "batch": batch, "ns_per_step": ns})
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ the engine's worker
 
 def _detach(worker, on: bool):
@@ -260,7 +302,14 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a name for this run in the output (e.g. the plugin's version)")
     ap.add_argument("--out", help="JSON lines, one per measurement")
     ap.add_argument("--publisher", metavar="LxE", help="only the publisher's publish_once at L layers x E experts")
+    ap.add_argument("--floor", action="store_true", help="only the hooks' Python in a tight loop (no GPU, no vLLM): "
+                    "batches of --hooks, samplers of --every")
     args = ap.parse_args()
+    if args.floor:
+        for row in hooks_floor([int(b) for b in (args.hooks or "1,8,32,128").split(",")],
+                               [int(e) for e in (args.every or "16,1").split(",")]):
+            print(json.dumps(row))
+        return
     if args.publisher:
         layers, experts = map(int, args.publisher.lower().split("x"))
         print(json.dumps(publisher_cost(layers, experts)))
