@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from moe_monitor.cli import main
 from moe_monitor.mixin import build
-from moe_monitor.mixin.config import ConfigError, MixinConfig, load_config
+from moe_monitor.mixin.config import ConfigError, MixinConfig, config_from_dict, load_config
 from moe_monitor.mixin.rules import check_rule_order, rules_document
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,6 +308,20 @@ def test_the_deployment_label_is_configurable():
     assert "{{ $labels.lws_group }}" in rules["MoeDeploymentEPRankImbalance"]["annotations"]["summary"]
 
 
+@pytest.mark.parametrize("scope, by", [
+    (("namespace",), "job, namespace, deployment"),  # the default: AlertmanagerConfig routes on namespace
+    ((), "job, deployment"),
+    (("cluster", "namespace"), "job, cluster, namespace, deployment"),
+])
+def test_every_deployment_wide_aggregation_keeps_the_scope_labels(scope, by):
+    cfg = MixinConfig(deployment_scope_labels=scope)
+    group = next(g for g in rules_document(cfg)["groups"] if g["name"] == "moe-monitor.deployment")
+    for rule in group["rules"]:
+        groupings = re.findall(r"\b(?:by|on) \(([^)]*)\)", rule["expr"])
+        assert groupings and all(g == by or g.startswith(by + ", ") for g in groupings), rule.get("record") or rule
+    assert cfg == config_from_dict({"deployment_scope_labels": list(scope)})
+
+
 def test_a_zero_for_leaves_for_out():
     rule = next(r for r in alerts(MixinConfig(sidecar_down_for="0s")) if r["alert"] == "MoeSidecarDown")
     assert "for" not in rule
@@ -329,6 +343,10 @@ def test_a_zero_for_leaves_for_out():
     ("selector = 'job=moe'", "selector: 'job=moe' is not a list of PromQL label matchers"),
     ('deployment_label = "instance"', "deployment_label: 'instance' is not a free Prometheus label name"),
     ('deployment_label = "lws-group"', "deployment_label: 'lws-group' is not a free Prometheus label name"),
+    ('deployment_scope_labels = ["instance"]', "deployment_scope_labels: ['instance'] are not distinct free"),
+    ('deployment_scope_labels = ["deployment"]', "deployment_scope_labels: ['deployment'] are not distinct free"),
+    ('deployment_scope_labels = ["ns", "ns"]', "deployment_scope_labels: ['ns', 'ns'] are not distinct free"),
+    ('deployment_scope_labels = "namespace"', "deployment_scope_labels: expected a list of strings, got a string"),
     ("[imbalance]\nratio = 2", "unknown key 'imbalance'"),
     ("imbalance_ratio = ", "not valid TOML"),
 ])

@@ -57,6 +57,11 @@ class MixinConfig:
     # dashboard sum the sidecars that share its value. Set it by relabeling (deploy/kubernetes/multinode/); targets
     # without it are left out of those figures. Recording rule names do not change with it.
     deployment_label: str = "deployment"
+    # Target labels kept, beside job, through every deployment-wide aggregation (the deployment recording rules and
+    # MoeDeploymentEPRankImbalance): deployments are told apart by them too, and the alert carries them. `namespace`
+    # because prometheus-operator's AlertmanagerConfig routes only alerts labelled with its own namespace. Grouping
+    # by a label a series lacks changes nothing, so targets without them get the same series as with ().
+    deployment_scope_labels: tuple[str, ...] = ("namespace",)
 
     # Routing alerts read the per-window gauges of the layers whose window was "loaded": on average at least
     # this many assignments per expert (below it max/mean and dead counts are mostly chance). Windows below
@@ -109,9 +114,13 @@ class MixinConfig:
         if not _SELECTOR.match(self.selector):
             raise ConfigError(f"selector: {self.selector!r} is not a list of PromQL label matchers "
                               "(e.g. 'job=\"moe-monitor\", namespace=\"inference\"')")
-        if (not _LABEL.match(self.deployment_label) or self.deployment_label.startswith("__")
-                or self.deployment_label in _TAKEN_LABELS):
+        if not _free_label(self.deployment_label):
             raise ConfigError(f"deployment_label: {self.deployment_label!r} is not a free Prometheus label name "
+                              f"(letters, digits, _; not __* nor one of {', '.join(_TAKEN_LABELS)})")
+        bad = [n for n in self.deployment_scope_labels if not _free_label(n) or n == self.deployment_label]
+        if bad or len(set(self.deployment_scope_labels)) < len(self.deployment_scope_labels):
+            raise ConfigError(f"deployment_scope_labels: {bad or list(self.deployment_scope_labels)} are not distinct "
+                              f"free Prometheus label names other than deployment_label {self.deployment_label!r} "
                               f"(letters, digits, _; not __* nor one of {', '.join(_TAKEN_LABELS)})")
         _at_least("min_expert_load", self.min_expert_load, 0)
         _at_least("imbalance_ratio", self.imbalance_ratio, 1)
@@ -132,6 +141,11 @@ class MixinConfig:
             raise ConfigError(f"trace_api_url: {self.trace_api_url!r} is not an http(s) URL")
         if not self.runbook_url.startswith(("http://", "https://")):
             raise ConfigError(f"runbook_url: {self.runbook_url!r} is not an http(s) URL")
+
+
+def _free_label(name: str) -> bool:
+    """A label name the mixin may group by: valid, not Prometheus' reserved __*, none of _TAKEN_LABELS."""
+    return bool(_LABEL.match(name)) and not name.startswith("__") and name not in _TAKEN_LABELS
 
 
 def _at_least(name: str, value: float, low: float) -> None:

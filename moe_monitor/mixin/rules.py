@@ -3,7 +3,8 @@
 Conventions (docs/alerts.md has the why of each alert):
 - Every selector carries `cfg.selector`; recording rules keep `job`, `instance` and their own labels; alerts
   aggregate only over the sidecar's own labels (`without (layer)`), so target labels such as `namespace` and
-  `pod` reach Alertmanager.
+  `pod` reach Alertmanager. Deployment-wide rules sum over a deployment's sidecars `by (deployment_by(cfg))`:
+  `job`, `cfg.deployment_scope_labels` (`namespace`) and the deployment label, which the alert then carries.
 - Routing alerts read the per-window gauges, NaN for windows with too few assignments. They keep only
   *loaded* windows (`cfg.min_expert_load` mean assignments per expert) and take the minimum over the last
   `cfg.rate_window` of them: "above the threshold in every loaded window", where an idle or NaN window
@@ -60,6 +61,12 @@ def labelled(cfg: MixinConfig) -> str:
     return f'{cfg.deployment_label}!=""'
 
 
+def deployment_by(cfg: MixinConfig) -> str:
+    """The labels a deployment-wide figure is aggregated by: job, cfg.deployment_scope_labels (namespace: an alert
+    without it is not routed by prometheus-operator's AlertmanagerConfig) and the deployment label."""
+    return ", ".join(("job", *cfg.deployment_scope_labels, cfg.deployment_label))
+
+
 def recording_rules(cfg: MixinConfig) -> dict:
     w = cfg.rate_window
 
@@ -100,7 +107,7 @@ def deployment_rules(cfg: MixinConfig) -> dict:
 def deployment_recording_rules(cfg: MixinConfig) -> list[tuple[str, str]]:
     """Per deployment (targets with cfg.deployment_label): the summed EP-rank and expert rates and their
     max/mean per layer. Targets without the label are left out (they are not part of a multi-sidecar model)."""
-    w, by = cfg.rate_window, f"job, {cfg.deployment_label}"
+    w, by = cfg.rate_window, deployment_by(cfg)
 
     def summed(counter: str, label: str) -> str:
         return f"sum by ({by}, layer, {label}) (rate({sel(cfg, counter, labelled(cfg))}[{w}]))"
@@ -228,8 +235,7 @@ def _deployment_ep_rank_imbalance(cfg: MixinConfig) -> dict:
     was loaded (the sum over its sidecars of each one's per-window mean load per expert, N * top1 / ratio, at
     least cfg.min_expert_load; NaN windows left out of the sum), worst layer per deployment. Not while one of
     its sidecars is down: the sum would miss that node's tokens."""
-    w, d = cfg.rate_window, cfg.deployment_label
-    by = f"job, {d}"
+    w, d, by = cfg.rate_window, cfg.deployment_label, deployment_by(cfg)
     mean = (f"{sel(cfg, 'moe_layer_window_routed_tokens', labelled(cfg))}\n"
             f"* {sel(cfg, 'moe_layer_top1_share', labelled(cfg))}\n"
             f"/ {sel(cfg, 'moe_layer_imbalance_ratio', labelled(cfg))}")
