@@ -38,30 +38,24 @@ def env_str(name: str, default: str) -> str:
 
 
 def env_float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value >= minimum:  # also rejects nan
-        log.warning("ignoring %s=%r: expected a number >= %s; using %s", name, raw, minimum, default)
-        return default
-    return value
+    return _env_number(name, default, minimum, float, "a number")
 
 
 def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """A whole number >= minimum; anything else is logged and the default used."""
+    return _env_number(name, default, minimum, int, "a whole number")
+
+
+def _env_number(name, default, minimum, parse, what: str):
+    """parse(value) when it is >= minimum; anything else (nan included) is logged and the default used."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        log.warning("ignoring %s=%r: expected a whole number >= %s; using %s", name, raw, minimum, default)
+        value = None
+    if value is None or not value >= minimum:  # `not >=` also rejects nan
+        log.warning("ignoring %s=%r: expected %s >= %s; using %s", name, raw, what, minimum, default)
         return default
     return value
 

@@ -23,3 +23,12 @@ def test_step_time_every_takes_a_whole_number_of_at_least_one(monkeypatch, caplo
 def test_an_unset_variable_is_the_default(monkeypatch):
     monkeypatch.delenv(env.STEP_TIME_EVERY, raising=False)
     assert env.env_int(env.STEP_TIME_EVERY, 1, minimum=1) == 1
+
+
+@pytest.mark.parametrize("raw, expected", [("0.5", 0.5), ("2", 2.0), ("nan", 1.0), ("-1", 1.0), ("soon", 1.0),
+                                           ("0.001", 1.0)])
+def test_publish_interval_takes_a_number_of_at_least_its_minimum(monkeypatch, caplog, raw, expected):
+    monkeypatch.setenv(env.PUBLISH_INTERVAL, raw)
+    with caplog.at_level("WARNING"):
+        assert env.env_float(env.PUBLISH_INTERVAL, env.DEFAULT_PUBLISH_INTERVAL, minimum=0.01) == expected
+    assert ("expected a number >= 0.01; using 1.0" in caplog.text) == (expected == 1.0)

@@ -5,21 +5,18 @@ with its reason, and the rest of the segment is read."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import channel_from_git
 
 from moe_monitor.channel import Ranks, SegmentWriter, Shape, read_segment
 from moe_monitor.channel.layout import EPLB_HEALTH, HEADER_OFFSETS, HEADER_SIZE, EplbHealth
 from moe_monitor.plugin.steps import StepStats
 
-ROOT = Path(__file__).resolve().parents[1]
 BEFORE_EXTENSIONS = "9bd1632"  # the last commit whose channel package had no extensions
 COUNTS = np.array([[40, 10, 6, 4], [8, 8, 8, 8]], dtype=np.int64)
 PLACEMENT = np.array([[0, 1, 0, 2, 3, 1], [0, 1, 2, 3, 3, 2]], dtype=np.int32)
@@ -45,21 +42,8 @@ def writer(directory, eplb_health: bool = True) -> SegmentWriter:
 @pytest.fixture(scope="module")
 def old_channel(tmp_path_factory):
     """The channel package as it was before the extension, importable as `old_channel`."""
-    pkg = tmp_path_factory.mktemp("old") / "old_channel"
-    pkg.mkdir()
-    for name in ("__init__", "layout", "reader", "writer"):
-        source = subprocess.run(["git", "show", f"{BEFORE_EXTENSIONS}:moe_monitor/channel/{name}.py"], cwd=ROOT,
-                                capture_output=True, text=True)
-        if source.returncode:
-            pytest.skip(f"git cannot show the old channel package: {source.stderr.strip()}")
-        (pkg / f"{name}.py").write_text(source.stdout)
-    sys.path.insert(0, str(pkg.parent))
-    try:
-        yield importlib.import_module("old_channel")
-    finally:
-        sys.path.remove(str(pkg.parent))
-        for mod in [m for m in sys.modules if m == "old_channel" or m.startswith("old_channel.")]:
-            del sys.modules[mod]
+    with channel_from_git(tmp_path_factory.mktemp("old"), BEFORE_EXTENSIONS, "old_channel") as channel:
+        yield channel
 
 
 def test_the_record_round_trips_through_the_real_writer(tmp_path):

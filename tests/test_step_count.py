@@ -8,15 +8,12 @@ cannot be right is refused alone. Then what a scrape, the detector, the flight r
 
 from __future__ import annotations
 
-import importlib
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import parse_exposition, samples
+from conftest import channel_from_git, parse_exposition, samples
 
 from moe_monitor.channel import Ranks, SegmentWriter, Shape, read_segment
 from moe_monitor.channel.layout import HEADER_OFFSETS, HEADER_SIZE, EplbHealth
@@ -27,7 +24,6 @@ from moe_monitor.sidecar.windows import Windower
 from moe_monitor.sidecar.wiring import build
 from moe_monitor.top import core
 
-ROOT = Path(__file__).resolve().parents[1]
 WITH_EPLB_HEALTH = "6768121"  # the last commit whose channel package had eplb_health and no step_count
 BEFORE_EXTENSIONS = "9bd1632"  # the last commit whose channel package had no extensions
 INT64_MAX = np.iinfo(np.int64).max
@@ -56,35 +52,16 @@ def writer(directory, eplb_health: bool = False, ranks: Ranks | None = None) -> 
     return SegmentWriter(str(directory), "tiny-moe", ranks or Ranks(), SHAPE, top_k=2, eplb_health=eplb_health)
 
 
-def channel_from_git(tmp_path_factory, commit: str, name: str):
-    """The channel package as committed at `commit`, importable as `name`."""
-    pkg = tmp_path_factory.mktemp(name) / name
-    pkg.mkdir()
-    for module in ("__init__", "layout", "reader", "writer"):
-        source = subprocess.run(["git", "show", f"{commit}:moe_monitor/channel/{module}.py"], cwd=ROOT,
-                                capture_output=True, text=True)
-        if source.returncode:
-            pytest.skip(f"git cannot show the old channel package: {source.stderr.strip()}")
-        (pkg / f"{module}.py").write_text(source.stdout)
-    sys.path.insert(0, str(pkg.parent))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(pkg.parent))
-
-
 @pytest.fixture(scope="module")
 def eplb_era(tmp_path_factory):
-    yield channel_from_git(tmp_path_factory, WITH_EPLB_HEALTH, "eplb_era_channel")
-    for mod in [m for m in sys.modules if m.split(".")[0] == "eplb_era_channel"]:
-        del sys.modules[mod]
+    with channel_from_git(tmp_path_factory.mktemp("eplb_era"), WITH_EPLB_HEALTH, "eplb_era_channel") as channel:
+        yield channel
 
 
 @pytest.fixture(scope="module")
 def pre_extensions(tmp_path_factory):
-    yield channel_from_git(tmp_path_factory, BEFORE_EXTENSIONS, "pre_extensions_channel")
-    for mod in [m for m in sys.modules if m.split(".")[0] == "pre_extensions_channel"]:
-        del sys.modules[mod]
+    with channel_from_git(tmp_path_factory.mktemp("pre"), BEFORE_EXTENSIONS, "pre_extensions_channel") as channel:
+        yield channel
 
 
 # -- the extension -----------------------------------------------------------------------------------------------
