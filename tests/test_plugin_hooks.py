@@ -211,13 +211,28 @@ def test_every_step_is_timed_at_one_in_one_and_chains_its_events():
     assert dev.created <= 4, "back-to-back timed steps take the previous end as their start"
 
 
-def test_a_step_without_tokens_cancels_the_timed_step_it_interrupts():
-    monitor, dev = sampled_monitor(every=1)
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_timed_step_that_never_ends_is_dropped_not_stretched_over_the_next(every):
+    """A step whose output never came (no step_end) must not end at a later step's end: the next step's begin
+    drops it, whether that step has tokens or not, timed or not."""
+    monitor, dev = sampled_monitor(every=every)
+    monitor._countdown = 1  # the next step is timed
     monitor.step_begin(step({}, {"a": (1, 5)}))
+    dev.run(0.001)
     monitor.step_begin(step({}, {}))  # no tokens: nothing ran; the open step is dropped, not kept open
     assert monitor.timer._open is None and not monitor._timing
     monitor.step_end()
-    assert int(monitor.steps.snapshot()["step_count"].sum()) == 1
+    monitor._countdown = 1
+    monitor.step_begin(step({}, {"a": (1, 5)}))  # timed, never ends
+    dev.run(0.002)
+    monitor._countdown = 2
+    monitor.step_begin(step({}, {"a": (1, 5)}))  # untimed: drops it
+    dev.run(0.003)
+    monitor.step_end()
+    dev.run(0.004)
+    monitor.timer.poll()
+    snap = monitor.steps.snapshot()
+    assert int(snap["step_count"].sum()) == 3 and int(snap["step_hist"].sum()) == 0, snap["step_hist"].sum()
 
 
 def test_the_sample_does_not_fall_into_step_with_a_periodic_workload():

@@ -65,10 +65,10 @@ class WorkerMonitor:
 
     def step_begin(self, scheduler_output) -> None:
         tokens = scheduler_output.total_num_scheduled_tokens
+        if self._timing:  # the timed step before this one never ended (no output): its time is dropped
+            self._timing = self._chained = False
+            self.timer.cancel()
         if tokens <= 0:
-            if self._timing:
-                self._timing = False
-                self.timer.cancel()
             return
         if self.vllm_tokens is None:
             self.recorder.set_valid_tokens(tokens)
