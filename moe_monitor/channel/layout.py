@@ -251,8 +251,14 @@ class Shape:
 
     @property
     def payload_size(self) -> int:
-        # Python ints: a crafted header must not wrap around (numpy products overflow silently).
-        return sum(dt.itemsize * math.prod(shape) for _, dt, shape in self.sections())
+        return sum(section_bytes(section) for section in self.sections())
+
+
+def section_bytes(section: tuple[str, np.dtype, tuple[int, ...]]) -> int:
+    """Bytes of a section (name, dtype, shape). Python ints: a crafted header must not wrap around (numpy products
+    overflow silently)."""
+    _, dt, shape = section
+    return dt.itemsize * math.prod(shape)
 
 
 def _pad8(n: int) -> int:
@@ -378,7 +384,7 @@ def decode_from(head: bytes, read, size: int, max_payload: int) -> Snapshot:
     refused = {r.section: r for r in header_refusals(h)}
     arrays, crc = {}, 0
     for kept, group in itertools.groupby(h.shape.sections(), key=lambda section: section[0] not in refused):
-        run = [(name, dt, shape, dt.itemsize * math.prod(shape)) for name, dt, shape in group]
+        run = [(name, dt, shape, section_bytes((name, dt, shape))) for name, dt, shape in group]
         n = sum(nbytes for *_, nbytes in run)
         if not kept:  # only checksummed, a piece at a time
             while n:
@@ -464,8 +470,9 @@ class _Extensions:
         n = h.step_count_size
         if not n:
             return None
-        _, dt, shape = step_count_section(h.shape)
-        want = dt.itemsize * math.prod(shape)
+        section = step_count_section(h.shape)
+        _, dt, shape = section
+        want = section_bytes(section)
         if n != want:
             raise _Refused("shape", f"a step_count of {n} bytes: {want} expected ({shape[0]} phases x {shape[1]} "
                            "token buckets x 8)")

@@ -28,6 +28,7 @@ from .layout import (
     Shape,
     pack_header,
     payload_parts,
+    section_bytes,
     step_count_section,
 )
 
@@ -54,7 +55,7 @@ class SegmentWriter:
         self._sections = shape.sections()
         self._eplb_size = EPLB_HEALTH.size if eplb_health else 0
         self._count_section = [step_count_section(shape)]
-        count_size = 8 * shape.num_phases * shape.num_token_buckets
+        count_size = section_bytes(self._count_section[0])
         self._size = HEADER_SIZE + shape.payload_size + self._eplb_size + count_size
         now = time.time_ns()
         self._header = Header(
