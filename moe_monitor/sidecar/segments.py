@@ -21,6 +21,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -144,12 +145,10 @@ class SegmentSource:
         load, generation = snap.ep_rank_load, snap.header.generation
         if load is None:
             return snap
-        last = self._loads.get(path)
-        if last is not None and last[0] == generation and last[1].shape == load.shape and (load < last[1]).any():
-            rank = int(np.argwhere(load < last[1])[0][1])
-            return replace(snap, ep_rank_load=None, refused=snap.refused + (Refusal(
-                "ep_rank_load", "decreased", f"the published EP-rank load of EP rank {rank} decreased without a "
-                "restart of the writer (below the last accepted reading)"),))
+        before = _same_process(self._loads, path, generation, load.shape)
+        if before is not None and (load < before).any():
+            rank = int(np.argwhere(load < before)[0][1])
+            return _decreased(snap, "ep_rank_load", f"EP-rank load of EP rank {rank}")
         self._loads[path] = (generation, load.copy())
         return snap
 
@@ -159,14 +158,10 @@ class SegmentSource:
         counts the higher of that and its timed steps; a writer that never published one (an older plugin) counts
         its timed steps (aggregate.totals_of)."""
         count, generation, timed = snap.step_count, snap.header.generation, snap.step_hist.sum(axis=2)
-        last = self._step_counts.get(path)
-        before = last[1] if last is not None and last[0] == generation and last[1].shape == timed.shape else None
+        before = _same_process(self._step_counts, path, generation, timed.shape)
         if count is not None and before is not None and (count < before).any():
             p, t = (int(i) for i in np.argwhere(count < before)[0])
-            snap = replace(snap, step_count=None, refused=snap.refused + (Refusal(
-                "step_count", "decreased", f"the published step count of phase {p}, token bucket {t} decreased "
-                "without a restart of the writer (below the last accepted reading)"),))
-            count = None
+            snap, count = _decreased(snap, "step_count", f"step count of phase {p}, token bucket {t}"), None
         if count is None and before is not None:
             count = np.maximum(before, timed)
             snap = replace(snap, step_count=count)
@@ -182,3 +177,18 @@ class SegmentSource:
                 if self._refusals.first(s.name, f"{r.section}/{r.reason}"):
                     log.warning("segment %s: section %s refused (%s): %s; the rest of the segment is used (logged "
                                 "once; moe_monitor_segment_sections_refused)", s.name, r.section, r.reason, r.message)
+
+
+def _same_process(last: dict[str, tuple[int, np.ndarray]], path: str, generation: int,
+                  shape: tuple[int, ...]) -> np.ndarray | None:
+    """The reading kept for `path` when the same writer process (generation) published it in this shape, else None."""
+    kept = last.get(path)
+    return kept[1] if kept is not None and kept[0] == generation and kept[1].shape == shape else None
+
+
+def _decreased(snap: Snapshot, section: str, what: str) -> Snapshot:
+    """`snap` without its cumulative `section`, refused because `what` went down."""
+    left_out: dict[str, Any] = {section: None}
+    return replace(snap, **left_out, refused=snap.refused + (Refusal(
+        section, "decreased", f"the published {what} decreased without a restart of the writer (below the last "
+        "accepted reading)"),))
