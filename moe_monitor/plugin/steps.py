@@ -2,7 +2,7 @@
 histogram of the duration of the steps the timer measured (every step on CPU, a pseudo-random sample on CUDA:
 worker.py, `MOE_MONITOR_STEP_TIME_EVERY`).
 
-`count()` (every step) and `record()` (every timed step) run on vLLM's worker thread, so each only appends a tuple
+`step()` (every step) and `record()` (every timed step) run on vLLM's worker thread, so each only appends a tuple
 to a deque (~40 ns; deque appends and pops are thread-safe). The publisher's `snapshot()` drains both once an
 interval and bins them with numpy (searchsorted + bincount: ~50 us for 400 steps on the 2-core development VM).
 Binning each step on the worker thread with numpy scalar indexing would cost ~1 us a step
