@@ -269,8 +269,9 @@ def _log_steps(worker, stride: int):
     return len(STEP_LOG)
 
 
-def align(mine: list[tuple[str, int, float]], trace: list[dict]) -> list[tuple[dict, tuple]]:
-    """Pairs (trace step, plugin step) at the offset where the most token counts agree."""
+def align(mine: list[list], trace: list[dict]) -> list[tuple[dict, list]]:
+    """Pairs (trace step, plugin step: [phase, tokens, seconds or None]) at the offset where the most token counts
+    agree."""
     best, best_offset = -1, 0
     for offset in range(-len(trace) + 1, len(mine)):
         agree = sum(1 for i, s in enumerate(trace)
