@@ -26,16 +26,46 @@ def step(new: dict[str, int], cached: dict[str, tuple[int, int]], resumed=()):
                                               resumed_req_ids=set(resumed)))
 
 
-@pytest.mark.parametrize("new, cached, resumed, prefill", [
+PHASE_CASES = [
     ({}, {f"r{i}": (1, 5) for i in range(128)}, (), 0),  # pure decode: the fast path
     ({"a": 300}, {"b": (1, 3), "c": (1, 9)}, (), 300),  # a new prompt beside two decodes
+    ({"a": 300}, {}, (), 300),  # a new prompt alone
     ({}, {"b": (1, 3), "c": (200, 0)}, (), 200),  # a prompt still being chunked (no output yet)
     ({}, {"b": (1, 3), "c": (1, 0)}, (), 1),  # its last chunk is one token: still prompt
     ({}, {"b": (1, 3), "c": (40, 7)}, {"c"}, 40),  # resumed after preemption: recomputes its tokens
     ({}, {"b": (4, 3)}, (), 0),  # speculative decoding: four tokens of one decoding request
-])
+]
+
+
+@pytest.mark.parametrize("new, cached, resumed, prefill", PHASE_CASES)
 def test_prefill_tokens_of_a_step(new, cached, resumed, prefill):
     assert prefill_tokens(step(new, cached, resumed)) == prefill
+
+
+@pytest.mark.parametrize("without_resumed", [False, True], ids=["vllm", "no resumed_req_ids"])
+@pytest.mark.parametrize("new, cached, resumed, prefill", PHASE_CASES)
+def test_the_step_hook_counts_each_step_in_its_phase(new, cached, resumed, prefill, without_resumed):
+    """The hook classifies a step inline (a pure decode step without any call): the same phase and tokens as
+    prefill_tokens + phase_of, also for a scheduler output without resumed_req_ids."""
+    from moe_monitor.plugin.recorder import Recorder
+    from moe_monitor.plugin.step_timer import HostTimer
+    from moe_monitor.plugin.steps import PHASE_INDEX, StepStats, phase_of
+    from moe_monitor.plugin.worker import WorkerMonitor
+
+    stats = StepStats()
+    monitor = WorkerMonitor(Recorder(1, 4, 2, "cpu"), publisher=None, timer=HostTimer(stats))
+    output = step(new, cached, resumed)
+    if without_resumed:
+        if resumed:
+            pytest.skip("a resumed request needs resumed_req_ids")
+        del output.scheduled_cached_reqs.resumed_req_ids
+    monitor.step_begin(output)
+    monitor.step_end()
+    tokens = output.total_num_scheduled_tokens
+    phase = PHASE_INDEX[phase_of(prefill, tokens - prefill)]
+    snap = stats.snapshot()
+    assert snap["step_count"].sum() == 1 and snap["step_count"][phase].sum() == 1
+    assert snap["step_tokens"][phase].sum() == tokens and snap["step_hist"][phase].sum() == 1
 
 
 PROBE = textwrap.dedent("""

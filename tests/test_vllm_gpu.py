@@ -42,6 +42,12 @@ SCENARIOS = {
     "eager": ["--enforce-eager"],
     "float32": ["--dtype", "float32"],
 }
+# The scenarios whose plugin step time is compared with the profiler's (test_capture_path_...): their servers time
+# every step, since a mean over a 1-in-16 sample of ~60 steps is a handful of steps, too few to hold to 3 % of the
+# trace's mean (an eager decode step ranged 7.9-18 ms: one sampled step read 8 % under the mean, 2026-12-07). The
+# sampled steps' own accuracy is checked per step by benchmarks/plugin_host_cost.py --trace 2; the other scenarios
+# and the start-up stress run the default sample.
+TRACED = ("full_and_piecewise", "eager")
 COMMON = ["--attention-backend", "TRITON_ATTN", "--enable-prefix-caching", "--enable-prompt-tokens-details",
           "--enable-chunked-prefill", "--max-num-batched-tokens", str(MAX_BATCHED), "--max-num-seqs", "64"]
 
@@ -109,6 +115,8 @@ def stack(request, gpu_model, tmp_path_factory):
     work = tmp_path_factory.mktemp(request.param)
     segments, profiles = str(work / "segments"), str(work / "profiles")
     env = launch.vllm_env(segments, publish_interval=0.05)
+    if request.param in TRACED:
+        env["MOE_MONITOR_STEP_TIME_EVERY"] = "1"
     # max_iterations here too: vLLM before 0.32 ignores the one in /start_profile's body (docs/captures.md)
     profiler = {"profiler": "torch", "torch_profiler_dir": profiles, "torch_profiler_with_stack": False,
                 "torch_profiler_use_gzip": True, "max_iterations": 400}
@@ -184,9 +192,14 @@ def test_exact_counts_under_concurrency_prefix_caching_and_chunked_prefill(stack
     assert source and all(s.startswith("read from vLLM's own buffer") for s in source), source
     assert "per-step token buffer held" not in log, "the first steps' check found vLLM's buffer wrong"
     assert (totals == computed * k).all(), (totals, computed * k)
-    # every step is counted (its tokens exact), a pseudo-random 1 in 16 of them timed (MOE_MONITOR_STEP_TIME_EVERY)
+    # every step is counted (its tokens exact); a pseudo-random 1 in 16 of them timed (MOE_MONITOR_STEP_TIME_EVERY),
+    # every one on the traced servers
     assert step_tokens == computed, (step_tokens, computed)
-    assert 0 < steps and timed <= steps, (timed, steps)  # few steps here: none timed is possible
+    if stack.name in TRACED:
+        # the last timed steps are resolved at a later step (their end event is read then), so up to a few trail
+        assert steps - 4 <= timed <= steps, (timed, steps)
+    else:
+        assert 0 < steps and timed <= steps, (timed, steps)  # few steps here: none timed is possible
     # float32 is not bit-exact on a GPU: vLLM's Triton attention and fused-MoE kernels compute float32 dots in
     # TF32, so near-tie routing can differ from a float32 CPU replay (measured 99.97 % on an H200)
     assert agree >= (0.999 if stack.name == "float32" else 0.995), agree
@@ -224,7 +237,7 @@ def cli(*args: str) -> str:
 def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
     """The sidecar triggers /start_profile on the real server, stores and analyses the trace; traces list/pull
     and analyze work on it. The plugin's step time per phase is compared with the trace's step ranges."""
-    if stack.name not in ("full_and_piecewise", "eager"):
+    if stack.name not in TRACED:
         pytest.skip("the capture path runs once per graph mode family")
 
     url = stack.sidecar.url
@@ -279,7 +292,7 @@ def test_capture_path_and_step_time_against_the_profiler(stack, tmp_path):
     # plus the device's idle time before the step's first work (the host still preparing it); 3 % for the events'
     # resolution and the steps at the profile's edges.
     for p in phases:
-        if counts[p] >= 3 and p in ours:
+        if counts[p] >= 3 and plugin_counts.get(p, 0) >= 3:
             assert 0.97 * theirs[p] <= ours[p] <= 1.03 * (theirs[p] + idle[p]), (p, ours[p], theirs[p], idle[p])
 
 
