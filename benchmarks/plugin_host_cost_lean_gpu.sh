@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (about 6 minutes) after plugin_host_cost_gpu.sh (issue #27): the inlined step_begin against the
+# One device call (about 5 minutes) after plugin_host_cost_gpu.sh (issue #27): the inlined step_begin against the
 # one before it in one engine (24 layers, CUDA graphs, 1 in 16 timed; before/lean/before/lean, so each version has an
 # A/A of its own), the eager server's step time against the profiler (every step timed) with exact counts, and
 # the hooks' host time in an eager engine (taps and the counting kernel's launch every step). From the checkout's
@@ -14,6 +14,6 @@ timeout 200 python3 benchmarks/plugin_host_cost.py --layers 24 --hooks 1,8,32 --
 grep -E "^lean|WorkerMonitor|Error|error" "$OUT/lean.txt" | tail -80; echo "t=$SECONDS"
 timeout 170 python3 -m pytest -q -m gpu tests/test_vllm_gpu.py -k "eager and not startup" -p no:cacheprovider \
     2>&1 | grep -E "passed|failed|Error|assert" | tail -15; echo "t=$SECONDS"
-timeout $((520 - SECONDS)) python3 benchmarks/plugin_host_cost.py --eager --layers 24 --hooks 1,8,32 --every 16 \
+timeout $((400 - SECONDS)) python3 benchmarks/plugin_host_cost.py --eager --layers 24 --hooks 1,8,32 --every 16 \
     --label eager --out "$OUT/eager.jsonl" > "$OUT/eager.txt" 2>&1
 grep -E "^eager|WorkerMonitor|Tap|Recorder|Error|error" "$OUT/eager.txt" | tail -40; echo "t=$SECONDS"
