@@ -192,48 +192,6 @@ def hooks_floor(batches: list[int], everies: list[int], steps: int = 200_000) ->
     return rows
 
 
-PHASE_INDEX: dict = {}  # step_begin_before_inline's names, bound by use_variant
-phase_of = prefill_tokens = None
-
-
-def step_begin_before_inline(self, scheduler_output) -> None:
-    """WorkerMonitor.step_begin as it was before the phase and the step count were inlined (4c3dfa1), for
-    `--variants`: the two side by side in one engine. Its module-level names are bound by use_variant (no import
-    in the call)."""
-    tokens = scheduler_output.total_num_scheduled_tokens
-    if self._timing:
-        self._timing = self._chained = False
-        self.timer.cancel()
-    if tokens <= 0:
-        return
-    if self.vllm_tokens is None:
-        self.recorder.set_valid_tokens(tokens)
-    self._tokens = tokens
-    prefill = prefill_tokens(scheduler_output)
-    phase = phase_of(prefill, tokens - prefill)
-    self.steps.step(PHASE_INDEX[phase], tokens)
-    self._countdown -= 1
-    if self._countdown:
-        self._chained = False
-        return
-    self._countdown = self.sampler.gap()
-    self.timer.begin(phase, tokens, self._chained)
-    self._timing = True
-
-
-def use_variant(name: str, fine: bool) -> None:
-    """Put a version of WorkerMonitor.step_begin in place (and the timing wrappers back around it)."""
-    from moe_monitor.plugin import steps, worker
-
-    globals().update(PHASE_INDEX=steps.PHASE_INDEX, phase_of=steps.phase_of, prefill_tokens=worker.prefill_tokens)
-    instrument(False, fine)
-    if not hasattr(worker.WorkerMonitor, "_step_begin_lean"):
-        worker.WorkerMonitor._step_begin_lean = worker.WorkerMonitor.step_begin
-    worker.WorkerMonitor.step_begin = {"lean": worker.WorkerMonitor._step_begin_lean,
-                                       "before": step_begin_before_inline}[name]
-    instrument(True, fine)
-
-
 # ------------------------------------------------------------------------------------------ the engine's worker
 
 def _detach(worker, on: bool):
@@ -340,8 +298,6 @@ def main() -> None:
     ap.add_argument("--every", default="", help="time one step in N, for each N of this list in turn in the hooks "
                     "pass, the first in the on/off pass (e.g. 16,1; default: the plugin's own, "
                     "MOE_MONITOR_STEP_TIME_EVERY)")
-    ap.add_argument("--variants", default="", help="in the hooks pass, each batch once per step_begin version of this "
-                    "list in turn (lean: the plugin's; before: before the inline), e.g. before,lean,before,lean")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=128)
     ap.add_argument("--label", default="", help="a name for this run in the output (e.g. the plugin's version)")
@@ -400,11 +356,7 @@ def main() -> None:
         overhead_ns = wrapper_cost()
         instrument(True, args.fine)
         probe(args.probe)
-        variants = [v for v in args.variants.split(",") if v] or [""]
-        for every, batch, variant in ((e, int(b), v) for e in everies for b in args.hooks.split(",")
-                                      for v in variants):
-            if variant:
-                use_variant(variant, args.fine)
+        for every, batch in ((e, int(b)) for e in everies for b in args.hooks.split(",")):
             if every:
                 llm.collective_rpc(_set_every, args=(every,))
             SAMPLES.clear()
@@ -415,12 +367,11 @@ def main() -> None:
                             "p90_us": sorted(v)[int(0.9 * len(v))] / 1e3, "p99_us": sorted(v)[int(0.99 * len(v))] / 1e3,
                             "max_us": max(v) / 1e3} for name, v in sorted(SAMPLES.items())}
             per_step = sum(sum(SAMPLES.get(h, [])) for h in PER_STEP) / 1e3 / steps
-            row = {"kind": "hooks", "batch": batch, "every": every or None, "variant": variant or None, "steps": steps,
+            row = {"kind": "hooks", "batch": batch, "every": every or None, "steps": steps,
                    "step_wall_ms": 1e3 * wall / steps, "hooks_us_per_step": per_step,
                    "wrapper_ns_per_call": overhead_ns, "hooks": hooks}
             emit(row)
-            print(f"{args.label} hooks {variant} every {every or '-'} batch {batch:3d}: {1e3 * wall / steps:.3f} ms a "
-                  f"step, "
+            print(f"{args.label} hooks every {every or '-'} batch {batch:3d}: {1e3 * wall / steps:.3f} ms a step, "
                   f"plugin hooks {per_step:.2f} us a step ({per_step / 10 / (1e3 * wall / steps):.3f} %)", flush=True)
             for name, h in hooks.items():
                 print(f"    {name:32s} {h['calls']:6d} calls  mean {h['mean_us']:8.2f} us  median "

@@ -74,11 +74,6 @@ class StepStats:
         self._lock = threading.Lock()  # between snapshot() callers (the publisher thread and its stop())
 
     @property
-    def counted_queue(self) -> _Queue:
-        """The queue step() appends to, for a caller that inlines step() (the worker's step hook)."""
-        return self._counted
-
-    @property
     def recorded(self) -> int:
         """Engine steps counted so far (every step with tokens, timed or not)."""
         return self._counted.appended

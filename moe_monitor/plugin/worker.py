@@ -22,12 +22,11 @@ from .placement import read_live_placement
 from .publisher import Publisher
 from .recorder import MODES, Recorder
 from .step_timer import CudaEventTimer, DriverEvents, HostTimer, TorchEvents
-from .steps import PHASE_INDEX, PHASES, StepStats, phase_of
+from .steps import PHASE_INDEX, StepStats, phase_of
 
 log = logging.getLogger(__name__)
 
 
-DECODE = PHASE_INDEX["decode"]
 CHECKED_STEPS = 64  # real steps whose token count read from vLLM's buffer is checked against the scheduler's
 
 
@@ -42,7 +41,6 @@ class WorkerMonitor:
                  time_every: int = 1, seed: int | None = None):
         self.recorder, self.publisher, self.timer = recorder, publisher, timer
         self.steps = timer.steps
-        self._counted = self.steps.counted_queue  # step_begin appends to it directly (StepStats.step, inlined)
         # Forwards that are not steps (vLLM's dummy runs: DP idle ranks, warm-up) must count nothing. Until
         # wrap_dummy_run zeroes the count before each of them (build_monitor), it is zeroed after every step's
         # forward, which costs a second write a step.
@@ -75,25 +73,15 @@ class WorkerMonitor:
         if self.vllm_tokens is None:
             self.recorder.set_valid_tokens(tokens)
         self._tokens = tokens
-        # The phase, inlined with StepStats.step(): inside vLLM's step every Python call of ours costs ~1 us
-        # (benchmarks/results/plugin_host_cost_sampled.md). A step with no new, resumed or still-prefilling
-        # request is a pure decode step: one C-level scan of the output counts, no call.
-        cached = scheduler_output.scheduled_cached_reqs
-        if scheduler_output.scheduled_new_reqs or getattr(cached, "resumed_req_ids", None) \
-                or 0 in cached.num_output_tokens:
-            prefill = prefill_tokens(scheduler_output)
-            phase = PHASE_INDEX[phase_of(prefill, tokens - prefill)]
-        else:
-            phase = DECODE
-        counted = self._counted
-        counted.items.append((phase, tokens))
-        counted.appended += 1
+        prefill = prefill_tokens(scheduler_output)
+        phase = phase_of(prefill, tokens - prefill)
+        self.steps.step(PHASE_INDEX[phase], tokens)
         self._countdown -= 1
         if self._countdown:
             self._chained = False
             return
         self._countdown = self.sampler.gap()
-        self.timer.begin(PHASES[phase], tokens, self._chained)
+        self.timer.begin(phase, tokens, self._chained)
         self._timing = True
 
     def forward_done(self) -> None:
