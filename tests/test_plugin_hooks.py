@@ -45,8 +45,8 @@ def test_prefill_tokens_of_a_step(new, cached, resumed, prefill):
 @pytest.mark.parametrize("without_resumed", [False, True], ids=["vllm", "no resumed_req_ids"])
 @pytest.mark.parametrize("new, cached, resumed, prefill", PHASE_CASES)
 def test_the_step_hook_counts_each_step_in_its_phase(new, cached, resumed, prefill, without_resumed):
-    """The hook classifies a step inline (a pure decode step without any call): the same phase and tokens as
-    prefill_tokens + phase_of, also for a scheduler output without resumed_req_ids."""
+    """What the step hook counts for a step: the phase and tokens that prefill_tokens + phase_of give, also for a
+    scheduler output without resumed_req_ids (a hook that classifies inline must agree with them)."""
     from moe_monitor.plugin.recorder import Recorder
     from moe_monitor.plugin.step_timer import HostTimer
     from moe_monitor.plugin.steps import PHASE_INDEX, StepStats, phase_of
