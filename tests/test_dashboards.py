@@ -35,14 +35,15 @@ RECORDING_RULES = {
 PROMETHEUS_BUILTINS = {"up", "ALERTS"}
 # Values that survive substitution unchanged, so the scoping check can find them in the parsed matchers.
 SAMPLE = {"job": ["moejob"], "instance": ["sidecar-a:9464", "sidecar-b:9464"], "model": ["tiny"],
-          "layer": ["1", "3"], "datasource": "prom", "deployment": "inference/dsv3-0"}
+          "layer": ["1", "3"], "datasource": "prom", "deployment": "inference/dsv3-0", "namespace": "inference"}
 SINGLE = {"job": "moejob", "instance": "sidecar-a:9464", "model": "tiny", "layer": "5", "datasource": "prom",
-          "deployment": "inference/dsv3-0"}
+          "deployment": "inference/dsv3-0", "namespace": "inference"}
 DEPLOYMENT = "moe-deployment"  # uid of the one dashboard scoped by job and deployment instead of job and instance
 # Template variables of each dashboard, in order, and the ones each variable's query uses.
 VARIABLES = {"per instance": {"job": set(), "model": {"job"}, "instance": {"job", "model"},
                               "layer": {"job", "instance"}},
-             DEPLOYMENT: {"job": set(), "deployment": {"job"}, "layer": {"job", "deployment"}}}
+             DEPLOYMENT: {"job": set(), "namespace": {"job"}, "deployment": {"job", "namespace"},
+                          "layer": {"job", "namespace", "deployment"}}}
 
 BUILT = dashboards.build()
 
@@ -133,7 +134,7 @@ def test_template_variables_are_chained():
             assert used == needs[v["name"]], v["name"]
             assert used <= defined, f"{v['name']} refers to a variable defined after it"
             assert v["datasource"] == DATASOURCE and v["refresh"] == 2
-            if v["name"] == "deployment":  # one deployment at a time: its panels sum over its sidecars
+            if v["name"] in ("namespace", "deployment"):  # one deployment at a time: its panels sum its sidecars
                 assert not v["multi"] and not v["includeAll"]
             else:
                 assert v["multi"] and v["includeAll"] and "allValue" not in v
@@ -339,9 +340,21 @@ def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label
     cfg = MixinConfig(deployment_label="lws_group", ep_rank_imbalance_ratio=1.7)
     other = dashboards.build(cfg)["moe-deployment.json"]
     variable = next(v for v in other["templating"]["list"] if v["name"] == "deployment")
-    assert variable["query"] == 'label_values(moe_monitor_build_info{job=~"$job", lws_group!=""}, lws_group)'
+    assert variable["query"] == \
+        'label_values(moe_monitor_build_info{job=~"$job", namespace=~"$namespace", lws_group!=""}, lws_group)'
     for q in panel_queries(other, [PANEL, ANNOTATION]):
         assert 'lws_group=~"$deployment"' in q.expr and not re.search(r"\bdeployment(=~|!=|=)", q.expr), q
+    # every selector of a query is scoped by the deployment scope labels (namespace): two namespaces may each
+    # have a deployment of the same name (the deployment rules keep them apart, so must the dashboard)
+    for q in panel_queries(d, [PANEL, ANNOTATION]):
+        selectors = re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*\{[^}]*\}", q.expr)
+        assert selectors and all('namespace=~"$namespace"' in sel for sel in selectors), q
+    scoped = dashboards.build(MixinConfig(deployment_scope_labels=("cluster", "namespace")))["moe-deployment.json"]
+    assert [v["name"] for v in scoped["templating"]["list"]] == \
+        ["datasource", "job", "cluster", "namespace", "deployment", "layer"]
+    unscoped = dashboards.build(MixinConfig(deployment_scope_labels=()))["moe-deployment.json"]
+    assert [v["name"] for v in unscoped["templating"]["list"]] == ["datasource", "job", "deployment", "layer"]
+    assert not any("$namespace" in q.expr for q in panel_queries(unscoped))
     panels = {p["title"]: p for p in content_panels(other)}
     imbalance = panels["EP-rank imbalance by layer (deployment)"]["fieldConfig"]["defaults"]
     assert imbalance["thresholds"]["steps"][-1]["value"] == 1.7

@@ -696,7 +696,8 @@ def test_amtool_accepts_the_alertmanager_config():
 def test_alertmanager_config_shape():
     am = load(ALERTMANAGER_YML)
     route = am["route"]
-    assert route["receiver"] == "moe-oncall" and route["group_by"] == ["alertname", "job", "instance", "deployment"]
+    assert route["receiver"] == "moe-oncall"
+    assert route["group_by"] == ["alertname", "job", "namespace", "instance", "deployment"]
     assert {r["name"] for r in am["receivers"]} == {"moe-oncall", "moe-pager", "moe-sidecar"}
     for receiver in am["receivers"]:
         if receiver["name"] != "moe-sidecar":
@@ -787,6 +788,25 @@ def alertmanager(tmp_path):
     finally:
         sink.close()
         stop(am.popen, Path(am.log_path))
+
+
+@pytest.mark.slow
+def test_deployments_of_one_name_in_two_namespaces_are_two_notifications(alertmanager):
+    """The deployment-wide alert carries namespace (MixinConfig.deployment_scope_labels): two namespaces that each
+    run a deployment named dsv3 are two deployments, so two notifications, not one listing both."""
+    base, sink = alertmanager
+    labels = [{"alertname": "MoeDeploymentEPRankImbalance", "severity": "warning", "job": "moe-monitor",
+               "namespace": namespace, "deployment": "dsv3"} for namespace in ("team-a", "team-b")]
+    status, body = call("POST", base + "/api/v2/alerts", [{"labels": lbl} for lbl in labels])
+    assert status == 200, body
+    deadline = time.monotonic() + 30
+    while True:
+        groups = sorted((n["groupLabels"].get("namespace"), len(n["alerts"])) for n in sink.notifications
+                        if n["receiver"] == "moe-oncall")
+        if len(groups) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert groups == [("team-a", 1), ("team-b", 1)], sink.notifications
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ from moe_monitor.mixin import dashboards
 from moe_monitor.mixin.build import to_yaml
 from moe_monitor.mixin.config import config_from_dict
 from moe_monitor.mixin.dashboards.overview import NEEDS_EP
-from moe_monitor.mixin.queries import iter_panels
+from moe_monitor.mixin.queries import iter_panels, panel_queries
 from moe_monitor.mixin.rules import (
     DEPLOYMENT_EP_EXPERT_TIME_LOST,
     DEPLOYMENT_EP_RANK_ROUTED_RATE,
@@ -359,12 +359,23 @@ def test_every_deployment_dashboard_query_returns_data(stack, steady):
     assert layers == ["0", "1", "2"]
     deployments = prom_api(prom, "label/deployment/values", **{"match[]": 'up{job="moe-monitor"}'})
     assert deployments == [DSV3, SINGLE]
-    variables = {"datasource": "prometheus", "job": ["moe-monitor"], "deployment": DSV3, "layer": layers}
+    # no namespace on these targets: the variable is empty, as Grafana leaves a query variable without values
+    variables = {"datasource": "prometheus", "job": ["moe-monitor"], "namespace": "", "deployment": DSV3,
+                 "layer": layers}
     dash = dashboards.build(stack["cfg"])["moe-deployment.json"]
-    checked, empty = queries_without_data(prom, dash, variables, started, time.time(), 1, rate_interval="4s",
+    end = time.time()
+    checked, empty = queries_without_data(prom, dash, variables, started, end, 1, rate_interval="4s",
                                           range_="60s", interval="1s")
     print(f"\n{checked} deployment dashboard queries checked, {len(empty)} without data")
     assert checked >= 15 and not empty, "queries without data:\n" + "\n".join(empty)
+    # Another namespace's deployment of the same name is another deployment: every query is scoped by namespace,
+    # so with a namespace these sidecars do not have, no query finds anything of theirs (but the variables that
+    # list the jobs and the namespaces to choose from).
+    _, empty = queries_without_data(prom, dash, variables | {"namespace": "elsewhere"}, started, end, 1,
+                                    rate_interval="4s", range_="60s", interval="1s")
+    found = [(q.kind, q.panel) for q in panel_queries(dash)
+             if f"{q.panel} [{q.kind} {q.ref_id}]: {q.expr}" not in empty]
+    assert found == [("variable", "job"), ("variable", "namespace")], found
 
 
 def test_the_overview_panels_of_what_ep_rank_imbalance_costs_return_data(stack, steady):

@@ -243,6 +243,9 @@ def _deployment_ep_rank_imbalance(cfg: MixinConfig) -> dict:
     window = f"{DEPLOYMENT_LAYER_EP_RANK_IMBALANCE}\nand on ({by}, layer)\n{loaded}"
     down = f"min by ({by}) ({sel(cfg, 'up', labelled(cfg))}) == 0"
     name = f"{{{{ $labels.{d} }}}}"
+    # the query in the description names the deployment as the alert does: with its scope (namespace="" matches
+    # the series of a setup without namespaces)
+    scope = "".join(f'{n}="{{{{ $labels.{n} }}}}", ' for n in cfg.deployment_scope_labels)
     return _alert(
         cfg, "MoeDeploymentEPRankImbalance", "warning", cfg.ep_rank_imbalance_for,
         f"max without (layer) (\n  min_over_time((\n{_indent(window, '    ')}\n  )[{w}:])\n) > "
@@ -252,7 +255,7 @@ def _deployment_ep_rank_imbalance(cfg: MixinConfig) -> dict:
         f"deployment {name} served more than {_num(cfg.ep_rank_imbalance_ratio)}x the mean rank load over the "
         f"last {w}, all its sidecars' ranks summed (worst layer now at least {VALUE}x): every step of the "
         f"deployment waits for that rank. Per layer: "
-        f"{DEPLOYMENT_LAYER_EP_RANK_IMBALANCE}{{{d}=\"{name}\"}}.")
+        f"{DEPLOYMENT_LAYER_EP_RANK_IMBALANCE}{{{scope}{d}=\"{name}\"}}.")
 
 
 def _step_time(cfg: MixinConfig) -> dict:

@@ -2,7 +2,10 @@
 
 Each sidecar sees only its node's ranks, so the deployment's EP-rank and expert load is the sum over the sidecars
 that share the deployment label (`deployment_label` of the mixin config; docs/ep.md, "Deployments larger than one
-node"). Every query is scoped by `job=~"$job", <deployment label>=~"$deployment"` (not by instance).
+node"). Every query is scoped by `job=~"$job"`, each of `deployment_scope_labels` (`namespace=~"$namespace"`: two
+namespaces may serve deployments of the same name, which the deployment rules keep apart) and
+`<deployment label>=~"$deployment"` (not by instance). A setup whose targets have no namespace label gets an empty
+`$namespace`, and `namespace=~""` matches the series without it.
 """
 
 from __future__ import annotations
@@ -45,12 +48,23 @@ def label(cfg) -> str:
     return str(opt(cfg, "deployment_label"))
 
 
+def scope(cfg) -> list[str]:
+    """The deployment scope labels (namespace), each one a dashboard variable of the same name."""
+    return list(opt(cfg, "deployment_scope_labels"))
+
+
+def scoped(cfg) -> str:
+    """`job=~"$job", namespace=~"$namespace"`: the matchers every query of this dashboard starts with."""
+    return ", ".join(['job=~"$job"', *(f'{n}=~"${n}"' for n in scope(cfg))])
+
+
 def dsel(cfg, metric: str, *matchers: str) -> str:
-    """`metric{job=~"$job", <deployment label>=~"$deployment", <deployment label>!="", <matchers>}`. The `!=""`
-    keeps sidecars outside any deployment out when the variable is empty (no deployment in this Prometheus):
-    `=~""` alone would match every unlabelled sidecar (`moe-monitor demo`'s would show as "Sidecars up 1")."""
+    """`metric{job=~"$job", namespace=~"$namespace", <deployment label>=~"$deployment", <deployment label>!="",
+    <matchers>}`. The `!=""` keeps sidecars outside any deployment out when the variable is empty (no deployment in
+    this Prometheus): `=~""` alone would match every unlabelled sidecar (`moe-monitor demo`'s would show as
+    "Sidecars up 1")."""
     d = label(cfg)
-    return f'{metric}{{job=~"$job", {d}=~"$deployment", {d}!=""{"".join(", " + m for m in matchers)}}}'
+    return f'{metric}{{{scoped(cfg)}, {d}=~"$deployment", {d}!=""{"".join(", " + m for m in matchers)}}}'
 
 
 def template(cfg) -> list:
@@ -60,17 +74,22 @@ def template(cfg) -> list:
         datasource_variable(),
         query_variable("job", "Job", f"label_values(moe_monitor_build_info{{{selector}}}, job)",
                        f"Prometheus jobs scraping moe-monitor sidecars (the mixin's selector {{{selector}}})"),
-        query_variable("deployment", "Deployment", f'label_values(moe_monitor_build_info{{job=~"$job", {d}!=""}}, {d})',
+        *(query_variable(n, n.capitalize(), f'label_values(moe_monitor_build_info{{job=~"$job", {d}!=""}}, {n})',
+                         f"The deployment's `{n}` (the mixin's deployment_scope_labels): deployments of the same "
+                         f"name in two of them are two deployments. Empty where the sidecars carry no `{n}`.",
+                         multi=False, include_all=False) for n in scope(cfg)),
+        query_variable("deployment", "Deployment",
+                       f'label_values(moe_monitor_build_info{{{scoped(cfg)}, {d}!=""}}, {d})',
                        f"One model served by several sidecars (one per node): the sidecars' `{d}` target label",
                        multi=False, include_all=False),
         query_variable("layer", "Layer",
-                       f'label_values(moe_layer_observable{{job=~"$job", {d}=~"$deployment", {d}!=""}}, layer)',
+                       f'label_values(moe_layer_observable{{{scoped(cfg)}, {d}=~"$deployment", {d}!=""}}, layer)',
                        "MoE layer index (moe_layer_observable)", sort=dm.VariableSort.NUMERICAL_ASC),
     ]
 
 
 def notes(cfg) -> list:
-    return [annotation(f"{ALERT} firing", f'ALERTS{{alertname="{ALERT}", alertstate="firing", job=~"$job", '
+    return [annotation(f"{ALERT} firing", f'ALERTS{{alertname="{ALERT}", alertstate="firing", {scoped(cfg)}, '
                        f'{label(cfg)}=~"$deployment"}}', "red", title="{{alertname}}",
                        text="{{" + label(cfg) + "}}", tags="alertname,severity")]
 
