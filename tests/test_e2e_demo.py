@@ -56,6 +56,7 @@ DEPLOYMENT_ONLY = {
     ("Expert imbalance by layer (deployment)", "A"): RULE,
     ("Layer $layer: load by expert (deployment)", "A"): RULE,
     ("MoeDeploymentEPRankImbalance firing", "Anno"): "the deployment alert, on the rules above",
+    ("namespace", "Var"): "the namespaces of sidecars with a deployment label: none (and the demo has no namespace)",
     ("deployment", "Var"): "the deployment label's values: none",
     ("layer", "Var"): LABELLED,
 }
@@ -219,7 +220,8 @@ def test_every_dashboard_query_has_data_but_the_multi_node_ones(demo):
                  "instance": values("instance", 'up{job="moe-monitor"}'),
                  "model": values("model", 'moe_model_info{job="moe-monitor"}'),
                  "layer": values("layer", 'moe_layer_observable{job="moe-monitor"}'),
-                 "deployment": values("deployment", 'moe_monitor_build_info{job="moe-monitor", deployment!=""}')}
+                 "deployment": values("deployment", 'moe_monitor_build_info{job="moe-monitor", deployment!=""}'),
+                 "namespace": ""}  # no namespace on the demo's target: Grafana leaves the variable empty
     assert variables["instance"] and variables["model"] and variables["layer"] and not variables["deployment"]
     end = time.time()
     span = int(end - demo["started"]) + 1
