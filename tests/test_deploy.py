@@ -775,6 +775,17 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
+def poll(read, done, timeout: float = 30, interval: float = 0.2):
+    """read() again every `interval` until done(value) or `timeout` seconds: the last value, for the caller's
+    assertion (which then shows what was seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 @pytest.fixture()
 def alertmanager(tmp_path):
     """prometheus-alertmanager with deploy/alertmanager/alertmanager.yml through the demo's launcher (the webhook URL
@@ -799,13 +810,8 @@ def test_deployments_of_one_name_in_two_namespaces_are_two_notifications(alertma
                "namespace": namespace, "deployment": "dsv3"} for namespace in ("team-a", "team-b")]
     status, body = call("POST", base + "/api/v2/alerts", [{"labels": lbl} for lbl in labels])
     assert status == 200, body
-    deadline = time.monotonic() + 30
-    while True:
-        groups = sorted((n["groupLabels"].get("namespace"), len(n["alerts"])) for n in sink.notifications
-                        if n["receiver"] == "moe-oncall")
-        if len(groups) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    groups = poll(lambda: sorted((n["groupLabels"].get("namespace"), len(n["alerts"])) for n in sink.notifications
+                                 if n["receiver"] == "moe-oncall"), lambda g: len(g) >= 2)
     assert groups == [("team-a", 1), ("team-b", 1)], sink.notifications
 
 
@@ -821,13 +827,8 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
     status, body = call("POST", base + "/api/v2/alerts", [{"labels": lbl} for lbl in labels])
     assert status == 200, body
 
-    deadline = time.monotonic() + 30
-    while True:
-        sent = {(a["labels"]["alertname"], a["labels"]["instance"])
-                for a in sink.alerts()}
-        if {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")} <= sent or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    sent = poll(lambda: {(a["labels"]["alertname"], a["labels"]["instance"]) for a in sink.alerts()},
+                lambda s: {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")} <= s)
     assert sent == {("MoeSidecarDown", "10.0.0.1:9464"), (other, "10.0.0.2:9464")}, sink.notifications
     assert {n["receiver"] for n in sink.notifications} == {"moe-oncall"}  # and the sink only answers on /alerts
 
@@ -836,13 +837,9 @@ def test_alertmanager_starts_inhibits_and_notifies(alertmanager):
             "instance": "10.0.0.2:9464", "phase": "decode", "tokens_le": "64"}
     status, body = call("POST", base + "/api/v2/alerts", [{"labels": page}])
     assert status == 200, body
-    deadline = time.monotonic() + 30
-    while True:
-        paged = {n["receiver"] for n in sink.notifications
-                 if any(a["labels"]["alertname"] == page["alertname"] for a in n["alerts"])}
-        if paged == {"moe-pager", "moe-oncall"} or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    paged = poll(lambda: {n["receiver"] for n in sink.notifications
+                          if any(a["labels"]["alertname"] == page["alertname"] for a in n["alerts"])},
+                 lambda p: p == {"moe-pager", "moe-oncall"})
     assert paged == {"moe-pager", "moe-oncall"}, sink.notifications
 
     status, body = call("GET", base + "/api/v2/alerts")
@@ -877,12 +874,8 @@ def test_generated_prometheus_starts_loads_the_rules_and_finds_alertmanager(tmp_
         # The API lists groups sorted by file and name, not in file order.
         assert {g["name"]: len(g["rules"]) for g in loaded} == {g["name"]: len(g["rules"]) for g in rules["groups"]}
         assert all(r["health"] != "err" for g in loaded for r in g["rules"]), log.read_text()
-        deadline = time.monotonic() + 30
-        while True:
-            ams = json.loads(wait_http(base + "/api/v1/alertmanagers", 10))["data"]["activeAlertmanagers"]
-            if [a["url"] for a in ams] == [f"{am_base}/api/v2/alerts"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        ams = poll(lambda: json.loads(wait_http(base + "/api/v1/alertmanagers", 10))["data"]["activeAlertmanagers"],
+                   lambda found: [a["url"] for a in found] == [f"{am_base}/api/v2/alerts"], interval=0.5)
         assert [a["url"] for a in ams] == [f"{am_base}/api/v2/alerts"]
     finally:
         stop(proc, log)
