@@ -352,6 +352,12 @@ def test_deployment_dashboard_reads_the_deployment_rules_by_the_configured_label
     scoped = dashboards.build(MixinConfig(deployment_scope_labels=("cluster", "namespace")))["moe-deployment.json"]
     assert [v["name"] for v in scoped["templating"]["list"]] == \
         ["datasource", "job", "cluster", "namespace", "deployment", "layer"]
+    # each scope variable lists the values under the ones chosen before it: the namespaces of the chosen cluster
+    queries = {v["name"]: v["query"] for v in scoped["templating"]["list"]}
+    assert queries["cluster"] == 'label_values(moe_monitor_build_info{job=~"$job", deployment!=""}, cluster)'
+    assert queries["namespace"] == \
+        'label_values(moe_monitor_build_info{job=~"$job", cluster=~"$cluster", deployment!=""}, namespace)'
+    assert 'cluster=~"$cluster", namespace=~"$namespace"' in queries["deployment"]
     unscoped = dashboards.build(MixinConfig(deployment_scope_labels=()))["moe-deployment.json"]
     assert [v["name"] for v in unscoped["templating"]["list"]] == ["datasource", "job", "deployment", "layer"]
     assert not any("$namespace" in q.expr for q in panel_queries(unscoped))

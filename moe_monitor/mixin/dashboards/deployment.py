@@ -67,6 +67,14 @@ def dsel(cfg, metric: str, *matchers: str) -> str:
     return f'{metric}{{{scoped(cfg)}, {d}=~"$deployment", {d}!=""{"".join(", " + m for m in matchers)}}}'
 
 
+def scope_variable_query(cfg, i: int) -> str:
+    """The values of the i-th scope label among the sidecars of the chosen job and earlier scope labels (a namespace
+    list narrowed by the chosen cluster, with deployment_scope_labels [cluster, namespace])."""
+    d, names = label(cfg), scope(cfg)
+    earlier = "".join(f', {n}=~"${n}"' for n in names[:i])
+    return f'label_values(moe_monitor_build_info{{job=~"$job"{earlier}, {d}!=""}}, {names[i]})'
+
+
 def template(cfg) -> list:
     selector = str(opt(cfg, "selector")).strip().rstrip(",")
     d = label(cfg)
@@ -74,10 +82,10 @@ def template(cfg) -> list:
         datasource_variable(),
         query_variable("job", "Job", f"label_values(moe_monitor_build_info{{{selector}}}, job)",
                        f"Prometheus jobs scraping moe-monitor sidecars (the mixin's selector {{{selector}}})"),
-        *(query_variable(n, n.capitalize(), f'label_values(moe_monitor_build_info{{job=~"$job", {d}!=""}}, {n})',
+        *(query_variable(n, n.capitalize(), scope_variable_query(cfg, i),
                          f"The deployment's `{n}` (the mixin's deployment_scope_labels): deployments of the same "
                          f"name in two of them are two deployments. Empty where the sidecars carry no `{n}`.",
-                         multi=False, include_all=False) for n in scope(cfg)),
+                         multi=False, include_all=False) for i, n in enumerate(scope(cfg))),
         query_variable("deployment", "Deployment",
                        f'label_values(moe_monitor_build_info{{{scoped(cfg)}, {d}!=""}}, {d})',
                        f"One model served by several sidecars (one per node): the sidecars' `{d}` target label",
