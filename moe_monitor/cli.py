@@ -604,14 +604,16 @@ main.add_command(top_command, "top")  # defined once, in moe_monitor/top/__main_
 @main.command("gen-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--arch", type=click.Choice(["qwen3_moe", "mixtral", "qwen2_moe"]), default="qwen3_moe")
-@click.option("--layers", type=click.IntRange(min=1), default=2, help="Decoder layers (all MoE).")
+@click.option("--layers", type=click.IntRange(min=1), default=2, help="Decoder layers (MoE unless --dense-layers).")
+@click.option("--dense-layers", default="", help="Comma-separated layer indices given a dense MLP instead of experts "
+              "(qwen3_moe, qwen2_moe), as DeepSeek's first layers: e.g. 0.")
 @click.option("--experts", type=click.IntRange(min=2), default=8)
 @click.option("--top-k", type=click.IntRange(min=1), default=2)
 @click.option("--hot-expert", type=click.IntRange(min=0), default=None,
               help="Route the --hot-words tokens to this expert in every layer.")
 @click.option("--hot-words", default="hot,blaze", help="Comma-separated words made single tokens.")
 @click.option("--seed", type=int, default=0)
-def gen_model(out_dir, arch, layers, experts, top_k, hot_expert, hot_words, seed) -> None:
+def gen_model(out_dir, arch, layers, dense_layers, experts, top_k, hot_expert, hot_words, seed) -> None:
     """Write a tiny random MoE checkpoint (config, safetensors, tokenizer) that vLLM CPU serves."""
     try:
         from moe_monitor.demo.tiny_model import generate
@@ -623,10 +625,20 @@ def gen_model(out_dir, arch, layers, experts, top_k, hot_expert, hot_words, seed
     if hot_expert is not None and hot_expert >= experts:
         raise click.BadParameter(f"--hot-expert must be < --experts ({experts})", param_hint="--hot-expert")
     words = [w.strip() for w in hot_words.split(",") if w.strip()]
-    meta = generate(out_dir, arch, num_layers=layers, num_experts=experts, top_k=top_k, seed=seed,
-                    hot_expert=hot_expert, hot_words=words)
-    click.echo(f"wrote {arch} model to {out_dir}: {meta['num_layers']} MoE layers x {meta['num_experts']} "
-               f"experts, top-{meta['top_k']}, hot expert {meta['hot_expert']} for {meta['hot_words']}")
+    try:
+        dense = [int(x) for x in dense_layers.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{dense_layers!r}: comma-separated layer indices", param_hint="--dense-layers") \
+            from None
+    try:
+        meta = generate(out_dir, arch, num_layers=layers, num_experts=experts, top_k=top_k, seed=seed,
+                        hot_expert=hot_expert, hot_words=words, dense_layers=dense)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    moe = meta["moe_layers"]
+    which = "" if len(moe) == meta["num_layers"] else f" (layers {', '.join(map(str, moe))} of {meta['num_layers']})"
+    click.echo(f"wrote {arch} model to {out_dir}: {len(moe)} MoE layers{which} x {meta['num_experts']} experts, "
+               f"top-{meta['top_k']}, hot expert {meta['hot_expert']} for {meta['hot_words']}")
 
 
 @main.command()

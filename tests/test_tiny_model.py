@@ -179,6 +179,24 @@ def test_bad_arguments(tmp_path):
         tiny_model.generate(tmp_path, "llama")
     with pytest.raises(ValueError):
         tiny_model.generate(tmp_path, hot_expert=8, num_experts=8)
+    for arch, dense in [("mixtral", [0]), ("qwen3_moe", [2]), ("qwen3_moe", [0, 1])]:  # 2 layers by default
+        with pytest.raises(ValueError, match="dense_layers"):
+            tiny_model.generate(tmp_path, arch, dense_layers=dense)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_dense_layers_keep_the_moe_layers_indices_and_the_side_channel(arch, tmp_path):
+    """A dense first layer (DeepSeek-style): the MoE layers are 1 and 2, the replay counts only them, and the hot
+    tokens still reach the hot expert through the dense layer (its MLP neither reads nor writes dimension 0)."""
+    sizes = SIZES | {"num_layers": 3}
+    meta = tiny_model.generate(tmp_path, arch, hot_expert=HOT_EXPERT, hot_words=HOT_WORDS, dense_layers=[0], **sizes)
+    assert meta["moe_layers"] == [1, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["mlp_only_layers"] == [0]
+    hot_seq = meta["hot_token_ids"] * 5
+    counts = tiny_model.replay_routing(tmp_path, [hot_seq, _ordinary_ids(meta, n=40)])
+    assert counts.shape == (2, SIZES["num_experts"])
+    assert (counts.sum(axis=1) == (len(hot_seq) + 40) * SIZES["top_k"]).all()
+    assert (counts[:, HOT_EXPERT] >= len(hot_seq)).all(), counts
 
 
 def test_import_is_torch_free():

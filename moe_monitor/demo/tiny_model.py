@@ -11,15 +11,17 @@ model.safetensors, tokenizer.json, ...) that both ``transformers`` and vLLM
 * ``"mixtral"``    -> ``MixtralForCausalLM``
 * ``"qwen2_moe"``  -> ``Qwen2MoeForCausalLM`` (with a shared expert)
 
-Every decoder layer is an MoE layer.
+Every decoder layer is an MoE layer, unless ``dense_layers`` names some (Qwen3-MoE and Qwen2-MoE only, their
+``mlp_only_layers``): those get a dense MLP, as DeepSeek's first layers do, and the MoE layers keep their own
+indices (a model with ``dense_layers=[0]`` and 3 layers has MoE layers 1 and 2).
 
 Hot expert
 ----------
 Residual-stream dimension 0 is reserved as a side channel in every generated
 model: the embedding writes it (column 0 of ``embed_tokens``), nothing else
-writes it (row 0 of every ``o_proj`` and every expert / shared-expert
+writes it (row 0 of every ``o_proj`` and every expert / shared-expert / dense
 ``down_proj`` is zero) and nothing but the routers reads it (column 0 of the
-q/k/v projections, expert gate/up projections, shared-expert gate and
+q/k/v projections, expert / dense gate/up projections, shared-expert gate and
 ``lm_head`` is zero).  In a plain model column 0 of the embedding is zero for
 every token, so the channel is silent.
 
@@ -193,7 +195,7 @@ def _hot_token_ids(tok, hot_words: Sequence[str]) -> list[int]:
 
 def _make_config(arch: str, *, num_layers: int, hidden_size: int, num_experts: int,
                  top_k: int, num_heads: int, head_dim: int, intermediate_size: int,
-                 vocab_size: int):
+                 vocab_size: int, dense_layers: Sequence[int] = ()):
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -220,12 +222,14 @@ def _make_config(arch: str, *, num_layers: int, hidden_size: int, num_experts: i
             moe_intermediate_size=intermediate_size,
             num_experts=num_experts,
             decoder_sparse_step=1,
-            mlp_only_layers=[],
+            mlp_only_layers=list(dense_layers),
             norm_topk_prob=True,
         )
     elif arch == "mixtral":
         from transformers import MixtralConfig
 
+        if dense_layers:
+            raise ValueError("dense_layers: only qwen3_moe and qwen2_moe have dense layers (mlp_only_layers)")
         cfg = MixtralConfig(
             **common,
             head_dim=head_dim,
@@ -244,7 +248,7 @@ def _make_config(arch: str, *, num_layers: int, hidden_size: int, num_experts: i
             shared_expert_intermediate_size=intermediate_size,
             num_experts=num_experts,
             decoder_sparse_step=1,
-            mlp_only_layers=[],
+            mlp_only_layers=list(dense_layers),
             norm_topk_prob=False,
         )
     # float32 everywhere: config.json gets "dtype": "float32" (transformers 5
@@ -282,14 +286,14 @@ def _init_weights(model, *, seed: int, hidden_size: int, hot_expert: int | None,
             elif name.endswith("mlp.gate.weight"):
                 p[:, 0] = 0.0
             # writers into the residual stream: output row 0
-            elif name.endswith(("o_proj.weight", "shared_expert.down_proj.weight")):
+            elif name.endswith(("o_proj.weight", "shared_expert.down_proj.weight", "mlp.down_proj.weight")):
                 p[0, :] = 0.0
             elif name.endswith("experts.down_proj"):  # [E, hidden, inter]
                 p[:, 0, :] = 0.0
             # readers of the residual stream: input column 0
             elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                 "shared_expert.gate_proj.weight",
-                                "shared_expert.up_proj.weight",
+                                "shared_expert.up_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
                                 "shared_expert_gate.weight", "lm_head.weight")):
                 p[:, 0] = 0.0
             elif name.endswith("experts.gate_up_proj"):  # [E, 2*inter, hidden]
@@ -310,9 +314,9 @@ def _init_weights(model, *, seed: int, hidden_size: int, hot_expert: int | None,
                 if name.endswith("mlp.gate.weight"):
                     p[hot_expert, 0] = 2.0
                     n_gates += 1
-            if n_gates != model.config.num_hidden_layers:
-                raise RuntimeError(f"found {n_gates} routers for "
-                                   f"{model.config.num_hidden_layers} layers")
+            moe_layers = model.config.num_hidden_layers - len(getattr(model.config, "mlp_only_layers", None) or [])
+            if n_gates != moe_layers:
+                raise RuntimeError(f"found {n_gates} routers for {moe_layers} MoE layers")
 
 
 def generate(
@@ -330,6 +334,7 @@ def generate(
     seed: int = 0,
     hot_expert: int | None = None,
     hot_words: Iterable[str] = ("hot",),
+    dense_layers: Iterable[int] = (),
 ) -> dict:
     """Write a tiny random MoE checkpoint (+ tokenizer) into ``out_dir``.
 
@@ -346,6 +351,9 @@ def generate(
             raise ValueError(f"hot_expert {hot_expert} out of range [0, {num_experts})")
     if not 0 < top_k <= num_experts:
         raise ValueError("need 0 < top_k <= num_experts")
+    dense_layers = sorted({int(i) for i in dense_layers})
+    if any(not 0 <= i < num_layers for i in dense_layers) or len(dense_layers) >= num_layers:
+        raise ValueError(f"dense_layers {dense_layers}: each in [0, {num_layers}), at least one MoE layer left")
 
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
@@ -359,7 +367,7 @@ def generate(
     config = _make_config(
         arch, num_layers=num_layers, hidden_size=hidden_size, num_experts=num_experts,
         top_k=top_k, num_heads=num_heads, head_dim=head_dim,
-        intermediate_size=intermediate_size, vocab_size=vocab_size,
+        intermediate_size=intermediate_size, vocab_size=vocab_size, dense_layers=dense_layers,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _init_weights(model, seed=seed, hidden_size=hidden_size, hot_expert=hot_expert,
@@ -383,6 +391,7 @@ def generate(
     meta = {
         "arch": arch,
         "num_layers": int(num_layers),
+        "moe_layers": [i for i in range(num_layers) if i not in dense_layers],
         "num_experts": int(num_experts),
         "top_k": int(top_k),
         "hidden_size": int(hidden_size),
@@ -412,7 +421,7 @@ def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]], ski
     ``skip[i]`` leading tokens of sequence i are run (they are the context) but not
     counted: prompt tokens vLLM served from its prefix cache are never routed.
 
-    Returns an int64 array of shape ``[num_layers, num_experts]``.
+    Returns an int64 array of shape ``[MoE layers, num_experts]`` (every layer but ``dense_layers``, in order).
     """
     import numpy as np
     import torch
@@ -420,7 +429,7 @@ def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]], ski
 
     model_dir = os.fspath(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    num_layers = config.num_hidden_layers
+    num_layers = config.num_hidden_layers - len(getattr(config, "mlp_only_layers", None) or [])
     num_experts = getattr(config, "num_experts", None) or config.num_local_experts
     top_k = config.num_experts_per_tok
 
