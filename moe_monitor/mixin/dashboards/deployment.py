@@ -53,9 +53,10 @@ def scope(cfg) -> list[str]:
     return list(opt(cfg, "deployment_scope_labels"))
 
 
-def scoped(cfg) -> str:
-    """`job=~"$job", namespace=~"$namespace"`: the matchers every query of this dashboard starts with."""
-    return ", ".join(['job=~"$job"', *(f'{n}=~"${n}"' for n in scope(cfg))])
+def scoped(cfg, upto: int | None = None) -> str:
+    """`job=~"$job", namespace=~"$namespace"`: the matchers every query of this dashboard starts with (with `upto`,
+    only the first `upto` scope labels: what a scope variable's own list is narrowed by)."""
+    return ", ".join(['job=~"$job"', *(f'{n}=~"${n}"' for n in scope(cfg)[:upto])])
 
 
 def dsel(cfg, metric: str, *matchers: str) -> str:
@@ -70,9 +71,7 @@ def dsel(cfg, metric: str, *matchers: str) -> str:
 def scope_variable_query(cfg, i: int) -> str:
     """The values of the i-th scope label among the sidecars of the chosen job and earlier scope labels (a namespace
     list narrowed by the chosen cluster, with deployment_scope_labels [cluster, namespace])."""
-    d, names = label(cfg), scope(cfg)
-    earlier = "".join(f', {n}=~"${n}"' for n in names[:i])
-    return f'label_values(moe_monitor_build_info{{job=~"$job"{earlier}, {d}!=""}}, {names[i]})'
+    return f'label_values(moe_monitor_build_info{{{scoped(cfg, i)}, {label(cfg)}!=""}}, {scope(cfg)[i]})'
 
 
 def template(cfg) -> list:
