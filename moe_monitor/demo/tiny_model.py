@@ -258,6 +258,12 @@ def _make_config(arch: str, *, num_layers: int, hidden_size: int, num_experts: i
     return cfg
 
 
+def moe_layers(config) -> list[int]:
+    """The decoder layers of a config that are MoE layers: all but its ``mlp_only_layers`` (Qwen-MoE's dense ones)."""
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    return [i for i in range(config.num_hidden_layers) if i not in dense]
+
+
 def _init_weights(model, *, seed: int, hidden_size: int, hot_expert: int | None,
                   hot_ids: Sequence[int]) -> None:
     """Deterministic random init + the dim-0 side channel (see module doc)."""
@@ -314,9 +320,8 @@ def _init_weights(model, *, seed: int, hidden_size: int, hot_expert: int | None,
                 if name.endswith("mlp.gate.weight"):
                     p[hot_expert, 0] = 2.0
                     n_gates += 1
-            moe_layers = model.config.num_hidden_layers - len(getattr(model.config, "mlp_only_layers", None) or [])
-            if n_gates != moe_layers:
-                raise RuntimeError(f"found {n_gates} routers for {moe_layers} MoE layers")
+            if n_gates != len(moe_layers(model.config)):
+                raise RuntimeError(f"found {n_gates} routers for {len(moe_layers(model.config))} MoE layers")
 
 
 def generate(
@@ -391,7 +396,7 @@ def generate(
     meta = {
         "arch": arch,
         "num_layers": int(num_layers),
-        "moe_layers": [i for i in range(num_layers) if i not in dense_layers],
+        "moe_layers": moe_layers(config),
         "num_experts": int(num_experts),
         "top_k": int(top_k),
         "hidden_size": int(hidden_size),
@@ -429,7 +434,7 @@ def replay_routing(model_dir: str | os.PathLike, sequences: list[list[int]], ski
 
     model_dir = os.fspath(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    num_layers = config.num_hidden_layers - len(getattr(config, "mlp_only_layers", None) or [])
+    num_layers = len(moe_layers(config))
     num_experts = getattr(config, "num_experts", None) or config.num_local_experts
     top_k = config.num_experts_per_tok
 
